@@ -1,0 +1,259 @@
+"""The ``tive`` command line. It only orchestrates; every stage lives in its own module."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import MISSING, fields
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+import numpy as np
+
+from tive import __version__
+from tive.config import SelectConfig
+from tive.errors import TiveError
+
+DEFAULT_RUN = "tive-out"
+
+
+class _Group(click.Group):
+    """Prints a :class:`TiveError` as one line (``error: ...``) and exits with status 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TiveError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tive")
+def main() -> None:
+    """Find the high-value part of a visual instruction-tuning mixture (TIVE)."""
+
+
+def _data_options(f: Callable) -> Callable:
+    f = click.option("--skip-missing-images", is_flag=True,
+                     help="Leave records whose images are missing out (counted in the report) "
+                          "instead of stopping.")(f)
+    f = click.option("--image-root", type=click.Path(file_okay=False, path_type=Path),
+                     help="Folder that relative image paths resolve against (default: the "
+                          "data file's folder).")(f)
+    return click.option("--task-field", metavar="NAME",
+                        help="Record field naming the task (default: task, dataset or source; "
+                             "else the LLaVA-1.5 665K rules).")(f)
+
+
+def _config_options(f: Callable) -> Callable:
+    """Add one option per :class:`SelectConfig` field, from the field's type and metadata."""
+    for fd in reversed(fields(SelectConfig)):
+        meta = dict(fd.metadata)
+        flag = meta.pop("flag", f"--{fd.name.replace('_', '-')}")
+        kwargs: dict[str, Any] = {"help": meta.pop("help"), **meta}
+        default = fd.default
+        if default is not MISSING:
+            kwargs["default"] = default.value if isinstance(default, Enum) else default
+            kwargs["show_default"] = True
+        if isinstance(default, Enum):
+            kwargs["type"] = click.Choice([m.value for m in type(default)])
+        elif isinstance(default, bool):
+            kwargs["is_flag"] = True
+        elif isinstance(default, float):
+            kwargs["type"] = float
+        elif isinstance(default, int):
+            kwargs["type"] = int
+        f = click.option(flag, fd.name, **kwargs)(f)
+    return f
+
+
+@main.command()
+@click.argument("data", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print {task: count} as JSON.")
+@click.option("--check-images", is_flag=True, help="Also count records whose images are missing.")
+@_data_options
+def tasks(data: Path, as_json: bool, check_images: bool, task_field: str | None,
+          image_root: Path | None, skip_missing_images: bool) -> None:
+    """Show the tasks of a mixture: records, share, and which labels were inferred."""
+    from tive.data import load_mixture
+    from tive.report import format_table
+    from tive.tasks import HEURISTIC_TASKS, label_tasks
+
+    mixture = load_mixture(data, task_field=task_field)
+    labels = label_tasks(mixture)
+    counts = labels.counts()
+    if as_json:
+        click.echo(json.dumps(counts, indent=2))
+        return
+    inferred = labels.inferred_counts()
+    missing = mixture.missing_images(image_root) if check_images else None
+    header = ["task", "records", "share", "label"] + (["missing images"] if check_images else [])
+    rows = []
+    for task, count in counts.items():
+        n_inf = inferred.get(task, 0)
+        how = "field" if n_inf == 0 else ("inferred" if n_inf == count else f"{n_inf:,} inferred")
+        row = [task, f"{count:,}", f"{count / len(mixture):.1%}", how]
+        if missing is not None:
+            row.append(f"{int(missing[labels.tasks == task].sum()):,}")
+        rows.append(row)
+    rows.append(["total", f"{len(mixture):,}", "100.0%", ""] + ([f"{int(missing.sum()):,}"]
+                                                               if missing is not None else []))
+    click.echo(format_table(header, rows))
+    click.echo(f"\n{mixture.path}: {mixture.container} file, {mixture.schema} records.")
+    if inferred:
+        click.echo(f"{sum(inferred.values()):,} labels were inferred by the LLaVA-1.5 665K rules "
+                   f"(no task field).")
+        if HEURISTIC_TASKS & set(inferred):
+            click.echo("okvqa vs vqav2 is a heuristic (same prompt and images): a record with one "
+                       "QA pair is taken as OK-VQA, several as VQAv2.")
+    dup = len(mixture) - len(set(mixture.ids))
+    if dup:
+        click.echo(f"{dup:,} records share their id with an earlier record (LLaVA-665K ids are "
+                   f"image ids); tive tracks records by position and content, not id.")
+
+
+@main.command("import")
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="The mixture the features belong to (row order must match).")
+@click.option("--features", type=click.Path(path_type=Path), help="(N, k) .npy of features.")
+@click.option("--norms", type=click.Path(path_type=Path), help="(N,) .npy of exact norms.")
+@click.option("--loss", type=click.Path(path_type=Path), help="(N,) .npy of per-record losses.")
+@click.option("--ntokens", type=click.Path(path_type=Path),
+              help="(N,) .npy of supervised token counts.")
+@click.option("--ids", type=click.Path(path_type=Path),
+              help="Ids of the rows of the arrays (JSON list, .npy or one per line), when "
+                   "their order is not the data's.")
+@click.option("--tive-outputs", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder of the TIVE authors' output_{i} and output_norm_{i}.json files.")
+@click.option("--run", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RUN,
+              show_default=True, help="Run folder; the store goes to RUN/store.")
+@click.option("--feature-dtype", type=click.Choice(["float16", "float32"]), default="float16",
+              show_default=True, help="Storage type of the features.")
+@click.option("--force", is_flag=True, help="Replace an existing store in RUN.")
+@_data_options
+def import_(data: Path, features: Path | None, norms: Path | None, loss: Path | None,
+            ntokens: Path | None, ids: Path | None, tive_outputs: Path | None, run: Path,
+            feature_dtype: str, force: bool, task_field: str | None, image_root: Path | None,
+            skip_missing_images: bool) -> None:
+    """Build a store from features computed elsewhere (.npy arrays or the authors' outputs)."""
+    from tive import importers
+    from tive.api import missing_images_message
+    from tive.data import load_mixture
+    from tive.tasks import label_tasks
+
+    if (tive_outputs is None) == (features is None and norms is None):
+        raise click.UsageError("give either --features and --norms, or --tive-outputs")
+    if tive_outputs is None and (features is None or norms is None):
+        raise click.UsageError("--features and --norms go together")
+    mixture = load_mixture(data, task_field=task_field)
+    labels = label_tasks(mixture)
+    missing = mixture.missing_images(image_root)
+    if missing.any() and not skip_missing_images:
+        raise TiveError(missing_images_message(mixture, missing, image_root))
+    if tive_outputs is not None:
+        feats, nrm = importers.read_authors_outputs(tive_outputs)
+        arrays, source = {"features": feats, "norms": nrm}, f"tive-authors:{tive_outputs}"
+    else:
+        arrays = {"features": importers.load_npy(features, "features"),
+                  "norms": importers.load_npy(norms, "norms")}
+        for name, path in (("loss", loss), ("ntokens", ntokens)):
+            if path is not None:
+                arrays[name] = importers.load_npy(path, name)
+        source = f"npy:{features}"
+    if ids is not None:
+        arrays = importers.reorder_by_ids(mixture, importers.read_ids(ids), arrays, str(ids))
+    settings = {"task_field": task_field,
+                "image_root": None if image_root is None else str(image_root.resolve())}
+    store = importers.import_store(run, mixture, labels, arrays, source=source,
+                                   settings=settings, feature_dtype=feature_dtype,
+                                   skipped=np.where(missing, 1, 0).astype(np.int8),
+                                   overwrite=force)
+    click.echo(f"imported {store.n_records:,} records × {store.dim} features into {store.root}"
+               + (f" ({int(missing.sum()):,} with missing images left out)" if missing.any()
+                  else ""))
+
+
+@main.command()
+@click.option("--run", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RUN,
+              show_default=True, help="Run folder holding store/ (from tive score or import).")
+@_config_options
+@click.option("--output", "-o", type=click.Path(path_type=Path),
+              help="Subset file (default: RUN/subset-METHOD-BUDGET in the data's format).")
+@click.option("--data", type=click.Path(path_type=Path),
+              help="The mixture (default: the one the store was built from).")
+@_data_options
+def select(run: Path, output: Path | None, data: Path | None, task_field: str | None,
+           image_root: Path | None, skip_missing_images: bool, **config: Any) -> None:
+    """Value tasks and records and write the chosen subset, a JSON report and a chart."""
+    from tive.api import value_estimate
+    from tive.store import Store
+
+    cfg = SelectConfig(**{**config, "exclude": tuple(config["exclude"])})
+    store = Store.open(run / "store" if (run / "store").exists() else run)
+    settings = store.meta.get("settings", {})
+    root = image_root or settings.get("image_root")
+    report = value_estimate(store=store, data=data, task_field=task_field, image_root=root,
+                            skip_missing_images=skip_missing_images)
+    selection = report.select_with(cfg)
+    if output is None:
+        name = f"subset-{cfg.method}-{cfg.budget}{report.mixture.default_suffix()}"
+        output = run / name
+    paths = selection.save(output)
+    click.echo(selection.table())
+    left = sum(report.invalid.values())
+    click.echo(f"\nselected {len(selection.indices):,} of {len(report.tasks):,} records "
+               f"({len(np.unique(selection.indices)):,} distinct)"
+               + (f"; {left:,} left out: {_reasons(report.invalid)}" if left else ""))
+    for kind, path in paths.items():
+        click.echo(f"{kind:>7}: {path}")
+
+
+@main.command()
+@click.option("--run", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RUN,
+              show_default=True, help="Run folder holding store/.")
+@click.option("--json", "as_json", is_flag=True, help="Print the task table as JSON.")
+def report(run: Path, as_json: bool) -> None:
+    """Print the task values of a run and the selections made from it."""
+    from tive import values as val
+    from tive.report import format_table
+    from tive.store import Store
+
+    store = Store.open(run / "store" if (run / "store").exists() else run)
+    tasks = np.array([e.task for e in store.index()], dtype=object)
+    norms, valid = store.array("norms"), store.array("done") & (store.array("skipped") == 0)
+    valid &= np.isfinite(norms)
+    names, codes = np.unique(tasks.astype(str), return_inverse=True)
+    tv = val.task_values(norms, codes, len(names), valid)
+    sizes = np.bincount(codes, minlength=len(names))
+    table = {str(t): {"records": int(s), "valid": int(valid[codes == i].sum()),
+                      "value": None if np.isnan(v) else float(v)}
+             for i, (t, s, v) in enumerate(zip(names, sizes, tv))}
+    selections = sorted(run.glob("*.report.json"))
+    if as_json:
+        click.echo(json.dumps({"store": str(store.root), "tasks": table,
+                               "selections": [str(p) for p in selections]}, indent=2))
+        return
+    m = store.meta
+    click.echo(f"store {store.root}: {store.n_records:,} records × {store.dim} "
+               f"({m.get('feature_dtype')}), from {m.get('source')}; data {m['data']['path']}")
+    order = sorted(table, key=lambda t: (-table[t]["records"], t))
+    click.echo(format_table(("task", "records", "valid", "value"),
+                            [(t, f"{table[t]['records']:,}", f"{table[t]['valid']:,}",
+                              "-" if table[t]["value"] is None else f"{table[t]['value']:.4g}")
+                             for t in order]))
+    for path in selections:
+        d = json.loads(path.read_text(encoding="utf-8"))
+        s = d["settings"]
+        click.echo(f"\n{path.name}: {s['method']}, budget {s['budget']} → {d['selected']:,} "
+                   f"records ({d['unique']:,} distinct), seed {s['seed']}")
+        click.echo(format_table(("task", "value", "quota", "selected"),
+                                [(t, "-" if e["value"] is None else f"{e['value']:.4g}",
+                                  "excluded" if e["excluded"] else f"{e['quota']:,}",
+                                  f"{e['selected']:,}") for t, e in d["tasks"].items()]))
+
+
+def _reasons(invalid: dict[str, int]) -> str:
+    return ", ".join(f"{n:,} {r}" for r, n in invalid.items())

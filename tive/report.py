@@ -1,0 +1,296 @@
+"""The notebook-facing results: a :class:`Report` of values, and the :class:`Selection` it makes.
+
+``Report.select`` is where values become a subset: it resolves the budget, sets per-task quotas
+(:mod:`tive.selection`) and picks records; ``Selection.save`` writes the subset in the input's
+own format, a JSON report and a bar chart of task shares before and after.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from tive import selection as sel
+from tive.config import Budget, Method, SelectConfig, Strategy
+from tive.data import Mixture
+from tive.errors import ConfigError
+from tive.fileio import atomic_path, write_json
+
+
+@dataclass
+class Report:
+    """Task and instance values of a mixture.
+
+    Attributes:
+        tasks: ``(N,)`` task name of each record (mixture order).
+        task_values: task → V(t), mean exact gradient norm of its valid records (NaN if none).
+        instance_values: ``(N,)`` mean cosine to the task's members; NaN for invalid records.
+        valid: ``(N,)`` bool, records that take part in valuation and selection.
+        invalid: reason → number of records left out (``not-scored``, ``missing-image``,
+            ``non-finite-norm``, ``non-finite-feature``, store skip reasons).
+        norms, loss, ntokens: ``(N,)`` per-record exact gradient norm, warm-up loss (NaN when
+            unknown), supervised tokens (-1 when unknown).
+        keys: ``(N,)`` uint64 content keys seeding the random draws.
+        mixture: the records, when the data was given (needed to write a subset file).
+        inferred: ``(N,)`` bool, labels inferred by rules rather than read from a field.
+    """
+
+    tasks: np.ndarray
+    task_values: dict[str, float]
+    instance_values: np.ndarray
+    valid: np.ndarray
+    invalid: dict[str, int]
+    norms: np.ndarray
+    loss: np.ndarray
+    ntokens: np.ndarray
+    keys: np.ndarray
+    mixture: Mixture | None = None
+    inferred: np.ndarray | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task_names(self) -> list[str]:
+        """Tasks by decreasing size (ties by name)."""
+        sizes = self.sizes
+        return sorted(sizes, key=lambda t: (-sizes[t], t))
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Records per task (all of them, valid or not)."""
+        names, counts = np.unique(self.tasks.astype(str), return_counts=True)
+        return {str(n): int(c) for n, c in zip(names, counts)}
+
+    def valid_sizes(self) -> dict[str, int]:
+        """Valid records per task."""
+        names, counts = np.unique(self.tasks[self.valid].astype(str), return_counts=True)
+        found = {str(n): int(c) for n, c in zip(names, counts)}
+        return {t: found.get(t, 0) for t in self.task_names}
+
+    def select(
+        self,
+        budget: str | float | int | Budget,
+        strategy: str = "soft",
+        temperature: float = 1000.0,
+        seed: int = 0,
+        exclude: Sequence[str] = (),
+        oversample: bool = True,
+        method: str = "tive",
+    ) -> Selection:
+        """Choose a subset; see :class:`tive.config.SelectConfig` for the arguments.
+
+        Returns:
+            a :class:`Selection` whose ``indices`` are mixture rows (repeats where oversampled).
+        """
+        config = SelectConfig(budget=budget, method=method, strategy=strategy,
+                              temperature=temperature, seed=seed, exclude=tuple(exclude),
+                              oversample=oversample)
+        return self.select_with(config)
+
+    def select_with(self, config: SelectConfig) -> Selection:
+        """:meth:`select` with a ready :class:`SelectConfig`."""
+        unknown = sorted(set(config.exclude) - set(self.sizes))
+        if unknown:
+            raise ConfigError(f"--exclude-task {unknown[0]!r}: no such task; tasks are "
+                              f"{', '.join(self.task_names)}")
+        budget = config.budget.resolve(len(self.tasks))
+        names = [t for t in self.task_names if t not in config.exclude]
+        noise = sel.uniforms(self.keys, config.seed)
+        if config.method in (Method.TIVE, Method.RANDOM_PER_TASK):
+            indices, quotas = self._by_task(config, names, budget, noise)
+        else:
+            indices = self._global(config, budget, noise)
+            quotas = _count(self.tasks[indices], names)
+        return Selection(np.sort(indices), quotas, config, budget, self)
+
+    def _by_task(self, config: SelectConfig, names: list[str], budget: int,
+                 noise: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+        sizes = self.valid_sizes()
+        names = [t for t in names if sizes[t] > 0]
+        if not names:
+            raise ConfigError("no valid record is left to select from (all tasks excluded or "
+                              "invalid); fix: check --exclude-task and the store")
+        counts = np.array([sizes[t] for t in names])
+        if config.method is Method.TIVE:
+            values = np.array([self.task_values[t] for t in names])
+            quota = sel.quotas(values, counts, budget, config.oversample)
+        else:
+            quota = sel.quotas(counts.astype(float), counts, budget, config.oversample)
+        soft = config.method is Method.RANDOM_PER_TASK or config.strategy is Strategy.SOFT
+        temperature = math.inf if config.method is Method.RANDOM_PER_TASK else config.temperature
+        chosen = []
+        for t, n in zip(names, quota):
+            members = np.flatnonzero(self.valid & (self.tasks == t))
+            chosen.append(sel.choose_in_task(members, int(n), self.instance_values[members],
+                                             noise[members], temperature, soft))
+        return np.concatenate(chosen), {t: int(n) for t, n in zip(names, quota)}
+
+    def _global(self, config: SelectConfig, budget: int, noise: np.ndarray) -> np.ndarray:
+        pool = self.valid & ~np.isin(self.tasks.astype(str), list(config.exclude))
+        if config.method is Method.RANDOM:
+            metric = noise
+        else:
+            metric = self._metric(config.method)
+            pool &= np.isfinite(metric)
+        rows = np.flatnonzero(pool)
+        if budget > len(rows):
+            raise ConfigError(f"--budget {budget:,} is more than the {len(rows):,} records "
+                              f"--method {config.method} can choose from; fix: a smaller budget")
+        return rows[sel.top_n(metric[rows], budget, noise[rows])]
+
+    def _metric(self, method: Method) -> np.ndarray:
+        if method is Method.GRADNORM:
+            return self.norms.astype(np.float64)
+        if method is Method.LOSS:
+            if not np.isfinite(self.loss[self.valid]).any():
+                raise ConfigError("--method loss: this store has no per-record losses (imported "
+                                  "without them); fix: import with --loss, or another method")
+            return self.loss.astype(np.float64)
+        if (self.ntokens[self.valid] >= 0).any():
+            return np.where(self.ntokens >= 0, self.ntokens, np.nan).astype(np.float64)
+        if self.mixture is None:
+            raise ConfigError("--method length: the store has no token counts and no data was "
+                              "given; fix: pass the data")
+        return np.array([sum(len(t.text) for t in r.turns if t.role == "assistant")
+                         for r in self.mixture], dtype=np.float64)
+
+    def table(self) -> str:
+        """Plain-text table of tasks: records, valid, share, value."""
+        sizes, valid, n = self.sizes, self.valid_sizes(), len(self.tasks)
+        rows = [(t, f"{sizes[t]:,}", f"{valid[t]:,}", f"{sizes[t] / n:.1%}",
+                 _fmt(self.task_values.get(t, math.nan))) for t in self.task_names]
+        return format_table(("task", "records", "valid", "share", "value"), rows)
+
+    def __repr__(self) -> str:
+        left = sum(self.invalid.values())
+        return (f"<tive.Report: {len(self.tasks):,} records, {len(self.sizes)} tasks"
+                f"{f', {left:,} left out' if left else ''}>\n{self.table()}")
+
+
+@dataclass
+class Selection:
+    """A chosen subset.
+
+    Attributes:
+        indices: ``(B,)`` mixture rows in increasing order, repeated where oversampled.
+        quotas: task → number of records chosen from it.
+        config: the settings that made it.
+        budget: B.
+        report: the :class:`Report` it came from.
+    """
+
+    indices: np.ndarray
+    quotas: dict[str, int]
+    config: SelectConfig
+    budget: int
+    report: Report
+
+    def selected(self) -> dict[str, int]:
+        """Records chosen per task (counting repeats)."""
+        return _count(self.report.tasks[self.indices], self.report.task_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON report: settings, totals, and per task its size, value, quota, selection."""
+        r = self.report
+        sizes, valid, chosen = r.sizes, r.valid_sizes(), self.selected()
+        tasks = {t: {"records": sizes[t], "valid": valid[t],
+                     "value": _json_float(r.task_values.get(t, math.nan)),
+                     "excluded": t in self.config.exclude,
+                     "quota": self.quotas.get(t, 0), "selected": chosen[t],
+                     "unique": int(len(np.unique(self.indices[r.tasks[self.indices] == t])))}
+                 for t in r.task_names}
+        inferred = None if r.inferred is None else int(r.inferred.sum())
+        return {"settings": self.config.to_dict(), "records": len(r.tasks), "budget": self.budget,
+                "selected": int(len(self.indices)), "unique": int(len(np.unique(self.indices))),
+                "left_out": dict(r.invalid), "inferred_task_labels": inferred,
+                "source": r.source, "tasks": tasks}
+
+    def table(self) -> str:
+        """Plain-text table: per task records, value, quota, selected, share before → after."""
+        r, d = self.report, self.to_dict()
+        n, b = max(len(r.tasks), 1), max(len(self.indices), 1)
+        rows = [(t, f"{e['records']:,}", _fmt(e["value"]),
+                 "excluded" if e["excluded"] else f"{e['quota']:,}", f"{e['selected']:,}",
+                 f"{e['records'] / n:.1%} → {e['selected'] / b:.1%}")
+                for t, e in d["tasks"].items()]
+        return format_table(("task", "records", "value", "quota", "selected", "share"), rows)
+
+    def save(self, path: str | Path) -> dict[str, Path]:
+        """Write the subset, ``<stem>.report.json`` and ``<stem>.png`` beside it.
+
+        With data, the subset is written in the input's own format, records verbatim. Without
+        data (arrays only), ``path`` receives the selected row indices as a JSON list.
+
+        Returns:
+            ``{"subset": ..., "report": ..., "chart": ...}`` paths.
+        """
+        path = Path(path)
+        if self.report.mixture is not None:
+            self.report.mixture.write_subset(self.indices, path)
+        else:
+            write_json(path, [int(i) for i in self.indices], indent=None)
+        stem = path.parent / (path.name[: -len(path.suffix)] if path.suffix else path.name)
+        report_path = write_json(f"{stem}.report.json", {**self.to_dict(), "output": str(path)})
+        chart = write_chart(self, Path(f"{stem}.png"))
+        return {"subset": path, "report": report_path, "chart": chart}
+
+    def __repr__(self) -> str:
+        return (f"<tive.Selection: {len(self.indices):,} records "
+                f"({self.config.method}, budget {self.config.budget})>\n{self.table()}")
+
+
+def write_chart(selection: Selection, path: Path) -> Path:
+    """Bar chart of each task's share of the mixture and of the subset, as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = selection.to_dict()["tasks"]
+    names = list(d)
+    n, b = sum(e["records"] for e in d.values()), max(len(selection.indices), 1)
+    before = [d[t]["records"] / n for t in names]
+    after = [d[t]["selected"] / b for t in names]
+    y = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.5))
+    ax.barh(y - 0.2, before, 0.4, label="mixture")
+    ax.barh(y + 0.2, after, 0.4, label=f"subset ({selection.config.method}, {b:,})")
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()
+    ax.set_xlabel("share of records")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell; first column left-aligned, the rest right-aligned."""
+    cells = [list(header)] + [list(r) for r in rows]
+    widths = [max(len(str(c[i])) for c in cells) for i in range(len(header))]
+    lines = []
+    for row in cells:
+        parts = [str(v).ljust(w) if i == 0 else str(v).rjust(w)
+                 for i, (v, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def _count(tasks: np.ndarray, names: Sequence[str]) -> dict[str, int]:
+    found, counts = np.unique(np.asarray(tasks).astype(str), return_counts=True)
+    got = {str(t): int(c) for t, c in zip(found, counts)}
+    return {t: got.get(t, 0) for t in names}
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.4g}"
+
+
+def _json_float(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None

@@ -1,0 +1,199 @@
+"""Stage 5 — the feature store: per-record gradient features on disk, memory-mapped.
+
+Layout of ``RUN/store/``::
+
+    meta.json      format version, model/adapter, key parameters, projector, data identity
+    features.npy   (N, k) projected gradients, fp16 by default; np.load(mmap_mode="r")-able
+    norms.npy      (N,) float64 exact ‖g‖₂ of the unprojected gradient
+    loss.npy       (N,) float64 each record's mean token loss (NaN when unknown)
+    ntokens.npy    (N,) int64 supervised tokens (-1 when unknown)
+    done.npy       (N,) bool, rows written
+    skipped.npy    (N,) int8 reason a row could not be scored (0: not skipped; see SKIP_REASONS)
+    index.jsonl    one line per row: {"id", "task", "key"}
+
+A store describes itself: :meth:`Store.check_data` refuses data other than the data it was
+built from, showing both identities and the remedy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from tive.errors import StoreError
+from tive.fileio import atomic_path
+
+FORMAT_VERSION = 1
+STORE_DIR = "store"
+SKIP_REASONS = {1: "missing-image", 2: "no-supervised-token", 3: "non-finite", 4: "error"}
+ARRAYS = ("norms", "loss", "ntokens", "done", "skipped")
+DTYPES = {"norms": np.float64, "loss": np.float64, "ntokens": np.int64, "done": np.bool_,
+          "skipped": np.int8}
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One row of ``index.jsonl``."""
+
+    id: str
+    task: str
+    key: int  # 64-bit content digest of the record (see tive.data)
+
+
+class Store:
+    """An opened store. Arrays are read on demand; ``features`` is a read-only memmap.
+
+    Attributes:
+        root: the ``store`` folder.
+        meta: the parsed ``meta.json``.
+    """
+
+    def __init__(self, root: Path, meta: dict[str, Any]) -> None:
+        self.root = root
+        self.meta = meta
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> Store:
+        """Open ``root`` (a ``store`` folder, or a run folder holding one)."""
+        root = Path(root)
+        if not (root / "meta.json").exists() and (root / STORE_DIR / "meta.json").exists():
+            root = root / STORE_DIR
+        meta_path = root / "meta.json"
+        if not meta_path.exists():
+            raise StoreError(f"{root}: no feature store here (no meta.json); fix: run `tive "
+                             f"score` or `tive import` first, or pass --run to the run folder")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise StoreError(f"{meta_path}: damaged ({e.msg}); fix: rebuild the store") from None
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"{meta_path}: store format {meta.get('format_version')!r}, this "
+                             f"tive reads {FORMAT_VERSION}; fix: rebuild it with this version")
+        store = cls(root, meta)
+        store._check_files()
+        return store
+
+    @property
+    def n_records(self) -> int:
+        return int(self.meta["data"]["records"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.meta["projector"]["dim"])
+
+    @property
+    def features(self) -> np.ndarray:
+        """``(N, k)`` read-only memmap of the projected gradients."""
+        return np.load(self.root / "features.npy", mmap_mode="r")
+
+    def array(self, name: str) -> np.ndarray:
+        """One of ``norms``, ``loss``, ``ntokens``, ``done``, ``skipped`` as an ``(N,)`` array."""
+        return np.load(self.root / f"{name}.npy")
+
+    def index(self) -> list[IndexEntry]:
+        """The rows' ids, tasks and content keys."""
+        with open(self.root / "index.jsonl", encoding="utf-8") as f:
+            return [IndexEntry(e["id"], e["task"], int(e["key"], 16))
+                    for e in map(json.loads, f)]
+
+    def check_data(self, fingerprint: str, n_records: int, path: str | os.PathLike) -> None:
+        """Refuse data other than the data this store was built from.
+
+        Raises:
+            StoreError: with both identities (records, fingerprint) and the remedy.
+        """
+        want = self.meta["data"]
+        if want["records"] == n_records and want["fingerprint"] == fingerprint:
+            return
+        raise StoreError(
+            f"{self.root}: built from {want['path']} ({want['records']:,} records, fingerprint "
+            f"{want['fingerprint'][:12]}), but {path} has {n_records:,} records, fingerprint "
+            f"{fingerprint[:12]}; fix: pass the same --data (same records, same order) or "
+            f"rebuild the store for this data in another --run folder")
+
+    def _check_files(self) -> None:
+        n, k = self.n_records, self.dim
+        expected = {"features": (n, k), **{a: (n,) for a in ARRAYS}}
+        for name, shape in expected.items():
+            path = self.root / f"{name}.npy"
+            if not path.exists():
+                raise StoreError(f"{path}: missing from the store; fix: rebuild the store")
+            got = np.load(path, mmap_mode="r").shape
+            if got != shape:
+                raise StoreError(f"{path}: shape {got}, meta.json says {shape}; the store is "
+                                 f"damaged; fix: rebuild it")
+
+
+def write_store(
+    root: str | os.PathLike,
+    *,
+    features: np.ndarray,
+    norms: np.ndarray,
+    index: Sequence[IndexEntry],
+    meta: dict[str, Any],
+    loss: np.ndarray | None = None,
+    ntokens: np.ndarray | None = None,
+    skipped: np.ndarray | None = None,
+    feature_dtype: str = "float16",
+    overwrite: bool = False,
+) -> Store:
+    """Write a complete store at ``root`` in one go (all rows done), atomically.
+
+    Args:
+        features: ``(N, k)`` features in any float dtype; stored as ``feature_dtype``.
+        norms: ``(N,)`` exact gradient norms.
+        index: N entries (id, task, key).
+        meta: the descriptive part of ``meta.json`` (model, projector type/seed, data, settings);
+            format version, dims, dtype and time are filled in here.
+        loss, ntokens, skipped: optional ``(N,)`` arrays (NaN / -1 / 0 when absent).
+        overwrite: replace an existing store at ``root``.
+    """
+    root = Path(root)
+    n, k = features.shape
+    if (root / "meta.json").exists() and not overwrite:
+        raise StoreError(f"{root}: a store already exists; fix: choose another --run folder, "
+                         f"or pass --force to replace it")
+    arrays = {
+        "norms": norms,
+        "loss": np.full(n, np.nan) if loss is None else loss,
+        "ntokens": np.full(n, -1) if ntokens is None else ntokens,
+        "done": np.ones(n, dtype=bool),
+        "skipped": np.zeros(n, dtype=np.int8) if skipped is None else skipped,
+    }
+    full_meta = {
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **meta,
+        "feature_dtype": feature_dtype,
+    }
+    full_meta["projector"] = {**meta.get("projector", {}), "dim": int(k)}
+    full_meta["data"] = {**meta["data"], "records": int(n)}
+    with atomic_path(root, directory=True) as tmp:
+        tmp.mkdir()
+        out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+",
+                                        dtype=np.dtype(feature_dtype), shape=(n, k))
+        step = max(1, (1 << 24) // max(k, 1))
+        for start in range(0, n, step):
+            out[start:start + step] = features[start:start + step]
+        out.flush()
+        del out
+        for name, values in arrays.items():
+            np.save(tmp / f"{name}.npy", np.asarray(values, dtype=DTYPES[name]))
+        with open(tmp / "index.jsonl", "w", encoding="utf-8") as f:
+            for e in index:
+                f.write(json.dumps({"id": e.id, "task": e.task, "key": f"{e.key:016x}"},
+                                   ensure_ascii=False) + "\n")
+        (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2) + "\n", encoding="utf-8")
+    return Store.open(root)
+
+
+def remove_store(root: str | os.PathLike) -> None:
+    """Delete a store folder (used by ``--force``)."""
+    shutil.rmtree(root, ignore_errors=True)
