@@ -166,7 +166,8 @@ def import_(data: Path, features: Path | None, norms: Path | None, loss: Path | 
     if ids is not None:
         arrays = importers.reorder_by_ids(mixture, importers.read_ids(ids), arrays, str(ids))
     settings = {"task_field": task_field,
-                "image_root": None if image_root is None else str(image_root.resolve())}
+                "image_root": None if image_root is None else str(image_root.resolve()),
+                "skip_missing_images": skip_missing_images}
     store = importers.import_store(run, mixture, labels, arrays, source=source,
                                    settings=settings, feature_dtype=feature_dtype,
                                    skipped=np.where(missing, 1, 0).astype(np.int8),
@@ -195,8 +196,9 @@ def select(run: Path, output: Path | None, data: Path | None, task_field: str | 
     store = Store.open(run / "store" if (run / "store").exists() else run)
     settings = store.meta.get("settings", {})
     root = image_root or settings.get("image_root")
+    skip = skip_missing_images or bool(settings.get("skip_missing_images"))
     report = value_estimate(store=store, data=data, task_field=task_field, image_root=root,
-                            skip_missing_images=skip_missing_images)
+                            skip_missing_images=skip)
     selection = report.select_with(cfg)
     if output is None:
         name = f"subset-{cfg.method}-{cfg.budget}{report.mixture.default_suffix()}"

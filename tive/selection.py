@@ -76,11 +76,10 @@ def quotas(values: np.ndarray, sizes: np.ndarray, budget: int, oversample: bool 
     return largest_remainder(shares, budget)
 
 
-def uniforms(keys: np.ndarray, seed: int, stream: int = 0) -> np.ndarray:
+def uniforms(keys: np.ndarray, seed: int) -> np.ndarray:
     """Deterministic uniform numbers in (0, 1), one per record key (splitmix64 of key and seed)."""
-    with np.errstate(over="ignore"):
-        salt = _splitmix(np.array([seed * 0x2545F4914F6CDD1D + stream], dtype=np.uint64))
-        x = _splitmix(np.asarray(keys, dtype=np.uint64) ^ salt)
+    salt = _splitmix(np.array([(seed * 0x2545F4914F6CDD1D) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
+    x = _splitmix(np.asarray(keys, dtype=np.uint64) ^ salt)
     return ((x >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
 
 

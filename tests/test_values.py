@@ -1,0 +1,106 @@
+"""Task and instance values against slow, obviously-correct references."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import TOL
+from tive import values as val
+
+
+def reference_instance_values(features: np.ndarray, tasks: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """O(N²): mean over valid j of the same task of cos(φ_i, φ_j), itself included."""
+    f = features.astype(np.float64)
+    norms = np.linalg.norm(f, axis=1)
+    out = np.full(len(f), np.nan)
+    for i in np.flatnonzero(valid):
+        cos = []
+        for j in np.flatnonzero(valid & (tasks == tasks[i])):
+            denom = norms[i] * norms[j]
+            cos.append(0.0 if denom == 0 else float(f[i] @ f[j]) / denom)
+        out[i] = np.mean(cos)
+    return out
+
+
+problems = st.builds(
+    lambda n, k, t, seed, zero, bad: _problem(n, k, t, seed, zero, bad),
+    st.integers(1, 40), st.integers(1, 12), st.integers(1, 4), st.integers(0, 2**16),
+    st.booleans(), st.booleans())
+
+
+def _problem(n, k, t, seed, zero, bad):
+    rng = np.random.default_rng(seed)
+    feats = rng.normal(size=(n, k))
+    codes = rng.integers(0, t, size=n)
+    valid = np.ones(n, dtype=bool)
+    if zero:
+        feats[rng.integers(n)] = 0.0
+    if bad and n > 1:
+        valid[rng.integers(n)] = False
+    return feats, codes, t, valid
+
+
+@settings(max_examples=60, deadline=None)
+@given(problems, st.integers(1, 50))
+def test_instance_values_equal_pairwise_cosine_reference(problem, chunk_rows):
+    feats, codes, t, valid = problem
+    got = val.instance_values(feats, codes, t, valid, chunk_rows=chunk_rows)
+    want = reference_instance_values(feats, codes, valid)
+    np.testing.assert_array_equal(np.isnan(got), ~valid)
+    np.testing.assert_allclose(got[valid], want[valid], rtol=0, atol=TOL)
+
+
+@settings(max_examples=30, deadline=None)
+@given(problems, st.integers(0, 2**16))
+def test_instance_values_invariant_to_row_order_and_chunk_size(problem, seed):
+    feats, codes, t, valid = problem
+    perm = np.random.default_rng(seed).permutation(len(feats))
+    base = val.instance_values(feats, codes, t, valid, chunk_rows=len(feats))
+    permuted = val.instance_values(feats[perm], codes[perm], t, valid[perm], chunk_rows=3)
+    np.testing.assert_allclose(permuted, base[perm], rtol=0, atol=TOL)
+
+
+def test_instance_values_stream_a_memmap_in_chunks(tmp_path):
+    rng = np.random.default_rng(1)
+    feats = rng.normal(size=(103, 16)).astype(np.float16)
+    np.save(tmp_path / "f.npy", feats)
+    mm = np.load(tmp_path / "f.npy", mmap_mode="r")
+    codes = rng.integers(0, 3, size=103)
+    valid = np.ones(103, dtype=bool)
+
+    class Spy:
+        """Looks like the memmap, records how many rows each read takes."""
+        shape, reads = mm.shape, []
+
+        def __getitem__(self, key):
+            self.reads.append(key.stop - key.start if key.stop <= 103 else 103 - key.start)
+            return mm[key]
+
+    spy = Spy()
+    got = val.instance_values(spy, codes, 3, valid, chunk_rows=10)
+    assert spy.reads and max(spy.reads) <= 10
+    assert sum(spy.reads) == 2 * 103  # two passes, every row read exactly twice
+    want = reference_instance_values(feats.astype(np.float64), codes, valid)
+    np.testing.assert_allclose(got, want, atol=TOL)
+
+
+def test_task_values_are_mean_norms_of_valid_records():
+    norms = np.array([1.0, 3.0, 10.0, 2.0, np.inf])
+    codes = np.array([0, 0, 1, 1, 1])
+    valid = np.array([True, True, False, True, False])
+    got = val.task_values(norms, codes, 3, valid)
+    assert got[0] == 2.0 and got[1] == 2.0 and np.isnan(got[2])
+
+
+def test_finite_rows_flags_nan_and_inf_rows_only():
+    f = np.ones((5, 3))
+    f[1, 2] = np.nan
+    f[3, 0] = -np.inf
+    assert val.finite_rows(f, chunk_rows=2).tolist() == [True, False, True, False, True]
+
+
+def test_default_chunk_keeps_665k_by_8192_within_memory():
+    rows = val.default_chunk_rows(8192)
+    assert 1 <= rows and rows * 8192 * 8 <= 1 << 26
