@@ -262,7 +262,8 @@ def write_chart(selection: Selection, path: Path) -> Path:
     ax.invert_yaxis()
     ax.set_xlabel("share of records")
     ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    ax.legend(loc="lower right")
+    ax.legend(loc="best")
+    ax.set_title("Task shares: mixture and subset")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)

@@ -1,0 +1,30 @@
+"""The notebook path, as a script: values from arrays, a report, a selection, a saved subset.
+
+    python examples/notebook.py
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+import tive
+
+HERE = Path(__file__).resolve().parent / "llava_mini"
+
+# Features computed elsewhere (here: the synthetic demo arrays of build_example.py).
+report = tive.value_estimate(
+    features=np.load(HERE / "demo_features.npy"),
+    norms=np.load(HERE / "demo_norms.npy"),
+    data=HERE / "mix.json",  # tasks are inferred from the records; subsets keep their format
+)
+print(report)  # tasks, records, task values
+print("most representative llava_instruct record:",
+      report.mixture[int(np.nanargmax(np.where(report.tasks == "llava_instruct",
+                                               report.instance_values, np.nan)))].id)
+
+selection = report.select(budget=0.15, strategy="soft", temperature=1000, seed=0,
+                          exclude=["textcaps"], oversample=True)
+print(selection)  # per task: value, quota, selected, share before → after
+print("quotas:", selection.quotas)
+paths = selection.save(Path("tive-notebook") / "subset-tive-0.15.json")
+print({k: str(v) for k, v in paths.items()})
