@@ -95,14 +95,14 @@ def main() -> None:
     build(args.workdir, args.records, args.dim)
     print(f"store ready ({time.perf_counter() - t0:.0f} s to build or find)")
     cmd = [str(Path(sys.executable).with_name("tive")), "select", "--run",
-           str(args.workdir / "run"), "--budget", args.budget, "--skip-missing-images"]
+           str(args.workdir / "run"), "--budget", args.budget]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     size_gb = (args.workdir / "run/store/features.npy").stat().st_size / 1e9
-    print(f"| records | dim | features | tive select wall | peak RSS |")
-    print(f"|---|---|---|---|---|")
+    print("| records | dim | features | tive select wall | peak RSS |")
+    print("|---|---|---|---|---|")
     print(f"| {args.records:,} | {args.dim} | {size_gb:.1f} GB fp16 | {wall:.1f} s | {peak_mb:,.0f} MB |")
 
 

@@ -103,8 +103,8 @@ def build_records(paths: dict[str, list[str]], rng: np.random.Generator) -> list
                 conv = turn("<image>\nProvide a one-sentence caption for the provided image.",
                             f"A handwritten digit {label}.")
             else:
-                conv = turn(f"<image>\nPlease provide a short description for this region: "
-                            f"[0.1, 0.1, 0.9, 0.9]", f"A digit {label}")
+                conv = turn("<image>\nPlease provide a short description for this region: "
+                            "[0.1, 0.1, 0.9, 0.9]", f"A digit {label}")
             add(task, paths[folder][k], conv)
     for j in range(20):
         add("sharegpt", None, turn(f"Write a short note about the number {WORDS[j % 10]}.",

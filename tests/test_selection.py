@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import task_features, write_mixture
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import llava_records, task_features, write_mixture
 from tive import selection as sel
 from tive import value_estimate
 from tive.errors import ConfigError

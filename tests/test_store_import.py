@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_mixture
+
 from tive import value_estimate
 from tive.data import load_mixture
 from tive.errors import DataError, StoreError

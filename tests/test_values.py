@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+from conftest import TOL, TOL32
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import TOL
 from tive import values as val
 
 
@@ -46,7 +46,8 @@ def _problem(n, k, t, seed, zero, bad):
 @given(problems, st.integers(1, 50))
 def test_instance_values_equal_pairwise_cosine_reference(problem, chunk_rows):
     feats, codes, t, valid = problem
-    got = val.instance_values(feats, codes, t, valid, chunk_rows=chunk_rows)
+    got, finite = val.instance_values(feats, codes, t, valid, chunk_rows=chunk_rows)
+    assert finite.all()
     want = reference_instance_values(feats, codes, valid)
     np.testing.assert_array_equal(np.isnan(got), ~valid)
     np.testing.assert_allclose(got[valid], want[valid], rtol=0, atol=TOL)
@@ -57,8 +58,8 @@ def test_instance_values_equal_pairwise_cosine_reference(problem, chunk_rows):
 def test_instance_values_invariant_to_row_order_and_chunk_size(problem, seed):
     feats, codes, t, valid = problem
     perm = np.random.default_rng(seed).permutation(len(feats))
-    base = val.instance_values(feats, codes, t, valid, chunk_rows=len(feats))
-    permuted = val.instance_values(feats[perm], codes[perm], t, valid[perm], chunk_rows=3)
+    base, _ = val.instance_values(feats, codes, t, valid, chunk_rows=len(feats))
+    permuted, _ = val.instance_values(feats[perm], codes[perm], t, valid[perm], chunk_rows=3)
     np.testing.assert_allclose(permuted, base[perm], rtol=0, atol=TOL)
 
 
@@ -72,18 +73,18 @@ def test_instance_values_stream_a_memmap_in_chunks(tmp_path):
 
     class Spy:
         """Looks like the memmap, records how many rows each read takes."""
-        shape, reads = mm.shape, []
+        shape, dtype, reads = mm.shape, mm.dtype, []
 
         def __getitem__(self, key):
             self.reads.append(key.stop - key.start if key.stop <= 103 else 103 - key.start)
             return mm[key]
 
     spy = Spy()
-    got = val.instance_values(spy, codes, 3, valid, chunk_rows=10)
+    got, _ = val.instance_values(spy, codes, 3, valid, chunk_rows=10)
     assert spy.reads and max(spy.reads) <= 10
     assert sum(spy.reads) == 2 * 103  # two passes, every row read exactly twice
     want = reference_instance_values(feats.astype(np.float64), codes, valid)
-    np.testing.assert_allclose(got, want, atol=TOL)
+    np.testing.assert_allclose(got, want, atol=TOL32)  # fp16 input: float32 arithmetic
 
 
 def test_task_values_are_mean_norms_of_valid_records():
@@ -94,11 +95,33 @@ def test_task_values_are_mean_norms_of_valid_records():
     assert got[0] == 2.0 and got[1] == 2.0 and np.isnan(got[2])
 
 
-def test_finite_rows_flags_nan_and_inf_rows_only():
-    f = np.ones((5, 3))
+def test_non_finite_rows_are_flagged_and_take_no_part():
+    rng = np.random.default_rng(2)
+    f = rng.normal(size=(6, 3))
     f[1, 2] = np.nan
     f[3, 0] = -np.inf
-    assert val.finite_rows(f, chunk_rows=2).tolist() == [True, False, True, False, True]
+    codes, valid = np.zeros(6, dtype=int), np.ones(6, dtype=bool)
+    got, finite = val.instance_values(f, codes, 1, valid, chunk_rows=2)
+    assert finite.tolist() == [True, False, True, False, True, True]
+    keep = finite.copy()
+    want = reference_instance_values(f, codes, keep)
+    np.testing.assert_array_equal(np.isnan(got), ~keep)
+    np.testing.assert_allclose(got[keep], want[keep], atol=TOL)
+
+
+def test_memmap_is_read_through_the_file_with_the_same_result(tmp_path):
+    rng = np.random.default_rng(3)
+    feats = rng.normal(size=(57, 9)).astype(np.float16)
+    np.save(tmp_path / "f.npy", feats)
+    mm = np.load(tmp_path / "f.npy", mmap_mode="r")
+    assert val._whole_file_memmap(mm) and not val._whole_file_memmap(mm[5:])
+    codes, valid = rng.integers(0, 2, size=57), np.ones(57, dtype=bool)
+    a, _ = val.instance_values(mm, codes, 2, valid, chunk_rows=8)
+    b, _ = val.instance_values(feats, codes, 2, valid, chunk_rows=8)
+    np.testing.assert_array_equal(a, b)
+    c, _ = val.instance_values(mm[5:], codes[5:], 2, valid[5:], chunk_rows=8)  # a slice
+    d, _ = val.instance_values(feats[5:], codes[5:], 2, valid[5:], chunk_rows=8)
+    np.testing.assert_array_equal(c, d)
 
 
 def test_default_chunk_keeps_665k_by_8192_within_memory():

@@ -33,7 +33,7 @@ def value_estimate(
     ntokens: np.ndarray | None = None,
     task_field: str | None = None,
     image_root: str | os.PathLike | None = None,
-    check_images: bool = True,
+    check_images: bool | None = None,
     skip_missing_images: bool = False,
     chunk_rows: int | None = None,
 ) -> Report:
@@ -51,7 +51,8 @@ def value_estimate(
         task_field: record field naming the task (default: ``task``, ``dataset``, ``source``,
             else the LLaVA-665K rules).
         image_root: folder that relative image paths resolve against (default: the data's).
-        check_images: verify that every referenced image exists (needs ``data``).
+        check_images: verify that every referenced image exists (needs ``data``). Default: yes
+            for arrays, no for a store (its builder checked them and recorded the skips).
         skip_missing_images: leave records with missing images out instead of raising.
         chunk_rows: feature rows read at a time (default: about 64 MiB).
 
@@ -80,7 +81,7 @@ def value_estimate(
         _check_rows(mixture, n, st)
         labels = label_tasks(mixture)
         task_arr, inferred, keys = labels.tasks, labels.inferred, mixture.keys
-        if check_images:
+        if check_images if check_images is not None else st is None:
             left_out["missing-image"] = _missing_images(mixture, image_root, skip_missing_images)
     else:
         if tasks is None:
@@ -100,7 +101,10 @@ def _report(arrays: dict[str, Any], tasks: np.ndarray, keys: np.ndarray,
             source: dict[str, Any]) -> Report:
     features, norms = arrays["features"], arrays["norms"]
     left_out["non-finite-norm"] = ~np.isfinite(norms)
-    left_out["non-finite-feature"] = ~val.finite_rows(features, chunk_rows)
+    names, codes = np.unique(tasks.astype(str), return_inverse=True)
+    valid = ~np.any(list(left_out.values()), axis=0)
+    iv, finite = val.instance_values(features, codes, len(names), valid, chunk_rows)
+    left_out["non-finite-feature"] = ~finite
     valid = np.ones(len(norms), dtype=bool)
     invalid: dict[str, int] = {}
     for reason, mask in left_out.items():  # each record counted under its first reason
@@ -108,9 +112,7 @@ def _report(arrays: dict[str, Any], tasks: np.ndarray, keys: np.ndarray,
         if count:
             invalid[reason] = count
         valid &= ~mask
-    names, codes = np.unique(tasks.astype(str), return_inverse=True)
     tv = val.task_values(norms, codes, len(names), valid)
-    iv = val.instance_values(features, codes, len(names), valid, chunk_rows)
     return Report(tasks=tasks, task_values={str(t): float(v) for t, v in zip(names, tv)},
                   instance_values=iv, valid=valid, invalid=invalid,
                   norms=np.asarray(norms, dtype=np.float64), loss=arrays["loss"],

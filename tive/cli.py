@@ -36,6 +36,12 @@ def main() -> None:
     """Find the high-value part of a visual instruction-tuning mixture (TIVE)."""
 
 
+def _task_option(f: Callable) -> Callable:
+    return click.option("--task-field", metavar="NAME",
+                        help="Record field naming the task (default: task, dataset or source; "
+                             "else the LLaVA-1.5 665K rules).")(f)
+
+
 def _data_options(f: Callable) -> Callable:
     f = click.option("--skip-missing-images", is_flag=True,
                      help="Leave records whose images are missing out (counted in the report) "
@@ -43,9 +49,7 @@ def _data_options(f: Callable) -> Callable:
     f = click.option("--image-root", type=click.Path(file_okay=False, path_type=Path),
                      help="Folder that relative image paths resolve against (default: the "
                           "data file's folder).")(f)
-    return click.option("--task-field", metavar="NAME",
-                        help="Record field naming the task (default: task, dataset or source; "
-                             "else the LLaVA-1.5 665K rules).")(f)
+    return _task_option(f)
 
 
 def _config_options(f: Callable) -> Callable:
@@ -74,9 +78,12 @@ def _config_options(f: Callable) -> Callable:
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print {task: count} as JSON.")
 @click.option("--check-images", is_flag=True, help="Also count records whose images are missing.")
-@_data_options
-def tasks(data: Path, as_json: bool, check_images: bool, task_field: str | None,
-          image_root: Path | None, skip_missing_images: bool) -> None:
+@click.option("--image-root", type=click.Path(file_okay=False, path_type=Path),
+              help="Folder that relative image paths resolve against (default: the data file's "
+                   "folder); implies --check-images.")
+@_task_option
+def tasks(data: Path, as_json: bool, check_images: bool, image_root: Path | None,
+          task_field: str | None) -> None:
     """Show the tasks of a mixture: records, share, and which labels were inferred."""
     from tive.data import load_mixture
     from tive.report import format_table
@@ -89,6 +96,7 @@ def tasks(data: Path, as_json: bool, check_images: bool, task_field: str | None,
         click.echo(json.dumps(counts, indent=2))
         return
     inferred = labels.inferred_counts()
+    check_images = check_images or image_root is not None
     missing = mixture.missing_images(image_root) if check_images else None
     header = ["task", "records", "share", "label"] + (["missing images"] if check_images else [])
     rows = []
@@ -184,21 +192,21 @@ def import_(data: Path, features: Path | None, norms: Path | None, loss: Path | 
 @click.option("--output", "-o", type=click.Path(path_type=Path),
               help="Subset file (default: RUN/subset-METHOD-BUDGET in the data's format).")
 @click.option("--data", type=click.Path(path_type=Path),
-              help="The mixture (default: the one the store was built from).")
-@_data_options
+              help="The mixture (default: the one the store was built from; must match it).")
+@_task_option
 def select(run: Path, output: Path | None, data: Path | None, task_field: str | None,
-           image_root: Path | None, skip_missing_images: bool, **config: Any) -> None:
-    """Value tasks and records and write the chosen subset, a JSON report and a chart."""
+           **config: Any) -> None:
+    """Value tasks and records and write the chosen subset, a JSON report and a chart.
+
+    Records the store could not score (missing images, nothing supervised, non-finite
+    gradients) are left out and counted in the report.
+    """
     from tive.api import value_estimate
     from tive.store import Store
 
     cfg = SelectConfig(**{**config, "exclude": tuple(config["exclude"])})
     store = Store.open(run / "store" if (run / "store").exists() else run)
-    settings = store.meta.get("settings", {})
-    root = image_root or settings.get("image_root")
-    skip = skip_missing_images or bool(settings.get("skip_missing_images"))
-    report = value_estimate(store=store, data=data, task_field=task_field, image_root=root,
-                            skip_missing_images=skip)
+    report = value_estimate(store=store, data=data, task_field=task_field)
     selection = report.select_with(cfg)
     if output is None:
         name = f"subset-{cfg.method}-{cfg.budget}{report.mixture.default_suffix()}"

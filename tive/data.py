@@ -18,9 +18,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -36,16 +35,14 @@ OPENAI_ROLES = {"system": "system", "developer": "system", "user": "user", "assi
 EMBEDDED = "<embedded>"  # an image stored inside the dataset rather than referenced by path
 
 
-@dataclass(frozen=True)
-class Turn:
+class Turn(NamedTuple):
     """One message of a conversation. ``role`` is ``system``, ``user`` or ``assistant``."""
 
     role: str
     text: str
 
 
-@dataclass(frozen=True)
-class Record:
+class Record(NamedTuple):
     """One training record, normalised from whatever format it came in.
 
     Attributes:
@@ -125,10 +122,16 @@ class Mixture:
         """
         target = Path(target)
         indices = [int(i) for i in indices]
+        bad = [i for i in indices if not 0 <= i < len(self)]
+        if bad:
+            raise IndexError(f"write_subset: row {bad[0]} is outside 0..{len(self) - 1}")
         if self.container == "json":
-            with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8") as f:
-                json.dump([self._rows[i] for i in indices], f, ensure_ascii=False, indent=2)
-                f.write("\n")
+            chosen = [self._rows[i] for i in indices]
+            with atomic_path(target) as tmp:
+                try:
+                    _dump_json(chosen, tmp, ensure_ascii=False)
+                except UnicodeEncodeError:  # a lone surrogate: only \u escapes can carry it
+                    _dump_json(chosen, tmp, ensure_ascii=True)
         elif self.container == "jsonl":
             with atomic_path(target) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
                 for i in indices:
@@ -154,6 +157,12 @@ class Mixture:
         for i, record in enumerate(self._records):
             missing[i] = any(not _image_exists(p, root) for p in record.images)
         return missing
+
+
+def _dump_json(records: list[dict], path: Path, ensure_ascii: bool) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(records, f, ensure_ascii=ensure_ascii, indent=2)
+        f.write("\n")
 
 
 # --------------------------------------------------------------------------------------------
@@ -210,16 +219,29 @@ def _read_container(path: Path) -> tuple[str, Any, Iterable[dict]]:
         ds = _load_parquet([path])
         return "parquet", ds, _iter_rows(ds)
     text = _read_text(path)
-    if suffix == ".jsonl" or (suffix != ".json" and not text.lstrip().startswith("[")):
+    if suffix == ".jsonl" or _looks_like_jsonl(suffix, text):
         lines = _jsonl_lines(path, text)
         return "jsonl", lines, (_parse_line(path, n, line) for n, line in lines.numbered)
     records = _parse_json_list(path, text)
     return "json", records, records
 
 
+def _looks_like_jsonl(suffix: str, text: str) -> bool:
+    """JSON Lines under another name: a ``.json`` file of several objects, or no ``[`` start."""
+    if suffix != ".json":
+        return not text.lstrip().startswith("[")
+    if not text.lstrip().startswith("{"):
+        return False
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        return e.msg == "Extra data"
+    return False
+
+
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}); expected a JSON or JSONL "
                         f"file; fix: re-encode it as UTF-8") from None
@@ -273,12 +295,17 @@ def _parse_line(path: Path, lineno: int, line: str) -> dict:
 def _load_parquet(files: list[Path]) -> Any:
     import datasets
 
+    import pyarrow.parquet as pq
+
     try:
+        rows = sum(pq.read_metadata(f).num_rows for f in files)
+        if rows == 0:
+            return []  # load_mixture reports "no records"
         ds = datasets.Dataset.from_parquet([str(f) for f in files])
     except Exception as e:  # pyarrow raises many types for a damaged file
         raise DataError(f"{files[0]}: cannot read parquet ({str(e).splitlines()[0]}); "
                         f"fix: check the file is a complete parquet file") from None
-    return _undecoded(ds)
+    return ds
 
 
 def _load_from_disk(path: Path) -> Any:
@@ -294,7 +321,7 @@ def _load_from_disk(path: Path) -> Any:
             raise DataError(f"{path}: a DatasetDict with splits {splits}; expected one split; "
                             f"fix: point --data at {path}/<split>")
         ds = ds[splits[0]]
-    return _undecoded(ds)
+    return ds
 
 
 def _undecoded(ds: Any) -> Any:
@@ -315,7 +342,8 @@ def _undecoded(ds: Any) -> Any:
 
 
 def _iter_rows(ds: Any) -> Iterator[dict]:
-    for batch in ds.iter(batch_size=1000):
+    """Rows of a dataset as dicts, images left undecoded (the dataset itself is not changed)."""
+    for batch in _undecoded(ds).iter(batch_size=1000):
         names = list(batch)
         for values in zip(*(batch[n] for n in names)):
             yield dict(zip(names, values))
@@ -473,7 +501,8 @@ def _content_key(raw: dict) -> int:
     """64-bit digest of a record's content (independent of its position in the file)."""
     text = json.dumps(raw, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
                       default=_bytes_digest)
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+    data = text.encode("utf-8", "surrogatepass")  # JSON may escape lone surrogates
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
 def _bytes_digest(value: Any) -> str:

@@ -52,6 +52,13 @@ class Report:
     inferred: np.ndarray | None = None
     source: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        names, codes = np.unique(self.tasks.astype(str), return_inverse=True)
+        self._codes = codes  # (N,) index into self._names
+        self._names = [str(t) for t in names]
+        self._sizes = np.bincount(codes, minlength=len(names))
+        self._valid_sizes = np.bincount(codes[self.valid], minlength=len(names))
+
     @property
     def task_names(self) -> list[str]:
         """Tasks by decreasing size (ties by name)."""
@@ -61,14 +68,16 @@ class Report:
     @property
     def sizes(self) -> dict[str, int]:
         """Records per task (all of them, valid or not)."""
-        names, counts = np.unique(self.tasks.astype(str), return_counts=True)
-        return {str(n): int(c) for n, c in zip(names, counts)}
+        return {t: int(c) for t, c in zip(self._names, self._sizes)}
 
     def valid_sizes(self) -> dict[str, int]:
         """Valid records per task."""
-        names, counts = np.unique(self.tasks[self.valid].astype(str), return_counts=True)
-        found = {str(n): int(c) for n, c in zip(names, counts)}
-        return {t: found.get(t, 0) for t in self.task_names}
+        found = {t: int(c) for t, c in zip(self._names, self._valid_sizes)}
+        return {t: found[t] for t in self.task_names}
+
+    def members(self, task: str) -> np.ndarray:
+        """Rows of the valid records of ``task``, increasing."""
+        return np.flatnonzero(self.valid & (self._codes == self._names.index(task)))
 
     def select(
         self,
@@ -103,7 +112,8 @@ class Report:
             indices, quotas = self._by_task(config, names, budget, noise)
         else:
             indices = self._global(config, budget, noise)
-            quotas = _count(self.tasks[indices], names)
+            counts = np.bincount(self._codes[indices], minlength=len(self._names))
+            quotas = {t: int(counts[self._names.index(t)]) for t in names}
         return Selection(np.sort(indices), quotas, config, budget, self)
 
     def _by_task(self, config: SelectConfig, names: list[str], budget: int,
@@ -123,13 +133,14 @@ class Report:
         temperature = math.inf if config.method is Method.RANDOM_PER_TASK else config.temperature
         chosen = []
         for t, n in zip(names, quota):
-            members = np.flatnonzero(self.valid & (self.tasks == t))
+            members = self.members(t)
             chosen.append(sel.choose_in_task(members, int(n), self.instance_values[members],
                                              noise[members], temperature, soft))
         return np.concatenate(chosen), {t: int(n) for t, n in zip(names, quota)}
 
     def _global(self, config: SelectConfig, budget: int, noise: np.ndarray) -> np.ndarray:
-        pool = self.valid & ~np.isin(self.tasks.astype(str), list(config.exclude))
+        excluded = [self._names.index(t) for t in config.exclude]
+        pool = self.valid & ~np.isin(self._codes, excluded)
         if config.method is Method.RANDOM:
             metric = noise
         else:
@@ -190,21 +201,25 @@ class Selection:
 
     def selected(self) -> dict[str, int]:
         """Records chosen per task (counting repeats)."""
-        return _count(self.report.tasks[self.indices], self.report.task_names)
+        r = self.report
+        counts = np.bincount(r._codes[self.indices], minlength=len(r._names))
+        return {t: int(counts[r._names.index(t)]) for t in r.task_names}
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON report: settings, totals, and per task its size, value, quota, selection."""
         r = self.report
         sizes, valid, chosen = r.sizes, r.valid_sizes(), self.selected()
+        unique_rows = np.unique(self.indices)
+        unique = np.bincount(r._codes[unique_rows], minlength=len(r._names))
         tasks = {t: {"records": sizes[t], "valid": valid[t],
                      "value": _json_float(r.task_values.get(t, math.nan)),
                      "excluded": t in self.config.exclude,
                      "quota": self.quotas.get(t, 0), "selected": chosen[t],
-                     "unique": int(len(np.unique(self.indices[r.tasks[self.indices] == t])))}
+                     "unique": int(unique[r._names.index(t)])}
                  for t in r.task_names}
         inferred = None if r.inferred is None else int(r.inferred.sum())
         return {"settings": self.config.to_dict(), "records": len(r.tasks), "budget": self.budget,
-                "selected": int(len(self.indices)), "unique": int(len(np.unique(self.indices))),
+                "selected": int(len(self.indices)), "unique": int(len(unique_rows)),
                 "left_out": dict(r.invalid), "inferred_task_labels": inferred,
                 "source": r.source, "tasks": tasks}
 
@@ -281,12 +296,6 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
                  for i, (v, w) in enumerate(zip(row, widths))]
         lines.append("  ".join(parts).rstrip())
     return "\n".join(lines)
-
-
-def _count(tasks: np.ndarray, names: Sequence[str]) -> dict[str, int]:
-    found, counts = np.unique(np.asarray(tasks).astype(str), return_counts=True)
-    got = {str(t): int(c) for t, c in zip(found, counts)}
-    return {t: got.get(t, 0) for t in names}
 
 
 def _fmt(value: float | None) -> str:

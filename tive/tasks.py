@@ -94,6 +94,8 @@ def _top_folder(path: str) -> str:
     For a longer path (``/data/llava/gqa/images/x.jpg``) the first folder that a rule knows
     wins; otherwise the first folder of the path.
     """
+    if "://" in path or path.startswith("data:"):
+        return ""  # a URL or inline image: no folder to go by
     folders = [p.lower() for p in path.replace("\\", "/").split("/") if p not in ("", ".")][:-1]
     known = [f for f in folders if f in FOLDER_TASKS or f == "coco"]
     return known[0] if known else (folders[0] if folders else "")

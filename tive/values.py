@@ -10,7 +10,8 @@ Records marked invalid (not scored, skipped, non-finite norm or feature) take pa
 
 from __future__ import annotations
 
-from typing import Iterator
+import os
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -40,65 +41,105 @@ def task_values(norms: np.ndarray, codes: np.ndarray, n_tasks: int, valid: np.nd
         return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
 
 
-def finite_rows(features: np.ndarray, chunk_rows: int | None = None) -> np.ndarray:
-    """``(N,)`` bool: rows of ``features`` whose every entry is finite (streamed in chunks)."""
-    out = np.empty(features.shape[0], dtype=bool)
-    for start, block in _chunks(features, chunk_rows):
-        out[start:start + len(block)] = np.isfinite(block).all(axis=1)
-    return out
-
-
 def instance_values(
     features: np.ndarray,
     codes: np.ndarray,
     n_tasks: int,
     valid: np.ndarray,
     chunk_rows: int | None = None,
-) -> np.ndarray:
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean cosine of each record's feature to every valid member of its task (itself included).
 
+    ``v_i = s_i φ_i · m_t`` with ``s_i = 1/‖φ_i‖`` and ``m_t = Σ_{j∈t} s_j φ_j / |t|``: pass 1
+    accumulates ``m_t`` (one ``(tasks, chunk) @ (chunk, k)`` product per chunk), pass 2 takes
+    ``(chunk, k) @ (k, tasks)``. Arithmetic is float64 for float64 input, else float32 with
+    float64 accumulation across chunks.
+
     Args:
-        features: ``(N, k)`` array or memmap of projected gradients (any float dtype).
+        features: ``(N, k)`` array or memmap of projected gradients (any float dtype). A memmap
+            is read with plain file reads, chunk by chunk, so resident memory stays at one chunk.
         codes: ``(N,)`` int task codes in ``[0, n_tasks)``.
         n_tasks: number of tasks.
         valid: ``(N,)`` bool; invalid rows get NaN and do not count as task members.
         chunk_rows: rows read at a time (default: about 64 MiB of float64).
 
     Returns:
-        ``(N,)`` float64 instance values in [-1, 1]. A zero feature vector has cosine 0 with
-        everything.
+        ``(values, finite)``: ``(N,)`` float64 instance values in [-1, 1] (NaN for invalid rows
+        and rows with a non-finite entry, which count as invalid), and ``(N,)`` bool, rows whose
+        entries are all finite. A zero feature vector has cosine 0 with everything.
     """
-    k = features.shape[1]
-    sums = np.zeros((n_tasks, k), dtype=np.float64)  # (tasks, k) sum of unit features
-    for start, block in _chunks(features, chunk_rows):
+    n, k = features.shape
+    dtype = np.float64 if features.dtype == np.float64 else np.float32
+    finite = np.ones(n, dtype=bool)
+    scale = np.zeros(n, dtype=np.float64)  # (N,) s_i, 0 for invalid, non-finite or zero rows
+    sums = np.zeros((n_tasks, k), dtype=np.float64)  # (tasks, k) Σ s_j φ_j
+    for start, block in _chunks(features, chunk_rows, dtype):
         rows = slice(start, start + len(block))
-        onehot = _onehot(codes[rows], valid[rows], n_tasks)  # (tasks, chunk)
-        sums += onehot @ _unit(block, valid[rows])
+        finite[rows], sq = _finite_sq_norms(block)
+        ok = valid[rows] & finite[rows] & (sq > 0)
+        scale[rows] = np.where(ok, 1.0 / np.sqrt(np.where(ok, sq, 1.0)), 0.0)
+        weights = _onehot(codes[rows], n_tasks) * scale[rows]  # (tasks, chunk)
+        sums += weights.astype(dtype) @ _zero_bad_rows(block, finite[rows])
+    valid = valid & finite
     counts = np.bincount(codes[valid], minlength=n_tasks).astype(np.float64)
-    means = sums / np.maximum(counts, 1.0)[:, None]  # (tasks, k) m_t
-    out = np.full(features.shape[0], np.nan)
-    for start, block in _chunks(features, chunk_rows):
+    means = (sums / np.maximum(counts, 1.0)[:, None]).T.astype(dtype)  # (k, tasks) m_t
+    out = np.full(n, np.nan)
+    for start, block in _chunks(features, chunk_rows, dtype):
         rows = slice(start, start + len(block))
-        scores = _unit(block, valid[rows]) @ means.T  # (chunk, tasks)
-        picked = scores[np.arange(len(block)), codes[rows]]
+        scores = _zero_bad_rows(block, finite[rows]) @ means  # (chunk, tasks)
+        picked = scores[np.arange(len(block)), codes[rows]] * scale[rows]
         out[rows] = np.where(valid[rows], picked, np.nan)
-    return out
+    return out, finite
 
 
-def _chunks(features: np.ndarray, chunk_rows: int | None) -> Iterator[tuple[int, np.ndarray]]:
-    step = chunk_rows or default_chunk_rows(features.shape[1])
-    for start in range(0, features.shape[0], step):
-        yield start, np.asarray(features[start:start + step], dtype=np.float64)
+def _chunks(features: np.ndarray, chunk_rows: int | None,
+            dtype: type = np.float64) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, block)`` over the rows of ``features``, blocks converted to ``dtype``."""
+    n, k = features.shape
+    step = chunk_rows or default_chunk_rows(k)
+    if _whole_file_memmap(features):
+        # Slicing a memmap keeps every page it touched mapped (and counted as resident);
+        # reading through the file keeps memory at one chunk.
+        row_bytes = k * features.dtype.itemsize
+        with open(features.filename, "rb") as f:
+            for start in range(0, n, step):
+                rows = min(step, n - start)
+                f.seek(features.offset + start * row_bytes)
+                block = np.fromfile(f, dtype=features.dtype, count=rows * k).reshape(rows, k)
+                yield start, block.astype(dtype, copy=False)
+        return
+    for start in range(0, n, step):
+        yield start, np.asarray(features[start:start + step], dtype=dtype)
 
 
-def _unit(block: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length; invalid and zero rows become zero. ``(chunk, k)`` float64."""
-    block = np.where(valid[:, None], block, 0.0)
-    norms = np.linalg.norm(block, axis=1, keepdims=True)
-    return np.divide(block, norms, out=np.zeros_like(block), where=norms > 0)
+def _finite_sq_norms(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(chunk,)`` bool rows with only finite entries, and ``(chunk,)`` float64 ‖row‖²."""
+    sq = np.einsum("ij,ij->i", block, block).astype(np.float64)
+    finite = np.isfinite(sq)
+    if not finite.all():  # a non-finite entry, or a float32 square that overflowed
+        bad = np.flatnonzero(~finite)
+        finite[bad] = np.isfinite(block[bad]).all(axis=1)
+        big = bad[finite[bad]]
+        sq[big] = np.einsum("ij,ij->i", block[big].astype(np.float64),
+                            block[big].astype(np.float64))
+    return finite, sq
 
 
-def _onehot(codes: np.ndarray, valid: np.ndarray, n_tasks: int) -> np.ndarray:
+def _zero_bad_rows(block: np.ndarray, finite: np.ndarray) -> np.ndarray:
+    """``block`` with non-finite rows set to 0 (so that 0 · NaN does not poison a product)."""
+    return block if finite.all() else np.where(finite[:, None], block, 0)
+
+
+def _onehot(codes: np.ndarray, n_tasks: int) -> np.ndarray:
+    """``(tasks, chunk)`` float64 indicator of each row's task."""
     out = np.zeros((n_tasks, len(codes)), dtype=np.float64)
-    out[codes[valid], np.flatnonzero(valid)] = 1.0
+    out[codes, np.arange(len(codes))] = 1.0
     return out
+
+
+def _whole_file_memmap(features: np.ndarray) -> bool:
+    """True for a C-ordered memmap of a whole file (not a slice of one)."""
+    if not isinstance(features, np.memmap) or not features.filename:
+        return False
+    size = os.path.getsize(features.filename) - features.offset
+    return features.flags.c_contiguous and size == features.nbytes
