@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import BinaryIO
 
 import numpy as np
 
@@ -94,22 +96,32 @@ def instance_values(
 
 def _chunks(features: np.ndarray, chunk_rows: int | None,
             dtype: type = np.float64) -> Iterator[tuple[int, np.ndarray]]:
-    """``(start, block)`` over the rows of ``features``, blocks converted to ``dtype``."""
+    """``(start, block)`` over the rows of ``features``, blocks converted to ``dtype``.
+
+    A whole-file memmap is read through the file, one chunk ahead in a background thread:
+    slicing a memmap would keep every page it touched mapped (and counted as resident).
+    """
     n, k = features.shape
     step = chunk_rows or default_chunk_rows(k)
-    if _whole_file_memmap(features):
-        # Slicing a memmap keeps every page it touched mapped (and counted as resident);
-        # reading through the file keeps memory at one chunk.
-        row_bytes = k * features.dtype.itemsize
-        with open(features.filename, "rb") as f:
-            for start in range(0, n, step):
-                rows = min(step, n - start)
-                f.seek(features.offset + start * row_bytes)
-                block = np.fromfile(f, dtype=features.dtype, count=rows * k).reshape(rows, k)
-                yield start, block.astype(dtype, copy=False)
+    starts = range(0, n, step)
+    if not _whole_file_memmap(features):
+        for start in starts:
+            yield start, np.asarray(features[start:start + step], dtype=dtype)
         return
-    for start in range(0, n, step):
-        yield start, np.asarray(features[start:start + step], dtype=dtype)
+    row_bytes = k * features.dtype.itemsize
+
+    def read(f: BinaryIO, start: int) -> np.ndarray:
+        rows = min(step, n - start)
+        f.seek(features.offset + start * row_bytes)
+        return np.fromfile(f, dtype=features.dtype, count=rows * k).reshape(rows, k)
+
+    with open(features.filename, "rb") as f, ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(read, f, 0)
+        for i, start in enumerate(starts):
+            block = ahead.result()
+            if i + 1 < len(starts):
+                ahead = pool.submit(read, f, starts[i + 1])
+            yield start, block.astype(dtype)
 
 
 def _finite_sq_norms(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
