@@ -950,3 +950,16 @@ def test_write_subset_refuses_rows_out_of_range(tmp_path):
         with pytest.raises(IndexError, match="outside 0..0"):
             m.write_subset([0, bad], tmp_path / "o.jsonl")
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_check_images_names_the_missing_image_of_a_multi_image_record(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a/1.jpg").write_bytes(b"x")
+    src = tmp_path / "m.json"
+    src.write_text(json.dumps([{"id": "r", "images": ["a/1.jpg", "a/2.jpg"], "conversations": [
+        {"from": "human", "value": "<image><image>q"}, {"from": "gpt", "value": "a"}]}]))
+    m = load_mixture(src)
+    with pytest.raises(DataError, match=r"1 records reference images .*record 0 \(id r\): a/2.jpg"):
+        m.check_images()
+    assert m.check_images(skip_missing=True).tolist() == [True]
+    assert m.check_images(tmp_path / "nowhere", skip_missing=True).tolist() == [True]

@@ -82,7 +82,7 @@ def value_estimate(
         labels = label_tasks(mixture)
         task_arr, inferred, keys = labels.tasks, labels.inferred, mixture.keys
         if check_images if check_images is not None else st is None:
-            left_out["missing-image"] = _missing_images(mixture, image_root, skip_missing_images)
+            left_out["missing-image"] = mixture.check_images(image_root, skip_missing_images)
     else:
         if tasks is None:
             raise ConfigError("value_estimate: features without tasks; pass tasks= (one name "
@@ -159,24 +159,6 @@ def _check_rows(mixture: Mixture, n: int, st: Store | None) -> None:
     elif len(mixture) != n:
         raise DataError(f"{mixture.path}: {len(mixture):,} records but {n:,} feature rows; "
                         f"expected one row per record, in the data's order")
-
-
-def _missing_images(mixture: Mixture, image_root: Any, skip: bool) -> np.ndarray:
-    missing = mixture.missing_images(image_root)
-    if missing.any() and not skip:
-        raise DataError(missing_images_message(mixture, missing, image_root))
-    return missing
-
-
-def missing_images_message(mixture: Mixture, missing: np.ndarray, image_root: Any) -> str:
-    """One line naming the first missing images and the two fixes."""
-    root = image_root if image_root is not None else (
-        mixture.path if mixture.path.is_dir() else mixture.path.parent)
-    first = [f"record {i} (id {mixture[i].id}): {mixture[i].images[0]}"
-             for i in np.flatnonzero(missing)[:3]]  # the record's first image (tasks use it)
-    return (f"{mixture.path}: {int(missing.sum()):,} records reference images that do not exist "
-            f"under {root} (first: {'; '.join(first)}); fix: pass --image-root DIR, or "
-            f"--skip-missing-images to leave them out")
 
 
 def _source(st: Store | None, mixture: Mixture | None) -> dict[str, Any]:

@@ -148,7 +148,6 @@ def import_(data: Path, features: Path | None, norms: Path | None, loss: Path | 
             skip_missing_images: bool) -> None:
     """Build a store from features computed elsewhere (.npy arrays or the authors' outputs)."""
     from tive import importers
-    from tive.api import missing_images_message
     from tive.data import load_mixture
     from tive.tasks import label_tasks
 
@@ -158,9 +157,7 @@ def import_(data: Path, features: Path | None, norms: Path | None, loss: Path | 
         raise click.UsageError("--features and --norms go together")
     mixture = load_mixture(data, task_field=task_field)
     labels = label_tasks(mixture)
-    missing = mixture.missing_images(image_root)
-    if missing.any() and not skip_missing_images:
-        raise TiveError(missing_images_message(mixture, missing, image_root))
+    missing = mixture.check_images(image_root, skip_missing_images)
     if tive_outputs is not None:
         feats, nrm = importers.read_authors_outputs(tive_outputs)
         arrays, source = {"features": feats, "norms": nrm}, f"tive-authors:{tive_outputs}"

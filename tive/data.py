@@ -152,10 +152,33 @@ class Mixture:
         paths are used as they are; embedded images and ``data:`` URIs always exist; ``http(s)``
         URLs count as missing (tive never downloads).
         """
-        root = Path(image_root) if image_root is not None else _default_image_root(self.path)
+        root = self.image_root(image_root)
         missing = np.zeros(len(self), dtype=bool)
         for i, record in enumerate(self._records):
             missing[i] = any(not _image_exists(p, root) for p in record.images)
+        return missing
+
+    def image_root(self, image_root: str | os.PathLike | None = None) -> Path:
+        """The folder relative image paths resolve against."""
+        return Path(image_root) if image_root is not None else _default_image_root(self.path)
+
+    def check_images(self, image_root: str | os.PathLike | None = None,
+                     skip_missing: bool = False) -> np.ndarray:
+        """:meth:`missing_images`, raising unless ``skip_missing``.
+
+        Raises:
+            DataError: naming how many records have missing images and the first three.
+        """
+        missing = self.missing_images(image_root)
+        if missing.any() and not skip_missing:
+            root = self.image_root(image_root)
+            first = []
+            for i in np.flatnonzero(missing)[:3]:
+                path = next(p for p in self[i].images if not _image_exists(p, root))
+                first.append(f"record {i} (id {self[i].id}): {path}")
+            raise DataError(f"{self.path}: {int(missing.sum()):,} records reference images that "
+                            f"do not exist under {root} (first: {'; '.join(first)}); fix: pass "
+                            f"--image-root DIR, or --skip-missing-images to leave them out")
         return missing
 
 
