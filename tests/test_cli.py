@@ -77,13 +77,42 @@ def test_select_writes_subset_report_and_chart_in_run(imported):
 def test_select_options_reach_the_selection(imported, tmp_path):
     out = tmp_path / "top.json"
     run("select", "--run", imported["run"], "--budget", "12", "--strategy", "top",
-        "--exclude-task", "vqav2", "--exclude-task", "vg", "--no-oversample", "-o", out)
+        "--exclude-task", "vqav2", "--exclude-task", "vg", "--exclude-task", "vg",
+        "--no-oversample", "-o", out)
     report = json.loads((tmp_path / "top.report.json").read_text())
     assert report["settings"] == {"budget": "12", "method": "tive", "strategy": "top",
-                                  "temperature": 1000.0, "seed": 0, "exclude": ["vqav2", "vg"],
+                                  "temperature": None, "seed": None, "exclude": ["vqav2", "vg"],
                                   "oversample": False}
     assert report["tasks"]["vqav2"]["selected"] == 0 and report["tasks"]["vg"]["excluded"]
-    assert len(json.loads(out.read_text())) == 12
+    chosen = {r["id"] for r in json.loads(out.read_text())}
+    # the same selection through the API: per-task top-k of instance values
+    from tive import value_estimate
+    r = value_estimate(store=imported["run"])
+    want = r.select(budget=12, strategy="top", exclude=["vqav2", "vg"], oversample=False)
+    assert chosen == {imported["records"][i]["id"] for i in want.indices}
+    soft = r.select(budget=12, exclude=["vqav2", "vg"], seed=5)
+    assert {imported["records"][i]["id"] for i in soft.indices} != chosen
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--strategy", "top", "--temperature", "5"], "--temperature does not apply to --strategy top"),
+    (["--strategy", "top", "--seed", "1"], "--seed does not apply to --strategy top"),
+    (["--method", "gradnorm", "--seed", "1"], "--seed does not apply to --method gradnorm"),
+    (["--method", "random", "--no-oversample"], "--oversample does not apply to --method random"),
+    (["--method", "loss", "--strategy", "soft"], "--strategy does not apply to --method loss"),
+])
+def test_options_a_method_does_not_use_are_refused(imported, args, fragment):
+    res = run("select", "--run", imported["run"], "--budget", "5", *args, ok=False)
+    assert_one_line_error(res, fragment)
+
+
+def test_budget_text_names_outputs_so_count_and_fraction_do_not_collide(imported):
+    run("select", "--run", imported["run"], "--budget", "1")
+    run("select", "--run", imported["run"], "--budget", "1.0")
+    assert len(json.loads((imported["run"] / "subset-tive-1.json").read_text())) == 1
+    assert len(json.loads((imported["run"] / "subset-tive-1.0.json").read_text())) == 36
+    report = json.loads((imported["run"] / "subset-tive-1.0.report.json").read_text())
+    assert report["budget_kind"] == "fraction" and report["budget"] == 36
 
 
 def test_report_lists_store_and_selections(imported):

@@ -145,7 +145,7 @@ def test_json_list_round_trip(tmp_path, records, schema):
     assert "\\u" not in out.read_text(encoding="utf-8")  # unicode written as itself
     again = load_mixture(out)
     assert (again.container, again.schema, len(again)) == ("json", schema, len(INDICES))
-    assert again.keys.tolist() == [int(m.keys[i]) for i in INDICES]
+    assert again.content_keys.tolist() == [int(m.content_keys[i]) for i in INDICES]
     assert again.ids == (["r3", "r0", "r3", "r1"] if schema == "llava" else ["0", "1", "2", "3"])
     assert sorted(p.name for p in out.parent.iterdir()) == ["sub.json"]
 
@@ -168,7 +168,7 @@ def test_jsonl_round_trip_bytes(tmp_path, records, schema, ending):
     again = load_mixture(out)
     assert (again.container, again.schema) == ("jsonl", schema)
     assert [again.raw(i) for i in range(len(again))] == [lines[i] for i in idx]
-    assert again.keys.tolist() == [int(m.keys[i]) for i in idx]
+    assert again.content_keys.tolist() == [int(m.content_keys[i]) for i in idx]
 
 
 def test_jsonl_blank_lines_and_no_final_newline(tmp_path):
@@ -244,7 +244,7 @@ def test_json_round_trip_property(data, ascii_, indent):
         assert json.loads(out.read_text(encoding="utf-8")) == [records[i] for i in indices]
         again = load_mixture(out)
         assert (again.container, again.schema) == ("json", "llava")
-        assert again.keys.tolist() == [int(m.keys[i]) for i in indices]
+        assert again.content_keys.tolist() == [int(m.content_keys[i]) for i in indices]
         assert sorted(os.listdir(d)) == ["mix.json", "sub.json"]
 
 
@@ -270,7 +270,7 @@ def test_jsonl_round_trip_property(data, seed, ending):
         assert out.read_bytes() == "".join(lines[i] + "\n" for i in indices).encode("utf-8")
         again = load_mixture(out)
         assert (again.container, again.schema, len(again)) == ("jsonl", "llava", len(indices))
-        assert again.keys.tolist() == [int(m.keys[i]) for i in indices]
+        assert again.content_keys.tolist() == [int(m.content_keys[i]) for i in indices]
 
 
 @pytest.mark.parametrize("name", ["mix.json", "mix.jsonl"])
@@ -318,7 +318,7 @@ def test_parquet_file_round_trip(tmp_path):
     assert ds_rows(datasets.Dataset.from_parquet(str(out))) == [original[i] for i in idx]
     again = load_mixture(out)
     assert (again.container, again.schema, len(again)) == ("parquet", "llava", 4)
-    assert again.keys.tolist() == [int(m.keys[i]) for i in idx]
+    assert again.content_keys.tolist() == [int(m.content_keys[i]) for i in idx]
 
 
 def test_parquet_folder_round_trip(tmp_path):
@@ -353,7 +353,7 @@ def test_hf_disk_round_trip(tmp_path, as_dict):
     again = load_mixture(out)
     assert (again.container, again.schema, again.ids) == ("hf-disk", "llava",
                                                           [f"h{i}" for i in idx])
-    assert again.keys.tolist() == [int(m.keys[i]) for i in idx]
+    assert again.content_keys.tolist() == [int(m.content_keys[i]) for i in idx]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["saved", "subset"]
 
 
@@ -396,7 +396,7 @@ def test_embedded_image_rows_round_trip(tmp_path, kind):
                                                   png_bytes((0, 0, 255))]
     assert [r["id"] for r in raw] == ["e1", "e0", "e1"]
     again = load_mixture(out)
-    assert again.keys.tolist() == [int(m.keys[i]) for i in [1, 0, 1]]
+    assert again.content_keys.tolist() == [int(m.content_keys[i]) for i in [1, 0, 1]]
 
 
 @pytest.mark.parametrize("kind", ["parquet", "hf-disk"])
@@ -514,11 +514,11 @@ def test_keys_ignore_position_whitespace_key_order(tmp_path):
                 json.dumps({**rec, "meta": dict(reversed(list(rec["meta"].items())))})]
     other = json.dumps(LLAVA_RECORDS[0])
     m = load_mixture(write_lines(tmp_path / "m.jsonl", [other] + variants))
-    assert m.keys.dtype == np.uint64 and m.keys.shape == (5,)
-    assert len(set(m.keys[1:].tolist())) == 1
-    assert m.keys[0] != m.keys[1]
+    assert m.content_keys.dtype == np.uint64 and m.content_keys.shape == (5,)
+    assert len(set(m.content_keys[1:].tolist())) == 1
+    assert m.content_keys[0] != m.content_keys[1]
     as_list = load_mixture(write_json(tmp_path / "m.json", [rec, LLAVA_RECORDS[0]], indent=4))
-    assert as_list.keys.tolist() == [int(m.keys[1]), int(m.keys[0])]
+    assert as_list.content_keys.tolist() == [int(m.content_keys[1]), int(m.content_keys[0])]
 
 
 def test_fingerprint_tracks_content_and_order(tmp_path):
@@ -530,16 +530,17 @@ def test_fingerprint_tracks_content_and_order(tmp_path):
     changed[2]["conversations"][1]["value"] += "!"
     ch = load_mixture(write_json(tmp_path / "c.json", changed))
     assert ch.fingerprint != base.fingerprint
-    assert (ch.keys != base.keys).tolist() == [False, False, True, False, False]
+    assert (ch.content_keys != base.content_keys).tolist() == [False, False, True, False, False]
     reordered = load_mixture(write_json(tmp_path / "d.json", LLAVA_RECORDS[::-1]))
     assert reordered.fingerprint != base.fingerprint
-    assert sorted(reordered.keys.tolist()) == sorted(base.keys.tolist())
-    assert reordered.keys.tolist() == base.keys.tolist()[::-1]
+    assert sorted(reordered.content_keys.tolist()) == sorted(base.content_keys.tolist())
+    assert reordered.content_keys.tolist() == base.content_keys.tolist()[::-1]
 
 
-def test_duplicate_records_share_a_key(tmp_path):
+def test_duplicate_records_share_a_content_key_but_draw_independently(tmp_path):
     m = load_mixture(write_json(tmp_path / "a.json", [LLAVA_RECORDS[0]] * 3 + [LLAVA_RECORDS[1]]))
-    assert len(set(m.keys[:3].tolist())) == 1 and m.keys[3] != m.keys[0]
+    assert len(set(m.content_keys[:3].tolist())) == 1 and m.content_keys[3] != m.content_keys[0]
+    assert len(set(m.keys.tolist())) == 4 and m.keys[0] == m.content_keys[0]
 
 
 @FAST
@@ -550,8 +551,8 @@ def test_keys_are_a_per_record_function(data, seed):
     with tempfile.TemporaryDirectory() as d:
         a = load_mixture(write_json(Path(d) / "a.json", records))
         b = load_mixture(write_json(Path(d) / "b.json", [records[i] for i in perm], indent=1))
-        assert b.keys.tolist() == [int(a.keys[i]) for i in perm]
-        if b.keys.tolist() == a.keys.tolist():
+        assert b.content_keys.tolist() == [int(a.content_keys[i]) for i in perm]
+        if b.content_keys.tolist() == a.content_keys.tolist():
             assert b.fingerprint == a.fingerprint
         else:
             assert b.fingerprint != a.fingerprint

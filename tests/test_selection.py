@@ -149,9 +149,10 @@ def test_same_seed_same_subset_other_seed_other_subset(report):
     assert a.indices.tolist() != c.indices.tolist()
 
 
-@pytest.mark.parametrize("kwargs", [dict(strategy="soft"), dict(strategy="top"),
-                                    dict(strategy="soft", temperature=0.05),
-                                    dict(method="random"), dict(method="random-per-task"),
+@pytest.mark.parametrize("kwargs", [dict(strategy="soft", seed=3), dict(strategy="top"),
+                                    dict(strategy="soft", temperature=0.05, seed=3),
+                                    dict(method="random", seed=3),
+                                    dict(method="random-per-task", seed=3),
                                     dict(method="gradnorm")])
 def test_selection_invariant_to_row_order(mixture_run, tmp_path, kwargs):
     records, feats, norms = mixture_run["records"], mixture_run["features"], mixture_run["norms"]
@@ -159,8 +160,8 @@ def test_selection_invariant_to_row_order(mixture_run, tmp_path, kwargs):
     other = write_mixture(tmp_path / "perm", [records[i] for i in perm])
     a = value_estimate(features=feats, norms=norms, data=mixture_run["data"])
     b = value_estimate(features=feats[perm], norms=norms[perm], data=other, chunk_rows=4)
-    ids_a = sorted(records[i]["id"] for i in a.select(budget=0.4, seed=3, **kwargs).indices)
-    ids_b = sorted(records[perm[i]]["id"] for i in b.select(budget=0.4, seed=3, **kwargs).indices)
+    ids_a = sorted(records[i]["id"] for i in a.select(budget=0.4, **kwargs).indices)
+    ids_b = sorted(records[perm[i]]["id"] for i in b.select(budget=0.4, **kwargs).indices)
     assert ids_a == ids_b
 
 
@@ -236,8 +237,9 @@ def test_non_finite_records_are_left_out_and_counted(mixture_run):
     assert r.invalid == {"non-finite-norm": 1, "non-finite-feature": 2}
     assert not r.valid[:3].any() and np.isnan(r.instance_values[:3]).all()
     assert np.isfinite(list(r.task_values.values())).all()
-    for method in ("tive", "random", "gradnorm", "random-per-task"):
-        chosen = r.select(budget=30, method=method, oversample=False).indices
+    for method, kw in (("tive", {"oversample": False}), ("random", {}), ("gradnorm", {}),
+                       ("random-per-task", {"oversample": False})):
+        chosen = r.select(budget=30, method=method, **kw).indices
         assert not set(chosen.tolist()) & {0, 1, 2}
 
 
@@ -250,3 +252,18 @@ def test_selection_save_without_data_writes_indices(tmp_path):
     report = json.loads(paths["report"].read_text())
     assert set(report["tasks"]) == {"a", "b"} and report["selected"] == 4
     assert paths["chart"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_identical_records_are_drawn_independently(tmp_path):
+    """Copies of one record must not be chosen or dropped together (authors' draws are iid)."""
+    pair = [{"id": f"p{j}", "conversations": [{"from": "human", "value": f"q{j}"},
+                                               {"from": "gpt", "value": "a"}]} for j in range(40)]
+    data = write_mixture(tmp_path, [r for r in pair for _ in range(2)], images=False)
+    feats = np.repeat(np.random.default_rng(0).normal(size=(40, 5)), 2, axis=0)
+    r = value_estimate(features=feats, norms=np.ones(80), data=data)
+    split = 0
+    for seed in range(30):
+        chosen = set(r.select(budget=40, method="random", seed=seed).indices.tolist())
+        split += sum((2 * j in chosen) != (2 * j + 1 in chosen) for j in range(40))
+    # independent draws split about half the pairs; together-or-not-at-all would split none
+    assert split > 0.3 * 30 * 40

@@ -55,22 +55,15 @@ def _data_options(f: Callable) -> Callable:
 def _config_options(f: Callable) -> Callable:
     """Add one option per :class:`SelectConfig` field, from the field's type and metadata."""
     for fd in reversed(fields(SelectConfig)):
-        meta = dict(fd.metadata)
+        meta = {k: v for k, v in fd.metadata.items() if k != "default_text"}
         flag = meta.pop("flag", f"--{fd.name.replace('_', '-')}")
-        kwargs: dict[str, Any] = {"help": meta.pop("help"), **meta}
-        default = fd.default
-        if default is not MISSING:
-            kwargs["default"] = default.value if isinstance(default, Enum) else default
-            kwargs["show_default"] = True
-        if isinstance(default, Enum):
-            kwargs["type"] = click.Choice([m.value for m in type(default)])
-        elif isinstance(default, bool):
-            kwargs["is_flag"] = True
-        elif isinstance(default, float):
-            kwargs["type"] = float
-        elif isinstance(default, int):
-            kwargs["type"] = int
-        f = click.option(flag, fd.name, **kwargs)(f)
+        if isinstance(meta.get("choices"), type):
+            meta["type"] = click.Choice([m.value for m in meta.pop("choices")])
+        if fd.default is not MISSING:
+            meta["default"] = fd.default.value if isinstance(fd.default, Enum) else fd.default
+            if isinstance(fd.default, Enum):
+                meta["type"] = click.Choice([m.value for m in type(fd.default)])
+        f = click.option(flag, fd.name, **meta)(f)
     return f
 
 

@@ -40,100 +40,142 @@ class Budget:
     """A subset size: a fraction of the mixture (``0.075``, ``7.5%``) or a count (``50000``).
 
     Text with a ``.``, an exponent or ``%`` is a fraction; a plain integer is a count.
+    ``text`` keeps the budget as written; it names output files and appears in reports.
     """
 
     value: float
     is_fraction: bool
+    text: str
 
     @classmethod
-    def parse(cls, text: str | float | int | Budget) -> Budget:
-        if isinstance(text, Budget):
-            return text
-        if isinstance(text, bool):
-            raise ConfigError(f"budget {text!r}: expected a fraction like 0.075 or a count")
-        if isinstance(text, int):
-            budget = cls(float(text), False)
-        elif isinstance(text, float):
-            budget = cls(text, True)
-        else:
-            raw = str(text).strip()
-            try:
-                if raw.endswith("%"):
-                    budget = cls(float(raw[:-1]) / 100.0, True)
-                elif re.fullmatch(r"[+-]?\d+", raw):
-                    budget = cls(float(int(raw)), False)
-                else:
-                    budget = cls(float(raw), True)
-            except ValueError:
-                raise ConfigError(f"--budget {raw!r}: not a number; expected a fraction like "
-                                  f"0.075 (or 7.5%) or a record count like 50000") from None
+    def parse(cls, given: str | float | int | Budget) -> Budget:
+        if isinstance(given, Budget):
+            return given
+        if isinstance(given, bool) or not isinstance(given, (str, int, float)):
+            raise ConfigError(f"--budget {given!r}: expected a fraction like 0.075 or a count")
+        raw = repr(given) if isinstance(given, float) else str(given).strip()
+        try:
+            if isinstance(given, int) or re.fullmatch(r"[+-]?\d+", raw):
+                budget = cls(float(int(raw)), False, raw)
+            elif raw.endswith("%"):
+                budget = cls(float(raw[:-1]) / 100.0, True, raw)
+            else:
+                budget = cls(float(raw), True, raw)
+        except ValueError:
+            raise ConfigError(f"--budget {raw!r}: not a number; expected a fraction like "
+                              f"0.075 (or 7.5%) or a record count like 50000") from None
         budget._check()
         return budget
 
     def _check(self) -> None:
-        if not math.isfinite(self.value) or self.value <= 0:
-            raise ConfigError(f"--budget {self}: must be positive; expected a fraction in (0, 1] "
-                              f"like 0.075, or a count like 50000")
+        if not math.isfinite(self.value):
+            raise ConfigError(f"--budget {self.text}: not a finite number; expected a fraction "
+                              f"in (0, 1] like 0.075, or a count like 50000")
+        if self.value <= 0:
+            raise ConfigError(f"--budget {self.text}: must be positive; expected a fraction in "
+                              f"(0, 1] like 0.075, or a count like 50000")
         if self.is_fraction and self.value > 1:
-            raise ConfigError(f"--budget {self}: a fraction must be at most 1; for a record "
-                              f"count write an integer (e.g. {int(self.value)})")
+            hint = (f"write it as an integer ({int(self.value)})" if self.value.is_integer()
+                    else "write a fraction in (0, 1]")
+            raise ConfigError(f"--budget {self.text}: a fraction must be at most 1; for a record "
+                              f"count {hint}")
 
     def resolve(self, n_records: int) -> int:
         """Number of records to select, out of ``n_records`` (B = round(p·N) for a fraction)."""
         if self.is_fraction:
             count = int(math.floor(self.value * n_records + 0.5))
             if count < 1:
-                raise ConfigError(f"--budget {self}: selects no record of {n_records:,}; "
+                raise ConfigError(f"--budget {self.text}: selects no record of {n_records:,}; "
                                   f"fix: a larger fraction or a count")
             return count
         if self.value > n_records:
-            raise ConfigError(f"--budget {int(self.value)}: more than the {n_records:,} records "
+            raise ConfigError(f"--budget {self.text}: more than the {n_records:,} records "
                               f"of the mixture; fix: at most {n_records}, or a fraction")
         return int(self.value)
 
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "kind": "fraction" if self.is_fraction else "count",
+                "value": self.value if self.is_fraction else int(self.value)}
+
     def __str__(self) -> str:
-        return f"{self.value:g}" if self.is_fraction else str(int(self.value))
+        return self.text
 
 
-def _help(text: str, **cli: Any) -> dict[str, Any]:
-    return {"help": text, **cli}
+def _help(text: str, default: str | None = None, **cli: Any) -> dict[str, Any]:
+    if default is not None:
+        text = f"{text}  [default: {default}]"
+    return {"help": text, "default_text": default, **cli}
+
+
+# The options that take part in each method; giving another one is refused, not ignored.
+APPLIES = {
+    Method.TIVE: {"strategy", "temperature", "seed", "oversample"},
+    Method.RANDOM: {"seed"},
+    Method.RANDOM_PER_TASK: {"seed", "oversample"},
+    Method.GRADNORM: set(),
+    Method.LOSS: set(),
+    Method.LENGTH: set(),
+}
+DEFAULTS = {"strategy": Strategy.SOFT, "temperature": 1000.0, "seed": 0, "oversample": True}
 
 
 @dataclass(frozen=True)
 class SelectConfig:
-    """How to turn values into a subset. Fields carry the CLI help (see ``tive select --help``)."""
+    """How to turn values into a subset. Fields carry the CLI help (see ``tive select --help``).
+
+    ``strategy``, ``temperature``, ``seed`` and ``oversample`` are None when not given; they
+    take their defaults where the method uses them and stay None where it does not. Giving one
+    that the method does not use (``--temperature`` with ``--strategy top``, ``--seed`` with
+    ``--method gradnorm``, …) raises :class:`ConfigError`.
+    """
 
     budget: Budget = field(metadata=_help(
         "Subset size: a fraction of the mixture (0.075, 7.5%) or a record count (50000).",
         required=True))
     method: Method = field(default=Method.TIVE, metadata=_help(
         "tive (the paper's method) or a baseline: random, random-per-task (stratified), "
-        "gradnorm, loss, length (largest values first)."))
-    strategy: Strategy = field(default=Strategy.SOFT, metadata=_help(
+        "gradnorm, loss, length (largest values first).", show_default=True))
+    strategy: Strategy | None = field(default=None, metadata=_help(
         "Within-task choice for tive: soft (draw ∝ exp(v/τ), the authors') or top "
-        "(highest instance values)."))
-    temperature: float = field(default=1000.0, metadata=_help(
+        "(highest instance values).", "soft", choices=Strategy))
+    temperature: float | None = field(default=None, metadata=_help(
         "τ of the soft draw. 1000 is the authors' q=0.001 (almost uniform); smaller favours "
-        "representative records; inf is uniform."))
-    seed: int = field(default=0, metadata=_help("Seed of the random draws."))
+        "representative records; inf is uniform.", "1000", type=float))
+    seed: int | None = field(default=None, metadata=_help(
+        "Seed of the random draws (soft, random, random-per-task).", "0", type=int))
     exclude: tuple[str, ...] = field(default=(), metadata=_help(
         "Task to leave out of valuation and selection (repeatable), e.g. textcaps as the "
         "authors did.", flag="--exclude-task", multiple=True))
-    oversample: bool = field(default=True, metadata=_help(
+    oversample: bool | None = field(default=None, metadata=_help(
         "A quota above its task's size repeats the task (the authors'); --no-oversample caps it "
-        "and gives the surplus to the other tasks in proportion to their value.",
+        "and gives the surplus to the other tasks in proportion to their value.", "oversample",
         flag="--oversample/--no-oversample"))
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "budget", Budget.parse(self.budget))
-        object.__setattr__(self, "method", _enum(Method, self.method, "--method"))
-        object.__setattr__(self, "strategy", _enum(Strategy, self.strategy, "--strategy"))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
-        t = float(self.temperature)
-        if math.isnan(t) or t <= 0:
-            raise ConfigError(f"--temperature {self.temperature}: must be positive (inf allowed)")
-        object.__setattr__(self, "temperature", t)
-        if not isinstance(self.seed, int) or self.seed < 0:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("budget", Budget.parse(self.budget))
+        set_("method", _enum(Method, self.method, "--method"))
+        if self.strategy is not None:
+            set_("strategy", _enum(Strategy, self.strategy, "--strategy"))
+        set_("exclude", tuple(dict.fromkeys(self.exclude)))
+        applies = set(APPLIES[self.method])
+        if self.method is Method.TIVE and self.strategy is Strategy.TOP:
+            applies -= {"temperature", "seed"}
+        for name in DEFAULTS:
+            given = getattr(self, name)
+            if given is not None and name not in applies:
+                what = (f"--strategy {self.strategy}" if "temperature" in APPLIES[self.method]
+                        else f"--method {self.method}")
+                raise ConfigError(f"--{name} does not apply to {what}, which does not use it; "
+                                  f"fix: leave it out")
+            set_(name, DEFAULTS[name] if given is None and name in applies else given)
+        if self.temperature is not None:
+            t = float(self.temperature)
+            if math.isnan(t) or t <= 0:
+                raise ConfigError(f"--temperature {self.temperature}: must be positive (inf "
+                                  f"allowed)")
+            set_("temperature", t)
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ConfigError(f"--seed {self.seed!r}: expected a non-negative integer")
 
     def to_dict(self) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import numpy as np
 
 from tive.errors import DataError
 from tive.fileio import atomic_path
+from tive.hashing import distinct_keys
 
 CONTAINERS = ("json", "jsonl", "parquet", "hf-disk")
 SCHEMAS = ("llava", "openai", "alpaca")
@@ -74,8 +75,11 @@ class Mixture:
         schema: one of :data:`SCHEMAS`.
         ids: record ids, ``(N,)`` list of str.
         explicit_tasks: per record, the explicit task field's value or None.
-        keys: ``(N,)`` uint64 content digest of each record (order-free identity, used to seed
-            per-record random draws so a selection does not depend on row order).
+        content_keys: ``(N,)`` uint64 digest of each record's content (identical records share
+            one; independent of position, whitespace and key order).
+        keys: ``content_keys`` with repeats of identical records made
+            distinct (order-free identity, used to seed per-record random draws so a selection
+            does not depend on row order).
         fingerprint: digest of the ordered records; a store built on other data is refused.
     """
 
@@ -86,7 +90,8 @@ class Mixture:
         self.schema = schema
         self._rows = rows  # list[dict] (json), list[str] (jsonl lines) or datasets.Dataset
         self._records = records
-        self.keys = keys
+        self.content_keys = keys
+        self.keys = distinct_keys(keys)
         self.fingerprint = hashlib.blake2b(keys.tobytes(), digest_size=16).hexdigest()
 
     def __len__(self) -> int:

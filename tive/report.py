@@ -82,14 +82,17 @@ class Report:
     def select(
         self,
         budget: str | float | int | Budget,
-        strategy: str = "soft",
-        temperature: float = 1000.0,
-        seed: int = 0,
+        strategy: str | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
         exclude: Sequence[str] = (),
-        oversample: bool = True,
+        oversample: bool | None = None,
         method: str = "tive",
     ) -> Selection:
         """Choose a subset; see :class:`tive.config.SelectConfig` for the arguments.
+
+        Defaults where the method uses them: ``strategy="soft"``, ``temperature=1000``,
+        ``seed=0``, ``oversample=True``; passing one the method does not use raises.
 
         Returns:
             a :class:`Selection` whose ``indices`` are mixture rows (repeats where oversampled).
@@ -107,7 +110,8 @@ class Report:
                               f"{', '.join(self.task_names)}")
         budget = config.budget.resolve(len(self.tasks))
         names = [t for t in self.task_names if t not in config.exclude]
-        noise = sel.uniforms(self.keys, config.seed)
+        # seeded draws for the random parts; a fixed tie-break for the deterministic ones
+        noise = sel.uniforms(self.keys, 0 if config.seed is None else config.seed)
         if config.method in (Method.TIVE, Method.RANDOM_PER_TASK):
             indices, quotas = self._by_task(config, names, budget, noise)
         else:
@@ -130,7 +134,7 @@ class Report:
         else:
             quota = sel.quotas(counts.astype(float), counts, budget, config.oversample)
         soft = config.method is Method.RANDOM_PER_TASK or config.strategy is Strategy.SOFT
-        temperature = math.inf if config.method is Method.RANDOM_PER_TASK else config.temperature
+        temperature = math.inf if config.temperature is None else config.temperature
         chosen = []
         for t, n in zip(names, quota):
             members = self.members(t)
@@ -218,7 +222,8 @@ class Selection:
                      "unique": int(unique[r._names.index(t)])}
                  for t in r.task_names}
         inferred = None if r.inferred is None else int(r.inferred.sum())
-        return {"settings": self.config.to_dict(), "records": len(r.tasks), "budget": self.budget,
+        return {"settings": self.config.to_dict(), "budget_kind": self.config.budget.to_dict()["kind"],
+                "records": len(r.tasks), "budget": self.budget,
                 "selected": int(len(self.indices)), "unique": int(len(unique_rows)),
                 "left_out": dict(r.invalid), "inferred_task_labels": inferred,
                 "source": r.source, "tasks": tasks}
@@ -243,11 +248,14 @@ class Selection:
             ``{"subset": ..., "report": ..., "chart": ...}`` paths.
         """
         path = Path(path)
-        if self.report.mixture is not None:
-            self.report.mixture.write_subset(self.indices, path)
+        mixture = self.report.mixture
+        if mixture is not None:
+            mixture.write_subset(self.indices, path)
         else:
             write_json(path, [int(i) for i in self.indices], indent=None)
-        stem = path.parent / (path.name[: -len(path.suffix)] if path.suffix else path.name)
+        suffix = mixture.default_suffix() if mixture is not None else ".json"
+        name = path.name[: -len(suffix)] if suffix and path.name.endswith(suffix) else path.name
+        stem = path.parent / name
         report_path = write_json(f"{stem}.report.json", {**self.to_dict(), "output": str(path)})
         chart = write_chart(self, Path(f"{stem}.png"))
         return {"subset": path, "report": report_path, "chart": chart}

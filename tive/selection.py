@@ -19,9 +19,7 @@ import math
 import numpy as np
 
 from tive.errors import ConfigError
-
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
+from tive.hashing import splitmix64
 
 def largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
     """Integers summing to ``total`` that round ``shares`` (which sum to ``total``) fairly.
@@ -78,17 +76,9 @@ def quotas(values: np.ndarray, sizes: np.ndarray, budget: int, oversample: bool 
 
 def uniforms(keys: np.ndarray, seed: int) -> np.ndarray:
     """Deterministic uniform numbers in (0, 1), one per record key (splitmix64 of key and seed)."""
-    salt = _splitmix(np.array([(seed * 0x2545F4914F6CDD1D) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64))
-    x = _splitmix(np.asarray(keys, dtype=np.uint64) ^ salt)
+    salt = splitmix64(np.array([(seed * 0x2545F4914F6CDD1D) & 0xFFFFFFFFFFFFFFFF]))
+    x = splitmix64(np.asarray(keys, dtype=np.uint64) ^ salt)
     return ((x >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
-
-
-def _splitmix(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
-        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
-        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
-        return x ^ (x >> np.uint64(31))
 
 
 def top_n(scores: np.ndarray, n: int, tiebreak: np.ndarray) -> np.ndarray:
