@@ -202,3 +202,21 @@ def test_console_script_runs_from_a_fresh_shell(imported):
                          env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert (imported["run"].parent / "tive-out/subset-tive-0.15.json").exists()
+
+
+def test_report_and_select_agree_on_task_values_when_features_are_not_finite(mixture_run):
+    d = mixture_run["dir"]
+    feats, norms = mixture_run["features"].copy(), mixture_run["norms"].copy()
+    feats[30:, 0], norms[30:] = np.nan, 100.0  # sharegpt rows 30-32, every vg row
+    np.save(d / "f.npy", feats.astype(np.float32))
+    np.save(d / "n.npy", norms)
+    run("import", "--data", mixture_run["data"], "--features", d / "f.npy", "--norms",
+        d / "n.npy", "--run", mixture_run["run"])
+    run("select", "--run", mixture_run["run"], "--budget", "10")
+    selected = json.loads((mixture_run["run"] / "subset-tive-10.report.json").read_text())
+    shown = json.loads(run("report", "--run", mixture_run["run"], "--json").output)
+    assert shown["left_out"] == selected["left_out"] == {"non-finite-feature": 6}
+    for task, entry in shown["tasks"].items():
+        assert entry["value"] == selected["tasks"][task]["value"]
+    assert shown["tasks"]["vg"]["value"] is None and shown["tasks"]["vg"]["valid"] == 0
+    assert shown["tasks"]["sharegpt"]["value"] == pytest.approx(norms[28:30].mean())

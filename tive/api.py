@@ -28,7 +28,7 @@ def value_estimate(
     features: np.ndarray | None = None,
     norms: np.ndarray | None = None,
     tasks: Sequence[str] | None = None,
-    data: DataArg = None,
+    data: DataArg | bool = None,
     loss: np.ndarray | None = None,
     ntokens: np.ndarray | None = None,
     task_field: str | None = None,
@@ -40,13 +40,15 @@ def value_estimate(
     """Task and instance values of a mixture, from a feature store or from arrays.
 
     Args:
-        store: a run folder or ``store`` folder written by ``tive score`` / ``tive import``.
+        store: a run folder or ``store`` folder written by ``tive score`` / ``tive import``;
+            it brings features, norms, losses, token counts and (without data) tasks.
         features: ``(N, k)`` projected gradients (array or memmap), instead of a store.
         norms: ``(N,)`` exact gradient norms, with ``features``.
         tasks: ``(N,)`` task names, with ``features`` when no ``data`` is given.
         data: the mixture (path or :class:`~tive.data.Mixture`): tasks are labelled from it and
-            ``Selection.save`` writes records in its format. With a store, it defaults to the
-            data the store was built from, and must match it.
+            ``Selection.save`` writes records in its format. With a store it defaults to the
+            data the store was built from and must match it; ``data=False`` uses the store's
+            own index (tasks, keys) and no data (``save`` then writes row indices).
         loss, ntokens: optional ``(N,)`` per-record loss and supervised token counts.
         task_field: record field naming the task (default: ``task``, ``dataset``, ``source``,
             else the LLaVA-665K rules).
@@ -58,41 +60,90 @@ def value_estimate(
 
     Returns:
         a :class:`~tive.report.Report`; call ``.select(budget=0.075)`` on it.
+
+    Raises:
+        ConfigError: arguments that contradict each other or would be ignored.
     """
-    if (store is None) == (features is None):
-        raise ConfigError("value_estimate: pass either store=... or features=... (with norms= "
-                          "and tasks= or data=)")
-    st: Store | None = None
+    _check_arguments(store=store, features=features, norms=norms, tasks=tasks, data=data,
+                     loss=loss, ntokens=ntokens, check_images=check_images,
+                     image_root=image_root, skip_missing_images=skip_missing_images)
     if store is not None:
         st = store if isinstance(store, Store) else Store.open(store)
-        arrays = _store_arrays(st)
-        if data is None:
-            data = st.meta["data"]["path"]
-            if not Path(data).exists():
-                raise DataError(f"{data}: the data this store was built from is gone; fix: "
-                                f"pass its current location with --data / data=")
-        task_field = task_field or st.meta.get("settings", {}).get("task_field")
-    else:
-        arrays = _given_arrays(features, norms, loss, ntokens)
-    mixture = _mixture(data, task_field)
+        return _from_store(st, data, task_field, image_root, bool(check_images),
+                           skip_missing_images, chunk_rows)
+    arrays = _given_arrays(features, norms, loss, ntokens)
     n = arrays["norms"].shape[0]
-    left_out: dict[str, np.ndarray] = dict(arrays.pop("left_out", {}))
-    if mixture is not None:
-        _check_rows(mixture, n, st)
-        labels = label_tasks(mixture)
-        task_arr, inferred, keys = labels.tasks, labels.inferred, mixture.keys
-        if check_images if check_images is not None else st is None:
-            left_out["missing-image"] = mixture.check_images(image_root, skip_missing_images)
-    else:
-        if tasks is None:
-            raise ConfigError("value_estimate: features without tasks; pass tasks= (one name "
-                              "per row) or data= (tasks are inferred from the records)")
+    if data is None:
         task_arr = np.asarray([str(t) for t in tasks], dtype=object)
         if len(task_arr) != n:
             raise ConfigError(f"value_estimate: {len(task_arr)} tasks for {n} feature rows")
-        inferred, keys = None, np.arange(n, dtype=np.uint64)
-    return _report(arrays, task_arr, keys, left_out, mixture, inferred, chunk_rows,
-                   source=_source(st, mixture))
+        return _report(arrays, task_arr, np.arange(n, dtype=np.uint64), {}, None, None,
+                       chunk_rows, source={})
+    mixture = _mixture(data, task_field)
+    if len(mixture) != n:
+        raise DataError(f"{mixture.path}: {len(mixture):,} records but {n:,} feature rows; "
+                        f"expected one row per record, in the data's order")
+    left_out = {}
+    if check_images is not False:
+        left_out["missing-image"] = mixture.check_images(image_root, skip_missing_images)
+    labels = label_tasks(mixture)
+    return _report(arrays, labels.tasks, mixture.keys, left_out, mixture, labels.inferred,
+                   chunk_rows, source={"data": str(mixture.path)})
+
+
+def _check_arguments(**a: Any) -> None:
+    """Refuse argument combinations where something would be silently ignored."""
+    if (a["store"] is None) == (a["features"] is None):
+        raise ConfigError("value_estimate: pass either store=... or features=... (with norms= "
+                          "and tasks= or data=)")
+    if a["store"] is not None:
+        given = [k for k in ("features", "norms", "tasks", "loss", "ntokens") if a[k] is not None]
+        if given:
+            raise ConfigError(f"value_estimate: store= brings its own features, norms, losses "
+                              f"and tasks; leave out {', '.join(given)}=")
+    else:
+        if a["norms"] is None:
+            raise ConfigError("value_estimate: features= needs norms= (exact gradient norms, "
+                              "one per row)")
+        if (a["tasks"] is None) == (a["data"] is None):
+            raise ConfigError("value_estimate: give tasks= (one name per row) or data= (tasks "
+                              "are read or inferred from the records), not both or neither")
+        if a["data"] is False:
+            raise ConfigError("value_estimate: data=False only applies with store=")
+    no_data = a["data"] is False or (a["data"] is None and a["store"] is None)
+    checking = a["check_images"] if a["check_images"] is not None else a["store"] is None
+    if no_data and a["check_images"]:
+        raise ConfigError("value_estimate: check_images=True needs data= (the records name "
+                          "the images)")
+    if (a["image_root"] is not None or a["skip_missing_images"]) and (no_data or not checking):
+        raise ConfigError("value_estimate: image_root= and skip_missing_images= apply only "
+                          "when images are checked (check_images=True, with data)")
+
+
+def _from_store(st: Store, data: DataArg | bool, task_field: str | None,
+                image_root: Any, check_images: bool, skip_missing_images: bool,
+                chunk_rows: int | None) -> Report:
+    arrays = _store_arrays(st)
+    left_out: dict[str, np.ndarray] = arrays.pop("left_out")
+    source = {"store": str(st.root)}
+    if data is False:
+        index = st.index()
+        tasks = np.array([e.task for e in index], dtype=object)
+        keys = np.array([e.key for e in index], dtype=np.uint64)
+        return _report(arrays, tasks, keys, left_out, None, None, chunk_rows, source)
+    if data is None:
+        data = st.meta["data"]["path"]
+        if not Path(data).exists():
+            raise DataError(f"{data}: the data this store was built from is gone; fix: pass "
+                            f"its current location with --data / data=")
+    mixture = _mixture(data, task_field or st.meta.get("settings", {}).get("task_field"))
+    st.check_data(mixture.fingerprint, len(mixture), mixture.path)
+    if check_images:
+        fresh = mixture.check_images(image_root, skip_missing_images)
+        left_out["missing-image"] = left_out["missing-image"] | fresh
+    labels = label_tasks(mixture)
+    return _report(arrays, labels.tasks, mixture.keys, left_out, mixture, labels.inferred,
+                   chunk_rows, {**source, "data": str(mixture.path)})
 
 
 def _report(arrays: dict[str, Any], tasks: np.ndarray, keys: np.ndarray,
@@ -130,14 +181,15 @@ def _store_arrays(st: Store) -> dict[str, Any]:
 
 
 def _given_arrays(features: Any, norms: Any, loss: Any, ntokens: Any) -> dict[str, Any]:
-    if norms is None:
-        raise ConfigError("value_estimate: features= needs norms= (exact gradient norms, one "
-                          "per row)")
     features = features if isinstance(features, np.ndarray) else np.asarray(features)
     norms = np.asarray(norms, dtype=np.float64)
     if features.ndim != 2 or norms.shape != (features.shape[0],):
         raise ConfigError(f"value_estimate: features {features.shape} and norms {norms.shape}; "
                           f"expected (N, k) and (N,)")
+    negative = np.flatnonzero(norms < 0)
+    if len(negative):
+        raise ConfigError(f"value_estimate: norms[{negative[0]}] = {norms[negative[0]]} is "
+                          f"negative; expected exact gradient norms (≥ 0)")
     n = features.shape[0]
     loss = np.full(n, np.nan) if loss is None else np.asarray(loss, dtype=np.float64)
     ntokens = np.full(n, -1) if ntokens is None else np.asarray(ntokens, dtype=np.int64)
@@ -153,18 +205,3 @@ def _mixture(data: DataArg, task_field: str | None) -> Mixture | None:
     return load_mixture(data, task_field=task_field)
 
 
-def _check_rows(mixture: Mixture, n: int, st: Store | None) -> None:
-    if st is not None:
-        st.check_data(mixture.fingerprint, len(mixture), mixture.path)
-    elif len(mixture) != n:
-        raise DataError(f"{mixture.path}: {len(mixture):,} records but {n:,} feature rows; "
-                        f"expected one row per record, in the data's order")
-
-
-def _source(st: Store | None, mixture: Mixture | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if st is not None:
-        out["store"] = str(st.root)
-    if mixture is not None:
-        out["data"] = str(mixture.path)
-    return out

@@ -217,42 +217,40 @@ def select(run: Path, output: Path | None, data: Path | None, task_field: str | 
 @click.option("--json", "as_json", is_flag=True, help="Print the task table as JSON.")
 def report(run: Path, as_json: bool) -> None:
     """Print the task values of a run and the selections made from it."""
-    from tive import values as val
+    from tive.api import value_estimate
     from tive.report import format_table
     from tive.store import Store
 
     store = Store.open(run / "store" if (run / "store").exists() else run)
-    tasks = np.array([e.task for e in store.index()], dtype=object)
-    norms, valid = store.array("norms"), store.array("done") & (store.array("skipped") == 0)
-    valid &= np.isfinite(norms)
-    names, codes = np.unique(tasks.astype(str), return_inverse=True)
-    tv = val.task_values(norms, codes, len(names), valid)
-    sizes = np.bincount(codes, minlength=len(names))
-    table = {str(t): {"records": int(s), "valid": int(valid[codes == i].sum()),
-                      "value": None if np.isnan(v) else float(v)}
-             for i, (t, s, v) in enumerate(zip(names, sizes, tv))}
+    r = value_estimate(store=store, data=False)
+    valid = r.valid_sizes()
+    table = {t: {"records": n, "valid": valid[t], "value": _json_value(r.task_values[t])}
+             for t, n in r.sizes.items()}
     selections = sorted(run.glob("*.report.json"))
     if as_json:
-        click.echo(json.dumps({"store": str(store.root), "tasks": table,
+        click.echo(json.dumps({"store": str(store.root), "left_out": r.invalid, "tasks": table,
                                "selections": [str(p) for p in selections]}, indent=2))
         return
     m = store.meta
     click.echo(f"store {store.root}: {store.n_records:,} records × {store.dim} "
                f"({m.get('feature_dtype')}), from {m.get('source')}; data {m['data']['path']}")
-    order = sorted(table, key=lambda t: (-table[t]["records"], t))
-    click.echo(format_table(("task", "records", "valid", "value"),
-                            [(t, f"{table[t]['records']:,}", f"{table[t]['valid']:,}",
-                              "-" if table[t]["value"] is None else f"{table[t]['value']:.4g}")
-                             for t in order]))
+    click.echo(r.table())
+    if r.invalid:
+        click.echo(f"left out: {_reasons(r.invalid)}")
     for path in selections:
         d = json.loads(path.read_text(encoding="utf-8"))
         s = d["settings"]
         click.echo(f"\n{path.name}: {s['method']}, budget {s['budget']} → {d['selected']:,} "
-                   f"records ({d['unique']:,} distinct), seed {s['seed']}")
+                   f"records ({d['unique']:,} distinct)"
+                   + (f", seed {s['seed']}" if s.get("seed") is not None else ""))
         click.echo(format_table(("task", "value", "quota", "selected"),
                                 [(t, "-" if e["value"] is None else f"{e['value']:.4g}",
                                   "excluded" if e["excluded"] else f"{e['quota']:,}",
                                   f"{e['selected']:,}") for t, e in d["tasks"].items()]))
+
+
+def _json_value(v: float) -> float | None:
+    return None if np.isnan(v) else float(v)
 
 
 def _reasons(invalid: dict[str, int]) -> str:
