@@ -850,8 +850,9 @@ def test_write_into_a_file_parent_fails_cleanly(tmp_path):
     m = load_mixture(write_json(tmp_path / "m.json", LLAVA_RECORDS))
     blocker = tmp_path / "blocker"
     blocker.write_text("i am a file")
-    with pytest.raises((OSError, TiveError)):
+    with pytest.raises(TiveError, match="cannot write there") as e:
         m.write_subset([0, 1], blocker / "sub.json")
+    assert "\n" not in str(e.value)
     assert blocker.read_text() == "i am a file"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "m.json"]
 
@@ -888,10 +889,23 @@ def test_json_failure_keeps_previous_target(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["m.json", "sub.json"]
 
 
-def test_jsonl_failure_midway_leaves_nothing(tmp_path):
+def test_jsonl_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     m = load_mixture(write_lines(tmp_path / "m.jsonl", [json.dumps(r) for r in LLAVA_RECORDS]))
-    with pytest.raises(IndexError):
-        m.write_subset([0, 1, 2, 99], tmp_path / "sub.jsonl")
+    written = []
+
+    class FailingRows(list):
+        """The third row read for writing fails, after two lines are already written."""
+
+        def __getitem__(self, i):
+            written.append(i)
+            if len(written) == 3:
+                raise OSError(28, "No space left on device")
+            return super().__getitem__(i)
+
+    monkeypatch.setattr(m, "_rows", FailingRows(m._rows))
+    with pytest.raises(TiveError, match="No space left"):
+        m.write_subset([0, 1, 2, 3], tmp_path / "sub.jsonl")
+    assert len(written) == 3
     assert sorted(os.listdir(tmp_path)) == ["m.jsonl"]
 
 

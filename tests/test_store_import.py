@@ -11,7 +11,7 @@ from conftest import write_mixture
 
 from tive import value_estimate
 from tive.data import load_mixture
-from tive.errors import DataError, StoreError
+from tive.errors import DataError, OutputError, StoreError
 from tive.importers import import_store, read_authors_outputs, reorder_by_ids
 from tive.store import Store
 from tive.tasks import label_tasks
@@ -84,7 +84,7 @@ def test_store_interrupted_while_writing_leaves_nothing_behind(mixture_run, monk
         return real_save(path, arr, *a, **k)
 
     monkeypatch.setattr(np, "save", failing_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputError, match="disk full"):
         _import(mixture_run)
     assert list(mixture_run["run"].iterdir()) == []  # no store, no temporary folder
 

@@ -17,3 +17,7 @@ class StoreError(TiveError):
 
 class ConfigError(TiveError):
     """An option has an invalid value (budget, task name, strategy, ...)."""
+
+
+class OutputError(TiveError):
+    """An output file or folder cannot be written where asked."""

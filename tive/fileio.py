@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from tive.errors import OutputError
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike, *, directory: bool = False) -> Iterator[Path]:
@@ -19,11 +21,19 @@ def atomic_path(target: str | os.PathLike, *, directory: bool = False) -> Iterat
         target: final file or folder name.
         directory: the block writes a folder (e.g. ``save_to_disk``) rather than a file.
 
-    On any exception the temporary file or folder is removed and ``target`` is untouched.
+    On any exception the temporary file or folder is removed and ``target`` is untouched;
+    operating-system errors (no space, no permission, a file where a folder should be) become
+    one-line :class:`~tive.errors.OutputError` s.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    if target.is_dir() and not directory:
+        raise OutputError(f"{target}: is a folder; expected a file name; fix: give a file path")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as e:
+        raise OutputError(f"{target}: cannot write there ({e.strerror or e}); fix: choose "
+                          f"another output path") from None
     work = tmp / target.name
     try:
         yield work
@@ -31,6 +41,9 @@ def atomic_path(target: str | os.PathLike, *, directory: bool = False) -> Iterat
             old = tmp / ".replaced"
             os.replace(target, old)
         os.replace(work, target)
+    except OSError as e:
+        raise OutputError(f"{target}: writing failed ({e.strerror or e}); nothing was written; "
+                          f"fix: check space and permissions there") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
