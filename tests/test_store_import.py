@@ -70,7 +70,7 @@ def test_store_refuses_other_data_showing_both_identities(mixture_run, tmp_path)
 
 
 def test_import_refuses_wrong_row_count_and_writes_nothing(mixture_run):
-    with pytest.raises(DataError, match="35 rows but .* has 36 records"):
+    with pytest.raises(DataError, match=r"--loss: shape \(35,\), but .* has 36 records"):
         _import(mixture_run, loss=np.zeros(35))
     assert not mixture_run["run"].exists()
 
@@ -114,12 +114,15 @@ def test_authors_outputs_concatenate_chunks_in_order(tmp_path):
         torch.save([torch.from_numpy(feats[a:min(a + 3, b)]), torch.from_numpy(feats[a + 3:b])],
                    tmp_path / f"output_{c}")
         (tmp_path / f"output_norm_{c}.json").write_text(json.dumps(norms[a:b].tolist()))
-    got_f, got_n = read_authors_outputs(tmp_path)
-    np.testing.assert_array_equal(got_f, feats.astype(np.float32))
-    np.testing.assert_array_equal(got_n, norms)
-    (tmp_path / "output_norm_1.json").write_text("[1.0]")
-    with pytest.raises(DataError, match="1 norms for 4 feature rows"):
-        read_authors_outputs(tmp_path)
+    got = read_authors_outputs(tmp_path)
+    assert got["features"].shape == (10, 8)
+    np.testing.assert_array_equal(got["norms"], norms)
+    for step in (1, 3, 10):  # slices across chunk boundaries, as the store copies them
+        rows = np.concatenate([got["features"][a:a + step] for a in range(0, 10, step)])
+        np.testing.assert_array_equal(rows, feats.astype(np.float32))
+    (tmp_path / "output_norm_1.json").write_text("[1.0, 1.0, 1.0]")
+    with pytest.raises(DataError, match="3 norms for 4 feature rows"):
+        read_authors_outputs(tmp_path)["features"][0:10]
     (tmp_path / "output_1").unlink()
     with pytest.raises(DataError, match="a chunk is missing"):
         read_authors_outputs(tmp_path)
@@ -131,10 +134,52 @@ def test_rows_matched_by_ids_and_duplicate_ids_refused(mixture_run, tmp_path):
     ids = [mixture.ids[i] for i in perm]
     arrays = {"features": mixture_run["features"][perm], "norms": mixture_run["norms"][perm]}
     back = reorder_by_ids(mixture, ids, arrays, "ids.json")
-    np.testing.assert_array_equal(back["features"], mixture_run["features"])
+    for step in (5, 36):  # read lazily, slice by slice, as the store copies it
+        rows = np.concatenate([back["features"][a:a + step] for a in range(0, 36, step)])
+        np.testing.assert_array_equal(rows, mixture_run["features"])
     with pytest.raises(DataError, match="appears twice"):
         reorder_by_ids(mixture, ids[:-1] + ids[:1], arrays, "ids.json")
     records = mixture_run["records"] + [dict(mixture_run["records"][0], image="coco/x.png")]
     dup = load_mixture(write_mixture(tmp_path / "dup", records))
     with pytest.raises(DataError, match="used by more than one record"):
         reorder_by_ids(dup, dup.ids, {"features": np.zeros((37, 2))}, "ids.json")
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("norms", np.float64(3.0), r"--norms: shape \(\)"),
+    ("norms", np.ones((36, 2)), r"--norms: shape \(36, 2\)"),
+    ("norms", -np.ones(36), "row 0 is -1.0; expected exact gradient norms"),
+    ("ntokens", np.full(36, np.nan), "--ntokens: holds non-integral"),
+    ("features", np.ones(36), r"features: shape \(36,\)"),
+])
+def test_import_refuses_malformed_arrays_before_writing(mixture_run, name, value, message):
+    with pytest.raises(DataError, match=message):
+        _import(mixture_run, **{name: value})
+    assert not mixture_run["run"].exists()
+
+
+@pytest.mark.parametrize("scale", [1e6, 1e-9])  # overflow to inf; underflow to zero
+def test_float16_store_refuses_features_it_cannot_hold(mixture_run, scale):
+    with pytest.raises(StoreError, match=r"row 0 .* does not fit float16 .*--feature-dtype float32"):
+        _import(mixture_run, features=mixture_run["features"] * scale)
+    assert list(mixture_run["run"].iterdir()) == []
+    mixture = load_mixture(mixture_run["data"])
+    store = import_store(mixture_run["run"], mixture, label_tasks(mixture),
+                         {"features": mixture_run["features"] * scale,
+                          "norms": mixture_run["norms"]},
+                         source="test", settings={}, feature_dtype="float32")
+    assert store.features.dtype == np.float32
+
+
+def test_ids_file_errors_are_data_errors(mixture_run, tmp_path):
+    from tive.importers import read_ids
+    bad = tmp_path / "ids.json"
+    bad.write_text("[1, 2")
+    with pytest.raises(DataError, match="ids.json:1:"):
+        read_ids(bad)
+    with pytest.raises(DataError, match="cannot read"):
+        read_ids(tmp_path / "nope.txt")
+    mixture = load_mixture(mixture_run["data"])
+    with pytest.raises(DataError, match="3 ids for 36 feature rows"):
+        reorder_by_ids(mixture, ["a", "b", "c"], {"features": mixture_run["features"],
+                                                   "norms": mixture_run["norms"]}, "ids.json")

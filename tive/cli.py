@@ -152,15 +152,16 @@ def import_(data: Path, features: Path | None, norms: Path | None, loss: Path | 
     labels = label_tasks(mixture)
     missing = mixture.check_images(image_root, skip_missing_images)
     if tive_outputs is not None:
-        feats, nrm = importers.read_authors_outputs(tive_outputs)
-        arrays, source = {"features": feats, "norms": nrm}, f"tive-authors:{tive_outputs}"
+        arrays = importers.read_authors_outputs(tive_outputs)
+        source = f"tive-authors:{tive_outputs}"
     else:
         arrays = {"features": importers.load_npy(features, "features"),
                   "norms": importers.load_npy(norms, "norms")}
-        for name, path in (("loss", loss), ("ntokens", ntokens)):
-            if path is not None:
-                arrays[name] = importers.load_npy(path, name)
         source = f"npy:{features}"
+    for name, path in (("loss", loss), ("ntokens", ntokens)):
+        if path is not None:
+            arrays[name] = importers.load_npy(path, name)
+    arrays = importers.check_arrays(arrays, len(mixture), str(mixture.path))
     if ids is not None:
         arrays = importers.reorder_by_ids(mixture, importers.read_ids(ids), arrays, str(ids))
     settings = {"task_field": task_field,

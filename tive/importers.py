@@ -8,6 +8,9 @@ Two sources:
   ``output_{c}`` (``torch.save`` of a list of ``(batch, k)`` tensors) and
   ``output_norm_{c}.json`` (a list of norms). Chunks are contiguous slices of the data file in
   order, so concatenating chunk 0, 1, … gives the data's row order.
+
+Features are never held whole: ``.npy`` files are memory-mapped, the authors' chunks are loaded
+one at a time, and :func:`tive.store.write_store` copies them into the store block by block.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from tive.errors import DataError
 from tive.store import IndexEntry, Store, write_store
 from tive.tasks import TaskLabels
 
+PER_RECORD = ("norms", "loss", "ntokens")
+
 
 def load_npy(path: str | os.PathLike, what: str) -> np.ndarray:
-    """``np.load`` with a one-line error naming the option."""
+    """``np.load`` (memory-mapped) with a one-line error naming the option."""
     try:
         return np.load(path, mmap_mode="r")
     except FileNotFoundError:
@@ -38,46 +43,109 @@ def load_npy(path: str | os.PathLike, what: str) -> np.ndarray:
                         f"numpy.save") from None
 
 
-def read_authors_outputs(folder: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Features ``(N, k)`` float32 and norms ``(N,)`` from the TIVE authors' chunk files."""
-    import torch
+class AuthorsChunks:
+    """The TIVE authors' ``output_{c}`` files as one ``(N, k)`` array-like, read in order.
 
-    folder = Path(folder)
-    chunks = sorted((int(m.group(1)), p) for p in folder.glob("output_*")
-                    if (m := re.fullmatch(r"output_(\d+)", p.name)))
-    if not chunks:
-        raise DataError(f"{folder}: no output_<chunk> files; expected the folder written by the "
-                        f"authors' compute_gradient_features.py (output_0, output_norm_0.json, ...)")
-    numbers = [c for c, _ in chunks]
-    if numbers != list(range(len(numbers))):
-        raise DataError(f"{folder}: chunks {numbers} are not 0..{len(numbers) - 1}; a chunk "
-                        f"is missing; fix: rerun that chunk")
-    feats, norms = [], []
-    for c, path in chunks:
+    Slicing loads the chunk files it needs (at most the current one is kept), so a sequential
+    copy holds one chunk in memory.
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        numbers = sorted(int(m.group(1)) for p in self.folder.glob("output_*")
+                         if (m := re.fullmatch(r"output_(\d+)", p.name)))
+        if not numbers:
+            raise DataError(f"{self.folder}: no output_<chunk> files; expected the folder "
+                            f"written by the authors' compute_gradient_features.py (output_0, "
+                            f"output_norm_0.json, ...)")
+        if numbers != list(range(len(numbers))):
+            raise DataError(f"{self.folder}: chunks {numbers} are not 0..{len(numbers) - 1}; a "
+                            f"chunk is missing; fix: rerun that chunk")
+        self.norms = [self._norms(c) for c in numbers]
+        self.starts = np.cumsum([0] + [len(n) for n in self.norms])
+        self._cached: tuple[int, np.ndarray] | None = None
+        first = self._chunk(0)
+        self.shape = (int(self.starts[-1]), first.shape[1])
+        self.dtype = first.dtype
+
+    def all_norms(self) -> np.ndarray:
+        """``(N,)`` float64 norms of all chunks, in order."""
+        return np.concatenate([np.asarray(n, dtype=np.float64) for n in self.norms])
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, _ = rows.indices(self.shape[0])
+        parts = []
+        for c in range(len(self.norms)):
+            lo, hi = max(start, self.starts[c]), min(stop, self.starts[c + 1])
+            if lo < hi:
+                parts.append(self._chunk(c)[lo - self.starts[c]:hi - self.starts[c]])
+        return np.concatenate(parts) if parts else np.empty((0, self.shape[1]), self.dtype)
+
+    def _chunk(self, c: int) -> np.ndarray:
+        if self._cached is None or self._cached[0] != c:
+            self._cached = None  # let the previous chunk go before loading the next
+            self._cached = (c, self._load(c))
+        return self._cached[1]
+
+    def _load(self, c: int) -> np.ndarray:
+        import torch
+
+        path = self.folder / f"output_{c}"
         try:
             parts = torch.load(path, map_location="cpu", weights_only=True)
+            block = torch.cat(list(parts), dim=0) if isinstance(parts, (list, tuple)) else parts
+            block = block.float().numpy()
         except Exception as e:
             raise DataError(f"{path}: cannot read ({str(e).splitlines()[0]}); expected a "
-                            f"torch.save list of tensors") from None
-        block = torch.cat(list(parts), dim=0) if isinstance(parts, (list, tuple)) else parts
-        norm_path = folder / f"output_norm_{c}.json"
+                            f"torch.save list of (batch, k) tensors") from None
+        if block.ndim != 2 or block.shape[0] != len(self.norms[c]):
+            raise DataError(f"{self.folder / f'output_norm_{c}.json'}: {len(self.norms[c])} "
+                            f"norms for {block.shape[0]} feature rows in {path.name}; expected "
+                            f"one norm per row")
+        return block
+
+    def _norms(self, c: int) -> list[float]:
+        path = self.folder / f"output_norm_{c}.json"
         try:
-            chunk_norms = json.loads(norm_path.read_text(encoding="utf-8"))
+            norms = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise DataError(f"{norm_path}: missing beside {path.name}; fix: copy it here") from None
+            raise DataError(f"{path}: missing beside output_{c}; fix: copy it here") from None
         except json.JSONDecodeError as e:
-            raise DataError(f"{norm_path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
-        if len(chunk_norms) != block.shape[0]:
-            raise DataError(f"{norm_path}: {len(chunk_norms)} norms for {block.shape[0]} "
-                            f"feature rows in {path.name}; expected one norm per row")
-        feats.append(block.float().numpy())
-        norms.extend(float(x) for x in chunk_norms)
-    return np.concatenate(feats), np.asarray(norms, dtype=np.float64)
+            raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
+        if not isinstance(norms, list) or not all(isinstance(x, (int, float)) for x in norms):
+            raise DataError(f"{path}: expected a JSON list of numbers (one norm per record)")
+        return norms
 
 
-def reorder_by_ids(mixture: Mixture, ids: list[str], arrays: dict[str, np.ndarray],
-                   ids_path: str) -> dict[str, np.ndarray]:
-    """Put rows given in the order of ``ids`` into the mixture's order."""
+def read_authors_outputs(folder: str | os.PathLike) -> dict[str, Any]:
+    """``{"features": AuthorsChunks, "norms": (N,)}`` from the authors' chunk files.
+
+    Each chunk's row count is checked against its norms when the chunk is read (while the
+    store is written, which then leaves nothing behind if one is wrong).
+    """
+    chunks = AuthorsChunks(folder)
+    return {"features": chunks, "norms": chunks.all_norms()}
+
+
+class Reordered:
+    """Rows of ``features`` taken in ``order``, as an array-like read slice by slice."""
+
+    def __init__(self, features: Any, order: np.ndarray) -> None:
+        self.features, self.order = features, order
+        self.shape, self.dtype = (len(order), features.shape[1]), features.dtype
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        wanted = self.order[rows]
+        sort = np.argsort(wanted)  # read in file order, then put back
+        block = np.asarray(self.features[wanted[sort]])
+        out = np.empty_like(block)
+        out[sort] = block
+        return out
+
+
+def reorder_by_ids(mixture: Mixture, ids: list[str], arrays: dict[str, Any],
+                   ids_path: str) -> dict[str, Any]:
+    """Put rows given in the order of ``ids`` into the mixture's order (features lazily)."""
     dup = _first_duplicate(mixture.ids)
     if dup is not None:
         raise DataError(f"{mixture.path}: id {dup!r} is used by more than one record, so rows "
@@ -85,6 +153,10 @@ def reorder_by_ids(mixture: Mixture, ids: list[str], arrays: dict[str, np.ndarra
                         f"(leave out --ids), or make ids unique")
     if (d := _first_duplicate(ids)) is not None:
         raise DataError(f"--ids {ids_path}: id {d!r} appears twice; expected one row per record")
+    rows = arrays["features"].shape[0]
+    if len(ids) != rows:
+        raise DataError(f"--ids {ids_path}: {len(ids):,} ids for {rows:,} feature rows; "
+                        f"expected one id per row")
     position = {rid: i for i, rid in enumerate(ids)}
     missing = [rid for rid in mixture.ids if rid not in position]
     if missing or len(ids) != len(mixture):
@@ -92,25 +164,75 @@ def reorder_by_ids(mixture: Mixture, ids: list[str], arrays: dict[str, np.ndarra
                         f"{f', no row for id {missing[0]!r}' if missing else ''}; expected the "
                         f"ids of exactly the records of {mixture.path}")
     order = np.array([position[rid] for rid in mixture.ids])
-    return {k: v[order] for k, v in arrays.items()}
+    return {k: Reordered(v, order) if k == "features" else np.asarray(v)[order]
+            for k, v in arrays.items()}
 
 
 def read_ids(path: str | os.PathLike) -> list[str]:
     """Ids from a JSON list, a ``.npy`` array, or a text file with one id per line."""
     path = Path(path)
     if path.suffix == ".npy":
-        return [str(x) for x in load_npy(path, "ids")]
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        return [str(x) for x in json.loads(text)]
-    return [line.strip() for line in text.splitlines() if line.strip()]
+        values = load_npy(path, "ids")
+        if values.ndim != 1:
+            raise DataError(f"--ids {path}: shape {values.shape}; expected one id per row")
+        return [str(x) for x in values]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"--ids {path}: cannot read ({getattr(e, 'strerror', None) or e})") \
+            from None
+    if path.suffix != ".json":
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"--ids {path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}); expected "
+                        f"a JSON list of ids") from None
+    if not isinstance(values, list):
+        raise DataError(f"--ids {path}: expected a JSON list of ids")
+    return [str(x) for x in values]
+
+
+def check_arrays(arrays: dict[str, Any], n: int, where: str) -> dict[str, Any]:
+    """Check shapes and values against ``n`` records before anything is written.
+
+    Returns the per-record arrays as plain numpy arrays (``ntokens`` as int64).
+
+    Raises:
+        DataError: a wrong shape, a negative norm, or non-integral token counts.
+    """
+    features = arrays["features"]
+    if len(features.shape) != 2 or features.shape[0] != n:
+        raise DataError(f"features: shape {tuple(features.shape)}, but {where} has {n:,} "
+                        f"records; expected ({n}, k), one row per record in the data's order")
+    out = {"features": features}
+    for name in PER_RECORD:
+        if name not in arrays:
+            continue
+        arr = np.asarray(arrays[name])
+        if arr.shape != (n,):
+            raise DataError(f"--{name}: shape {arr.shape}, but {where} has {n:,} records; "
+                            f"expected ({n},)")
+        out[name] = arr
+    negative = np.flatnonzero(out["norms"] < 0)
+    if len(negative):
+        raise DataError(f"--norms: row {negative[0]} is {out['norms'][negative[0]]}; expected "
+                        f"exact gradient norms (≥ 0)")
+    if "ntokens" in out:
+        t = out["ntokens"]
+        if not np.issubdtype(t.dtype, np.integer):
+            if not (np.isfinite(t).all() and np.all(t == np.round(t))):
+                raise DataError("--ntokens: holds non-integral or non-finite values; expected "
+                                "supervised token counts")
+        out["ntokens"] = t.astype(np.int64)
+    return out
 
 
 def import_store(
     run: str | os.PathLike,
     mixture: Mixture,
     labels: TaskLabels,
-    arrays: dict[str, np.ndarray],
+    arrays: dict[str, Any],
     *,
     source: str,
     settings: dict[str, Any],
@@ -121,19 +243,13 @@ def import_store(
     """Check the arrays against the data and write ``run/store``.
 
     Args:
-        arrays: ``features`` (N, k) and ``norms`` (N,), optionally ``loss``, ``ntokens``.
+        arrays: ``features`` (N, k) array-like and ``norms`` (N,), optionally ``loss``,
+            ``ntokens``.
         source: where the features came from (recorded in meta.json).
         settings: options that shaped the store (task field, image root), for later commands.
         skipped: ``(N,)`` int8 skip codes (e.g. missing images), 0 for none.
     """
-    n = len(mixture)
-    features = arrays["features"]
-    if features.ndim != 2:
-        raise DataError(f"features have shape {features.shape}; expected (records, dim)")
-    for name, arr in arrays.items():
-        if arr.shape[0] != n:
-            raise DataError(f"{name}: {arr.shape[0]:,} rows but {mixture.path} has {n:,} "
-                            f"records; expected one row per record, in the data's order")
+    arrays = check_arrays(arrays, len(mixture), str(mixture.path))
     index = [IndexEntry(r.id, str(t), int(k))
              for r, t, k in zip(mixture, labels.tasks, mixture.keys)]
     meta = {
@@ -147,7 +263,7 @@ def import_store(
                  "schema": mixture.schema, "fingerprint": mixture.fingerprint},
         "settings": settings,
     }
-    return write_store(Path(run) / "store", features=features, norms=arrays["norms"],
+    return write_store(Path(run) / "store", features=arrays["features"], norms=arrays["norms"],
                        loss=arrays.get("loss"), ntokens=arrays.get("ntokens"), skipped=skipped,
                        index=index, meta=meta, feature_dtype=feature_dtype, overwrite=overwrite)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -181,7 +180,7 @@ def write_store(
                                         dtype=np.dtype(feature_dtype), shape=(n, k))
         step = max(1, (1 << 24) // max(k, 1))
         for start in range(0, n, step):
-            out[start:start + step] = features[start:start + step]
+            out[start:start + step] = _cast_rows(features[start:start + step], out.dtype, start)
         out.flush()
         del out
         for name, values in arrays.items():
@@ -194,6 +193,25 @@ def write_store(
     return Store.open(root)
 
 
-def remove_store(root: str | os.PathLike) -> None:
-    """Delete a store folder (used by ``--force``)."""
-    shutil.rmtree(root, ignore_errors=True)
+def _cast_rows(block: np.ndarray, dtype: np.dtype, start: int) -> np.ndarray:
+    """``block`` as ``dtype``, refusing rows the cast would change by more than 1% (overflow
+    to inf in float16 above 65504, or underflow of tiny features to zero).
+
+    Raises:
+        StoreError: naming the first such row and the fix (a wider --feature-dtype).
+    """
+    block = np.asarray(block)
+    with np.errstate(over="ignore"):
+        cast = block.astype(dtype)
+    if dtype.itemsize >= block.dtype.itemsize:
+        return cast
+    src = block.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        err = np.linalg.norm(cast.astype(np.float64) - src, axis=1)
+        bad = np.isfinite(src).all(axis=1) & ~(err <= 0.01 * np.linalg.norm(src, axis=1))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        peak = float(np.abs(src[row]).max())
+        raise StoreError(f"features row {start + row} (largest |value| {peak:.3g}) does not fit "
+                         f"{dtype.name} within 1%; fix: --feature-dtype float32")
+    return cast
