@@ -220,3 +220,32 @@ def test_report_and_select_agree_on_task_values_when_features_are_not_finite(mix
         assert entry["value"] == selected["tasks"][task]["value"]
     assert shown["tasks"]["vg"]["value"] is None and shown["tasks"]["vg"]["valid"] == 0
     assert shown["tasks"]["sharegpt"]["value"] == pytest.approx(norms[28:30].mean())
+
+
+@pytest.mark.parametrize("kind", ["parquet", "hf-disk"])
+def test_select_on_dataset_inputs_writes_the_same_format_with_clean_names(mixture_run, kind):
+    import datasets
+
+    ds = datasets.Dataset.from_list(mixture_run["records"])
+    src = mixture_run["dir"] / ("mix.parquet" if kind == "parquet" else "mix_ds")
+    ds.to_parquet(str(src)) if kind == "parquet" else ds.save_to_disk(str(src))
+    (src.parent / "coco").symlink_to(mixture_run["data"].parent / "coco")
+    for folder in ("gqa", "vg"):
+        (src.parent / folder).symlink_to(mixture_run["data"].parent / folder)
+    d = mixture_run["dir"]
+    run("import", "--data", src, "--features", d / "features.npy", "--norms", d / "norms.npy",
+        "--run", mixture_run["run"], "--image-root", src.parent)  # a folder's default: itself
+    res = run("select", "--run", mixture_run["run"], "--budget", "0.25")
+    assert "Creating parquet" not in res.stderr and "Saving the dataset" not in res.stderr
+    out = mixture_run["run"] / ("subset-tive-0.25.parquet" if kind == "parquet"
+                                else "subset-tive-0.25")
+    back = (datasets.Dataset.from_parquet(str(out)) if kind == "parquet"
+            else datasets.load_from_disk(str(out)))
+    assert len(back) == 9 and back.features == ds.features
+    assert (mixture_run["run"] / "subset-tive-0.25.report.json").exists()
+    assert (mixture_run["run"] / "subset-tive-0.25.png").exists()
+
+
+def test_tasks_json_with_image_check_is_refused(mixture_run):
+    res = run("tasks", mixture_run["data"], "--json", "--check-images", ok=False)
+    assert res.exit_code == 2 and "leave out --check-images" in res.output

@@ -978,3 +978,16 @@ def test_check_images_names_the_missing_image_of_a_multi_image_record(tmp_path):
         m.check_images()
     assert m.check_images(skip_missing=True).tolist() == [True]
     assert m.check_images(tmp_path / "nowhere", skip_missing=True).tolist() == [True]
+
+
+@pytest.mark.parametrize("record, fragment", [
+    ({"image": 5}, "`image` holds 5"),
+    ({"images": ["a.jpg", None]}, "`images` holds missing"),
+    ({"task": True}, "task field `task` is true"),
+])
+def test_malformed_image_and_task_fields(tmp_path, record, fragment):
+    base = {"id": "x", "conversations": [{"from": "human", "value": "q"},
+                                         {"from": "gpt", "value": "a"}]}
+    src = write_json(tmp_path / "m.json", [{**base, **record}])
+    msg = raises_data_error(src)
+    assert fragment in msg and "record 0 (id x)" in msg

@@ -82,6 +82,9 @@ def tasks(data: Path, as_json: bool, check_images: bool, image_root: Path | None
     from tive.report import format_table
     from tive.tasks import HEURISTIC_TASKS, label_tasks
 
+    check_images = check_images or image_root is not None
+    if as_json and check_images:
+        raise click.UsageError("--json prints {task: count}; leave out --check-images/--image-root")
     mixture = load_mixture(data, task_field=task_field)
     labels = label_tasks(mixture)
     counts = labels.counts()
@@ -89,7 +92,6 @@ def tasks(data: Path, as_json: bool, check_images: bool, image_root: Path | None
         click.echo(json.dumps(counts, indent=2))
         return
     inferred = labels.inferred_counts()
-    check_images = check_images or image_root is not None
     missing = mixture.missing_images(image_root) if check_images else None
     header = ["task", "records", "share", "label"] + (["missing images"] if check_images else [])
     rows = []

@@ -15,6 +15,7 @@ back unchanged, in the input's own format.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -143,10 +144,10 @@ class Mixture:
                     f.write(self._rows[i])
                     f.write("\n")
         elif self.container == "parquet":
-            with atomic_path(target) as tmp:
+            with atomic_path(target) as tmp, _quiet_datasets():
                 self._rows.select(indices).to_parquet(str(tmp))
         else:
-            with atomic_path(target, directory=True) as tmp:
+            with atomic_path(target, directory=True) as tmp, _quiet_datasets():
                 self._rows.select(indices).save_to_disk(str(tmp))
         return target
 
@@ -321,19 +322,18 @@ def _parse_line(path: Path, lineno: int, line: str) -> dict:
 
 
 def _load_parquet(files: list[Path]) -> Any:
+    """Parquet files as one in-memory ``datasets.Dataset`` (no cache files written)."""
     import datasets
-
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        rows = sum(pq.read_metadata(f).num_rows for f in files)
-        if rows == 0:
-            return []  # load_mixture reports "no records"
-        ds = datasets.Dataset.from_parquet([str(f) for f in files])
+        table = pa.concat_tables([pq.read_table(f) for f in files])
     except Exception as e:  # pyarrow raises many types for a damaged file
         raise DataError(f"{files[0]}: cannot read parquet ({str(e).splitlines()[0]}); "
-                        f"fix: check the file is a complete parquet file") from None
-    return ds
+                        f"fix: check the files are complete parquet files with one schema") \
+            from None
+    return datasets.Dataset(table) if table.num_rows else []
 
 
 def _load_from_disk(path: Path) -> Any:
@@ -366,7 +366,24 @@ def _undecoded(ds: Any) -> Any:
         return feature
 
     features = datasets.Features({k: off(v) for k, v in ds.features.items()})
-    return ds.cast(features) if features != ds.features else ds
+    if features == ds.features:
+        return ds
+    with _quiet_datasets():
+        return ds.cast(features)
+
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No ``datasets`` progress bars on stderr while tive reads or writes."""
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was:
+            datasets.enable_progress_bars()
 
 
 def _iter_rows(ds: Any) -> Iterator[dict]:
@@ -403,7 +420,7 @@ def _normalize(raw: dict, index: int, schema: str, path: Path, task_field: str |
         turns = _openai_turns(raw, where)
     else:
         turns = _alpaca_turns(raw, where)
-    images = _image_fields(raw, where) + _openai_images(raw) * (schema == "openai")
+    images = _image_fields(raw, where) + (_openai_images(raw, where) if schema == "openai" else ())
     return Record(index, rid, turns, images, _explicit_task(raw, task_field, where))
 
 
@@ -460,7 +477,7 @@ def _part_text(part: Any, where: str, j: int) -> str:
                     f"type `text`, `image` or `image_url`")
 
 
-def _openai_images(raw: dict) -> tuple[str, ...]:
+def _openai_images(raw: dict, where: str) -> tuple[str, ...]:
     found = []
     for msg in raw.get("messages") or []:
         content = msg.get("content") if isinstance(msg, dict) else None
@@ -469,7 +486,7 @@ def _openai_images(raw: dict) -> tuple[str, ...]:
                 url = part.get("image_url")
                 found.append(str(url.get("url") if isinstance(url, dict) else url))
             elif part.get("type") == "image" and part.get("image") is not None:
-                found.append(_image_ref(part["image"]))
+                found.append(_image_ref(part["image"], where, "image part"))
     return tuple(found)
 
 
@@ -490,17 +507,24 @@ def _image_fields(raw: dict, where: str) -> tuple[str, ...]:
         if value is None:
             continue
         values = value if isinstance(value, list) else [value]
-        found.extend(_image_ref(v) for v in values)
+        found.extend(_image_ref(v, where, key) for v in values)
     return tuple(found)
 
 
-def _image_ref(value: Any) -> str:
-    """A path string for an image field value; ``<embedded>`` for image bytes or PIL images."""
-    if isinstance(value, str):
+def _image_ref(value: Any, where: str = "", field: str = "image") -> str:
+    """A path for an image value; ``<embedded>`` for image bytes stored in the dataset.
+
+    Accepts a path string, or a ``datasets`` image (``{"bytes", "path"}``).
+    """
+    if isinstance(value, str) and value:
         return value
-    if isinstance(value, dict) and value.get("bytes") is None and value.get("path"):
-        return str(value["path"])
-    return EMBEDDED
+    if isinstance(value, dict) and ("bytes" in value or "path" in value):
+        if value.get("bytes") is not None:
+            return EMBEDDED
+        if value.get("path"):
+            return str(value["path"])
+    raise DataError(f"{where}: `{field}` holds {_describe(value)}; expected an image path (or "
+                    f"a list of them)")
 
 
 def _explicit_task(raw: dict, task_field: str | None, where: str) -> str | None:
@@ -509,7 +533,7 @@ def _explicit_task(raw: dict, task_field: str | None, where: str) -> str | None:
         value = raw.get(name)
         if value is None or value == "":
             continue
-        if not isinstance(value, (str, int)):
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise DataError(f"{where}: task field `{name}` is {_describe(value)}; expected a "
                             f"task name (string)")
         return str(value)

@@ -54,7 +54,7 @@ def instance_values(
 
     ``v_i = s_i φ_i · m_t`` with ``s_i = 1/‖φ_i‖`` and ``m_t = Σ_{j∈t} s_j φ_j / |t|``: pass 1
     accumulates ``m_t`` (one ``(tasks, chunk) @ (chunk, k)`` product per chunk), pass 2 takes
-    ``(chunk, k) @ (k, tasks)``. Arithmetic is float64 for float64 input, else float32 with
+    each row's dot product with its own task's mean: O(N·k) in all. Arithmetic is float64 for float64 input, else float32 with
     float64 accumulation across chunks.
 
     Args:
@@ -84,13 +84,12 @@ def instance_values(
         sums += weights.astype(dtype) @ _zero_bad_rows(block, finite[rows])
     valid = valid & finite
     counts = np.bincount(codes[valid], minlength=n_tasks).astype(np.float64)
-    means = (sums / np.maximum(counts, 1.0)[:, None]).T.astype(dtype)  # (k, tasks) m_t
+    means = (sums / np.maximum(counts, 1.0)[:, None]).astype(dtype)  # (tasks, k) m_t
     out = np.full(n, np.nan)
     for start, block in _chunks(features, chunk_rows, dtype):
         rows = slice(start, start + len(block))
-        scores = _zero_bad_rows(block, finite[rows]) @ means  # (chunk, tasks)
-        picked = scores[np.arange(len(block)), codes[rows]] * scale[rows]
-        out[rows] = np.where(valid[rows], picked, np.nan)
+        dots = np.einsum("ij,ij->i", _zero_bad_rows(block, finite[rows]), means[codes[rows]])
+        out[rows] = np.where(valid[rows], dots * scale[rows], np.nan)  # (chunk,) φ̂_i · m_t
     return out, finite
 
 
