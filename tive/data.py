@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
+import orjson
 
 from tive.errors import DataError
 from tive.fileio import atomic_path
@@ -280,7 +281,7 @@ def _read_text(path: Path) -> str:
 
 def _parse_json_list(path: Path, text: str) -> list[dict]:
     try:
-        data = json.loads(text)
+        data = _loads(text)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}); expected a JSON "
                         f"list of records (or JSON Lines, one record per line); fix the file "
@@ -311,7 +312,7 @@ def _jsonl_lines(path: Path, text: str) -> _Lines:
 
 def _parse_line(path: Path, lineno: int, line: str) -> dict:
     try:
-        raw = json.loads(line)
+        raw = _loads(line)
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{lineno}:{e.colno}: invalid JSON ({e.msg}); expected one JSON "
                         f"object per line; fix that line") from None
@@ -550,11 +551,27 @@ def _describe(value: Any) -> str:
 
 
 def _content_key(raw: dict) -> int:
-    """64-bit digest of a record's content (independent of its position in the file)."""
-    text = json.dumps(raw, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
-                      default=_bytes_digest)
-    data = text.encode("utf-8", "surrogatepass")  # JSON may escape lone surrogates
+    """64-bit digest of a record's content (independent of its position in the file).
+
+    The digest is of the record's canonical JSON (sorted keys, no spaces, UTF-8). orjson writes
+    it ten times faster than ``json``; records orjson cannot write (lone surrogates, integers
+    beyond 64 bits) go through ``json``.
+    """
+    try:
+        data = orjson.dumps(raw, option=orjson.OPT_SORT_KEYS, default=_bytes_digest)
+    except (TypeError, orjson.JSONEncodeError):
+        text = json.dumps(raw, sort_keys=True, ensure_ascii=False, separators=(",", ":"),
+                          default=_bytes_digest)
+        data = text.encode("utf-8", "surrogatepass")  # JSON may escape lone surrogates
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def _loads(text: str) -> Any:
+    """``json.loads`` through orjson when it can (faster); errors and edge cases via ``json``."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)  # the standard message and position, or lone surrogates
 
 
 def _bytes_digest(value: Any) -> str:
