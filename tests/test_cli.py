@@ -249,3 +249,14 @@ def test_select_on_dataset_inputs_writes_the_same_format_with_clean_names(mixtur
 def test_tasks_json_with_image_check_is_refused(mixture_run):
     res = run("tasks", mixture_run["data"], "--json", "--check-images", ok=False)
     assert res.exit_code == 2 and "leave out --check-images" in res.output
+
+
+def test_unwritable_output_paths_are_one_line_errors(imported, tmp_path):
+    (tmp_path / "adir").mkdir()
+    res = run("select", "--run", imported["run"], "--budget", "5", "-o", tmp_path / "adir",
+              ok=False)
+    assert_one_line_error(res, "is a folder")
+    (tmp_path / "afile").write_text("x")
+    res = run("select", "--run", imported["run"], "--budget", "5", "-o",
+              tmp_path / "afile" / "x.json", ok=False)
+    assert_one_line_error(res, "cannot write there")

@@ -267,3 +267,34 @@ def test_identical_records_are_drawn_independently(tmp_path):
         split += sum((2 * j in chosen) != (2 * j + 1 in chosen) for j in range(40))
     # independent draws split about half the pairs; together-or-not-at-all would split none
     assert split > 0.3 * 30 * 40
+
+
+GIVEN = object()  # stands for the fixture's value of that argument
+
+
+@pytest.mark.parametrize("given, fragment", [
+    ({"tasks": GIVEN, "data": GIVEN}, "not both or neither"),
+    ({}, "not both or neither"),
+    ({"tasks": GIVEN, "check_images": True}, "needs data="),
+    ({"data": GIVEN, "check_images": False, "skip_missing_images": True},
+     "apply only when images are checked"),
+    ({"tasks": GIVEN, "data": False}, "only applies with store="),
+])
+def test_value_estimate_refuses_arguments_it_would_ignore(mixture_run, given, fragment):
+    values = {"tasks": mixture_run["tasks"], "data": mixture_run["data"]}
+    args = {k: values[k] if v is GIVEN else v for k, v in given.items()}
+    with pytest.raises(ConfigError, match=fragment):
+        value_estimate(features=mixture_run["features"], norms=mixture_run["norms"], **args)
+
+
+def test_value_estimate_from_a_store_refuses_arrays(mixture_run):
+    from tive.data import load_mixture
+    from tive.importers import import_store
+    from tive.tasks import label_tasks
+    m = load_mixture(mixture_run["data"])
+    import_store(mixture_run["run"], m, label_tasks(m), {"features": mixture_run["features"],
+                 "norms": mixture_run["norms"]}, source="t", settings={})
+    with pytest.raises(ConfigError, match="leave out norms=, loss="):
+        value_estimate(store=mixture_run["run"], norms=mixture_run["norms"], loss=np.zeros(36))
+    r = value_estimate(store=mixture_run["run"], data=False)
+    assert r.mixture is None and r.tasks.tolist() == mixture_run["tasks"]

@@ -100,16 +100,16 @@ def _check_arguments(**a: Any) -> None:
         given = [k for k in ("features", "norms", "tasks", "loss", "ntokens") if a[k] is not None]
         if given:
             raise ConfigError(f"value_estimate: store= brings its own features, norms, losses "
-                              f"and tasks; leave out {', '.join(given)}=")
+                              f"and tasks; leave out {'=, '.join(given)}=")
     else:
         if a["norms"] is None:
             raise ConfigError("value_estimate: features= needs norms= (exact gradient norms, "
                               "one per row)")
+        if a["data"] is False:
+            raise ConfigError("value_estimate: data=False only applies with store=")
         if (a["tasks"] is None) == (a["data"] is None):
             raise ConfigError("value_estimate: give tasks= (one name per row) or data= (tasks "
                               "are read or inferred from the records), not both or neither")
-        if a["data"] is False:
-            raise ConfigError("value_estimate: data=False only applies with store=")
     no_data = a["data"] is False or (a["data"] is None and a["store"] is None)
     checking = a["check_images"] if a["check_images"] is not None else a["store"] is None
     if no_data and a["check_images"]:
