@@ -1,0 +1,103 @@
+"""Tiny models of each family, built offline from configs (random weights, no download).
+
+Shared by the model tests. Sizes are the smallest that each architecture accepts (Phi needs an
+even rotary dimension: head_dim · partial_rotary_factor).
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Phi3Config,
+    Phi3ForCausalLM,
+    PhiConfig,
+    PhiForCausalLM,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    SiglipVisionConfig,
+)
+
+VOCAB = 128
+
+
+def _seeded(build):
+    torch.manual_seed(0)
+    return build().eval()
+
+
+def text_llama(layers: int = 2, kv_heads: int = 2) -> LlamaForCausalLM:
+    """Llama with grouped-query attention (k/v narrower than q/o)."""
+    return _seeded(lambda: LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=kv_heads)))
+
+
+def text_phi() -> PhiForCausalLM:
+    return _seeded(lambda: PhiForCausalLM(PhiConfig(
+        vocab_size=VOCAB, hidden_size=40, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, partial_rotary_factor=0.4)))
+
+
+def text_phi3() -> Phi3ForCausalLM:
+    return _seeded(lambda: Phi3ForCausalLM(Phi3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, pad_token_id=0)))
+
+
+def llava_clip_llama() -> LlavaForConditionalGeneration:
+    """LLaVA-1.5 layout: CLIP vision tower, Llama language model."""
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, image_size=28, patch_size=14)
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4)
+    return _seeded(lambda: LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=VOCAB - 1)))
+
+
+def llava_siglip_phi() -> LlavaForConditionalGeneration:
+    """Bunny's architecture in native classes: SigLIP vision tower, Phi language model."""
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                num_attention_heads=4, image_size=28, patch_size=14,
+                                vision_use_head=False)
+    text = PhiConfig(vocab_size=VOCAB, hidden_size=40, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, partial_rotary_factor=0.4)
+    return _seeded(lambda: LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=VOCAB - 1,
+        vision_feature_layer=-2, vision_feature_select_strategy="full")))
+
+
+def qwen2_vl() -> Qwen2VLForConditionalGeneration:
+    text = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2,
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+                bos_token_id=0, eos_token_id=1)
+    vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    return _seeded(lambda: Qwen2VLForConditionalGeneration(Qwen2VLConfig(
+        text_config=text, vision_config=vision, image_token_id=VOCAB - 1,
+        video_token_id=VOCAB - 2, vision_start_token_id=VOCAB - 3,
+        vision_end_token_id=VOCAB - 4)))
+
+
+FAMILIES = {
+    "llama": text_llama,
+    "phi": text_phi,
+    "phi3": text_phi3,
+    "llava": llava_clip_llama,
+    "bunny": llava_siglip_phi,
+    "qwen2-vl": qwen2_vl,
+}
+# self-attention projection names of each family (transformers 5)
+ATTENTION = {
+    "llama": {"q_proj", "k_proj", "v_proj", "o_proj"},
+    "phi": {"q_proj", "k_proj", "v_proj", "dense"},
+    "phi3": {"qkv_proj", "o_proj"},
+    "llava": {"q_proj", "k_proj", "v_proj", "o_proj"},
+    "bunny": {"q_proj", "k_proj", "v_proj", "dense"},
+    "qwen2-vl": {"q_proj", "k_proj", "v_proj", "o_proj"},
+}

@@ -1,0 +1,152 @@
+"""LoRA on the language model, and the *key parameters* whose gradients TIVE uses.
+
+* Warm-up targets (the authors' recipe, LLaVA's LoRA): every ``nn.Linear`` of the language
+  model except the output head; never the vision tower or the projector.
+* Key parameters (DESIGN.md, method item 3): the LoRA ``A`` and ``B`` matrices of the language
+  model's *self-attention* projections — q,k,v,o for Llama/Qwen2, q,k,v,dense for Phi,
+  qkv_proj,o_proj for Phi-3. They are found from the module structure (LoRA layers whose parent
+  is the attention module of a decoder layer of the language model), not from name substrings,
+  so vision attention (SigLIP, CLIP, Qwen2-VL's ``VisionAttention``) is never included.
+
+A ``(in, out)`` projection with rank ``r`` contributes ``r·in + out·r`` numbers; for a 7B Llama
+at r=128 the total is 32 layers × 4 × (4096·128 + 128·4096) = 134,217,728.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from tive.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class KeyParameter:
+    """One LoRA matrix of a self-attention projection.
+
+    Attributes:
+        name: the parameter's qualified name in the peft model.
+        shape: ``(rank, in)`` for A, ``(out, rank)`` for B.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def language_model_prefix(model: nn.Module) -> str:
+    """Qualified name of the language model (decoder) inside ``model``.
+
+    ``model.language_model`` for LLaVA/Bunny/Qwen2-VL in transformers 5, ``model`` for a causal
+    LM. Taken from the model's own ``get_decoder()``.
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None:
+        raise ConfigError(f"{type(model).__name__}: cannot find its language model "
+                          f"(no get_decoder()); expected a transformers causal or "
+                          f"vision-language model")
+    for name, module in model.named_modules():
+        if module is decoder:
+            return name
+    raise ConfigError(f"{type(model).__name__}: get_decoder() is not one of its modules")
+
+
+def warmup_targets(model: nn.Module) -> list[str]:
+    """Qualified names of every ``nn.Linear`` of the language model (LoRA targets for warm-up).
+
+    The output head lies outside the decoder, and the vision tower and projector outside the
+    language model, so none of them is listed.
+    """
+    prefix = language_model_prefix(model)
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and _under(name, prefix)]
+
+
+def attention_projections(model: nn.Module) -> list[str]:
+    """Qualified names of the linear projections of the language model's self-attention.
+
+    A self-attention module is a child named ``self_attn`` of a decoder layer (every causal LM
+    family in transformers names it so); its direct ``nn.Linear`` children are the projections.
+    """
+    prefix = language_model_prefix(model)
+    names = []
+    for name, module in model.named_modules():
+        if _under(name, prefix) and name.rsplit(".", 1)[-1] == "self_attn":
+            names += [f"{name}.{child}" for child, sub in module.named_children()
+                      if isinstance(sub, nn.Linear) or _is_lora_layer(sub)]
+    if not names:
+        raise ConfigError(f"{type(model).__name__}: no self_attn projections under {prefix!r}; "
+                          f"this model family is not supported for gradient features")
+    return names
+
+
+def key_parameters(peft_model: nn.Module, adapter: str = "default") -> list[KeyParameter]:
+    """The LoRA A and B matrices of the self-attention projections, in module order.
+
+    Args:
+        peft_model: a model wrapped by peft with LoRA on (at least) the attention projections.
+        adapter: the peft adapter name.
+
+    Raises:
+        ConfigError: when an attention projection has no LoRA adapter (the adapter does not
+            cover the key parameters).
+    """
+    modules = dict(peft_model.named_modules())
+    out = []
+    for name in attention_projections(peft_model):
+        layer = modules[name]
+        if not _is_lora_layer(layer) or adapter not in layer.lora_A:
+            raise ConfigError(f"{name}: has no LoRA adapter {adapter!r}; the key parameters are "
+                              f"the LoRA matrices of every self-attention projection; fix: "
+                              f"include it in the LoRA targets")
+        for part in ("lora_A", "lora_B"):
+            weight = getattr(layer, part)[adapter].weight
+            out.append(KeyParameter(f"{name}.{part}.{adapter}.weight", tuple(weight.shape)))
+    return out
+
+
+def gradient_dim(params: list[KeyParameter]) -> int:
+    """Total number of key-parameter entries: the length of one per-sample gradient."""
+    return sum(p.numel for p in params)
+
+
+def expected_gradient_dim(model: nn.Module, r: int) -> int:
+    """``Σ r·(in + out)`` over the self-attention projections of a model without LoRA."""
+    modules = dict(model.named_modules())
+    return sum(r * (modules[n].in_features + modules[n].out_features)
+               for n in attention_projections(model))
+
+
+def lora_config(model: nn.Module, r: int = 128, alpha: int = 256, dropout: float = 0.05,
+                targets: list[str] | None = None):
+    """A peft ``LoraConfig`` on ``targets`` (default: :func:`warmup_targets`).
+
+    Returns:
+        ``peft.LoraConfig`` with exact module names, so nothing outside the language model
+        can match.
+    """
+    from peft import LoraConfig
+
+    if r < 1 or alpha <= 0 or not 0 <= dropout < 1:
+        raise ConfigError(f"LoRA r={r}, alpha={alpha}, dropout={dropout}: expected r ≥ 1, "
+                          f"alpha > 0, 0 ≤ dropout < 1")
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                      target_modules=list(targets if targets is not None else warmup_targets(model)),
+                      bias="none")
+
+
+def _under(name: str, prefix: str) -> bool:
+    return prefix == "" or name.startswith(prefix + ".")
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return isinstance(module, LoraLayer)
