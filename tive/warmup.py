@@ -1,0 +1,207 @@
+"""Stage 3 — the warm-up reference model: LoRA trained briefly on an equal-per-task sample.
+
+DESIGN.md, method item 2: sample 8% of the mixture with an equal count per task (a task smaller
+than its share gives all it has, the rest is shared among the others), then train LoRA
+(r=128, alpha=256, one epoch; every linear layer of the language model, never the vision
+tower) and save the adapter in standard peft format to ``RUN/reference/``, with
+``reference.json`` saying what it was trained on. The folder appears only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from tive import selection as sel
+from tive.data import Mixture
+from tive.errors import ConfigError
+from tive.fileio import atomic_path
+
+REFERENCE_DIR = "reference"
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    """Warm-up settings (defaults: the authors')."""
+
+    fraction: float = 0.08
+    seed: int = 0
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    lr: float = 2e-4
+    epochs: int = 1
+    batch_size: int = 4
+    grad_accum: int = 1
+    bf16: bool = False
+    max_length: int = 2048
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"--fraction {self.fraction}: expected a fraction in (0, 1]")
+        for name in ("epochs", "batch_size", "grad_accum", "max_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected ≥ 1")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr {self.lr}: expected a positive learning rate")
+
+
+def warmup_sample(tasks: np.ndarray, keys: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Rows of the warm-up sample: ``round(fraction·N)`` records, an equal count per task.
+
+    A task with fewer records than its share gives all it has and the others share the rest
+    (equal water-filling); within a task records are drawn uniformly, seeded, from their keys.
+
+    Returns:
+        sorted ``(n,)`` int64 rows.
+    """
+    names, codes = np.unique(tasks.astype(str), return_inverse=True)
+    sizes = np.bincount(codes, minlength=len(names))
+    total = max(1, int(math.floor(fraction * len(tasks) + 0.5)))
+    quotas = sel.quotas(np.ones(len(names)), sizes, min(total, int(sizes.sum())), oversample=False)
+    noise = sel.uniforms(keys, seed)
+    rows = []
+    for t, q in enumerate(quotas):
+        members = np.flatnonzero(codes == t)
+        rows.append(members[sel.top_n(noise[members], int(q), noise[members])])
+    return np.sort(np.concatenate(rows))
+
+
+def load_images(mixture: Mixture, row: int, image_root: Any = None) -> list:
+    """The record's images as RGB PIL images (relative paths resolve against ``image_root``)."""
+    from PIL import Image
+
+    from tive.data import EMBEDDED
+
+    root = mixture.image_root(image_root)
+    images = []
+    for ref in mixture[row].images:
+        if ref == EMBEDDED:
+            raise ConfigError(f"{mixture.path}: record {row} embeds its image; warm-up and "
+                              f"scoring read image files; fix: export the images to files")
+        path = Path(ref) if Path(ref).is_absolute() else root / ref
+        with Image.open(path) as img:
+            images.append(img.convert("RGB"))
+    return images
+
+
+def encoded_batches(loaded: Any, mixture: Mixture, rows: np.ndarray, batch_size: int,
+                    max_length: int, image_root: Any = None,
+                    skipped: dict[str, int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """Collated batches of the records at ``rows``; records that cannot be encoded are counted
+    in ``skipped`` (reason → count) and left out."""
+    from tive.encode import Skipped, collate
+
+    encoder = loaded.encoder(max_length)
+    pad = loaded.tokenizer.pad_token_id
+    pad = loaded.tokenizer.eos_token_id if pad is None else pad
+    batch = []
+    for row in rows:
+        try:
+            images = load_images(mixture, int(row), image_root)
+        except OSError:
+            _count(skipped, "missing-image")
+            continue
+        item = encoder.encode(mixture[int(row)], images)
+        if isinstance(item, Skipped):
+            _count(skipped, item.reason)
+            continue
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield collate(batch, pad)
+            batch = []
+    if batch:
+        yield collate(batch, pad)
+
+
+def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
+          image_root: Any = None, progress: bool = True) -> dict[str, Any]:
+    """Train LoRA on ``rows``; return the peft model and the per-step losses.
+
+    The loss is the model's own (token mean over the batch), as LLaVA and Bunny train.
+    """
+    from peft import get_peft_model
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    from tive.lora import lora_config
+
+    torch.manual_seed(config.seed)
+    model = get_peft_model(loaded.model, lora_config(loaded.model, config.r, config.alpha,
+                                                     config.dropout))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    steps = config.epochs * math.ceil(len(rows) / (config.batch_size * config.grad_accum))
+    schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(0.03 * steps), steps)
+    device = next(model.parameters()).device
+    losses: list[float] = []
+    skipped: dict[str, int] = {}
+    model.train()
+    bar = tqdm(total=len(rows) * config.epochs, unit="rec", disable=not progress,
+               desc="warm-up")
+    for epoch in range(config.epochs):
+        order = np.random.default_rng(config.seed + epoch).permutation(rows)
+        pending = 0
+        for batch in encoded_batches(loaded, mixture, order, config.batch_size,
+                                     config.max_length, image_root, skipped):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                loss = model(**batch).loss
+            (loss / config.grad_accum).backward()
+            pending += 1
+            if pending == config.grad_accum:
+                _step(optimizer, schedule)
+                pending = 0
+            losses.append(loss.item())
+            bar.update(int(batch["input_ids"].shape[0]))
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if pending:  # the last, partial accumulation
+            _step(optimizer, schedule)
+    bar.close()
+    model.eval()
+    return {"model": model, "losses": losses, "skipped": skipped}
+
+
+def save_reference(run: str | Path, model: Any, info: dict[str, Any]) -> Path:
+    """Save the adapter (peft format) and ``reference.json`` to ``run/reference`` atomically."""
+    target = Path(run) / REFERENCE_DIR
+    with atomic_path(target, directory=True) as tmp:
+        model.save_pretrained(str(tmp))
+        (tmp / "reference.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return target
+
+
+def reference_info(mixture: Mixture, tasks: np.ndarray, rows: np.ndarray,
+                   config: WarmupConfig, source: dict[str, Any],
+                   result: dict[str, Any]) -> dict[str, Any]:
+    """What the adapter was trained on, for ``reference.json``."""
+    names, counts = np.unique(tasks[rows].astype(str), return_counts=True)
+    losses = result["losses"]
+    return {
+        "model": source,
+        "data": {"path": str(mixture.path.resolve()), "fingerprint": mixture.fingerprint,
+                 "records": len(mixture)},
+        "settings": asdict(config),
+        "sample": {"rows": [int(r) for r in rows],
+                   "per_task": {str(n): int(c) for n, c in zip(names, counts)}},
+        "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None,
+                 "steps": len(losses)},
+        "skipped": result["skipped"],
+    }
+
+
+def _step(optimizer: torch.optim.Optimizer, schedule: Any) -> None:
+    optimizer.step()
+    schedule.step()
+    optimizer.zero_grad()
+
+
+def _count(counter: dict[str, int] | None, reason: str) -> None:
+    if counter is not None:
+        counter[reason] = counter.get(reason, 0) + 1
