@@ -146,3 +146,19 @@ def test_reloaded_adapter_gives_identical_outputs(tmp_path):
     with torch.no_grad():
         again = reloaded(**batch).logits
     assert torch.equal(trained, again)
+
+
+def test_text_only_batches_of_a_visual_model_train(tmp_path):
+    from tive.data import load_mixture
+    from tive.models.load import load_model
+    from tive.models.registry import resolve
+    from tive.warmup import train
+    from zoo import save_llava_folder
+
+    save_llava_folder(tmp_path / "model")
+    mixture = load_mixture(image_mixture(tmp_path / "data", n_per_task=2))
+    text_rows = np.array([i for i in range(len(mixture)) if not mixture[i].images])
+    loaded = load_model(resolve(str(tmp_path / "model")), dtype="fp32", device="cpu")
+    config = WarmupConfig(fraction=1.0, r=2, alpha=4, dropout=0.0, batch_size=2)
+    result = train(loaded, mixture, text_rows, config, progress=False)
+    assert len(text_rows) == 2 and len(result["losses"]) == 1 and result["skipped"] == {}

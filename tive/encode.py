@@ -34,6 +34,7 @@ import torch
 
 from tive.data import Record, Turn
 from tive.errors import ConfigError
+from tive.models import bunny
 
 IGNORE = -100  # label of tokens without loss
 IMAGE = "<image>"  # image placeholder in record text
@@ -219,10 +220,8 @@ class VicunaFormat:
 LLAVA = VicunaFormat(
     system="A chat between a curious human and an artificial intelligence assistant. The "
            "assistant gives helpful, detailed, and polite answers to the human's questions.")
-BUNNY = VicunaFormat(
-    system="A chat between a curious user and an artificial intelligence assistant. The "
-           "assistant gives helpful, detailed, and polite answers to the user's questions.",
-    end="<|endoftext|>", bos=False)
+BUNNY = VicunaFormat(system=bunny.SYSTEM, user=bunny.ROLES[0], assistant=bunny.ROLES[1],
+                     sep=bunny.SEP, end=bunny.SEP2, bos=False)  # Phi-2 has no BOS
 
 
 class VicunaEncoder:

@@ -150,7 +150,7 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
         pending = 0
         for batch in encoded_batches(loaded, mixture, order, config.batch_size,
                                      config.max_length, image_root, skipped):
-            batch = {k: v.to(device) for k, v in batch.items()}
+            batch = {k: v.to(device) for k, v in batch.items() if v is not None}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 loss = model(**batch).loss
             (loss / config.grad_accum).backward()
