@@ -162,3 +162,31 @@ def test_text_only_batches_of_a_visual_model_train(tmp_path):
     config = WarmupConfig(fraction=1.0, r=2, alpha=4, dropout=0.0, batch_size=2)
     result = train(loaded, mixture, text_rows, config, progress=False)
     assert len(text_rows) == 2 and len(result["losses"]) == 1 and result["skipped"] == {}
+
+
+def test_interrupted_save_leaves_no_reference_that_looks_complete(tmp_path):
+    from tive.errors import TiveError
+    from tive.warmup import save_reference
+
+    class Dying:
+        def save_pretrained(self, path):
+            from pathlib import Path
+            Path(path).mkdir()
+            (Path(path) / "adapter_config.json").write_text("{}")
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(TiveError, match="No space left"):
+        save_reference(tmp_path / "run", Dying(), {"x": 1})
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_lora_targets_option_restricts_layers_and_names_unknown_ones(tmp_path):
+    from tive.lora import warmup_targets
+    from zoo import llava_clip_llama
+
+    model = llava_clip_llama()
+    chosen = warmup_targets(model, ("q_proj", "v_proj"))
+    assert chosen and {c.rsplit(".", 1)[-1] for c in chosen} == {"q_proj", "v_proj"}
+    assert all(c.startswith("model.language_model.") for c in chosen)
+    with pytest.raises(ConfigError, match="'qkv': no such linear layer .* choose among down_proj"):
+        warmup_targets(model, ("qkv",))

@@ -271,10 +271,17 @@ def _warmup_options(f: Callable) -> Callable:
              "epochs": "Passes over the sample.", "batch_size": "Records per step.",
              "grad_accum": "Steps accumulated per optimizer update.",
              "bf16": "Train under bfloat16 autocast.",
-             "max_length": "Tokens per record at most (longer records are truncated)."}
+             "max_length": "Tokens per record at most (longer records are truncated).",
+             "targets": "LoRA on these linear layers of the language model, comma-separated "
+                        "(e.g. q_proj,v_proj); default: every linear layer (the authors')."}
     for fd in reversed(fields(WarmupConfig)):
         name = f"--lora-{fd.name}" if fd.name in ("r", "alpha", "dropout") else \
             f"--{fd.name.replace('_', '-')}"
+        if fd.name == "targets":
+            f = click.option("--lora-targets", "targets", default="", metavar="NAMES",
+                             callback=lambda ctx, p, v: tuple(x for x in v.split(",") if x),
+                             help=helps["targets"])(f)
+            continue
         kwargs: dict[str, Any] = {"default": fd.default, "show_default": True,
                                   "help": helps[fd.name]}
         if isinstance(fd.default, bool):
@@ -323,7 +330,7 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
     if existing.exists() and not force:
         done = json.loads(existing.read_text(encoding="utf-8"))
         same = (done["data"]["fingerprint"] == mixture.fingerprint
-                and done["settings"] == asdict(config)
+                and done["settings"] == json.loads(json.dumps(asdict(config)))
                 and done["model"]["spec"] == source.spec)
         if not same:
             raise TiveError(f"{existing.parent}: a reference trained on {done['data']['path']} "

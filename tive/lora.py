@@ -58,15 +58,30 @@ def language_model_prefix(model: nn.Module) -> str:
     raise ConfigError(f"{type(model).__name__}: get_decoder() is not one of its modules")
 
 
-def warmup_targets(model: nn.Module) -> list[str]:
-    """Qualified names of every ``nn.Linear`` of the language model (LoRA targets for warm-up).
+def warmup_targets(model: nn.Module, only: tuple[str, ...] = ()) -> list[str]:
+    """Qualified names of the ``nn.Linear`` layers of the language model (warm-up LoRA targets).
+
+    Args:
+        only: keep the layers whose own name is one of these (e.g. ``("q_proj", "v_proj")``);
+            empty: every linear layer (the authors' recipe).
 
     The output head lies outside the decoder, and the vision tower and projector outside the
-    language model, so none of them is listed.
+    language model, so none of them is ever listed.
+
+    Raises:
+        ConfigError: a name in ``only`` matches no linear layer of the language model.
     """
     prefix = language_model_prefix(model)
-    return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and _under(name, prefix)]
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and _under(name, prefix)]
+    if not only:
+        return names
+    known = sorted({n.rsplit(".", 1)[-1] for n in names})
+    unknown = [o for o in only if o not in known]
+    if unknown:
+        raise ConfigError(f"--lora-targets {unknown[0]!r}: no such linear layer in the language "
+                          f"model; choose among {', '.join(known)}")
+    return [n for n in names if n.rsplit(".", 1)[-1] in only]
 
 
 def attention_projections(model: nn.Module) -> list[str]:
@@ -125,7 +140,7 @@ def expected_gradient_dim(model: nn.Module, r: int) -> int:
 
 
 def lora_config(model: nn.Module, r: int = 128, alpha: int = 256, dropout: float = 0.05,
-                targets: list[str] | None = None):
+                targets: list[str] | None = None):  # -> peft.LoraConfig
     """A peft ``LoraConfig`` on ``targets`` (default: :func:`warmup_targets`).
 
     Returns:

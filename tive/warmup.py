@@ -41,6 +41,7 @@ class WarmupConfig:
     grad_accum: int = 1
     bf16: bool = False
     max_length: int = 2048
+    targets: tuple[str, ...] = ()  # LoRA layers by name (empty: every linear layer of the LLM)
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction <= 1:
@@ -130,11 +131,12 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from tive.lora import lora_config
+    from tive.lora import lora_config, warmup_targets
 
     torch.manual_seed(config.seed)
+    targets = warmup_targets(loaded.model, tuple(config.targets))
     model = get_peft_model(loaded.model, lora_config(loaded.model, config.r, config.alpha,
-                                                     config.dropout))
+                                                     config.dropout, targets))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     steps = config.epochs * math.ceil(len(rows) / (config.batch_size * config.grad_accum))
@@ -181,8 +183,11 @@ def reference_info(mixture: Mixture, tasks: np.ndarray, rows: np.ndarray,
                    config: WarmupConfig, source: dict[str, Any],
                    result: dict[str, Any]) -> dict[str, Any]:
     """What the adapter was trained on, for ``reference.json``."""
+    from tive.lora import gradient_dim, key_parameters
+
     names, counts = np.unique(tasks[rows].astype(str), return_counts=True)
     losses = result["losses"]
+    keys = key_parameters(result["model"])
     return {
         "model": source,
         "data": {"path": str(mixture.path.resolve()), "fingerprint": mixture.fingerprint,
@@ -193,6 +198,8 @@ def reference_info(mixture: Mixture, tasks: np.ndarray, rows: np.ndarray,
         "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None,
                  "steps": len(losses)},
         "skipped": result["skipped"],
+        "key_parameters": {"gradient_dim": gradient_dim(keys),
+                           "matrices": [{"name": k.name, "shape": list(k.shape)} for k in keys]},
     }
 
 

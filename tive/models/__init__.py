@@ -1,0 +1,1 @@
+"""Model families tive loads into transformers' native classes."""
