@@ -190,3 +190,46 @@ def test_lora_targets_option_restricts_layers_and_names_unknown_ones(tmp_path):
     assert all(c.startswith("model.language_model.") for c in chosen)
     with pytest.raises(ConfigError, match="'qkv': no such linear layer .* choose among down_proj"):
         warmup_targets(model, ("qkv",))
+
+
+def _bunny_folder(folder):
+    from test_bunny import write_bunny
+
+    write_bunny(folder)
+
+
+def _qwen2_vl_folder(folder):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    from test_encode import qwen_tok
+    from zoo import qwen2_vl
+
+    qwen2_vl().save_pretrained(folder)
+    qwen_tok().save_pretrained(folder)
+    Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112).save_pretrained(folder)
+
+
+@pytest.mark.parametrize("family, build", [("bunny", _bunny_folder), ("qwen2-vl", _qwen2_vl_folder)])
+def test_warmup_runs_for_each_visual_family_from_a_model_folder(tmp_path, family, build):
+    import json
+
+    from click.testing import CliRunner
+
+    from tive.cli import main
+    from tive.models.registry import resolve
+
+    build(tmp_path / "model")
+    assert resolve(str(tmp_path / "model")).family == family
+    data = image_mixture(tmp_path / "data", n_per_task=2)
+    res = CliRunner().invoke(main, ["warmup", "--model", str(tmp_path / "model"), "--data",
+                                    str(data), "--run", str(tmp_path / "run"), "--fraction", "1",
+                                    "--lora-r", "2", "--lora-alpha", "4", "--batch-size", "3",
+                                    "--quiet"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    info = json.loads((tmp_path / "run/reference/reference.json").read_text())
+    assert info["skipped"] == {} and info["loss"]["steps"] == 2
+    assert info["key_parameters"]["gradient_dim"] > 0
+    assert all(".self_attn." in m["name"] and "language_model" in m["name"]
+               for m in info["key_parameters"]["matrices"])
