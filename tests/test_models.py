@@ -17,6 +17,7 @@ def fake_cache(root, hub_id, model_type):
     snap = repo / "snapshots" / "0123abcd"
     snap.mkdir(parents=True)
     (snap / "config.json").write_text(json.dumps({"model_type": model_type}))
+    (snap / "model.safetensors").write_bytes(b"")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abcd")
     return snap
@@ -49,6 +50,9 @@ def test_folders_and_gguf_files(tmp_path):
         folder = tmp_path / model_type
         folder.mkdir()
         (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+        with pytest.raises(ConfigError, match="config.json but no weights"):
+            registry.resolve(str(folder))
+        (folder / "model.safetensors").write_bytes(b"")
         assert registry.resolve(str(folder)).family == family
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
@@ -82,3 +86,24 @@ def test_device_and_dtype_choices():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="sees no CUDA device"):
             pick_device("cuda")
+
+
+def test_doctor_reports_versions_kernel_and_aliases():
+    from click.testing import CliRunner
+
+    from tive.cli import main
+
+    res = CliRunner().invoke(main, ["doctor"])
+    assert res.exit_code == 0, res.output
+    for line in ("torch ", "transformers ", "peft ", "traker ", "trak CUDA kernel (fast_jl):",
+                 "bunny-3b ", "smollm2-135m "):
+        assert line in res.output, res.output
+
+
+def test_a_damaged_model_folder_is_one_config_error(tmp_path):
+    from tive.models.load import load_model
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ConfigError, match="cannot load the llava model"):
+        load_model(registry.resolve(str(tmp_path)), dtype="fp32", device="cpu")

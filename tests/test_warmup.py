@@ -233,3 +233,42 @@ def test_warmup_runs_for_each_visual_family_from_a_model_folder(tmp_path, family
     assert info["key_parameters"]["gradient_dim"] > 0
     assert all(".self_attn." in m["name"] and "language_model" in m["name"]
                for m in info["key_parameters"]["matrices"])
+
+
+def test_nothing_encodable_is_an_error_and_nothing_is_saved(tmp_path):
+    from click.testing import CliRunner
+
+    from tive.cli import main
+    from zoo import save_llava_folder
+
+    save_llava_folder(tmp_path / "model")
+    data = image_mixture(tmp_path / "data", n_per_task=2)
+    base = ["warmup", "--model", str(tmp_path / "model"), "--data", str(data), "--run",
+            str(tmp_path / "run"), "--fraction", "1", "--lora-r", "2", "--lora-alpha", "4",
+            "--quiet"]
+    res = CliRunner().invoke(main, base + ["--max-length", "5"])  # every answer truncated away
+    assert res.exit_code == 2 and "none of the 6 sampled records could be encoded" in res.stderr
+    assert not (tmp_path / "run" / "reference").exists()
+    res = CliRunner().invoke(main, base + ["--lora-targets", "gate_proj,up_proj"])
+    assert res.exit_code == 2 and "self_attn.q_proj: has no LoRA adapter" in res.stderr
+    assert not (tmp_path / "run" / "reference").exists()
+    for p in (tmp_path / "data").glob("*/*.png"):
+        p.unlink()
+    res = CliRunner().invoke(main, base + ["--skip-missing-images"])
+    assert res.exit_code == 0, res.stderr  # the text-only records remain
+    res = CliRunner().invoke(main, base + ["--skip-missing-images", "--force", "--task-field",
+                                           "id"])
+    assert res.exit_code == 0 and "trained on 2 records" in res.output
+
+
+def test_a_text_model_samples_only_text_records(tmp_path):
+    from tive.data import load_mixture
+    from tive.warmup import usable_rows
+    from tive.errors import DataError
+
+    mixture = load_mixture(image_mixture(tmp_path / "data", n_per_task=2))
+    none_missing = np.zeros(len(mixture), dtype=bool)
+    assert usable_rows(mixture, none_missing, "causal-lm").tolist() == [4, 5]
+    assert usable_rows(mixture, none_missing, "llava").tolist() == list(range(6))
+    with pytest.raises(DataError, match="none of the 6 records can be used"):
+        usable_rows(mixture, np.ones(6, dtype=bool), "llava")

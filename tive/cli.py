@@ -326,30 +326,31 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
     config = wu.WarmupConfig(**settings)
     source = resolve(model_spec)
     mixture = load_mixture(data, task_field=task_field)
+    labels = label_tasks(mixture)
+    usable = wu.usable_rows(mixture, mixture.check_images(image_root, skip_missing_images),
+                            source.family)
+    rows = usable[wu.warmup_sample(labels.tasks[usable], mixture.keys[usable], config.fraction,
+                                   config.seed)]
+    identity = {"model": source.spec, "dtype": dtype, "data": mixture.fingerprint,
+                "settings": json.loads(json.dumps(asdict(config))),
+                "rows": [int(r) for r in rows], "tasks": sorted(set(labels.tasks[rows]))}
     existing = run / wu.REFERENCE_DIR / "reference.json"
     if existing.exists() and not force:
         done = json.loads(existing.read_text(encoding="utf-8"))
-        same = (done["data"]["fingerprint"] == mixture.fingerprint
-                and done["settings"] == json.loads(json.dumps(asdict(config)))
-                and done["model"]["spec"] == source.spec)
-        if not same:
+        if done.get("identity") != identity:
             raise TiveError(f"{existing.parent}: a reference trained on {done['data']['path']} "
-                            f"with model {done['model']['spec']} and other settings is there; "
-                            f"fix: --force to replace it, or another --run")
+                            f"with model {done['model']['spec']} and other settings or sample "
+                            f"is there; fix: --force to replace it, or another --run")
         click.echo(f"{existing.parent}: reference already trained with these settings "
-                   f"(loss {done['loss']['first']:.4g} → {done['loss']['last']:.4g})")
+                   f"({done['sample']['trained']:,} records, loss {done['loss']['first']:.4g} "
+                   f"→ {done['loss']['last']:.4g})")
         return
-    missing = mixture.check_images(image_root, skip_missing_images)
-    labels = label_tasks(mixture)
-    usable = np.flatnonzero(~missing)
-    rows = usable[wu.warmup_sample(labels.tasks[usable], mixture.keys[usable], config.fraction,
-                                   config.seed)]
     loaded = load_model(source, dtype=dtype, device=device)
     result = wu.train(loaded, mixture, rows, config, image_root, progress=not quiet)
     info = wu.reference_info(mixture, labels.tasks, rows, config, source.describe(), result)
-    path = wu.save_reference(run, result["model"], info)
+    path = wu.save_reference(run, result["model"], {**info, "identity": identity})
     loss, per_task = info["loss"], info["sample"]["per_task"]
-    click.echo(f"trained on {len(rows):,} records "
+    click.echo(f"trained on {info['sample']['trained']:,} records "
                f"({', '.join(f'{t} {n}' for t, n in per_task.items())}); "
                f"loss {loss['first']:.4g} → {loss['last']:.4g}; adapter in {path}"
                + (f"; skipped {_reasons(result['skipped'])}" if result["skipped"] else ""))

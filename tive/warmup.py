@@ -20,7 +20,7 @@ import torch
 
 from tive import selection as sel
 from tive.data import Mixture
-from tive.errors import ConfigError
+from tive.errors import ConfigError, DataError
 from tive.fileio import atomic_path
 
 REFERENCE_DIR = "reference"
@@ -74,6 +74,24 @@ def warmup_sample(tasks: np.ndarray, keys: np.ndarray, fraction: float, seed: in
     return np.sort(np.concatenate(rows))
 
 
+def usable_rows(mixture: Mixture, missing: np.ndarray, family: str) -> np.ndarray:
+    """Rows the warm-up can sample: images present, and no images for a text-only model.
+
+    Raises:
+        DataError: when no record is left.
+    """
+    usable = ~missing
+    if family == "causal-lm":
+        usable &= np.array([not r.images for r in mixture])
+    if not usable.any():
+        why = "all have missing images" if missing.all() else (
+            "a text-only model cannot use records with images" if family == "causal-lm"
+            else "their images are missing")
+        raise DataError(f"{mixture.path}: none of the {len(mixture):,} records can be used for "
+                        f"warm-up ({why}); fix: --image-root, or another --model or --data")
+    return np.flatnonzero(usable)
+
+
 def load_images(mixture: Mixture, row: int, image_root: Any = None) -> list:
     """The record's images as RGB PIL images (relative paths resolve against ``image_root``)."""
     from PIL import Image
@@ -94,9 +112,10 @@ def load_images(mixture: Mixture, row: int, image_root: Any = None) -> list:
 
 def encoded_batches(loaded: Any, mixture: Mixture, rows: np.ndarray, batch_size: int,
                     max_length: int, image_root: Any = None,
-                    skipped: dict[str, int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+                    skipped: dict[str, int] | None = None,
+                    used: list[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Collated batches of the records at ``rows``; records that cannot be encoded are counted
-    in ``skipped`` (reason → count) and left out."""
+    in ``skipped`` (reason → count) and left out, the others appended to ``used``."""
     from tive.encode import Skipped, collate
 
     encoder = loaded.encoder(max_length)
@@ -114,6 +133,8 @@ def encoded_batches(loaded: Any, mixture: Mixture, rows: np.ndarray, batch_size:
             _count(skipped, item.reason)
             continue
         batch.append(item)
+        if used is not None:
+            used.append(int(row))
         if len(batch) == batch_size:
             yield collate(batch, pad)
             batch = []
@@ -131,12 +152,13 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from tive.lora import lora_config, warmup_targets
+    from tive.lora import key_parameters, lora_config, warmup_targets
 
     torch.manual_seed(config.seed)
     targets = warmup_targets(loaded.model, tuple(config.targets))
     model = get_peft_model(loaded.model, lora_config(loaded.model, config.r, config.alpha,
                                                      config.dropout, targets))
+    key_parameters(model)  # the adapter must cover the key parameters: refuse before training
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     steps = config.epochs * math.ceil(len(rows) / (config.batch_size * config.grad_accum))
@@ -144,6 +166,7 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
     device = next(model.parameters()).device
     losses: list[float] = []
     skipped: dict[str, int] = {}
+    used: list[int] = []
     model.train()
     bar = tqdm(total=len(rows) * config.epochs, unit="rec", disable=not progress,
                desc="warm-up")
@@ -151,7 +174,8 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
         order = np.random.default_rng(config.seed + epoch).permutation(rows)
         pending = 0
         for batch in encoded_batches(loaded, mixture, order, config.batch_size,
-                                     config.max_length, image_root, skipped):
+                                     config.max_length, image_root, skipped,
+                                     used if epoch == 0 else None):
             batch = {k: v.to(device) for k, v in batch.items() if v is not None}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 loss = model(**batch).loss
@@ -166,8 +190,13 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
         if pending:  # the last, partial accumulation
             _step(optimizer, schedule)
     bar.close()
+    if not losses:
+        reasons = ", ".join(f"{n} {r}" for r, n in skipped.items())
+        raise DataError(f"{mixture.path}: none of the {len(rows):,} sampled records could be "
+                        f"encoded ({reasons}); nothing was trained or saved; fix: check "
+                        f"--max-length and that the model fits the data")
     model.eval()
-    return {"model": model, "losses": losses, "skipped": skipped}
+    return {"model": model, "losses": losses, "skipped": skipped, "used": np.array(used)}
 
 
 def save_reference(run: str | Path, model: Any, info: dict[str, Any]) -> Path:
@@ -185,7 +214,7 @@ def reference_info(mixture: Mixture, tasks: np.ndarray, rows: np.ndarray,
     """What the adapter was trained on, for ``reference.json``."""
     from tive.lora import gradient_dim, key_parameters
 
-    names, counts = np.unique(tasks[rows].astype(str), return_counts=True)
+    names, counts = np.unique(tasks[result["used"]].astype(str), return_counts=True)
     losses = result["losses"]
     keys = key_parameters(result["model"])
     return {
@@ -193,7 +222,7 @@ def reference_info(mixture: Mixture, tasks: np.ndarray, rows: np.ndarray,
         "data": {"path": str(mixture.path.resolve()), "fingerprint": mixture.fingerprint,
                  "records": len(mixture)},
         "settings": asdict(config),
-        "sample": {"rows": [int(r) for r in rows],
+        "sample": {"rows": [int(r) for r in rows], "trained": len(result["used"]),
                    "per_task": {str(n): int(c) for n, c in zip(names, counts)}},
         "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None,
                  "steps": len(losses)},

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from tive.errors import ConfigError
+from tive.errors import ConfigError, TiveError
 from tive.models.registry import ModelSource
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -23,7 +23,6 @@ class LoadedModel:
         image_processor: images → pixel values (``None`` for text-only models).
         family: ``llava``, ``bunny``, ``qwen2-vl`` or ``causal-lm``.
         image_tokens: tokens per image for llava/bunny (Qwen2-VL's depend on the image).
-        vocab_limit: logits columns that are real tokens (Bunny's added ``<image>`` is not).
         source: where it came from.
     """
 
@@ -32,7 +31,6 @@ class LoadedModel:
     image_processor: Callable | None
     family: str
     image_tokens: int | None
-    vocab_limit: int | None
     source: ModelSource
 
     def encoder(self, max_length: int = 2048) -> Any:
@@ -71,7 +69,15 @@ def load_model(source: ModelSource, dtype: str = "auto", device: str = "auto") -
     dt = pick_dtype(dtype, dev)
     loader = {"llava": _llava, "bunny": _bunny, "qwen2-vl": _qwen2_vl,
               "causal-lm": _causal_lm}[source.family]
-    loaded = loader(source, dt)
+    try:
+        loaded = loader(source, dt)
+    except TiveError:
+        raise
+    except Exception as e:  # transformers, safetensors, gguf: many types for a damaged folder
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"{source.path}: cannot load the {source.family} model "
+                          f"({type(e).__name__}: {first}); fix: check the folder is a complete, "
+                          f"matching model") from None
     loaded.model.to(dev).eval()
     return loaded
 
@@ -86,7 +92,7 @@ def _llava(source: ModelSource, dtype: torch.dtype) -> LoadedModel:
     if model.config.vision_feature_select_strategy == "full" and "clip" in vision.model_type:
         tokens += 1  # CLIP's class token is kept
     return LoadedModel(model, AutoTokenizer.from_pretrained(source.path),
-                       pad_to_square(processor), "llava", tokens, None, source)
+                       pad_to_square(processor), "llava", tokens, source)
 
 
 def _bunny(source: ModelSource, dtype: torch.dtype) -> LoadedModel:
@@ -96,8 +102,7 @@ def _bunny(source: ModelSource, dtype: torch.dtype) -> LoadedModel:
     vision = model.config.vision_config
     size = vision.image_size
     return LoadedModel(model, tokenizer, lambda images: bunny.bunny_pixel_values(images, size),
-                       "bunny", (size // vision.patch_size) ** 2,
-                       bunny.text_vocab_size(model), source)
+                       "bunny", (size // vision.patch_size) ** 2, source)
 
 
 def _qwen2_vl(source: ModelSource, dtype: torch.dtype) -> LoadedModel:
@@ -105,8 +110,7 @@ def _qwen2_vl(source: ModelSource, dtype: torch.dtype) -> LoadedModel:
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(source.path, dtype=dtype)
     return LoadedModel(model, AutoTokenizer.from_pretrained(source.path),
-                       AutoImageProcessor.from_pretrained(source.path), "qwen2-vl", None, None,
-                       source)
+                       AutoImageProcessor.from_pretrained(source.path), "qwen2-vl", None, source)
 
 
 def _causal_lm(source: ModelSource, dtype: torch.dtype) -> LoadedModel:
@@ -115,7 +119,7 @@ def _causal_lm(source: ModelSource, dtype: torch.dtype) -> LoadedModel:
     kwargs = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(source.path, **kwargs)
-    return LoadedModel(model, tokenizer, None, "causal-lm", None, None, source)
+    return LoadedModel(model, tokenizer, None, "causal-lm", None, source)
 
 
 def pad_to_square(processor: Any) -> Callable:

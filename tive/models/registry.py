@@ -74,7 +74,9 @@ def resolve(spec: str, cache_dir: str | Path | None = None) -> ModelSource:
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(spec, path.parent, "causal-lm", gguf_file=path.name)
     if path.is_dir():
-        return ModelSource(spec, path, detect_family(path))
+        family = detect_family(path)
+        _check_weights(path)
+        return ModelSource(spec, path, family)
     hub_id = HUB_ALIASES.get(spec, spec)
     if spec not in HUB_ALIASES and spec.count("/") != 1:
         raise ConfigError(f"--model {spec!r}: not an alias, a folder, a .gguf file or a hub id "
@@ -85,7 +87,9 @@ def resolve(spec: str, cache_dir: str | Path | None = None) -> ModelSource:
             f"--model {spec}: {hub_id} is not in the local Hugging Face cache and tive never "
             f"downloads; fix: on a machine with internet run `hf download {hub_id}` (then copy "
             f"~/.cache/huggingface/hub here), or pass --model with a local folder")
-    return ModelSource(spec, folder, detect_family(folder), hub_id=hub_id)
+    family = detect_family(folder)
+    _check_weights(folder)
+    return ModelSource(spec, folder, family, hub_id=hub_id)
 
 
 def cached_snapshot(hub_id: str, cache_dir: str | Path | None = None) -> Path | None:
@@ -115,6 +119,14 @@ def detect_family(folder: Path) -> str:
     if model_type == "qwen2_vl":
         return "qwen2-vl"
     return "causal-lm"
+
+
+def _check_weights(folder: Path) -> None:
+    """Refuse a model folder without weight files (before transformers builds a default model)."""
+    patterns = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
+    if not any(next(folder.glob(p), None) for p in patterns):
+        raise ConfigError(f"{folder}: config.json but no weights (*.safetensors, "
+                          f"pytorch_model*.bin); fix: copy the complete model folder")
 
 
 def _from_package(alias: str) -> ModelSource:
