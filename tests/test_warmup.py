@@ -73,13 +73,13 @@ def test_warmup_lowers_the_loss_and_the_saved_adapter_reloads_identically(tmp_pa
     import torch
     from click.testing import CliRunner
     from peft import PeftModel
+    from zoo import save_llava_folder
 
     from tive.cli import main
     from tive.data import load_mixture
     from tive.models.load import load_model
     from tive.models.registry import resolve
     from tive.warmup import encoded_batches
-    from zoo import save_llava_folder
 
     model_dir = tmp_path / "model"
     save_llava_folder(model_dir)
@@ -123,12 +123,12 @@ def test_warmup_lowers_the_loss_and_the_saved_adapter_reloads_identically(tmp_pa
 def test_reloaded_adapter_gives_identical_outputs(tmp_path):
     import torch
     from peft import PeftModel
+    from zoo import save_llava_folder
 
     from tive.data import load_mixture
     from tive.models.load import load_model
     from tive.models.registry import resolve
     from tive.warmup import encoded_batches, save_reference, train
-    from zoo import save_llava_folder
 
     save_llava_folder(tmp_path / "model")
     mixture = load_mixture(image_mixture(tmp_path / "data", n_per_task=2))
@@ -149,11 +149,12 @@ def test_reloaded_adapter_gives_identical_outputs(tmp_path):
 
 
 def test_text_only_batches_of_a_visual_model_train(tmp_path):
+    from zoo import save_llava_folder
+
     from tive.data import load_mixture
     from tive.models.load import load_model
     from tive.models.registry import resolve
     from tive.warmup import train
-    from zoo import save_llava_folder
 
     save_llava_folder(tmp_path / "model")
     mixture = load_mixture(image_mixture(tmp_path / "data", n_per_task=2))
@@ -181,8 +182,9 @@ def test_interrupted_save_leaves_no_reference_that_looks_complete(tmp_path):
 
 
 def test_lora_targets_option_restricts_layers_and_names_unknown_ones(tmp_path):
-    from tive.lora import warmup_targets
     from zoo import llava_clip_llama
+
+    from tive.lora import warmup_targets
 
     model = llava_clip_llama()
     chosen = warmup_targets(model, ("q_proj", "v_proj"))
@@ -199,11 +201,10 @@ def _bunny_folder(folder):
 
 
 def _qwen2_vl_folder(folder):
+    from test_encode import qwen_tok
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
     )
-
-    from test_encode import qwen_tok
     from zoo import qwen2_vl
 
     qwen2_vl().save_pretrained(folder)
@@ -237,9 +238,9 @@ def test_warmup_runs_for_each_visual_family_from_a_model_folder(tmp_path, family
 
 def test_nothing_encodable_is_an_error_and_nothing_is_saved(tmp_path):
     from click.testing import CliRunner
+    from zoo import save_llava_folder
 
     from tive.cli import main
-    from zoo import save_llava_folder
 
     save_llava_folder(tmp_path / "model")
     data = image_mixture(tmp_path / "data", n_per_task=2)
@@ -263,8 +264,8 @@ def test_nothing_encodable_is_an_error_and_nothing_is_saved(tmp_path):
 
 def test_a_text_model_samples_only_text_records(tmp_path):
     from tive.data import load_mixture
-    from tive.warmup import usable_rows
     from tive.errors import DataError
+    from tive.warmup import usable_rows
 
     mixture = load_mixture(image_mixture(tmp_path / "data", n_per_task=2))
     none_missing = np.zeros(len(mixture), dtype=bool)

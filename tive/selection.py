@@ -21,6 +21,7 @@ import numpy as np
 from tive.errors import ConfigError
 from tive.hashing import splitmix64
 
+
 def largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:
     """Integers summing to ``total`` that round ``shares`` (which sum to ``total``) fairly.
 
