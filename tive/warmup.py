@@ -173,9 +173,10 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
     for epoch in range(config.epochs):
         order = np.random.default_rng(config.seed + epoch).permutation(rows)
         pending = 0
+        first = epoch == 0  # count skips and trained records once, not once per epoch
         for batch in encoded_batches(loaded, mixture, order, config.batch_size,
-                                     config.max_length, image_root, skipped,
-                                     used if epoch == 0 else None):
+                                     config.max_length, image_root,
+                                     skipped if first else None, used if first else None):
             batch = {k: v.to(device) for k, v in batch.items() if v is not None}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                 loss = model(**batch).loss
