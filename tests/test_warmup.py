@@ -248,7 +248,8 @@ def test_nothing_encodable_is_an_error_and_nothing_is_saved(tmp_path):
             str(tmp_path / "run"), "--fraction", "1", "--lora-r", "2", "--lora-alpha", "4",
             "--quiet"]
     res = CliRunner().invoke(main, base + ["--max-length", "5", "--epochs", "3"])  # all cut away
-    assert res.exit_code == 2 and "none of the 6 sampled records could be encoded (6 no-" in res.stderr
+    assert res.exit_code == 2 and ("none of the 6 sampled records could be encoded (4 too-long-"
+                                   "for-image, 2 no-supervised-token)") in res.stderr
     assert not (tmp_path / "run" / "reference").exists()
     res = CliRunner().invoke(main, base + ["--lora-targets", "gate_proj,up_proj"])
     assert res.exit_code == 2 and "self_attn.q_proj: has no LoRA adapter" in res.stderr
