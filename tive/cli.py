@@ -221,13 +221,13 @@ def select(run: Path, output: Path | None, data: Path | None, task_field: str | 
 def report(run: Path, as_json: bool) -> None:
     """Print the task values of a run and the selections made from it."""
     from tive.api import value_estimate
-    from tive.report import format_table
+    from tive.report import format_table, json_float
     from tive.store import Store
 
     store = Store.open(run / "store" if (run / "store").exists() else run)
     r = value_estimate(store=store, data=False)
     valid = r.valid_sizes()
-    table = {t: {"records": n, "valid": valid[t], "value": _json_value(r.task_values[t])}
+    table = {t: {"records": n, "valid": valid[t], "value": json_float(r.task_values[t])}
              for t, n in r.sizes.items()}
     selections = sorted(run.glob("*.report.json"))
     if as_json:
@@ -250,10 +250,6 @@ def report(run: Path, as_json: bool) -> None:
                                 [(t, "-" if e["value"] is None else f"{e['value']:.4g}",
                                   "excluded" if e["excluded"] else f"{e['quota']:,}",
                                   f"{e['selected']:,}") for t, e in d["tasks"].items()]))
-
-
-def _json_value(v: float) -> float | None:
-    return None if np.isnan(v) else float(v)
 
 
 def _reasons(invalid: dict[str, int]) -> str:

@@ -216,7 +216,7 @@ class Selection:
         unique_rows = np.unique(self.indices)
         unique = np.bincount(r._codes[unique_rows], minlength=len(r._names))
         tasks = {t: {"records": sizes[t], "valid": valid[t],
-                     "value": _json_float(r.task_values.get(t, math.nan)),
+                     "value": json_float(r.task_values.get(t, math.nan)),
                      "excluded": t in self.config.exclude,
                      "quota": self.quotas.get(t, 0), "selected": chosen[t],
                      "unique": int(unique[r._names.index(t)])}
@@ -310,5 +310,6 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.4g}"
 
 
-def _json_float(value: float) -> float | None:
+def json_float(value: float) -> float | None:
+    """A float for JSON: None for NaN or infinity."""
     return float(value) if math.isfinite(value) else None
