@@ -1,0 +1,200 @@
+"""Stage 4a — per-sample gradients of the key LoRA parameters, a whole batch per backward.
+
+DESIGN.md, method item 4 and "Speed". For a batch of B records the loss is
+``Σ_i mean-token-loss_i`` (not the model's own ``labels=`` loss, a token mean over the whole
+batch), so ∂loss/∂θ restricted to record i's graph is exactly record i's own gradient. Forward
+hooks on each key ``lora_A``/``lora_B`` ``nn.Linear`` keep its input ``x`` ``(B, T, in)`` and
+register a hook on its output; in the backward pass that hook receives the output gradient
+``δ`` ``(B, T, out)``, and record i's gradient of the weight is ``Σ_t δ_it x_itᵀ``
+``(out, in)`` — one batched ``einsum``. Each block is squared into the exact norm and handed
+to the projector at once, then dropped.
+
+The model is in eval mode (no dropout). Only the key LoRA weights require gradients, and the
+backward pass is asked (``inputs=``) only for the weights of the *first* attention module:
+every key output lies on a path to them, so all hooks fire, while no weight gradient other
+than those few is ever computed. A check that every hook fired once guards this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tive.errors import ConfigError, TiveError
+from tive.lora import KeyParameter, key_parameters
+from tive.projection import Projector
+
+IGNORE = -100
+# families whose position ids the model derives itself (multimodal RoPE from the mask)
+OWN_POSITIONS = ("qwen2_vl", "qwen2_5_vl")
+
+
+@dataclass
+class BatchFeatures:
+    """Per-record results of one batch (numpy, on the CPU).
+
+    Attributes:
+        features: ``(B, k)`` projected gradients (zeros where not finite).
+        norms: ``(B,)`` float64 exact ‖g‖₂ over all key parameters.
+        loss: ``(B,)`` float64 mean token loss.
+        ntokens: ``(B,)`` int64 supervised tokens (predicted positions).
+    """
+
+    features: np.ndarray
+    norms: np.ndarray
+    loss: np.ndarray
+    ntokens: np.ndarray
+
+    @property
+    def finite(self) -> np.ndarray:
+        """``(B,)`` records whose loss, norm and features are all finite."""
+        return (np.isfinite(self.loss) & np.isfinite(self.norms)
+                & np.isfinite(self.features).all(axis=1))
+
+
+class GradientFeatures:
+    """Per-sample key-parameter gradients of a peft LoRA model, projected.
+
+    Args:
+        peft_model: the reference model (peft, LoRA on at least the self-attention projections).
+        projector: receives the gradient blocks, in :attr:`keys` order.
+        adapter: the peft adapter name.
+
+    Use as a context manager (hooks are removed on exit) or call :meth:`close`.
+    """
+
+    def __init__(self, peft_model: nn.Module, projector: Projector,
+                 adapter: str = "default") -> None:
+        self.model = peft_model
+        self.projector = projector
+        self.keys: list[KeyParameter] = key_parameters(peft_model, adapter)
+        modules = dict(peft_model.named_modules())
+        params = dict(peft_model.named_parameters())
+        self._linears = [modules[k.name.rsplit(".", 1)[0]] for k in self.keys]
+        for layer_name in {k.name.split(".lora_")[0] for k in self.keys}:
+            if adapter in getattr(modules[layer_name], "lora_variant", {}):
+                raise ConfigError(f"{layer_name}: the adapter uses a LoRA variant (e.g. DoRA); "
+                                  f"only plain LoRA gradients are supported")
+        for p in peft_model.parameters():
+            p.requires_grad_(False)
+        weights = [params[k.name] for k in self.keys]
+        for w in weights:
+            w.requires_grad_(True)
+        first = self.keys[0].name.rsplit(".self_attn.", 1)[0]
+        self._inputs = [w for k, w in zip(self.keys, weights)
+                        if k.name.rsplit(".self_attn.", 1)[0] == first]
+        self.dtype = torch.float64 if weights[0].dtype == torch.float64 else torch.float32
+        self.hf_model = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") \
+            else peft_model
+        self._backbone = getattr(self.hf_model, "model", None)
+        self._head = self.hf_model.get_output_embeddings()
+        if not isinstance(self._backbone, nn.Module) or self._head is None:
+            raise ConfigError(f"{type(self.hf_model).__name__}: expected a transformers model "
+                              f"with .model (backbone) and an output head")
+        self._own_positions = getattr(self.hf_model.config, "model_type", "") in OWN_POSITIONS
+        self._active = False
+        self._mask: torch.Tensor | None = None
+        self._fired = [0] * len(self.keys)
+        self._sq: torch.Tensor | None = None
+        self._handles = [m.register_forward_hook(self._forward_hook(i))
+                         for i, m in enumerate(self._linears)]
+        peft_model.eval()
+
+    @property
+    def dims(self) -> list[int]:
+        """Length of each gradient block (key-parameter order)."""
+        return [k.numel for k in self.keys]
+
+    def __enter__(self) -> GradientFeatures:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __call__(self, batch: dict[str, Any]) -> BatchFeatures:
+        """Features of one collated batch (:func:`tive.encode.collate`).
+
+        Returns:
+            :class:`BatchFeatures` with one row per batch row.
+        """
+        device = self._inputs[0].device
+        inputs = {k: v.to(device) for k, v in batch.items()
+                  if v is not None and k != "labels"}
+        labels = batch["labels"].to(device)
+        mask = inputs["attention_mask"]
+        if not self._own_positions:
+            inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        n = labels.shape[0]
+        self._mask, self._fired = mask, [0] * len(self.keys)
+        self._sq = torch.zeros(n, dtype=torch.float64, device=device)
+        self.projector.start(n, device, self.dtype)
+        self._active = True
+        try:
+            with torch.enable_grad():
+                loss, ntokens = self._record_losses(inputs, labels)
+                use = torch.isfinite(loss) & (ntokens > 0)
+                total = loss[use].sum()
+                if total.requires_grad:
+                    torch.autograd.backward(total, inputs=self._inputs)
+        finally:
+            self._active = False
+            for w in self._inputs:
+                w.grad = None
+        features = self.projector.finish()
+        if use.any() and min(self._fired) != 1:
+            block = next(i for i, f in enumerate(self._fired) if f != 1)
+            raise TiveError(f"{self.keys[block].name}: received {self._fired[block]} gradients "
+                            f"in one backward pass, expected 1; this model's forward does not "
+                            f"use each key LoRA layer exactly once, which tive requires")
+        norms = self._sq.sqrt()
+        norms[~use] = float("nan")
+        features[~use] = 0
+        return BatchFeatures(features=features.detach().cpu().numpy(),
+                             norms=norms.cpu().numpy(),
+                             loss=loss.detach().double().cpu().numpy(),
+                             ntokens=ntokens.cpu().numpy().astype(np.int64))
+
+    def _record_losses(self, inputs: dict[str, torch.Tensor],
+                       labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B,)`` mean token loss of each record and ``(B,)`` supervised token counts.
+
+        Logits are computed only at supervised positions (the head applied to those hidden
+        states), in the head's dtype and then upcast, as the model's own loss does.
+        """
+        hidden = self._backbone(**inputs, use_cache=False).last_hidden_state
+        target = labels[:, 1:]
+        supervised = target != IGNORE
+        logits = self._head(hidden[:, :-1][supervised]).to(self.dtype)
+        token_loss = nn.functional.cross_entropy(logits, target[supervised], reduction="none")
+        n = labels.shape[0]
+        rows = supervised.nonzero()[:, 0]
+        sums = torch.zeros(n, dtype=self.dtype, device=labels.device).index_add(0, rows,
+                                                                                token_loss)
+        counts = supervised.sum(1)
+        return sums / counts.clamp(min=1), counts
+
+    def _forward_hook(self, block: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if self._active and output.requires_grad:
+                x = args[0]
+                output.register_hook(lambda grad: self._on_grad(block, x, grad))
+        return hook
+
+    def _on_grad(self, block: int, x: torch.Tensor, delta: torch.Tensor) -> None:
+        x = x.to(self.dtype)
+        if self._mask is not None and x.shape[:2] == self._mask.shape:
+            x = torch.where(self._mask[..., None].bool(), x, 0)  # pads: no NaN from masked rows
+        grads = torch.einsum("bto,bti->boi", delta.to(self.dtype), x).flatten(1)
+        self._sq += torch.linalg.vector_norm(grads, dim=1).double() ** 2
+        self.projector.add(block, grads)
+        self._fired[block] += 1
