@@ -123,6 +123,7 @@ def _check_arguments(**a: Any) -> None:
 def _from_store(st: Store, data: DataArg | bool, task_field: str | None,
                 image_root: Any, check_images: bool, skip_missing_images: bool,
                 chunk_rows: int | None) -> Report:
+    st.require_complete()
     arrays = _store_arrays(st)
     left_out: dict[str, np.ndarray] = arrays.pop("left_out")
     source = {"store": str(st.root)}

@@ -34,6 +34,10 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="tive")
 def main() -> None:
     """Find the high-value part of a visual instruction-tuning mixture (TIVE)."""
+    import warnings
+
+    # peft asks transformers a deprecated question on every wrap; nothing for a user to do
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
 
 def _task_option(f: Callable) -> Callable:
@@ -256,36 +260,55 @@ def _reasons(invalid: dict[str, int]) -> str:
     return ", ".join(f"{n:,} {r}" for r, n in invalid.items())
 
 
-def _warmup_options(f: Callable) -> Callable:
-    """One option per :class:`tive.warmup.WarmupConfig` field (LoRA ones as --lora-*)."""
+WARMUP_HELP = {
+    "fraction": "Share of the mixture in the warm-up sample (equal count per task).",
+    "seed": "Seed of the sample and of training.",
+    "r": "LoRA rank.", "alpha": "LoRA alpha.", "dropout": "LoRA dropout.",
+    "lr": "Learning rate (AdamW, cosine schedule, 3% warm-up steps).",
+    "epochs": "Passes over the sample.", "batch_size": "Records per step.",
+    "grad_accum": "Steps accumulated per optimizer update.",
+    "bf16": "Train under bfloat16 autocast.",
+    "max_length": "Tokens per record at most (longer records are truncated).",
+    "targets": "LoRA on these linear layers of the language model, comma-separated (e.g. "
+               "q_proj,v_proj); default: every linear layer (the authors')."}
+
+
+def _warmup_option_name(name: str, prefixed: bool) -> str:
+    if name in ("r", "alpha", "dropout", "targets"):
+        return f"--lora-{name}"
+    return f"--{'warmup-' if prefixed else ''}{name.replace('_', '-')}"
+
+
+def _warmup_options(prefixed: bool = False) -> Callable[[Callable], Callable]:
+    """One option per :class:`tive.warmup.WarmupConfig` field (LoRA ones as --lora-*).
+
+    Args:
+        prefixed: name the others --warmup-* (for ``tive score``, whose own --seed and
+            --batch-size mean scoring settings); ``max_length`` is then the scoring one.
+    """
     from tive.warmup import WarmupConfig
 
-    helps = {"fraction": "Share of the mixture in the warm-up sample (equal count per task).",
-             "seed": "Seed of the sample and of training.",
-             "r": "LoRA rank.", "alpha": "LoRA alpha.", "dropout": "LoRA dropout.",
-             "lr": "Learning rate (AdamW, cosine schedule, 3% warm-up steps).",
-             "epochs": "Passes over the sample.", "batch_size": "Records per step.",
-             "grad_accum": "Steps accumulated per optimizer update.",
-             "bf16": "Train under bfloat16 autocast.",
-             "max_length": "Tokens per record at most (longer records are truncated).",
-             "targets": "LoRA on these linear layers of the language model, comma-separated "
-                        "(e.g. q_proj,v_proj); default: every linear layer (the authors')."}
-    for fd in reversed(fields(WarmupConfig)):
-        name = f"--lora-{fd.name}" if fd.name in ("r", "alpha", "dropout") else \
-            f"--{fd.name.replace('_', '-')}"
-        if fd.name == "targets":
-            f = click.option("--lora-targets", "targets", default="", metavar="NAMES",
-                             callback=lambda ctx, p, v: tuple(x for x in v.split(",") if x),
-                             help=helps["targets"])(f)
-            continue
-        kwargs: dict[str, Any] = {"default": fd.default, "show_default": True,
-                                  "help": helps[fd.name]}
-        if isinstance(fd.default, bool):
-            kwargs["is_flag"] = True
-        else:
-            kwargs["type"] = type(fd.default)
-        f = click.option(name, fd.name, **kwargs)(f)
-    return f
+    def decorate(f: Callable) -> Callable:
+        for fd in reversed(fields(WarmupConfig)):
+            if prefixed and fd.name == "max_length":
+                continue
+            name = _warmup_option_name(fd.name, prefixed)
+            dest = f"warmup_{fd.name}" if prefixed else fd.name
+            if fd.name == "targets":
+                f = click.option(name, dest, default="", metavar="NAMES",
+                                 callback=lambda ctx, p, v: tuple(x for x in v.split(",") if x),
+                                 help=WARMUP_HELP["targets"])(f)
+                continue
+            kwargs: dict[str, Any] = {"default": fd.default, "show_default": True,
+                                      "help": WARMUP_HELP[fd.name]}
+            if isinstance(fd.default, bool):
+                kwargs["is_flag"] = True
+            else:
+                kwargs["type"] = type(fd.default)
+            f = click.option(name, dest, **kwargs)(f)
+        return f
+
+    return decorate
 
 
 def _model_options(f: Callable) -> Callable:
@@ -305,7 +328,7 @@ def _model_options(f: Callable) -> Callable:
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="The mixture.")
 @click.option("--run", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RUN,
               show_default=True, help="Run folder; the adapter goes to RUN/reference.")
-@_warmup_options
+@_warmup_options()
 @click.option("--force", is_flag=True, help="Retrain even if RUN/reference exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_data_options
@@ -315,41 +338,82 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
     """Train the warm-up LoRA reference model on an equal-per-task sample of the mixture."""
     from tive import warmup as wu
     from tive.data import load_mixture
-    from tive.models.load import load_model
     from tive.models.registry import resolve
     from tive.tasks import label_tasks
 
     config = wu.WarmupConfig(**settings)
     source = resolve(model_spec)
     mixture = load_mixture(data, task_field=task_field)
-    labels = label_tasks(mixture)
-    usable = wu.usable_rows(mixture, mixture.check_images(image_root, skip_missing_images),
-                            source.family)
-    rows = usable[wu.warmup_sample(labels.tasks[usable], mixture.keys[usable], config.fraction,
-                                   config.seed)]
-    identity = {"model": source.spec, "dtype": dtype, "data": mixture.fingerprint,
-                "settings": json.loads(json.dumps(asdict(config))),
-                "rows": [int(r) for r in rows], "tasks": sorted(set(labels.tasks[rows]))}
-    existing = run / wu.REFERENCE_DIR / "reference.json"
-    if existing.exists() and not force:
-        done = json.loads(existing.read_text(encoding="utf-8"))
-        if done.get("identity") != identity:
-            raise TiveError(f"{existing.parent}: a reference trained on {done['data']['path']} "
-                            f"with model {done['model']['spec']} and other settings or sample "
-                            f"is there; fix: --force to replace it, or another --run")
-        click.echo(f"{existing.parent}: reference already trained with these settings "
-                   f"({done['sample']['trained']:,} records, loss {done['loss']['first']:.4g} "
-                   f"→ {done['loss']['last']:.4g})")
-        return
-    loaded = load_model(source, dtype=dtype, device=device)
-    result = wu.train(loaded, mixture, rows, config, image_root, progress=not quiet)
-    info = wu.reference_info(mixture, labels.tasks, rows, config, source.describe(), result)
-    path = wu.save_reference(run, result["model"], {**info, "identity": identity})
-    loss, per_task = info["loss"], info["sample"]["per_task"]
-    click.echo(f"trained on {info['sample']['trained']:,} records "
-               f"({', '.join(f'{t} {n}' for t, n in per_task.items())}); "
-               f"loss {loss['first']:.4g} → {loss['last']:.4g}; adapter in {path}"
-               + (f"; skipped {_reasons(result['skipped'])}" if result["skipped"] else ""))
+    ref = wu.ensure_reference(run, source, mixture, label_tasks(mixture), config, dtype=dtype,
+                              device=device, image_root=image_root,
+                              missing=mixture.check_images(image_root, skip_missing_images),
+                              retrain=force, progress=not quiet)
+    click.echo(ref.message)
+
+
+@main.command()
+@_model_options
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="The mixture.")
+@click.option("--run", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RUN,
+              show_default=True, help="Run folder: reference/ (warm-up adapter) and store/.")
+@click.option("--reference", type=click.Path(file_okay=False, path_type=Path),
+              help="Score with this peft adapter folder instead of warming up.")
+@click.option("--batch-size", default=8, show_default=True, type=int,
+              help="Records per forward/backward (results do not depend on it).")
+@click.option("--max-length", default=2048, show_default=True, type=int,
+              help="Tokens per record at most, for warm-up and scoring (longer records are "
+                   "truncated).")
+@click.option("--projector", type=click.Choice(["sparse-jl", "trak", "none"]),
+              default="sparse-jl", show_default=True,
+              help="sparse-jl: seeded sparse Johnson-Lindenstrauss, the same on every device; "
+                   "trak: TRAK's Rademacher projector, as the TIVE authors used it; none: the "
+                   "whole gradient (small models only).")
+@click.option("--proj-dim", type=int, help="Features per record (default 8192).")
+@click.option("--seed", type=int, help="Seed of the projection (default 0).")
+@click.option("--jl-nnz", type=int,
+              help="Non-zeros per gradient coordinate of the sparse JL map (default 1).")
+@click.option("--feature-dtype", type=click.Choice(["float16", "float32"]), default="float16",
+              show_default=True, help="Storage type of the features.")
+@_warmup_options(prefixed=True)
+@click.option("--force", is_flag=True,
+              help="Replace a store or reference made with other settings instead of refusing.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_data_options
+def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
+          reference: Path | None, batch_size: int, max_length: int, projector: str,
+          proj_dim: int | None, seed: int | None, jl_nnz: int | None, feature_dtype: str,
+          force: bool, quiet: bool, task_field: str | None, image_root: Path | None,
+          skip_missing_images: bool, **warmup: Any) -> None:
+    """Per-record gradient features of the reference model, written to RUN/store.
+
+    Trains the warm-up reference first (unless --reference is given or RUN/reference was
+    trained with the same settings). Resumes an interrupted run. Under `torchrun --no-python
+    tive score ...` the records are shared among the processes.
+    """
+    from tive.score import ScoreConfig, run_score
+    from tive.warmup import WarmupConfig
+
+    config = ScoreConfig(batch_size=batch_size, max_length=max_length, projector=projector,
+                         proj_dim=proj_dim, seed=seed, jl_nnz=jl_nnz,
+                         feature_dtype=feature_dtype)
+    given = [k for k, v in warmup.items() if v != _default_warmup(k)]
+    if reference is not None and given:
+        raise click.UsageError(f"--reference is a trained adapter; leave out the warm-up "
+                               f"options ({', '.join(_warmup_option_name(g[7:], True) for g in given)})")
+    warm = WarmupConfig(max_length=max_length, **{k[7:]: v for k, v in warmup.items()})
+    summary = run_score(model_spec, data, run, reference=reference, config=config, warmup=warm,
+                        dtype=dtype, device=device, task_field=task_field,
+                        image_root=image_root, skip_missing_images=skip_missing_images,
+                        force=force, progress=not quiet, echo=click.echo)
+    if summary.rank == 0:
+        for line in summary.lines():
+            click.echo(line)
+
+
+def _default_warmup(dest: str) -> Any:
+    from tive.warmup import WarmupConfig
+
+    return getattr(WarmupConfig(), dest[len("warmup_"):])
 
 
 @main.command()

@@ -441,6 +441,49 @@ def make_encoder(family: str, tokenizer: Any, *, image_processor: Any = None,
                          max_length, **family_options)
 
 
+def load_images(mixture: Any, row: int, image_root: Any = None) -> list[PIL.Image.Image]:
+    """Record ``row``'s images as RGB PIL images (relative paths resolve against
+    ``image_root``, default: the data file's folder).
+
+    Raises:
+        OSError: an image is missing or unreadable.
+        ConfigError: the record embeds its image instead of naming a file.
+    """
+    from pathlib import Path
+
+    from tive.data import EMBEDDED
+
+    root = mixture.image_root(image_root)
+    images = []
+    for ref in mixture[row].images:
+        if ref == EMBEDDED:
+            raise ConfigError(f"{mixture.path}: record {row} embeds its image; warm-up and "
+                              f"scoring read image files; fix: export the images to files")
+        path = Path(ref) if Path(ref).is_absolute() else root / ref
+        with PIL.Image.open(path) as img:
+            images.append(img.convert("RGB"))
+    return images
+
+
+def encode_row(encoder: Encoder, mixture: Any, row: int, image_root: Any = None) -> Encoded | str:
+    """Record ``row`` of ``mixture`` encoded with its images, or the reason it cannot be:
+    ``missing-image`` (file absent), ``error`` (unreadable image), or an encoder reason."""
+    try:
+        images = load_images(mixture, row, image_root)
+    except FileNotFoundError:
+        return "missing-image"
+    except OSError:  # PIL's unreadable or truncated image files
+        return "error"
+    item = encoder.encode(mixture[row], images)
+    return item.reason if isinstance(item, Skipped) else item
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id written at padding positions: the pad token, else end-of-sequence."""
+    pad = tokenizer.pad_token_id
+    return tokenizer.eos_token_id if pad is None else pad
+
+
 def collate(items: list[Encoded], pad_id: int,
             padding_side: str = "right") -> dict[str, torch.Tensor | None]:
     """Pad encoded records into one batch.

@@ -10,15 +10,24 @@ Layout of ``RUN/store/``::
     done.npy       (N,) bool, rows written
     skipped.npy    (N,) int8 reason a row could not be scored (0: not skipped; see SKIP_REASONS)
     index.jsonl    one line per row: {"id", "task", "key"}
+    parts/rank-R/  while ``tive score`` runs in several processes: each rank's own rows
 
 A store describes itself: :meth:`Store.check_data` refuses data other than the data it was
 built from, showing both identities and the remedy.
+
+``tive score`` fills a store as it goes (:func:`create_store`, :class:`RowWriter`): rows are
+written to the memory-mapped arrays, and every :data:`COMMIT_SECONDS` the data arrays are
+flushed *before* the rows are marked in ``done.npy``. A process killed at any moment leaves
+every row marked done complete; unmarked rows are computed again. ``meta.json`` says
+``"complete": true`` once every row is done.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +40,12 @@ from tive.fileio import atomic_path
 
 FORMAT_VERSION = 1
 STORE_DIR = "store"
-SKIP_REASONS = {1: "missing-image", 2: "no-supervised-token", 3: "non-finite", 4: "error"}
+SKIP_REASONS = {1: "missing-image", 2: "no-supervised-token", 3: "non-finite", 4: "error",
+                5: "image-count-mismatch", 6: "image-outside-user-turn",
+                7: "too-long-for-image", 8: "image-in-text-model"}
+SKIP_CODES = {reason: code for code, reason in SKIP_REASONS.items()}
+PARTS_DIR = "parts"
+COMMIT_SECONDS = 1.0  # at most this much finished work is lost when a run is killed
 ARRAYS = ("norms", "loss", "ntokens", "done", "skipped")
 DTYPES = {"norms": np.float64, "loss": np.float64, "ntokens": np.int64, "done": np.bool_,
           "skipped": np.int8}
@@ -86,6 +100,19 @@ class Store:
     @property
     def dim(self) -> int:
         return int(self.meta["projector"]["dim"])
+
+    @property
+    def complete(self) -> bool:
+        """Every row is done (stores written by ``tive import`` always are)."""
+        return bool(self.meta.get("complete", True))
+
+    def require_complete(self) -> None:
+        """Raise unless :attr:`complete`: values from a partial store would be wrong."""
+        if not self.complete:
+            done = int(self.array("done").sum())
+            raise StoreError(f"{self.root}: only {done:,} of {self.n_records:,} records are "
+                             f"scored; fix: finish it by running the same `tive score` command "
+                             f"again (it resumes)")
 
     @property
     def features(self) -> np.ndarray:
@@ -171,6 +198,7 @@ def write_store(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **meta,
         "feature_dtype": feature_dtype,
+        "complete": True,
     }
     full_meta["projector"] = {**meta.get("projector", {}), "dim": int(k)}
     full_meta["data"] = {**meta["data"], "records": int(n)}
@@ -191,6 +219,140 @@ def write_store(
                                    ensure_ascii=False) + "\n")
         (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2) + "\n", encoding="utf-8")
     return Store.open(root)
+
+
+def create_store(root: str | os.PathLike, *, n: int, k: int, index: Sequence[IndexEntry],
+                 meta: dict[str, Any], feature_dtype: str = "float16") -> Store:
+    """Create an empty store (no row done) for ``tive score`` to fill, atomically.
+
+    ``features.npy`` is created sparse (zeros); norms and losses are NaN, token counts -1.
+    """
+    root = Path(root)
+    full_meta = {"format_version": FORMAT_VERSION,
+                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **meta,
+                 "feature_dtype": feature_dtype, "complete": False}
+    full_meta["projector"] = {**meta["projector"], "dim": int(k)}
+    full_meta["data"] = {**meta["data"], "records": int(n)}
+    with atomic_path(root, directory=True) as tmp:
+        tmp.mkdir()
+        _empty_arrays(tmp, n, k, feature_dtype)
+        with open(tmp / "index.jsonl", "w", encoding="utf-8") as f:
+            for e in index:
+                f.write(json.dumps({"id": e.id, "task": e.task, "key": f"{e.key:016x}"},
+                                   ensure_ascii=False) + "\n")
+        (tmp / "meta.json").write_text(json.dumps(full_meta, indent=2) + "\n", encoding="utf-8")
+    return Store.open(root)
+
+
+def _empty_arrays(folder: Path, n: int, k: int, feature_dtype: str) -> None:
+    np.lib.format.open_memmap(folder / "features.npy", mode="w+", dtype=np.dtype(feature_dtype),
+                              shape=(n, k)).flush()
+    fill = {"norms": np.nan, "loss": np.nan, "ntokens": -1, "done": False, "skipped": 0}
+    for name, value in fill.items():
+        np.save(folder / f"{name}.npy", np.full(n, value, dtype=DTYPES[name]))
+
+
+class RowWriter:
+    """Writes rows into a store folder (or a rank's part of one) and commits them to ``done``.
+
+    Args:
+        folder: holds ``features.npy`` and the ``(N,)`` arrays.
+        positions: for a part, the store row of each of its slots (``rows.npy``); None: the
+            store itself (slot = row).
+    """
+
+    def __init__(self, folder: Path, positions: np.ndarray | None = None) -> None:
+        self.folder = Path(folder)
+        self.arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r+")
+                       for name in ("features", *ARRAYS)}
+        self.slot = None if positions is None else {int(r): i for i, r in enumerate(positions)}
+        self._pending: list[int] = []
+        self._last = time.monotonic()
+
+    def write(self, rows: np.ndarray, features: np.ndarray, norms: np.ndarray,
+              loss: np.ndarray, ntokens: np.ndarray, skipped: np.ndarray) -> None:
+        """Write store rows ``rows`` (a whole batch, scored or skipped); commit when due."""
+        at = rows if self.slot is None else np.array([self.slot[int(r)] for r in rows], int)
+        a = self.arrays
+        a["features"][at] = _cast_rows(features, a["features"].dtype, int(rows[0]))
+        a["norms"][at], a["loss"][at], a["ntokens"][at] = norms, loss, ntokens
+        a["skipped"][at] = skipped
+        self._pending.extend(int(i) for i in at)
+        if time.monotonic() - self._last >= COMMIT_SECONDS:
+            self.commit()
+
+    def commit(self) -> None:
+        """Flush the data, then mark the pending rows done and flush that."""
+        for name, arr in self.arrays.items():
+            if name != "done":
+                arr.flush()
+        if self._pending:
+            self.arrays["done"][self._pending] = True
+            self.arrays["done"].flush()
+        self._pending = []
+        self._last = time.monotonic()
+
+    def close(self) -> None:
+        self.commit()
+        self.arrays = {}
+
+
+def part_folder(store_root: Path, rank: int) -> Path:
+    return Path(store_root) / PARTS_DIR / f"rank-{rank}"
+
+
+def create_part(store: Store, rank: int, rows: np.ndarray) -> RowWriter:
+    """A rank's own part of ``store`` for ``rows`` (replacing an older one), and its writer."""
+    folder = part_folder(store.root, rank)
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    _empty_arrays(folder, len(rows), store.dim, store.meta["feature_dtype"])
+    np.save(folder / "rows.npy", np.asarray(rows, dtype=np.int64))
+    return RowWriter(folder, rows)
+
+
+def fold_parts(store: Store) -> int:
+    """Copy the done rows of every part into the store, mark them done, delete the parts.
+
+    Safe to repeat after a crash (copying again gives the same bytes).
+
+    Returns:
+        the number of rows folded in.
+    """
+    parts = Path(store.root) / PARTS_DIR
+    if not parts.exists():
+        return 0
+    main = RowWriter(store.root)
+    total = 0
+    for folder in sorted(p for p in parts.iterdir() if (p / "rows.npy").exists()):
+        rows = np.load(folder / "rows.npy")
+        done = np.load(folder / "done.npy")
+        src = {name: np.load(folder / f"{name}.npy", mmap_mode="r")
+               for name in ("features", *ARRAYS)}
+        slots = np.flatnonzero(done)
+        step = max(1, (1 << 24) // max(store.dim, 1))
+        for s in range(0, len(slots), step):
+            chunk = slots[s:s + step]
+            for name in ("features", "norms", "loss", "ntokens", "skipped"):
+                main.arrays[name][rows[chunk]] = src[name][chunk]
+        main._pending.extend(int(r) for r in rows[slots])
+        main.commit()
+        total += len(slots)
+    main.close()
+    shutil.rmtree(parts)
+    return total
+
+
+def mark_complete(store: Store, **extra: Any) -> Store:
+    """Set ``complete`` in meta.json (atomically) once every row is done."""
+    from tive.fileio import write_json
+
+    done = store.array("done")
+    if not done.all():
+        raise StoreError(f"{store.root}: {int((~done).sum()):,} rows are not done yet")
+    write_json(store.root / "meta.json", {**store.meta, **extra, "complete": True})
+    return Store.open(store.root)
 
 
 def _cast_rows(block: np.ndarray, dtype: np.dtype, start: int) -> np.ndarray:

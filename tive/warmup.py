@@ -92,45 +92,21 @@ def usable_rows(mixture: Mixture, missing: np.ndarray, family: str) -> np.ndarra
     return np.flatnonzero(usable)
 
 
-def load_images(mixture: Mixture, row: int, image_root: Any = None) -> list:
-    """The record's images as RGB PIL images (relative paths resolve against ``image_root``)."""
-    from PIL import Image
-
-    from tive.data import EMBEDDED
-
-    root = mixture.image_root(image_root)
-    images = []
-    for ref in mixture[row].images:
-        if ref == EMBEDDED:
-            raise ConfigError(f"{mixture.path}: record {row} embeds its image; warm-up and "
-                              f"scoring read image files; fix: export the images to files")
-        path = Path(ref) if Path(ref).is_absolute() else root / ref
-        with Image.open(path) as img:
-            images.append(img.convert("RGB"))
-    return images
-
-
 def encoded_batches(loaded: Any, mixture: Mixture, rows: np.ndarray, batch_size: int,
                     max_length: int, image_root: Any = None,
                     skipped: dict[str, int] | None = None,
                     used: list[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Collated batches of the records at ``rows``; records that cannot be encoded are counted
     in ``skipped`` (reason → count) and left out, the others appended to ``used``."""
-    from tive.encode import Skipped, collate
+    from tive.encode import collate, encode_row, pad_id
 
     encoder = loaded.encoder(max_length)
-    pad = loaded.tokenizer.pad_token_id
-    pad = loaded.tokenizer.eos_token_id if pad is None else pad
+    pad = pad_id(loaded.tokenizer)
     batch = []
     for row in rows:
-        try:
-            images = load_images(mixture, int(row), image_root)
-        except OSError:
-            _count(skipped, "missing-image")
-            continue
-        item = encoder.encode(mixture[int(row)], images)
-        if isinstance(item, Skipped):
-            _count(skipped, item.reason)
+        item = encode_row(encoder, mixture, int(row), image_root)
+        if isinstance(item, str):
+            _count(skipped, item)
             continue
         batch.append(item)
         if used is not None:
@@ -231,6 +207,77 @@ def reference_info(mixture: Mixture, tasks: np.ndarray, rows: np.ndarray,
         "key_parameters": {"gradient_dim": gradient_dim(keys),
                            "matrices": [{"name": k.name, "shape": list(k.shape)} for k in keys]},
     }
+
+
+@dataclass
+class Reference:
+    """The warm-up reference of a run.
+
+    Attributes:
+        path: the adapter folder (``RUN/reference``).
+        info: its ``reference.json``.
+        model: the peft model when trained just now (None when an earlier one was reused).
+        loaded: the loaded base model and its encoding pieces, with ``model``.
+        message: one line saying what happened.
+    """
+
+    path: Path
+    info: dict[str, Any]
+    model: Any = None
+    loaded: Any = None
+    message: str = ""
+
+
+def ensure_reference(run: str | Path, source: Any, mixture: Mixture, labels: Any,
+                     config: WarmupConfig, *, dtype: str = "auto", device: str = "auto",
+                     image_root: Any = None, missing: np.ndarray | None = None,
+                     retrain: bool = False, replace: bool = False,
+                     progress: bool = True) -> Reference:
+    """Reuse ``run/reference`` when it was trained with these settings, else train it.
+
+    Args:
+        source: the resolved model (:func:`tive.models.registry.resolve`).
+        labels: the mixture's task labels.
+        missing: ``(N,)`` records whose images are missing (left out of the sample).
+        retrain: train again even when the settings match.
+        replace: replace a reference trained with other settings instead of refusing.
+
+    Raises:
+        ConfigError: a reference with other settings is there (and neither flag is given).
+    """
+    from tive.models.load import load_model
+
+    missing = np.zeros(len(mixture), dtype=bool) if missing is None else missing
+    usable = usable_rows(mixture, missing, source.family)
+    rows = usable[warmup_sample(labels.tasks[usable], mixture.keys[usable], config.fraction,
+                                config.seed)]
+    identity = {"model": source.spec, "dtype": dtype, "data": mixture.fingerprint,
+                "settings": json.loads(json.dumps(asdict(config))),
+                "rows": [int(r) for r in rows], "tasks": sorted(set(labels.tasks[rows]))}
+    existing = Path(run) / REFERENCE_DIR / "reference.json"
+    if existing.exists() and not retrain:
+        done = json.loads(existing.read_text(encoding="utf-8"))
+        if done.get("identity") == identity:
+            return Reference(existing.parent, done, message=(
+                f"{existing.parent}: reference already trained with these settings "
+                f"({done['sample']['trained']:,} records, loss {done['loss']['first']:.4g} "
+                f"→ {done['loss']['last']:.4g})"))
+        if not replace:
+            raise ConfigError(f"{existing.parent}: a reference trained on "
+                              f"{done['data']['path']} with model {done['model']['spec']} and "
+                              f"other settings or sample is there; fix: --force to replace "
+                              f"it, or another --run")
+    loaded = load_model(source, dtype=dtype, device=device)
+    result = train(loaded, mixture, rows, config, image_root, progress=progress)
+    info = reference_info(mixture, labels.tasks, rows, config, source.describe(), result)
+    path = save_reference(run, result["model"], {**info, "identity": identity})
+    loss, per_task = info["loss"], info["sample"]["per_task"]
+    skipped = ", ".join(f"{n:,} {r}" for r, n in result["skipped"].items())
+    message = (f"trained on {info['sample']['trained']:,} records "
+               f"({', '.join(f'{t} {n}' for t, n in per_task.items())}); "
+               f"loss {loss['first']:.4g} → {loss['last']:.4g}; adapter in {path}"
+               + (f"; skipped {skipped}" if skipped else ""))
+    return Reference(path, info, result["model"], loaded, message)
 
 
 def _step(optimizer: torch.optim.Optimizer, schedule: Any) -> None:

@@ -1,0 +1,214 @@
+"""`tive score` end to end: store contents, resume after kill -9, refusal, torchrun sharding."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from test_warmup import image_mixture
+from zoo import save_llava_folder
+
+from tive.cli import main
+from tive.store import SKIP_REASONS, Store
+
+ARRAYS = ("features", "norms", "loss", "ntokens", "done", "skipped")
+SMALL = ["--lora-r", "4", "--lora-alpha", "8", "--warmup-fraction", "1", "--max-length", "256",
+         "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("model")
+    save_llava_folder(folder)
+    return folder
+
+
+def text_mixture(folder: Path, n: int) -> Path:
+    """``n`` text records of three tasks and varied lengths."""
+    rng = np.random.default_rng(0)
+    words = "the quick brown fox jumps over a lazy dog red blue image answer".split()
+    records = []
+    for i in range(n):
+        q = " ".join(rng.choice(words, size=int(rng.integers(2, 8))))
+        a = " ".join(rng.choice(words, size=int(rng.integers(1, 12))))
+        records.append({"id": str(i), "task": ("alpha", "beta", "gamma")[i % 3],
+                        "conversations": [{"from": "human", "value": q},
+                                          {"from": "gpt", "value": a}]})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "mix.json").write_text(json.dumps(records))
+    return folder / "mix.json"
+
+
+def invoke(*args: str):
+    res = CliRunner().invoke(main, [str(a) for a in args])
+    return res
+
+
+def store_bytes(run: Path) -> dict[str, bytes]:
+    return {name: (run / "store" / f"{name}.npy").read_bytes() for name in ARRAYS}
+
+
+def test_score_writes_a_complete_store_and_select_reads_it(tmp_path, model_dir):
+    data = image_mixture(tmp_path / "data", n_per_task=4)
+    (tmp_path / "data" / "gqa" / "1.png").unlink()  # one missing image: skipped, run goes on
+    run = tmp_path / "run"
+    res = invoke("score", "--model", model_dir, "--data", data, "--run", run, "--batch-size", 5,
+                 "--proj-dim", 256, *SMALL)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "trained on" in res.output and "scored 11 of 12 records" in res.output
+    assert "skipped: 1 missing-image" in res.output
+    store = Store.open(run)
+    assert store.complete and store.dim == 256 and store.meta["projector"]["type"] == "sparse-jl"
+    assert store.meta["key_parameters"]["gradient_dim"] > 0
+    skipped = store.array("skipped")
+    assert [SKIP_REASONS.get(c) for c in skipped[skipped > 0]] == ["missing-image"]
+    norms, feats = store.array("norms"), np.asarray(store.features, dtype=np.float64)
+    ok = skipped == 0
+    assert np.isfinite(norms[ok]).all() and (norms[ok] > 0).all()
+    assert (store.array("ntokens")[ok] > 0).all() and np.isfinite(store.array("loss")[ok]).all()
+    # a sparse JL map keeps norms: ‖φ‖ ≈ ‖g‖ (k = 256: within ~30%)
+    ratio = np.linalg.norm(feats[ok], axis=1) / norms[ok]
+    assert 0.6 < np.median(ratio) < 1.4
+    assert (feats[~ok] == 0).all() and np.isnan(norms[~ok]).all()
+    res = invoke("select", "--run", run, "--budget", "0.5")
+    assert res.exit_code == 0, res.output
+    assert "1 missing-image" in res.output
+    # scoring again finds everything done, reuses the reference, computes nothing
+    before = store_bytes(run)
+    res = invoke("score", "--model", model_dir, "--data", data, "--run", run, "--batch-size", 5,
+                 "--proj-dim", 256, *SMALL)
+    assert res.exit_code == 0 and "already trained" in res.output
+    assert "0 in this run" in res.output and store_bytes(run) == before
+
+
+def test_batch_size_does_not_change_the_features(tmp_path, model_dir):
+    data = image_mixture(tmp_path / "data", n_per_task=3)
+    invoke("warmup", "--model", model_dir, "--data", data, "--run", tmp_path / "ref",
+           "--fraction", "1", "--lora-r", "4", "--lora-alpha", "8", "--quiet")
+    stores = []
+    for size in (1, 4, 9):
+        run = tmp_path / f"run{size}"
+        res = invoke("score", "--model", model_dir, "--data", data, "--run", run,
+                     "--reference", tmp_path / "ref" / "reference", "--batch-size", size,
+                     "--proj-dim", 128, "--feature-dtype", "float32", "--max-length", 256,
+                     "--quiet")
+        assert res.exit_code == 0, res.output + repr(res.exception)
+        stores.append(Store.open(run))
+    for other in stores[1:]:
+        np.testing.assert_allclose(other.features, stores[0].features, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(other.array("norms"), stores[0].array("norms"), rtol=1e-5)
+        assert other.array("skipped").tolist() == stores[0].array("skipped").tolist()
+
+
+def test_other_settings_or_data_are_refused_with_both_versions(tmp_path, model_dir):
+    data = text_mixture(tmp_path / "data", 12)
+    run = tmp_path / "run"
+    base = ["score", "--model", model_dir, "--data", data, "--run", run, *SMALL]
+    assert invoke(*base, "--proj-dim", 64).exit_code == 0
+    res = invoke(*base, "--proj-dim", 32)
+    assert res.exit_code == 2
+    assert "started with other settings" in res.stderr and "64" in res.stderr
+    assert "32" in res.stderr and "--force" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    res = invoke(*base, "--proj-dim", 64, "--feature-dtype", "float32")
+    assert res.exit_code == 2 and "feature_dtype: float16 → float32" in res.stderr
+    other = text_mixture(tmp_path / "other", 13)
+    res = invoke("score", "--model", model_dir, "--data", other, "--run", run, "--reference",
+                 run / "reference", "--proj-dim", 64, "--max-length", 64, "--quiet")
+    assert res.exit_code == 2 and "records: 12 → 13" in res.stderr
+    res = invoke(*base, "--proj-dim", 32, "--force")
+    assert res.exit_code == 0 and Store.open(run).dim == 32
+    res = invoke(*base, "--projector", "none", "--proj-dim", 8)
+    assert res.exit_code == 2 and "--proj-dim does not apply to --projector none" in res.stderr
+
+
+def test_an_incomplete_store_is_not_selected_from(tmp_path, model_dir):
+    data = text_mixture(tmp_path / "data", 12)
+    run = tmp_path / "run"
+    assert invoke("score", "--model", model_dir, "--data", data, "--run", run, "--proj-dim", 16,
+                  *SMALL).exit_code == 0
+    meta = json.loads((run / "store" / "meta.json").read_text())
+    (run / "store" / "meta.json").write_text(json.dumps({**meta, "complete": False}))
+    done = np.load(run / "store" / "done.npy")
+    done[5:] = False
+    np.save(run / "store" / "done.npy", done)
+    res = invoke("select", "--run", run, "--budget", "0.5")
+    assert res.exit_code == 2 and "only 5 of 12 records are scored" in res.stderr
+    assert "same `tive score` command" in res.stderr
+
+
+def _tive(args: list, env: dict | None = None, **kw) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("tive")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    return subprocess.Popen([str(exe), *map(str, args)], env={**base, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path, model_dir):
+    data = text_mixture(tmp_path / "data", 1500)
+    ref = tmp_path / "ref"
+    assert invoke("warmup", "--model", model_dir, "--data", data, "--run", ref, "--fraction",
+                  "0.02", "--lora-r", "4", "--lora-alpha", "8", "--max-length", "256",
+                  "--quiet").exit_code == 0
+    args = ["score", "--model", model_dir, "--data", data, "--reference", ref / "reference",
+            "--batch-size", 2, "--proj-dim", 64, "--max-length", 256, "--quiet"]
+    env = {"OMP_NUM_THREADS": "1"}
+    whole = _tive([*args, "--run", tmp_path / "whole"], env)
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()
+
+    run = tmp_path / "killed"
+    proc = _tive([*args, "--run", run], env)
+    deadline = time.monotonic() + 300
+    done_now = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            done_now = int(np.load(run / "store" / "done.npy").sum())
+        except (OSError, ValueError):
+            done_now = 0
+        if done_now >= 100:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = np.load(run / "store" / "done.npy")
+    assert 0 < done.sum() < len(done), "the kill must land mid-run"
+    assert not Store.open(run).complete
+    again = _tive([*args, "--run", run], env)
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err
+    assert f"{len(done) - int(done.sum()):,} in this run" in out
+    assert store_bytes(run) == store_bytes(tmp_path / "whole")
+
+
+def test_torchrun_two_processes_equal_one(tmp_path, model_dir):
+    data = text_mixture(tmp_path / "data", 41)
+    ref = tmp_path / "ref"
+    assert invoke("warmup", "--model", model_dir, "--data", data, "--run", ref, "--fraction",
+                  "0.5", "--lora-r", "4", "--lora-alpha", "8", "--max-length", "256",
+                  "--quiet").exit_code == 0
+    args = ["score", "--model", model_dir, "--data", data, "--reference", ref / "reference",
+            "--batch-size", 3, "--proj-dim", 64, "--max-length", 256, "--device", "cpu",
+            "--quiet"]
+    env = {"OMP_NUM_THREADS": "1"}
+    one = _tive([*args, "--run", tmp_path / "one"], env)
+    assert one.wait(timeout=600) == 0, one.stderr.read()
+    torchrun = Path(sys.executable).with_name("torchrun")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    # "--" keeps torchrun's own parser off tive's options (it would read --run as --run-path)
+    res = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "--no-python",
+                          "--", str(Path(sys.executable).with_name("tive")), *map(str, args), "--run",
+                          str(tmp_path / "two")], env={**base, **env}, capture_output=True,
+                         text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("scored 41 of 41 records") == 1  # rank 0 alone reports
+    assert not (tmp_path / "two" / "store" / "parts").exists()
+    assert store_bytes(tmp_path / "two") == store_bytes(tmp_path / "one")
+    assert Store.open(tmp_path / "two").complete

@@ -1,0 +1,527 @@
+"""Stage 4 — ``tive score``: every record's projected gradient, norm, loss and token count,
+written to ``RUN/store`` as they are computed; resumable, and data-parallel under torchrun.
+
+Batches are fixed slices of the data's rows (batch ``j`` is rows ``[jB, (j+1)B)``, less the
+records that cannot be encoded), so what a batch computes never depends on when or where it
+runs. A run resumes by computing the batches not yet marked done; under ``torchrun`` the
+pending batches are dealt round-robin to the ranks, which write their own part of the store
+(``store/parts/rank-R``), folded into the store by rank 0 at the end (and at the start of the
+next session, after a crash). One seeded projection everywhere, so the store reads as one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from tive import __version__
+from tive.data import Mixture
+from tive.errors import ConfigError, DataError, StoreError
+from tive.store import (
+    SKIP_CODES,
+    STORE_DIR,
+    IndexEntry,
+    RowWriter,
+    Store,
+    create_part,
+    create_store,
+    fold_parts,
+    mark_complete,
+)
+
+FEATURE_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Settings of ``tive score``.
+
+    Attributes:
+        batch_size: records per forward/backward.
+        max_length: tokens per record at most (longer records are truncated, as in training).
+        projector: ``sparse-jl`` (default), ``trak`` (the authors') or ``none``.
+        proj_dim: ``k``, features per record (default 8192; not for ``none``, whose features
+            are the whole gradient).
+        seed: the projection's seed (not for ``none``).
+        jl_nnz: non-zeros per gradient coordinate of the sparse JL map (default 1; only for
+            ``sparse-jl``).
+        feature_dtype: storage type of the features.
+        padding_side: where batches are padded (results do not depend on it).
+    """
+
+    batch_size: int = 8
+    max_length: int = 2048
+    projector: str = "sparse-jl"
+    proj_dim: int | None = None
+    seed: int | None = None
+    jl_nnz: int | None = None
+    feature_dtype: str = "float16"
+    padding_side: str = "right"
+
+    def __post_init__(self) -> None:
+        from tive.projection import KINDS
+
+        if self.projector not in KINDS:
+            raise ConfigError(f"--projector {self.projector!r}: expected one of "
+                              f"{', '.join(KINDS)}")
+        applies = {"sparse-jl": ("proj_dim", "seed", "jl_nnz"), "trak": ("proj_dim", "seed"),
+                   "none": ()}[self.projector]
+        defaults = {"proj_dim": 8192, "seed": 0, "jl_nnz": 1}
+        for name, default in defaults.items():
+            given = getattr(self, name)
+            if given is not None and name not in applies:
+                raise ConfigError(f"--{name.replace('_', '-')} does not apply to --projector "
+                                  f"{self.projector}; fix: leave it out")
+            if given is None and name in applies:
+                object.__setattr__(self, name, default)
+        for name in ("batch_size", "max_length", "proj_dim", "jl_nnz"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: "
+                                  f"expected ≥ 1")
+        if self.seed is not None and self.seed < 0:
+            raise ConfigError(f"--seed {self.seed}: expected ≥ 0")
+        if self.feature_dtype not in FEATURE_DTYPES:
+            raise ConfigError(f"--feature-dtype {self.feature_dtype!r}: expected one of "
+                              f"{', '.join(FEATURE_DTYPES)}")
+        if self.padding_side not in ("left", "right"):
+            raise ConfigError(f"padding_side={self.padding_side!r}: expected left or right")
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, device: str) -> Dist:
+        """Join the torchrun process group when ``WORLD_SIZE`` > 1 (gloo on CPU, else nccl)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as td
+
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if not td.is_initialized():
+            cuda = device != "cpu" and torch.cuda.is_available()
+            # long timeout: the other ranks wait while rank 0 trains the warm-up reference
+            td.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=48))
+        return cls(rank, world, local)
+
+    def device(self, device: str) -> str:
+        """``auto`` becomes this rank's own GPU under torchrun."""
+        if self.world > 1 and device == "auto" and torch.cuda.is_available():
+            return f"cuda:{self.local_rank}"
+        return device
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as td
+
+            td.barrier()
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as td
+
+            if td.is_initialized():
+                td.destroy_process_group()
+
+
+@dataclass
+class Summary:
+    """What a scoring session did (for the command's last lines).
+
+    Attributes:
+        store: the store folder.
+        records: rows in the store.
+        scored: rows with features.
+        skipped: reason → rows that could not be scored.
+        computed: rows computed in this session (all ranks).
+        seconds: this session's scoring time (model loading and warm-up excluded).
+        warmup: what the warm-up did (``trained``, ``reused`` or ``given``).
+        rank: the process that made this summary (0 prints it).
+    """
+
+    store: Path
+    records: int
+    scored: int
+    skipped: dict[str, int]
+    computed: int
+    seconds: float
+    warmup: str = ""
+    rank: int = 0
+
+    def lines(self) -> list[str]:
+        rate = self.computed / self.seconds if self.seconds > 0 else float("nan")
+        skipped = ", ".join(f"{n:,} {r}" for r, n in self.skipped.items()) or "none"
+        return [f"scored {self.scored:,} of {self.records:,} records "
+                f"({self.computed:,} in this run, {self.seconds:.1f} s, {rate:.2f} records/s)",
+                f"skipped: {skipped}",
+                f"store: {self.store}"]
+
+
+def batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """The fixed row slices ``[start, stop)`` of a store of ``n`` rows."""
+    return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+
+
+def pending_batches(done: np.ndarray, batch_size: int) -> list[tuple[int, int]]:
+    """Slices with at least one row not done (a batch is committed whole, so: not done)."""
+    return [(s, e) for s, e in batches(len(done), batch_size) if not done[s:e].all()]
+
+
+def adapter_sha256(folder: Path) -> str:
+    """Digest of the adapter's weights file (its identity in the store)."""
+    h = hashlib.sha256()
+    files = sorted(Path(folder).glob("adapter_model.*"))
+    if not files:
+        raise ConfigError(f"{folder}: no adapter_model.safetensors; expected a peft adapter "
+                          f"folder (from `tive warmup`)")
+    with open(files[0], "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def store_meta(*, source: dict, dtype: torch.dtype, adapter: Path, keys: list, projector: Any,
+               mixture: Mixture, config: ScoreConfig, task_field: str | None,
+               image_root: Any) -> dict[str, Any]:
+    """meta.json of a scored store; its ``identity`` must match for a run to be continued."""
+    from tive.lora import gradient_dim
+
+    key_info = {"gradient_dim": gradient_dim(keys),
+                "matrices": [{"name": k.name, "shape": list(k.shape)} for k in keys]}
+    settings = {"max_length": config.max_length, "task_field": task_field,
+                "image_root": None if image_root is None else str(Path(image_root).resolve())}
+    identity = {"model": {k: source.get(k) for k in ("spec", "family", "gguf_file")},
+                "dtype": str(dtype).replace("torch.", ""),
+                "adapter": adapter_sha256(adapter)[:16],
+                "gradient_dim": key_info["gradient_dim"],
+                "projector": projector.describe(), "feature_dtype": config.feature_dtype,
+                "data": mixture.fingerprint, "records": len(mixture), **settings}
+    return {"tive_version": __version__, "source": "tive score", "model": source,
+            "adapter": {"path": str(Path(adapter).resolve()), "sha256": adapter_sha256(adapter)},
+            "key_parameters": key_info, "projector": projector.describe(),
+            "data": {"path": str(mixture.path.resolve()), "format": mixture.container,
+                     "schema": mixture.schema, "fingerprint": mixture.fingerprint},
+            "settings": {**settings, "batch_size": config.batch_size,
+                         "padding_side": config.padding_side},
+            "identity": identity}
+
+
+def check_identity(store: Store, meta: dict[str, Any]) -> None:
+    """Refuse to continue a store built with other settings, model, adapter or data.
+
+    Only the keys of ``meta["identity"]`` are compared (a check before the model is loaded
+    gives those it knows already: see :func:`early_identity`).
+
+    Raises:
+        StoreError: naming each difference (stored → asked) and the remedy.
+    """
+    have, want = store.meta.get("identity"), meta["identity"]
+    if have is not None and "projector" in want and "projector" in have:  # a partial identity
+        have = {**have, "projector": {k: v for k, v in have["projector"].items()
+                                      if k in want["projector"]}}
+    if have is not None:
+        have = {k: v for k, v in have.items() if k in want}
+    if have is None:
+        raise StoreError(f"{store.root}: this store was not written by `tive score` "
+                         f"({store.meta.get('source')}); fix: another --run folder, or --force "
+                         f"to replace it")
+    diffs = [f"{k}: {_short(have.get(k))} → {_short(want.get(k))}"
+             for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+    if diffs:
+        raise StoreError(f"{store.root}: started with other settings ({'; '.join(diffs)}); "
+                         f"fix: rerun with the store's settings to continue it, or use another "
+                         f"--run folder (or --force) to start over")
+
+
+def early_identity(source: Any, mixture: Mixture, config: ScoreConfig, task_field: str | None,
+                   image_root: Any) -> dict[str, Any]:
+    """The part of a store's identity known before the model is loaded."""
+    projector = {"type": config.projector}
+    projector.update({k: v for k, v in (("dim", config.proj_dim), ("seed", config.seed),
+                                        ("nnz", config.jl_nnz)) if v is not None})
+    return {"identity": {
+        "model": {k: source.describe().get(k) for k in ("spec", "family", "gguf_file")},
+        "projector": projector, "feature_dtype": config.feature_dtype,
+        "data": mixture.fingerprint, "records": len(mixture), "max_length": config.max_length,
+        "task_field": task_field,
+        "image_root": None if image_root is None else str(Path(image_root).resolve())}}
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def open_or_create(root: Path, meta: dict[str, Any], mixture: Mixture, tasks: np.ndarray,
+                   dim: int, feature_dtype: str, force: bool = False) -> Store:
+    """The store at ``root``: continued when its identity matches, else created.
+
+    Raises:
+        StoreError: an existing store with another identity (and not ``force``).
+    """
+    import shutil
+
+    if (root / "meta.json").exists():
+        store = Store.open(root)
+        if force:
+            shutil.rmtree(root)
+        else:
+            check_identity(store, meta)
+            fold_parts(store)
+            return Store.open(root)
+    index = [IndexEntry(r.id, str(t), int(k)) for r, t, k in zip(mixture, tasks, mixture.keys)]
+    return create_store(root, n=len(mixture), k=dim, index=index, meta=meta,
+                        feature_dtype=feature_dtype)
+
+
+def score_batches(gf: Any, encoder: Any, pad: int, mixture: Mixture, work: list[tuple[int, int]],
+                  writer: RowWriter, config: ScoreConfig, image_root: Any = None,
+                  progress: Any = None) -> int:
+    """Compute and write ``work`` (row slices); return the rows written."""
+    from tive.encode import collate
+
+    written = 0
+    for start, stop, items, ok, reasons in _prefetch(
+            _encoded(encoder, mixture, work, image_root)):
+        n = stop - start
+        rows = np.arange(start, stop)
+        features = np.zeros((n, gf.projector.dim), dtype=np.float32)
+        norms = np.full(n, np.nan)
+        loss = np.full(n, np.nan)
+        ntokens = np.full(n, -1, dtype=np.int64)
+        skipped = np.array([SKIP_CODES.get(r, SKIP_CODES["error"]) if r else 0
+                            for r in reasons], dtype=np.int8)
+        if items:
+            result = gf(collate(items, pad, config.padding_side))
+            at = np.asarray(ok) - start
+            features[at], norms[at], loss[at] = result.features, result.norms, result.loss
+            ntokens[at] = result.ntokens
+            bad = ~result.finite
+            skipped[at[bad]] = SKIP_CODES["non-finite"]
+            skipped[at[result.ntokens == 0]] = SKIP_CODES["no-supervised-token"]
+        writer.write(rows, features, norms, loss, ntokens, skipped)
+        written += n
+        if progress is not None:
+            progress.update(n)
+    return written
+
+
+def _encoded(encoder: Any, mixture: Mixture, work: Iterable[tuple[int, int]],
+             image_root: Any) -> Iterator[tuple[int, int, list, list[int], list[str]]]:
+    from tive.encode import encode_row
+
+    for start, stop in work:
+        items, ok, reasons = [], [], []
+        for row in range(start, stop):
+            item = encode_row(encoder, mixture, row, image_root)
+            if isinstance(item, str):
+                reasons.append(item)
+            else:
+                items.append(item)
+                ok.append(row)
+                reasons.append("")
+        yield start, stop, items, ok, reasons
+
+
+def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
+    """Run ``it`` one step ahead in a thread (encoding overlaps the model's work)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    end = object()
+    stop = threading.Event()
+
+    def worker() -> None:
+        try:
+            for x in it:
+                if stop.is_set():
+                    return
+                q.put(x)
+            q.put(end)
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    try:
+        while True:
+            x = q.get()
+            if x is end:
+                return
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+    finally:
+        stop.set()
+
+
+def summarize(store: Store, computed: int, seconds: float, warmup: str) -> Summary:
+    from tive.store import SKIP_REASONS
+
+    done, codes = store.array("done"), store.array("skipped")
+    counts = Counter(codes[done & (codes > 0)].tolist())
+    return Summary(store=store.root, records=store.n_records,
+                   scored=int((done & (codes == 0)).sum()),
+                   skipped={SKIP_REASONS[c]: int(n) for c, n in sorted(counts.items())},
+                   computed=computed, seconds=seconds, warmup=warmup)
+
+
+def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathLike, *,
+              reference: str | os.PathLike | None = None,
+              config: ScoreConfig = ScoreConfig(), warmup: Any = None,
+              dtype: str = "auto", device: str = "auto", task_field: str | None = None,
+              image_root: Any = None, skip_missing_images: bool = False,
+              force: bool = False, progress: bool = True,
+              echo: Any = None) -> Summary:
+    """Warm up (unless a reference is given or already in ``run``), then score every record.
+
+    Args:
+        model: alias, hub id in the local cache, folder or ``.gguf`` file.
+        data: the mixture (path or :class:`~tive.data.Mixture`).
+        run: run folder (``reference/``, ``store/``).
+        reference: a peft adapter folder to score with instead of warming up.
+        config: scoring settings.
+        warmup: :class:`~tive.warmup.WarmupConfig` for the warm-up (default: the authors').
+        force: replace an existing store (and retrain an existing reference with other
+            settings) instead of refusing.
+        echo: called with progress lines (rank 0 only).
+
+    Returns:
+        the :class:`Summary` (on every rank; rank 0's has the totals).
+    """
+    from tive import warmup as wu
+    from tive.data import load_mixture
+    from tive.models.registry import resolve
+    from tive.tasks import label_tasks
+
+    dist = Dist.from_env(device)
+    try:
+        echo = echo if (echo is not None and dist.rank == 0) else (lambda line: None)
+        run = Path(run)
+        source = resolve(model)
+        mixture = data if isinstance(data, Mixture) else load_mixture(data, task_field)
+        labels = label_tasks(mixture)
+        missing = mixture.missing_images(image_root)
+        _check_missing(mixture, missing, image_root, skip_missing_images)
+        device = dist.device(device)
+        if not force and (run / STORE_DIR / "meta.json").exists():  # refuse before loading
+            check_identity(Store.open(run / STORE_DIR),
+                           early_identity(source, mixture, config, task_field, image_root))
+        warm = wu.WarmupConfig(max_length=config.max_length) if warmup is None else warmup
+        if reference is None and dist.rank == 0:
+            ref = wu.ensure_reference(run, source, mixture, labels, warm, dtype=dtype,
+                                      device=device, image_root=image_root, missing=missing,
+                                      replace=force, progress=progress)
+            echo(ref.message)
+            how = "trained" if ref.model is not None else "reused"
+        else:
+            ref, how = None, "given"
+        dist.barrier()
+        adapter = Path(reference) if reference is not None else run / wu.REFERENCE_DIR
+        peft_model, loaded = _reference_model(source, adapter, ref, dtype, device)
+        return _score(peft_model, loaded, source, adapter, mixture, labels.tasks, run, config,
+                      task_field, image_root, dist, force, progress, how)
+    finally:
+        dist.close()
+
+
+def _reference_model(source: Any, adapter: Path, ref: Any, dtype: str,
+                     device: str) -> tuple[Any, Any]:
+    """The peft reference model: the one just trained, else ``adapter`` loaded on the model."""
+    from tive.models.load import load_model
+
+    if ref is not None and ref.model is not None:
+        return ref.model, ref.loaded
+    if not (adapter / "adapter_config.json").exists():
+        raise ConfigError(f"{adapter}: not a peft adapter folder (no adapter_config.json); "
+                          f"fix: pass --reference to the folder `tive warmup` wrote")
+    loaded = load_model(source, dtype=dtype, device=device)
+    from peft import PeftModel
+
+    try:
+        model = PeftModel.from_pretrained(loaded.model, str(adapter))
+    except Exception as e:  # peft/safetensors: shape mismatches and damaged files
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"{adapter}: cannot load this adapter onto {source.spec} "
+                          f"({type(e).__name__}: {first}); fix: use the adapter trained for "
+                          f"this model") from None
+    return model.eval(), loaded
+
+
+def _score(peft_model: Any, loaded: Any, source: Any, adapter: Path, mixture: Mixture,
+           tasks: np.ndarray, run: Path, config: ScoreConfig, task_field: str | None,
+           image_root: Any, dist: Dist, force: bool, progress: bool, how: str) -> Summary:
+    from tqdm.auto import tqdm
+
+    from tive.encode import pad_id
+    from tive.gradients import GradientFeatures
+    from tive.lora import key_parameters
+    from tive.projection import make_projector
+
+    keys = key_parameters(peft_model)
+    dims = [k.numel for k in keys]
+    device = next(peft_model.parameters()).device
+    projector = make_projector(config.projector, dims, config.proj_dim or 0, config.seed or 0,
+                               config.jl_nnz or 1, device)
+    dtype = next(peft_model.parameters()).dtype
+    meta = store_meta(source=source.describe(), dtype=dtype, adapter=adapter, keys=keys,
+                      projector=projector, mixture=mixture, config=config,
+                      task_field=task_field, image_root=image_root)
+    root = run / STORE_DIR
+    if dist.rank == 0:
+        open_or_create(root, meta, mixture, tasks, projector.dim, config.feature_dtype, force)
+    dist.barrier()
+    store = Store.open(root)
+    work = pending_batches(store.array("done"), config.batch_size)
+    mine = work[dist.rank::dist.world]
+    if dist.world == 1:
+        writer = RowWriter(store.root)
+    else:
+        rows = np.concatenate([np.arange(s, e) for s, e in mine]) if mine else np.zeros(0, int)
+        writer = create_part(store, dist.rank, rows)
+    total = sum(e - s for s, e in mine)
+    bar = tqdm(total=total, unit="rec", disable=not progress or dist.rank != 0, smoothing=0.1,
+               desc="score" if dist.world == 1 else f"score (rank 0 of {dist.world})")
+    start = time.perf_counter()
+    with GradientFeatures(peft_model, projector) as gf:
+        score_batches(gf, loaded.encoder(config.max_length), pad_id(loaded.tokenizer), mixture,
+                      mine, writer, config, image_root, bar)
+    writer.close()
+    bar.close()
+    seconds = time.perf_counter() - start
+    dist.barrier()
+    store = Store.open(root)
+    if dist.rank == 0:
+        fold_parts(store)
+        store = mark_complete(Store.open(root))
+    dist.barrier()
+    summary = summarize(Store.open(root), sum(e - s for s, e in work), seconds, how)
+    return replace(summary, rank=dist.rank)
+
+
+def _check_missing(mixture: Mixture, missing: np.ndarray, image_root: Any,
+                   skip_missing_images: bool) -> None:
+    """Missing images are recorded as skips; but when *every* image is missing the image root
+    is most likely wrong, and that is an error unless ``skip_missing_images``."""
+    with_images = np.array([bool(r.images) for r in mixture])
+    if with_images.any() and missing[with_images].all() and not skip_missing_images:
+        raise DataError(f"{mixture.path}: none of the {int(with_images.sum()):,} records with "
+                        f"images finds its image under {mixture.image_root(image_root)}; fix: "
+                        f"--image-root DIR, or --skip-missing-images to score the text records "
+                        f"only")
