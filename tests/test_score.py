@@ -153,10 +153,10 @@ def _tive(args: list, env: dict | None = None, **kw) -> subprocess.Popen:
 
 
 def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path, model_dir):
-    data = text_mixture(tmp_path / "data", 1500)
+    data = text_mixture(tmp_path / "data", 600)
     ref = tmp_path / "ref"
     assert invoke("warmup", "--model", model_dir, "--data", data, "--run", ref, "--fraction",
-                  "0.02", "--lora-r", "4", "--lora-alpha", "8", "--max-length", "256",
+                  "0.05", "--lora-r", "4", "--lora-alpha", "8", "--max-length", "256",
                   "--quiet").exit_code == 0
     args = ["score", "--model", model_dir, "--data", data, "--reference", ref / "reference",
             "--batch-size", 2, "--proj-dim", 64, "--max-length", 256, "--quiet"]
@@ -203,12 +203,38 @@ def test_torchrun_two_processes_equal_one(tmp_path, model_dir):
     torchrun = Path(sys.executable).with_name("torchrun")
     base = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     # "--" keeps torchrun's own parser off tive's options (it would read --run as --run-path)
+    tive = str(Path(sys.executable).with_name("tive"))
     res = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "--no-python",
-                          "--", str(Path(sys.executable).with_name("tive")), *map(str, args), "--run",
-                          str(tmp_path / "two")], env={**base, **env}, capture_output=True,
+                          "--", tive, *map(str, args), "--run", str(tmp_path / "two")],
+                         env={**base, **env}, capture_output=True,
                          text=True, timeout=600, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("scored 41 of 41 records") == 1  # rank 0 alone reports
     assert not (tmp_path / "two" / "store" / "parts").exists()
     assert store_bytes(tmp_path / "two") == store_bytes(tmp_path / "one")
     assert Store.open(tmp_path / "two").complete
+
+
+def test_value_estimate_with_a_model_scores_then_reports(tmp_path, model_dir):
+    import tive
+    from tive.errors import ConfigError
+
+    data = image_mixture(tmp_path / "data", n_per_task=3)
+    kwargs = dict(data=data, model=str(model_dir), run=tmp_path / "run",
+                  score={"batch_size": 4, "proj_dim": 64, "max_length": 256},
+                  warmup={"fraction": 1.0, "r": 4, "alpha": 8}, progress=False)
+    report = tive.value_estimate(**kwargs)
+    assert set(report.task_values) == {"llava_instruct", "gqa", "sharegpt"}
+    assert report.valid.all() and np.isfinite(report.instance_values).all()
+    subset = report.select(budget=0.5)
+    assert len(subset.indices) == 5  # 0.5 × 9, rounded half up
+    store = Store.open(tmp_path / "run")
+    np.testing.assert_allclose(report.norms, store.array("norms"))
+    again = tive.value_estimate(**kwargs)  # resumes: nothing to do, same values
+    np.testing.assert_array_equal(again.instance_values, report.instance_values)
+    with pytest.raises(ConfigError, match="score= has no setting 'batch'"):
+        tive.value_estimate(data=data, model=str(model_dir), score={"batch": 4})
+    with pytest.raises(ConfigError, match="model= computes the features; leave out store="):
+        tive.value_estimate(data=data, model=str(model_dir), store=tmp_path / "run")
+    with pytest.raises(ConfigError, match="score= apply only with model="):
+        tive.value_estimate(store=tmp_path / "run", score={"batch_size": 2})

@@ -36,10 +36,34 @@ def value_estimate(
     check_images: bool | None = None,
     skip_missing_images: bool = False,
     chunk_rows: int | None = None,
+    model: str | None = None,
+    run: str | os.PathLike = "tive-out",
+    reference: str | os.PathLike | None = None,
+    score: Any = None,
+    warmup: Any = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    force: bool = False,
+    progress: bool = True,
 ) -> Report:
-    """Task and instance values of a mixture, from a feature store or from arrays.
+    """Task and instance values of a mixture: computed with a model, or from a feature store,
+    or from arrays.
+
+    With ``model=`` this is ``tive score`` from a notebook: the warm-up reference is trained
+    (unless ``reference=`` is given or ``run`` holds one trained with the same settings), every
+    record of ``data`` is scored into ``run/store`` (resuming an interrupted run), and the
+    report is built from that store.
 
     Args:
+        model: alias, hub id in the local cache, folder or ``.gguf`` file (needs ``data``).
+        run: run folder for the reference and the store, with ``model``.
+        reference: a peft adapter folder to score with instead of warming up.
+        score: :class:`~tive.score.ScoreConfig` or a dict of its fields (batch size, projector,
+            ...), with ``model``.
+        warmup: :class:`~tive.warmup.WarmupConfig` or a dict of its fields, with ``model``.
+        dtype, device: how to load the model (``auto``: bf16 on a GPU that has it, else fp32).
+        force: replace a store or reference made with other settings instead of refusing.
+        progress: show progress bars.
         store: a run folder or ``store`` folder written by ``tive score`` / ``tive import``;
             it brings features, norms, losses, token counts and (without data) tasks.
         features: ``(N, k)`` projected gradients (array or memmap), instead of a store.
@@ -64,6 +88,18 @@ def value_estimate(
     Raises:
         ConfigError: arguments that contradict each other or would be ignored.
     """
+    if model is not None:
+        return _with_model(model, data, run, reference, score, warmup, dtype, device, force,
+                           progress, task_field, image_root, skip_missing_images, chunk_rows,
+                           given=[k for k, v in (("store", store), ("features", features),
+                                                 ("norms", norms), ("tasks", tasks),
+                                                 ("loss", loss), ("ntokens", ntokens),
+                                                 ("check_images", check_images))
+                                  if v is not None])
+    given = [k for k, v in (("reference", reference), ("score", score), ("warmup", warmup))
+             if v is not None]
+    if given:
+        raise ConfigError(f"value_estimate: {'=, '.join(given)}= apply only with model=")
     _check_arguments(store=store, features=features, norms=norms, tasks=tasks, data=data,
                      loss=loss, ntokens=ntokens, check_images=check_images,
                      image_root=image_root, skip_missing_images=skip_missing_images)
@@ -89,6 +125,47 @@ def value_estimate(
     labels = label_tasks(mixture)
     return _report(arrays, labels.tasks, mixture.keys, left_out, mixture, labels.inferred,
                    chunk_rows, source={"data": str(mixture.path)})
+
+
+def _with_model(model: str, data: Any, run: Any, reference: Any, score: Any, warmup: Any,
+                dtype: str, device: str, force: bool, progress: bool, task_field: str | None,
+                image_root: Any, skip_missing_images: bool, chunk_rows: int | None,
+                given: list[str]) -> Report:
+    """Score ``data`` with ``model`` into ``run/store``, then report from that store."""
+    from tive.score import ScoreConfig, run_score
+    from tive.warmup import WarmupConfig
+
+    if given:
+        raise ConfigError(f"value_estimate: model= computes the features; leave out "
+                          f"{'=, '.join(given)}=")
+    if data is None or data is False:
+        raise ConfigError("value_estimate: model= needs data= (the mixture to score)")
+    config = _config(ScoreConfig, score, "score", {})
+    if reference is not None and warmup is not None:
+        raise ConfigError("value_estimate: reference= is a trained adapter; leave out warmup=")
+    warm = _config(WarmupConfig, warmup, "warmup", {"max_length": config.max_length})
+    mixture = _mixture(data, task_field)
+    summary = run_score(model, mixture, run, reference=reference, config=config, warmup=warm,
+                        dtype=dtype, device=device, task_field=task_field,
+                        image_root=image_root, skip_missing_images=skip_missing_images,
+                        force=force, progress=progress, echo=print if progress else None)
+    return _from_store(Store.open(summary.store), mixture, task_field, image_root, False,
+                       skip_missing_images, chunk_rows)
+
+
+def _config(cls: type, value: Any, name: str, defaults: dict[str, Any]) -> Any:
+    """``value`` as a ``cls`` (it may be one already, a dict of its fields, or None)."""
+    from dataclasses import fields
+
+    if isinstance(value, cls):
+        return value
+    value = dict(value or {})
+    known = [f.name for f in fields(cls)]
+    unknown = [k for k in value if k not in known]
+    if unknown:
+        raise ConfigError(f"value_estimate: {name}= has no setting {unknown[0]!r}; expected "
+                          f"some of {', '.join(known)}")
+    return cls(**{**defaults, **value})
 
 
 def _check_arguments(**a: Any) -> None:

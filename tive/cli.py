@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import MISSING, asdict, fields
+from dataclasses import MISSING, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
@@ -398,8 +398,9 @@ def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
                          feature_dtype=feature_dtype)
     given = [k for k, v in warmup.items() if v != _default_warmup(k)]
     if reference is not None and given:
+        names = ", ".join(_warmup_option_name(g[len("warmup_"):], True) for g in given)
         raise click.UsageError(f"--reference is a trained adapter; leave out the warm-up "
-                               f"options ({', '.join(_warmup_option_name(g[7:], True) for g in given)})")
+                               f"options ({names})")
     warm = WarmupConfig(max_length=max_length, **{k[7:]: v for k, v in warmup.items()})
     summary = run_score(model_spec, data, run, reference=reference, config=config, warmup=warm,
                         dtype=dtype, device=device, task_field=task_field,
