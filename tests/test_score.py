@@ -238,3 +238,22 @@ def test_value_estimate_with_a_model_scores_then_reports(tmp_path, model_dir):
         tive.value_estimate(data=data, model=str(model_dir), store=tmp_path / "run")
     with pytest.raises(ConfigError, match="score= apply only with model="):
         tive.value_estimate(store=tmp_path / "run", score={"batch_size": 2})
+
+
+def test_score_then_select_on_the_shipped_example_from_a_fresh_shell(tmp_path, model_dir):
+    """As a new user types it: default run folder, the example mixture, then select."""
+    example = Path(__file__).resolve().parents[1] / "examples" / "llava_mini" / "mix.json"
+    score = _tive(["score", "--model", model_dir, "--data", example, "--lora-r", 4,
+                   "--lora-alpha", 8, "--max-length", 512, "--proj-dim", 256, "--batch-size", 16],
+                  cwd=tmp_path)
+    out, err = score.communicate(timeout=600)
+    assert score.returncode == 0, err[-2000:]
+    assert "trained on" in out and "of 210 records" in out and "store: " in out
+    assert "rec/s" in err and "210/210" in err  # the progress bar, with its rate and ETA
+    select = _tive(["select", "--budget", "0.15"], cwd=tmp_path)
+    out, err = select.communicate(timeout=600)
+    assert select.returncode == 0, err
+    assert "selected 32 of 210 records" in out
+    subset = json.loads((tmp_path / "tive-out" / "subset-tive-0.15.json").read_text())
+    originals = {json.dumps(r, sort_keys=True) for r in json.loads(example.read_text())}
+    assert len(subset) == 32 and all(json.dumps(r, sort_keys=True) in originals for r in subset)
