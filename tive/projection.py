@@ -124,7 +124,8 @@ class SparseJL:
         if key not in self._maps:
             rows, signs = self.block_map(block)
             scale = 1.0 / math.sqrt(self.nnz)
-            self._maps[key] = (torch.from_numpy(rows).to(device=device, dtype=torch.int32),
+            # int64: CPU index_add_ with int32 indices is ~20× slower
+            self._maps[key] = (torch.from_numpy(rows).to(device=device, dtype=torch.int64),
                                torch.from_numpy(signs * scale).to(device=device, dtype=dtype))
         return self._maps[key]
 
