@@ -164,3 +164,12 @@ def test_non_finite_record_is_flagged_and_does_not_spoil_its_batch(references):
     assert not finite[2] and finite[keep].all() and (got["features"][~finite] == 0).all()
     for i in keep:
         assert rel(got["features"][i], ref["grads"][i]) <= REL
+
+
+def test_models_that_rescale_their_logits_are_refused():
+    from tive.errors import ConfigError
+
+    model = peft_model("llama")
+    model.get_base_model().config.final_logit_softcapping = 30.0
+    with pytest.raises(ConfigError, match="final_logit_softcapping=30.0"):
+        GradientFeatures(model, Identity([k.numel for k in key_parameters(model)]))

@@ -49,6 +49,14 @@ def unit_gram_error(x: np.ndarray, px: np.ndarray, scale: float = 1.0) -> float:
     return float(np.abs(pu @ pu.T - xu @ xu.T).max())
 
 
+def rms_gram_error(x: np.ndarray, px: np.ndarray, scale: float = 1.0) -> float:
+    """Root-mean-square of ⟨Px̂,Pŷ⟩ − ⟨x̂,ŷ⟩ over pairs of distinct rows."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    xu, pu = x / norms, px / norms / math.sqrt(scale)
+    err = pu @ pu.T - xu @ xu.T
+    return float(np.sqrt(np.mean(err[~np.eye(len(x), dtype=bool)] ** 2)))
+
+
 def test_sparse_jl_is_seeded_and_the_same_for_every_instance():
     dims = [300, 500]
     a, b = SparseJL(dims, 64, seed=7, nnz=2), SparseJL(dims, 64, seed=7, nnz=2)
@@ -61,6 +69,10 @@ def test_sparse_jl_is_seeded_and_the_same_for_every_instance():
     m = a.matrix()
     assert ((m != 0).sum(axis=0) == 2).all()  # nnz distinct rows per column
     np.testing.assert_allclose(np.abs(m[m != 0]), 1 / math.sqrt(2))
+    positive = (m > 0).sum() / (m != 0).sum()
+    assert abs(positive - 0.5) < 0.05  # random signs, balanced (1600 entries: σ ≈ 0.0125)
+    load = (m != 0).sum(axis=1)
+    assert load.min() > 0 and load.max() < 4 * load.mean()  # rows used evenly
     x = np.random.default_rng(0).normal(size=(5, 800))
     np.testing.assert_allclose(project(a, x, dims), x @ m.T, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(project(a, x, dims), project(b, x, dims))
@@ -74,6 +86,8 @@ def test_sparse_jl_keeps_inner_products_within_the_jl_bound(nnz):
     x[:, :3000] += rng.normal(size=3000)  # correlated rows: inner products far from 0
     px = project(SparseJL(dims, k, seed=0, nnz=nnz), x, dims)
     assert unit_gram_error(x, px) <= epsilon(k, m)
+    # and on average as a JL map should: RMS error of unit inner products ≈ √((1+c²)/k)
+    assert rms_gram_error(x, px) <= 1.5 * math.sqrt(2 / k)
     ratio = np.linalg.norm(px, axis=1) / np.linalg.norm(x, axis=1)
     assert np.abs(ratio - 1).max() <= epsilon(k, m)
 
@@ -86,6 +100,7 @@ def test_trak_projector_keeps_inner_products_and_is_seeded():
     np.testing.assert_array_equal(a, project(TrakProjector(dims, k, seed=0), x, dims))
     assert not np.array_equal(a, project(TrakProjector(dims, k, seed=1), x, dims))
     assert unit_gram_error(x, a, scale=k) <= epsilon(k, m)  # TRAK's entries are ±1, unscaled
+    assert rms_gram_error(x, a, scale=k) <= 1.5 * math.sqrt(2 / k)
 
 
 def test_options_that_do_not_apply_are_refused():

@@ -37,14 +37,14 @@ def value_estimate(
     skip_missing_images: bool = False,
     chunk_rows: int | None = None,
     model: str | None = None,
-    run: str | os.PathLike = "tive-out",
+    run: str | os.PathLike | None = None,
     reference: str | os.PathLike | None = None,
     score: Any = None,
     warmup: Any = None,
-    dtype: str = "auto",
-    device: str = "auto",
-    force: bool = False,
-    progress: bool = True,
+    dtype: str | None = None,
+    device: str | None = None,
+    force: bool | None = None,
+    progress: bool | None = None,
 ) -> Report:
     """Task and instance values of a mixture: computed with a model, or from a feature store,
     or from arrays.
@@ -56,14 +56,16 @@ def value_estimate(
 
     Args:
         model: alias, hub id in the local cache, folder or ``.gguf`` file (needs ``data``).
-        run: run folder for the reference and the store, with ``model``.
+        run: run folder for the reference and the store, with ``model`` (default
+            ``tive-out``).
         reference: a peft adapter folder to score with instead of warming up.
         score: :class:`~tive.score.ScoreConfig` or a dict of its fields (batch size, projector,
             ...), with ``model``.
         warmup: :class:`~tive.warmup.WarmupConfig` or a dict of its fields, with ``model``.
-        dtype, device: how to load the model (``auto``: bf16 on a GPU that has it, else fp32).
+        dtype, device: how to load the model (default ``auto``: bf16 on a GPU that has it,
+            else fp32; the GPU when there is one).
         force: replace a store or reference made with other settings instead of refusing.
-        progress: show progress bars.
+        progress: show progress bars (default: yes).
         store: a run folder or ``store`` folder written by ``tive score`` / ``tive import``;
             it brings features, norms, losses, token counts and (without data) tasks.
         features: ``(N, k)`` projected gradients (array or memmap), instead of a store.
@@ -89,15 +91,17 @@ def value_estimate(
         ConfigError: arguments that contradict each other or would be ignored.
     """
     if model is not None:
-        return _with_model(model, data, run, reference, score, warmup, dtype, device, force,
-                           progress, task_field, image_root, skip_missing_images, chunk_rows,
+        return _with_model(model, data, run or "tive-out", reference, score, warmup,
+                           dtype or "auto", device or "auto", bool(force),
+                           progress is not False, task_field, image_root, skip_missing_images, chunk_rows,
                            given=[k for k, v in (("store", store), ("features", features),
                                                  ("norms", norms), ("tasks", tasks),
                                                  ("loss", loss), ("ntokens", ntokens),
                                                  ("check_images", check_images))
                                   if v is not None])
-    given = [k for k, v in (("reference", reference), ("score", score), ("warmup", warmup))
-             if v is not None]
+    given = [k for k, v in (("run", run), ("reference", reference), ("score", score),
+                            ("warmup", warmup), ("dtype", dtype), ("device", device),
+                            ("force", force), ("progress", progress)) if v is not None]
     if given:
         raise ConfigError(f"value_estimate: {'=, '.join(given)}= apply only with model=")
     _check_arguments(store=store, features=features, norms=norms, tasks=tasks, data=data,

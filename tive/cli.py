@@ -359,7 +359,8 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
 @click.option("--reference", type=click.Path(file_okay=False, path_type=Path),
               help="Score with this peft adapter folder instead of warming up.")
 @click.option("--batch-size", default=8, show_default=True, type=int,
-              help="Records per forward/backward (results do not depend on it).")
+              help="Records per forward/backward (results depend on it only by float "
+                   "rounding).")
 @click.option("--max-length", default=2048, show_default=True, type=int,
               help="Tokens per record at most, for warm-up and scoring (longer records are "
                    "truncated).")

@@ -467,14 +467,18 @@ def load_images(mixture: Any, row: int, image_root: Any = None) -> list[PIL.Imag
 
 def encode_row(encoder: Encoder, mixture: Any, row: int, image_root: Any = None) -> Encoded | str:
     """Record ``row`` of ``mixture`` encoded with its images, or the reason it cannot be:
-    ``missing-image`` (file absent), ``error`` (unreadable image), or an encoder reason."""
+    ``missing-image`` (file absent), ``error`` (an image that cannot be read or processed, or
+    is embedded in the data instead of a file), or an encoder reason."""
     try:
         images = load_images(mixture, row, image_root)
     except FileNotFoundError:
         return "missing-image"
-    except OSError:  # PIL's unreadable or truncated image files
+    except Exception:  # unreadable, truncated, oversized or embedded images
         return "error"
-    item = encoder.encode(mixture[row], images)
+    try:
+        item = encoder.encode(mixture[row], images)
+    except Exception:  # the image processor refusing an image (e.g. a 1×1 pixel image)
+        return "error"
     return item.reason if isinstance(item, Skipped) else item
 
 

@@ -79,11 +79,9 @@ class GradientFeatures:
             if adapter in getattr(modules[layer_name], "lora_variant", {}):
                 raise ConfigError(f"{layer_name}: the adapter uses a LoRA variant (e.g. DoRA); "
                                   f"only plain LoRA gradients are supported")
-        for p in peft_model.parameters():
-            p.requires_grad_(False)
         weights = [params[k.name] for k in self.keys]
-        for w in weights:
-            w.requires_grad_(True)
+        self._weights = weights
+        self._arm()
         first = self.keys[0].name.rsplit(".self_attn.", 1)[0]
         self._inputs = [w for k, w in zip(self.keys, weights)
                         if k.name.rsplit(".self_attn.", 1)[0] == first]
@@ -96,13 +94,13 @@ class GradientFeatures:
             raise ConfigError(f"{type(self.hf_model).__name__}: expected a transformers model "
                               f"with .model (backbone) and an output head")
         self._own_positions = getattr(self.hf_model.config, "model_type", "") in OWN_POSITIONS
+        _check_plain_head(self.hf_model.config)
         self._active = False
         self._mask: torch.Tensor | None = None
         self._fired = [0] * len(self.keys)
         self._sq: torch.Tensor | None = None
         self._handles = [m.register_forward_hook(self._forward_hook(i))
                          for i, m in enumerate(self._linears)]
-        peft_model.eval()
 
     @property
     def dims(self) -> list[int]:
@@ -127,6 +125,7 @@ class GradientFeatures:
         Returns:
             :class:`BatchFeatures` with one row per batch row.
         """
+        self._arm()
         device = self._inputs[0].device
         inputs = {k: v.to(device) for k, v in batch.items()
                   if v is not None and k != "labels"}
@@ -164,6 +163,14 @@ class GradientFeatures:
                              loss=loss.detach().double().cpu().numpy(),
                              ntokens=ntokens.cpu().numpy().astype(np.int64))
 
+    def _arm(self) -> None:
+        """Only the key LoRA weights require gradients; eval mode (no dropout)."""
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for w in self._weights:
+            w.requires_grad_(True)
+        self.model.eval()
+
     def _record_losses(self, inputs: dict[str, torch.Tensor],
                        labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B,)`` mean token loss of each record and ``(B,)`` supervised token counts.
@@ -198,3 +205,20 @@ class GradientFeatures:
         self._sq += torch.linalg.vector_norm(grads, dim=1).double() ** 2
         self.projector.add(block, grads)
         self._fired[block] += 1
+
+
+def _check_plain_head(config: Any) -> None:
+    """Refuse models whose forward rescales or caps the logits after the head (Gemma-2, Cohere,
+    Granite): the loss here is taken from the head's output directly.
+
+    Raises:
+        ConfigError: naming the setting.
+    """
+    for cfg in (config, getattr(config, "text_config", None)):
+        for name, neutral in (("final_logit_softcapping", None), ("logit_scale", 1.0),
+                              ("logits_scaling", 1.0)):
+            value = getattr(cfg, name, None) if cfg is not None else None
+            if value is not None and value != neutral:
+                raise ConfigError(f"{type(config).__name__}: {name}={value}; tive takes each "
+                                  f"record's loss from the output head directly and does not "
+                                  f"apply logit scaling or capping; this model is not supported")

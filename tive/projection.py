@@ -70,8 +70,8 @@ class SparseJL:
     kind = "sparse-jl"
 
     def __init__(self, dims: Sequence[int], k: int = 8192, seed: int = 0, nnz: int = 1) -> None:
-        if seed < 0:
-            raise ConfigError(f"--seed {seed}: expected a seed ≥ 0")
+        if not 0 <= seed < 2**31:
+            raise ConfigError(f"--seed {seed}: expected 0 ≤ seed < 2^31")
         if k < 1 or nnz < 1 or k % nnz:
             raise ConfigError(f"--proj-dim {k} with --jl-nnz {nnz}: expected k ≥ 1 and a "
                               f"multiple of nnz")
@@ -194,8 +194,14 @@ class TrakProjector(_Concatenating):
         return projector.project(full.to(projector.dtype), 0).to(full.dtype)
 
     def describe(self) -> dict:
-        return {"type": self.kind, "dim": self.dim, "seed": self.seed,
-                "kernel": self.kernel, "proj_type": "rademacher", "block_size": TRAK_BLOCK}
+        """Type, dim, seed, and where the matrix is drawn: TRAK's CPU projector draws it on
+        the model's device (CPU and CUDA generators differ), its CUDA kernel depends on the
+        GPU's number of SMs."""
+        out = {"type": self.kind, "dim": self.dim, "seed": self.seed, "kernel": self.kernel,
+               "device": self.device.type, "proj_type": "rademacher", "block_size": TRAK_BLOCK}
+        if self.device.type == "cuda":
+            out["sms"] = torch.cuda.get_device_properties(self.device).multi_processor_count
+        return out
 
     def _trak(self, dtype: torch.dtype):
         if self._projector is None or (self.kernel == "cpu" and self._projector.dtype != dtype):

@@ -90,8 +90,8 @@ class ScoreConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: "
                                   f"expected ≥ 1")
-        if self.seed is not None and self.seed < 0:
-            raise ConfigError(f"--seed {self.seed}: expected ≥ 0")
+        if self.seed is not None and not 0 <= self.seed < 2**31:
+            raise ConfigError(f"--seed {self.seed}: expected 0 ≤ seed < 2^31")
         if self.feature_dtype not in FEATURE_DTYPES:
             raise ConfigError(f"--feature-dtype {self.feature_dtype!r}: expected one of "
                               f"{', '.join(FEATURE_DTYPES)}")
@@ -118,13 +118,17 @@ class Dist:
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         if not td.is_initialized():
             cuda = device != "cpu" and torch.cuda.is_available()
+            if cuda:
+                torch.cuda.set_device(local)
             # long timeout: the other ranks wait while rank 0 trains the warm-up reference
             td.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=48))
         return cls(rank, world, local)
 
     def device(self, device: str) -> str:
-        """``auto`` becomes this rank's own GPU under torchrun."""
-        if self.world > 1 and device == "auto" and torch.cuda.is_available():
+        """Under torchrun, ``auto`` (with CUDA) and ``cuda[:N]`` become this rank's own GPU,
+        ``cuda:LOCAL_RANK``."""
+        if self.world > 1 and torch.cuda.is_available() and (
+                device == "auto" or device.startswith("cuda")):
             return f"cuda:{self.local_rank}"
         return device
 
@@ -186,15 +190,19 @@ def pending_batches(done: np.ndarray, batch_size: int) -> list[tuple[int, int]]:
 
 
 def adapter_sha256(folder: Path) -> str:
-    """Digest of the adapter's weights file (its identity in the store)."""
+    """Digest of the adapter (its identity in the store): ``adapter_config.json`` (rank,
+    alpha, targets) and the weights file peft loads (safetensors before ``.bin``)."""
     h = hashlib.sha256()
-    files = sorted(Path(folder).glob("adapter_model.*"))
-    if not files:
-        raise ConfigError(f"{folder}: no adapter_model.safetensors; expected a peft adapter "
-                          f"folder (from `tive warmup`)")
-    with open(files[0], "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
+    folder = Path(folder)
+    weights = [folder / n for n in ("adapter_model.safetensors", "adapter_model.bin")
+               if (folder / n).exists()]
+    if not weights or not (folder / "adapter_config.json").exists():
+        raise ConfigError(f"{folder}: not a complete peft adapter (adapter_config.json and "
+                          f"adapter_model.safetensors); fix: pass the folder `tive warmup` wrote")
+    for path in (folder / "adapter_config.json", weights[0]):
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                h.update(block)
     return h.hexdigest()
 
 
@@ -208,7 +216,7 @@ def store_meta(*, source: dict, dtype: torch.dtype, adapter: Path, keys: list, p
                 "matrices": [{"name": k.name, "shape": list(k.shape)} for k in keys]}
     settings = {"max_length": config.max_length, "task_field": task_field,
                 "image_root": None if image_root is None else str(Path(image_root).resolve())}
-    identity = {"model": {k: source.get(k) for k in ("spec", "family", "gguf_file")},
+    identity = {"model": _model_identity(source),
                 "dtype": str(dtype).replace("torch.", ""),
                 "adapter": adapter_sha256(adapter)[:16],
                 "gradient_dim": key_info["gradient_dim"],
@@ -258,11 +266,18 @@ def early_identity(source: Any, mixture: Mixture, config: ScoreConfig, task_fiel
     projector.update({k: v for k, v in (("dim", config.proj_dim), ("seed", config.seed),
                                         ("nnz", config.jl_nnz)) if v is not None})
     return {"identity": {
-        "model": {k: source.describe().get(k) for k in ("spec", "family", "gguf_file")},
+        "model": _model_identity(source.describe()),
         "projector": projector, "feature_dtype": config.feature_dtype,
         "data": mixture.fingerprint, "records": len(mixture), "max_length": config.max_length,
         "task_field": task_field,
         "image_root": None if image_root is None else str(Path(image_root).resolve())}}
+
+
+def _model_identity(source: dict) -> dict:
+    """Where the weights are (resolved, so ``./m`` and ``/abs/m`` agree), their family and
+    GGUF file."""
+    return {"path": str(Path(source["path"]).resolve()) if source.get("path") else None,
+            "family": source.get("family"), "gguf_file": source.get("gguf_file")}
 
 
 def _short(value: Any) -> str:
@@ -272,7 +287,8 @@ def _short(value: Any) -> str:
 
 def open_or_create(root: Path, meta: dict[str, Any], mixture: Mixture, tasks: np.ndarray,
                    dim: int, feature_dtype: str, force: bool = False) -> Store:
-    """The store at ``root``: continued when its identity matches, else created.
+    """The store at ``root``: continued when its identity matches, else created (an existing
+    store with another identity is replaced only with ``force``).
 
     Raises:
         StoreError: an existing store with another identity (and not ``force``).
@@ -281,10 +297,13 @@ def open_or_create(root: Path, meta: dict[str, Any], mixture: Mixture, tasks: np
 
     if (root / "meta.json").exists():
         store = Store.open(root)
-        if force:
-            shutil.rmtree(root)
-        else:
+        try:
             check_identity(store, meta)
+        except StoreError:
+            if not force:
+                raise
+            shutil.rmtree(root)  # --force: start over, but only when the settings differ
+        else:
             fold_parts(store)
             return Store.open(root)
     index = [IndexEntry(r.id, str(t), int(k)) for r, t, k in zip(mixture, tasks, mixture.keys)]
@@ -312,7 +331,8 @@ def score_batches(gf: Any, encoder: Any, pad: int, mixture: Mixture, work: list[
         if items:
             result = gf(collate(items, pad, config.padding_side))
             at = np.asarray(ok) - start
-            features[at], norms[at], loss[at] = result.features, result.norms, result.loss
+            features[at] = unit_rows(result.features)
+            norms[at], loss[at] = result.norms, result.loss
             ntokens[at] = result.ntokens
             bad = ~result.finite
             skipped[at[bad]] = SKIP_CODES["non-finite"]
@@ -322,6 +342,18 @@ def score_batches(gf: Any, encoder: Any, pad: int, mixture: Mixture, work: list[
         if progress is not None:
             progress.update(n)
     return written
+
+
+def unit_rows(features: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit length (zero rows stay zero).
+
+    Selection uses only the features' directions (cosines); the exact gradient norm is kept
+    in ``norms.npy``. Unit rows always fit float16 with full relative precision, whatever the
+    size of the gradient (a well-learnt record's tiny gradient would underflow otherwise).
+    """
+    f = features.astype(np.float64)
+    n = np.linalg.norm(f, axis=1, keepdims=True)
+    return np.divide(f, n, out=np.zeros_like(f), where=n > 0).astype(np.float32)
 
 
 def _encoded(encoder: Any, mixture: Mixture, work: Iterable[tuple[int, int]],

@@ -4,6 +4,7 @@ Layout of ``RUN/store/``::
 
     meta.json      format version, model/adapter, key parameters, projector, data identity
     features.npy   (N, k) projected gradients, fp16 by default; np.load(mmap_mode="r")-able
+                   (``tive score`` stores each row at unit length: only directions are used)
     norms.npy      (N,) float64 exact ‖g‖₂ of the unprojected gradient
     loss.npy       (N,) float64 each record's mean token loss (NaN when unknown)
     ntokens.npy    (N,) int64 supervised tokens (-1 when unknown)
@@ -308,7 +309,8 @@ def create_part(store: Store, rank: int, rows: np.ndarray) -> RowWriter:
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     _empty_arrays(folder, len(rows), store.dim, store.meta["feature_dtype"])
-    np.save(folder / "rows.npy", np.asarray(rows, dtype=np.int64))
+    np.save(folder / "rows.tmp.npy", np.asarray(rows, dtype=np.int64))
+    os.replace(folder / "rows.tmp.npy", folder / "rows.npy")  # last: marks the part whole
     return RowWriter(folder, rows)
 
 
@@ -340,7 +342,10 @@ def fold_parts(store: Store) -> int:
         main.commit()
         total += len(slots)
     main.close()
-    shutil.rmtree(parts)
+    trash = parts.with_name(f".{PARTS_DIR}.folded")  # a crash mid-delete leaves no half part
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(parts, trash)
+    shutil.rmtree(trash)
     return total
 
 

@@ -1,0 +1,130 @@
+"""Fidelity of projected features: do they rank records as the exact gradients do?
+
+On the example mixture and the example model (``examples/llava-smollm2``: SmolLM2-135M as its
+language model), after a short warm-up (LoRA r=8 on every linear layer of the LLM, 8% equal
+per task, as ``tive warmup`` trains it), the exact per-sample key-parameter gradients of all
+records are computed (``--projector none``). Then for each projector and k:
+
+* per task, Spearman's ρ between instance values from the projected features (stored as
+  float16, as the store keeps them) and instance values from the exact gradients;
+* the relative error task values would have if computed from projected norms ‖φ‖ instead of
+  the exact ‖g‖ that tive stores (tive's own task values use ‖g‖: error 0 by construction).
+
+Target (issue "Benchmarks"): ρ ≥ 0.98 at k = 8192.
+
+    python examples/build_model.py          # once
+    python benchmarks/fidelity.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "llava_mini" / "mix.json"
+EXAMPLE_MODEL = ROOT / "examples" / "llava-smollm2"
+
+
+def reference_model(r: int):
+    """The example model with a freshly trained warm-up adapter, and the mixture."""
+    from tive.data import load_mixture
+    from tive.models.load import load_model
+    from tive.models.registry import resolve
+    from tive.tasks import label_tasks
+    from tive.warmup import WarmupConfig, train, warmup_sample
+
+    if not (EXAMPLE_MODEL / "config.json").exists():
+        sys.exit(f"{EXAMPLE_MODEL}: missing; run `python examples/build_model.py` first")
+    loaded = load_model(resolve(str(EXAMPLE_MODEL)), dtype="fp32", device="cpu")
+    mixture = load_mixture(EXAMPLE)
+    tasks = label_tasks(mixture).tasks
+    config = WarmupConfig(r=r, alpha=2 * r, max_length=512)
+    rows = warmup_sample(tasks, mixture.keys, config.fraction, config.seed)
+    model = train(loaded, mixture, rows, config, progress=False)["model"]
+    return model, loaded, mixture, tasks
+
+
+def exact_gradients(model, loaded, mixture,
+                    batch_size: int = 8) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """``(N, D)`` exact gradients (float32), ``(N,)`` norms, and the block lengths."""
+    from tive.encode import collate, encode_row, pad_id
+    from tive.gradients import GradientFeatures
+    from tive.lora import key_parameters
+    from tive.projection import Identity
+
+    encoder = loaded.encoder(512)
+    items = [encode_row(encoder, mixture, i) for i in range(len(mixture))]
+    assert not any(isinstance(x, str) for x in items), "every example record encodes"
+    dims = [k.numel for k in key_parameters(model)]
+    rows, norms = [], []
+    with GradientFeatures(model, Identity(dims)) as gf:
+        for i in range(0, len(items), batch_size):
+            res = gf(collate(items[i:i + batch_size], pad_id(loaded.tokenizer)))
+            rows.append(res.features.astype(np.float32))
+            norms.append(res.norms)
+    return np.concatenate(rows), np.concatenate(norms), dims
+
+
+def project(kind: str, k: int, grads: np.ndarray, dims: list[int]) -> np.ndarray:
+    """Features of ``grads`` with projector ``kind`` at ``k``, as float16 (the store's)."""
+    from tive.projection import make_projector
+
+    projector = make_projector(kind, dims, k, seed=0)
+    g = torch.from_numpy(grads)
+    projector.start(len(g), torch.device("cpu"), torch.float32)
+    offset = 0
+    for b, d in enumerate(dims):
+        projector.add(b, g[:, offset:offset + d])
+        offset += d
+    out = projector.finish().numpy()
+    if kind == "trak":
+        out = out / np.sqrt(k)  # TRAK's ±1 entries are unscaled; fp16 needs the range
+    return out.astype(np.float16)
+
+
+def main() -> None:
+    from tive.values import instance_values, task_values
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--r", type=int, default=8, help="LoRA rank of the warm-up")
+    parser.add_argument("--dims", default="1024,4096,8192")
+    parser.add_argument("--projectors", default="sparse-jl,trak")
+    args = parser.parse_args()
+    model, loaded, mixture, tasks = reference_model(args.r)
+    grads, norms, dims = exact_gradients(model, loaded, mixture)
+    names, codes = np.unique(tasks.astype(str), return_inverse=True)
+    valid = np.ones(len(grads), dtype=bool)
+    truth, _ = instance_values(grads, codes, len(names), valid)
+    exact_tv = task_values(norms, codes, len(names), valid)
+    print(f"\nfidelity on {len(grads)} records, {len(names)} tasks, D = {grads.shape[1]:,} "
+          f"(LoRA r = {args.r}), features stored as float16\n")
+    print("| projector | k | ρ min over tasks | ρ median | ρ per task (records) | "
+          "task values from ‖φ‖: max rel. error | seconds |")
+    print("|---|---|---|---|---|---|---|")
+    for kind in args.projectors.split(","):
+        for k in map(int, args.dims.split(",")):
+            start = time.perf_counter()
+            feats = project(kind, k, grads, dims)
+            seconds = time.perf_counter() - start
+            values, _ = instance_values(feats, codes, len(names), valid)
+            rho = {str(n): spearmanr(values[codes == t], truth[codes == t]).statistic
+                   for t, n in enumerate(names)}
+            pn = np.linalg.norm(feats.astype(np.float64), axis=1)
+            tv = task_values(pn, codes, len(names), valid)
+            tv_err = float(np.max(np.abs(tv - exact_tv) / exact_tv))
+            per_task = ", ".join(f"{n} {v:.3f} ({int((codes == t).sum())})"
+                                 for t, (n, v) in enumerate(rho.items()))
+            print(f"| {kind} | {k} | {min(rho.values()):.4f} | "
+                  f"{float(np.median(list(rho.values()))):.4f} | {per_task} | {tv_err:.2%} | "
+                  f"{seconds:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
