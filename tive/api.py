@@ -93,7 +93,8 @@ def value_estimate(
     if model is not None:
         return _with_model(model, data, run or "tive-out", reference, score, warmup,
                            dtype or "auto", device or "auto", bool(force),
-                           progress is not False, task_field, image_root, skip_missing_images, chunk_rows,
+                           progress is not False, task_field, image_root, skip_missing_images,
+                           chunk_rows,
                            given=[k for k, v in (("store", store), ("features", features),
                                                  ("norms", norms), ("tasks", tasks),
                                                  ("loss", loss), ("ntokens", ntokens),
