@@ -293,3 +293,17 @@ def test_unit_rows_keep_tiny_gradients_in_float16():
     stored = _cast_rows(rows, np.dtype("float16"), 0)
     np.testing.assert_allclose(np.linalg.norm(stored.astype(float), axis=1), [1, 0, 1],
                                atol=1e-3)
+
+
+def test_every_image_missing_stops_unless_asked_to_score_text_only(tmp_path, model_dir):
+    data = image_mixture(tmp_path / "data", n_per_task=2)
+    for p in (tmp_path / "data").glob("*/*.png"):
+        p.unlink()
+    base = ["score", "--model", model_dir, "--data", data, "--run", tmp_path / "run",
+            "--proj-dim", 16, *SMALL]
+    res = invoke(*base)
+    assert res.exit_code == 2 and "none of the 4 records with images finds its image" in res.stderr
+    assert "--image-root" in res.stderr and not (tmp_path / "run").exists()
+    res = invoke(*base, "--skip-missing-images")
+    assert res.exit_code == 0, res.output
+    assert "scored 2 of 6 records" in res.output and "4 missing-image" in res.output

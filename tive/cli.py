@@ -46,10 +46,9 @@ def _task_option(f: Callable) -> Callable:
                              "else the LLaVA-1.5 665K rules).")(f)
 
 
-def _data_options(f: Callable) -> Callable:
-    f = click.option("--skip-missing-images", is_flag=True,
-                     help="Leave records whose images are missing out (counted in the report) "
-                          "instead of stopping.")(f)
+def _data_options(f: Callable, missing_help: str = "Leave records whose images are missing out "
+                  "(counted in the report) instead of stopping.") -> Callable:
+    f = click.option("--skip-missing-images", is_flag=True, help=missing_help)(f)
     f = click.option("--image-root", type=click.Path(file_okay=False, path_type=Path),
                      help="Folder that relative image paths resolve against (default: the "
                           "data file's folder).")(f)
@@ -379,7 +378,10 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
 @click.option("--force", is_flag=True,
               help="Replace a store or reference made with other settings instead of refusing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@_data_options
+@lambda f: _data_options(f, "Score the text records even when no image is found at all (records "
+                            "with missing images are always skipped and counted; when every "
+                            "image is missing the image root is likely wrong, which stops the "
+                            "run without this flag).")
 def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
           reference: Path | None, batch_size: int, max_length: int, projector: str,
           proj_dim: int | None, seed: int | None, jl_nnz: int | None, feature_dtype: str,
@@ -388,8 +390,9 @@ def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
     """Per-record gradient features of the reference model, written to RUN/store.
 
     Trains the warm-up reference first (unless --reference is given or RUN/reference was
-    trained with the same settings). Resumes an interrupted run. Under `torchrun --no-python
-    tive score ...` the records are shared among the processes.
+    trained with the same settings). Resumes an interrupted run. Under `torchrun
+    --nproc-per-node N --no-python -- tive score ...` the records are shared among the
+    processes (the `--` keeps torchrun from reading tive's --run).
     """
     from tive.score import ScoreConfig, run_score
     from tive.warmup import WarmupConfig
