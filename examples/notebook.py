@@ -1,6 +1,8 @@
-"""The notebook path, as a script: values from arrays, a report, a selection, a saved subset.
+"""The notebook path, as a script: values from a model (or from arrays), a report, a
+selection, a saved subset.
 
-    python examples/notebook.py
+    python examples/notebook.py             # with examples/llava-smollm2 (build_model.py): scores
+                                            # the mixture; without it: the synthetic demo arrays
 """
 
 from pathlib import Path
@@ -10,13 +12,20 @@ import numpy as np
 import tive
 
 HERE = Path(__file__).resolve().parent / "llava_mini"
+MODEL = Path(__file__).resolve().parent / "llava-smollm2"
 
-# Features computed elsewhere (here: the synthetic demo arrays of build_example.py).
-report = tive.value_estimate(
-    features=np.load(HERE / "demo_features.npy"),
-    norms=np.load(HERE / "demo_norms.npy"),
-    data=HERE / "mix.json",  # tasks are inferred from the records; subsets keep their format
-)
+if (MODEL / "config.json").exists():
+    # Warm-up, then every record's gradient features (resumes if interrupted; reuses both
+    # when run again with the same settings).
+    report = tive.value_estimate(data=HERE / "mix.json", model=str(MODEL), run="tive-notebook",
+                                 score={"batch_size": 8, "max_length": 512})
+else:
+    # Features computed elsewhere (here: the synthetic demo arrays of build_example.py).
+    report = tive.value_estimate(
+        features=np.load(HERE / "demo_features.npy"),
+        norms=np.load(HERE / "demo_norms.npy"),
+        data=HERE / "mix.json",  # tasks are inferred from the records; subsets keep their format
+    )
 print(report)  # tasks, records, task values
 print("most representative llava_instruct record:",
       report.mixture[int(np.nanargmax(np.where(report.tasks == "llava_instruct",
