@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from conftest import TOL, TOL32
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -127,3 +128,17 @@ def test_memmap_is_read_through_the_file_with_the_same_result(tmp_path):
 def test_default_chunk_keeps_665k_by_8192_within_memory():
     rows = val.default_chunk_rows(8192)
     assert 1 <= rows and rows * 8192 * 8 <= 1 << 26
+
+
+@pytest.mark.parametrize("n_tasks", [1, val.GEMM_TASKS, val.GEMM_TASKS + 1, 90])
+def test_instance_values_with_few_and_many_tasks(n_tasks):
+    """Both ways of taking each row's dot product with its own task's mean (one matrix product
+    for few tasks, a gather for many) agree with the pairwise reference."""
+    rng = np.random.default_rng(n_tasks)
+    feats = rng.normal(size=(300, 7)).astype(np.float32)
+    codes = rng.integers(0, n_tasks, size=300)
+    valid = rng.random(300) > 0.1
+    got, _ = val.instance_values(feats, codes, n_tasks, valid, chunk_rows=64)
+    want = reference_instance_values(feats.astype(np.float64), codes, valid)
+    np.testing.assert_array_equal(np.isnan(got), ~valid)
+    np.testing.assert_allclose(got[valid], want[valid], rtol=0, atol=TOL32)

@@ -10,13 +10,16 @@ Records marked invalid (not scored, skipped, non-finite norm or feature) take pa
 
 from __future__ import annotations
 
+import mmap
 import os
 import warnings
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import BinaryIO
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 CHUNK_BYTES = 1 << 26  # float64 working set per chunk (64 MiB)
 
@@ -54,13 +57,16 @@ def instance_values(
     """Mean cosine of each record's feature to every valid member of its task (itself included).
 
     ``v_i = s_i φ_i · m_t`` with ``s_i = 1/‖φ_i‖`` and ``m_t = Σ_{j∈t} s_j φ_j / |t|``: pass 1
-    accumulates ``m_t`` (one ``(tasks, chunk) @ (chunk, k)`` product per chunk), pass 2 takes
-    each row's dot product with its own task's mean: O(N·k) in all. Arithmetic is float64 for float64 input, else float32 with
-    float64 accumulation across chunks.
+    accumulates ``m_t`` (the unit rows added into their task's row), pass 2 takes each row's
+    dot product with its own task's mean: O(N·k) in all. Arithmetic is float64 for float64
+    input, else float32 with float64 accumulation across chunks. It runs in torch, whose
+    vectorised float16 conversion is about ten times faster than numpy's, and on one pool of
+    threads (numpy's BLAS threads and torch's would compete for the same cores).
 
     Args:
         features: ``(N, k)`` array or memmap of projected gradients (any float dtype). A memmap
-            is read with plain file reads, chunk by chunk, so resident memory stays at one chunk.
+            is read chunk by chunk, and each chunk's pages released once it is used, so
+            resident memory stays at about one chunk.
         codes: ``(N,)`` int task codes in ``[0, n_tasks)``.
         n_tasks: number of tasks.
         valid: ``(N,)`` bool; invalid rows get NaN and do not count as task members.
@@ -71,102 +77,129 @@ def instance_values(
         and rows with a non-finite entry, which count as invalid), and ``(N,)`` bool, rows whose
         entries are all finite. A zero feature vector has cosine 0 with everything.
     """
+    import torch  # here, not at the top: `import tive` should not load torch
+
     n, k = features.shape
-    dtype = np.float64 if features.dtype == np.float64 else np.float32
+    dtype = torch.float64 if features.dtype == np.float64 else torch.float32
+    task = torch.from_numpy(np.asarray(codes, dtype=np.int64))  # (N,)
     finite = np.ones(n, dtype=bool)
     scale = np.zeros(n, dtype=np.float64)  # (N,) s_i, 0 for invalid, non-finite or zero rows
-    sums = np.zeros((n_tasks, k), dtype=np.float64)  # (tasks, k) Σ s_j φ_j
+    sums = torch.zeros((n_tasks, k), dtype=torch.float64)  # (tasks, k) Σ s_j φ_j
     for start, block in _chunks(features, chunk_rows, dtype):
         rows = slice(start, start + len(block))
         finite[rows], sq = _finite_sq_norms(block)
         ok = valid[rows] & finite[rows] & (sq > 0)
         scale[rows] = np.where(ok, 1.0 / np.sqrt(np.where(ok, sq, 1.0)), 0.0)
-        weights = _onehot(codes[rows], n_tasks) * scale[rows]  # (tasks, chunk)
-        sums += weights.astype(dtype) @ _zero_bad_rows(block, finite[rows])
+        _zero_bad_rows(block, finite[rows])
+        block.mul_(torch.from_numpy(scale[rows]).to(dtype)[:, None])  # unit rows; others 0
+        sums += torch.zeros((n_tasks, k), dtype=dtype).index_add_(0, task[rows], block)
     valid = valid & finite
     counts = np.bincount(codes[valid], minlength=n_tasks).astype(np.float64)
-    means = (sums / np.maximum(counts, 1.0)[:, None]).astype(dtype)  # (tasks, k) m_t
+    means = (sums / torch.from_numpy(np.maximum(counts, 1.0))[:, None]).to(dtype)  # m_t
     out = np.full(n, np.nan)
     for start, block in _chunks(features, chunk_rows, dtype):
         rows = slice(start, start + len(block))
-        dots = np.einsum("ij,ij->i", _zero_bad_rows(block, finite[rows]), means[codes[rows]])
+        _zero_bad_rows(block, finite[rows])
+        dots = _own_task_dots(block, means, task[rows]).double().numpy()
         out[rows] = np.where(valid[rows], dots * scale[rows], np.nan)  # (chunk,) φ̂_i · m_t
     return out, finite
 
 
-def _chunks(features: np.ndarray, chunk_rows: int | None,
-            dtype: type = np.float64) -> Iterator[tuple[int, np.ndarray]]:
-    """``(start, block)`` over the rows of ``features``, blocks converted to ``dtype``.
-
-    Blocks share one buffer: a block is valid until the next one is requested. A whole-file
-    memmap is read through the file, one chunk ahead in a background thread: slicing a memmap
-    would keep every page it touched mapped (and counted as resident).
-    """
-    n, k = features.shape
-    step = chunk_rows or default_chunk_rows(k)
-    starts = range(0, n, step)
-    buffer = np.empty((min(step, n), k), dtype=dtype)
-    if not _whole_file_memmap(features):
-        for start in starts:
-            yield start, _convert(np.asarray(features[start:start + step]), buffer)
-        return
-    row_bytes = k * features.dtype.itemsize
-
-    def read(f: BinaryIO, start: int) -> np.ndarray:
-        rows = min(step, n - start)
-        f.seek(features.offset + start * row_bytes)
-        return np.fromfile(f, dtype=features.dtype, count=rows * k).reshape(rows, k)
-
-    with open(features.filename, "rb") as f, ThreadPoolExecutor(1) as pool:
-        ahead = pool.submit(read, f, 0)
-        for i, start in enumerate(starts):
-            block = ahead.result()
-            if i + 1 < len(starts):
-                ahead = pool.submit(read, f, starts[i + 1])
-            yield start, _convert(block, buffer)
+GEMM_TASKS = 32  # up to this many tasks, one matrix product beats gathering each row's mean
 
 
-def _convert(block: np.ndarray, buffer: np.ndarray) -> np.ndarray:
-    """``block`` converted into (the first rows of) ``buffer``.
+def _own_task_dots(block: torch.Tensor, means: torch.Tensor,
+                   task: torch.Tensor) -> torch.Tensor:
+    """``(chunk,)`` dot product of each row of ``block`` ``(chunk, k)`` with its own task's
+    row of ``means`` ``(tasks, k)``; ``task`` ``(chunk,)`` int64.
 
-    torch's vectorised copy converts float16 about ten times faster than numpy here
-    (benchmarks/README.md); the values are identical (float16 → float32 is exact).
+    With few tasks, ``block @ means.T`` (one matrix product, ``(chunk, tasks)``) and a pick per
+    row is several times faster than gathering a ``(chunk, k)`` copy of the means; with many
+    tasks the product would cost too much and the gather is used.
     """
     import torch
 
-    out = buffer[: len(block)]
-    if block.dtype == out.dtype:
-        return block
+    if len(means) <= GEMM_TASKS:
+        return (block @ means.T).gather(1, task[:, None])[:, 0]
+    return torch.einsum("ij,ij->i", block, means[task])
+
+
+def _chunks(features: np.ndarray, chunk_rows: int | None,
+            dtype: torch.dtype) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, block)`` over the rows of ``features``: each block a copy in ``dtype``.
+
+    Blocks share one buffer (so they may be changed in place): a block is valid until the next
+    one is requested. For a memmap of a whole file, the kernel is asked to read the next chunk
+    ahead, and the pages of each chunk are released from this process once it is copied:
+    slicing a memmap would otherwise keep every page it touched mapped (and counted as
+    resident). The file's pages stay in the page cache.
+    """
+    import torch
+
+    n, k = features.shape
+    step = chunk_rows or default_chunk_rows(k)
+    buffer = torch.empty((min(step, n), k), dtype=dtype)
+    advise = _pager(features)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        advise(stop, min(stop + step, n), "ahead")
+        block = buffer[: stop - start]
+        _copy(np.asarray(features[start:stop]), block)
+        advise(start, stop, "done")
+        yield start, block
+
+
+def _pager(features: np.ndarray) -> Callable[[int, int, str], None]:
+    """``advise(start, stop, "ahead" | "done")`` for rows ``[start, stop)`` of ``features``.
+
+    For a whole-file memmap where the platform has ``madvise``: ``ahead`` starts reading those
+    rows in the background (``MADV_WILLNEED``), ``done`` unmaps their pages from this process
+    (``MADV_DONTNEED``; the mapping is read-only, so nothing is lost: a later access reads the
+    file again). Otherwise it does nothing.
+    """
+    mm = getattr(features, "_mmap", None)
+    if not _whole_file_memmap(features) or mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return lambda start, stop, what: None
+    row_bytes = features.shape[1] * features.dtype.itemsize
+    base = features.offset % mmap.ALLOCATIONGRANULARITY  # where row 0 is in the mapping
+    advice = {"ahead": mmap.MADV_WILLNEED, "done": mmap.MADV_DONTNEED}
+
+    def advise(start: int, stop: int, what: str) -> None:
+        lo, hi = base + start * row_bytes, base + stop * row_bytes
+        lo -= lo % mmap.PAGESIZE
+        if hi > lo:
+            mm.madvise(advice[what], lo, hi - lo)
+
+    return advise
+
+
+def _copy(rows: np.ndarray, out: torch.Tensor) -> None:
+    """Copy ``rows`` (any float dtype) into ``out``, converting (float16 → float32 is exact)."""
+    import torch
+
     with warnings.catch_warnings():  # torch warns that a read-only source is not writable
         warnings.simplefilter("ignore", UserWarning)
-        source = torch.from_numpy(np.ascontiguousarray(block))
-    torch.from_numpy(out).copy_(source)
-    return out
+        out.copy_(torch.from_numpy(np.ascontiguousarray(rows)))
 
 
-def _finite_sq_norms(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _zero_bad_rows(block: torch.Tensor, finite: np.ndarray) -> None:
+    """Set the non-finite rows of ``block`` to 0, in place (0 · NaN would poison a product)."""
+    if not finite.all():
+        block[np.flatnonzero(~finite)] = 0
+
+
+def _finite_sq_norms(block: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """``(chunk,)`` bool rows with only finite entries, and ``(chunk,)`` float64 ‖row‖²."""
-    sq = np.einsum("ij,ij->i", block, block).astype(np.float64)
+    import torch
+
+    sq = torch.linalg.vector_norm(block, dim=1).double().square().numpy()
     finite = np.isfinite(sq)
-    if not finite.all():  # a non-finite entry, or a float32 square that overflowed
-        bad = np.flatnonzero(~finite)
-        finite[bad] = np.isfinite(block[bad]).all(axis=1)
-        big = bad[finite[bad]]
-        sq[big] = np.einsum("ij,ij->i", block[big].astype(np.float64),
-                            block[big].astype(np.float64))
+    if not finite.all():  # a non-finite entry, or a float32 norm that overflowed
+        bad = torch.from_numpy(np.flatnonzero(~finite))
+        finite[bad.numpy()] = torch.isfinite(block[bad]).all(dim=1).numpy()
+        big = bad[torch.from_numpy(finite[bad.numpy()])]
+        sq[big.numpy()] = torch.linalg.vector_norm(block[big].double(), dim=1).square().numpy()
     return finite, sq
-
-
-def _zero_bad_rows(block: np.ndarray, finite: np.ndarray) -> np.ndarray:
-    """``block`` with non-finite rows set to 0 (so that 0 · NaN does not poison a product)."""
-    return block if finite.all() else np.where(finite[:, None], block, 0)
-
-
-def _onehot(codes: np.ndarray, n_tasks: int) -> np.ndarray:
-    """``(tasks, chunk)`` float64 indicator of each row's task."""
-    out = np.zeros((n_tasks, len(codes)), dtype=np.float64)
-    out[codes, np.arange(len(codes))] = 1.0
-    return out
 
 
 def _whole_file_memmap(features: np.ndarray) -> bool:
