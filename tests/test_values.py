@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import pytest
 from conftest import TOL, TOL32
@@ -142,3 +144,73 @@ def test_instance_values_with_few_and_many_tasks(n_tasks):
     want = reference_instance_values(feats.astype(np.float64), codes, valid)
     np.testing.assert_array_equal(np.isnan(got), ~valid)
     np.testing.assert_allclose(got[valid], want[valid], rtol=0, atol=TOL32)
+
+
+class _RecordingMap:
+    """Stands in for a memmap's mmap: records each madvise call and passes it on."""
+
+    def __init__(self, mm: mmap.mmap) -> None:
+        self.mm, self.calls = mm, []
+
+    def __len__(self) -> int:
+        return len(self.mm)
+
+    def madvise(self, advice: int, start: int, length: int) -> None:
+        self.calls.append((advice, start, length))
+        self.mm.madvise(advice, start, length)
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_DONTNEED"), reason="no madvise on this platform")
+@pytest.mark.parametrize("offset", [0, 100, 3 * mmap.ALLOCATIONGRANULARITY + 12])
+def test_each_chunks_pages_are_released_exactly(tmp_path, offset):
+    """The pages released after each chunk start at the page holding its first row and end at
+    its last byte, whatever the file's header length."""
+    rows = np.random.default_rng(0).normal(size=(500, 37)).astype(np.float32)
+    (tmp_path / "f").write_bytes(b"\0" * offset + rows.tobytes())
+    mm = np.memmap(tmp_path / "f", np.float32, "r", offset=offset, shape=rows.shape)
+    row0 = mm.ctypes.data - np.frombuffer(mm._mmap, np.uint8).ctypes.data  # row 0 in the map
+    mm._mmap = spy = _RecordingMap(mm._mmap)
+    val.instance_values(mm, np.zeros(500, int), 1, np.ones(500, bool), chunk_rows=64)
+    released = [(lo, lo + n) for advice, lo, n in spy.calls if advice == mmap.MADV_DONTNEED]
+    starts = list(range(0, 500, 64)) * 2  # two passes
+    assert len(released) == len(starts)
+    for (lo, hi), start in zip(released, starts):
+        stop = min(start + 64, 500)
+        assert lo == (row0 + start * 37 * 4) // mmap.PAGESIZE * mmap.PAGESIZE
+        assert hi == row0 + stop * 37 * 4
+
+
+@pytest.mark.parametrize("mode", ["c", "r+"])
+def test_changes_to_a_writable_memmap_are_kept_and_used(tmp_path, mode):
+    """Releasing pages of a copy-on-write map would throw the caller's changes away."""
+    np.save(tmp_path / "f.npy", np.random.default_rng(0).normal(size=(4096, 64)).astype(np.float32))
+    mm = np.load(tmp_path / "f.npy", mmap_mode=mode)
+    mm[:] = 1.0
+    got, _ = val.instance_values(mm, np.zeros(4096, int), 1, np.ones(4096, bool), chunk_rows=512)
+    assert (mm == 1.0).all()
+    np.testing.assert_allclose(got, 1.0, atol=TOL32)
+
+
+def test_huge_and_tiny_float32_rows_are_unit_vectors_like_any_other():
+    """A float32 sum of squares overflows above ~1e19 and loses precision or underflows below
+    ~1e-19; such rows are normalised in float64 (one direction at any scale has cosine 1)."""
+    d = np.abs(np.random.default_rng(0).normal(size=64)).astype(np.float32)
+    f = np.stack([d * np.float32(3e38 / d.max()), d * np.float32(1e20), d, 2 * d,
+                  d * np.float32(1e-22), d * np.float32(1e-25)]).astype(np.float32)
+    got, finite = val.instance_values(f, np.zeros(6, int), 1, np.ones(6, bool), chunk_rows=2)
+    assert finite.all()
+    np.testing.assert_allclose(got, 1.0, atol=TOL32)
+    mixed = np.concatenate([f, -f])  # two opposite directions: every value 0
+    got, _ = val.instance_values(mixed, np.zeros(12, int), 1, np.ones(12, bool), chunk_rows=3)
+    np.testing.assert_allclose(got, 0.0, atol=TOL32)
+
+
+@pytest.mark.parametrize("make", [lambda a: a.T.copy().T, lambda a: a[::2], lambda a: a[:, 1:]])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_non_contiguous_inputs_of_each_dtype(make, dtype):
+    rng = np.random.default_rng(1)
+    f = make(rng.normal(size=(80, 9)).astype(dtype))
+    codes, valid = rng.integers(0, 3, len(f)), np.ones(len(f), bool)
+    got, _ = val.instance_values(f, codes, 3, valid, chunk_rows=7)
+    want = reference_instance_values(f.astype(np.float64), codes, valid)
+    np.testing.assert_allclose(got, want, atol=TOL if dtype == np.float64 else TOL32)

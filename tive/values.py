@@ -11,7 +11,6 @@ Records marked invalid (not scored, skipped, non-finite norm or feature) take pa
 from __future__ import annotations
 
 import mmap
-import os
 import warnings
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -87,11 +86,10 @@ def instance_values(
     sums = torch.zeros((n_tasks, k), dtype=torch.float64)  # (tasks, k) Σ s_j φ_j
     for start, block in _chunks(features, chunk_rows, dtype):
         rows = slice(start, start + len(block))
-        finite[rows], sq = _finite_sq_norms(block)
-        ok = valid[rows] & finite[rows] & (sq > 0)
-        scale[rows] = np.where(ok, 1.0 / np.sqrt(np.where(ok, sq, 1.0)), 0.0)
-        _zero_bad_rows(block, finite[rows])
-        block.mul_(torch.from_numpy(scale[rows]).to(dtype)[:, None])  # unit rows; others 0
+        finite[rows], norms = _finite_norms(block)
+        ok = valid[rows] & finite[rows] & (norms > 0)
+        scale[rows] = np.where(ok, 1.0 / np.where(ok, norms, 1.0), 0.0)
+        _to_unit_rows(block, scale[rows])
         sums += torch.zeros((n_tasks, k), dtype=dtype).index_add_(0, task[rows], block)
     valid = valid & finite
     counts = np.bincount(codes[valid], minlength=n_tasks).astype(np.float64)
@@ -99,10 +97,54 @@ def instance_values(
     out = np.full(n, np.nan)
     for start, block in _chunks(features, chunk_rows, dtype):
         rows = slice(start, start + len(block))
-        _zero_bad_rows(block, finite[rows])
-        dots = _own_task_dots(block, means, task[rows]).double().numpy()
-        out[rows] = np.where(valid[rows], dots * scale[rows], np.nan)  # (chunk,) φ̂_i · m_t
+        _to_unit_rows(block, scale[rows])
+        dots = _own_task_dots(block, means, task[rows]).double().numpy()  # (chunk,) φ̂_i · m_t
+        out[rows] = np.where(valid[rows], dots, np.nan)
     return out, finite
+
+
+SAFE_NORMS = (1e-15, 1e15)  # float32 rows with norms inside: 1/‖φ‖ and φ/‖φ‖ stay normal floats
+
+
+def _finite_norms(block: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``(chunk,)`` bool, rows with only finite entries, and ``(chunk,)`` float64 ‖row‖₂.
+
+    Norms outside :data:`SAFE_NORMS` (a float32 sum of squares may overflow or underflow) are
+    computed again in float64, scaled by the row's largest entry.
+    """
+    import torch
+
+    norms = torch.linalg.vector_norm(block, dim=1).double().numpy()
+    finite = np.isfinite(norms)
+    redo = np.flatnonzero(~finite | (norms < SAFE_NORMS[0]) | (norms > SAFE_NORMS[1]))
+    if len(redo):
+        rows = block[redo].double()  # (r, k)
+        finite[redo] = torch.isfinite(rows).all(dim=1).numpy()
+        rows[~torch.from_numpy(finite[redo])] = 0
+        top = rows.abs().amax(dim=1, keepdim=True) if rows.shape[1] else rows[:, :1]
+        top = torch.where(top > 0, top, torch.ones_like(top))
+        norms[redo] = (top[:, 0] * torch.linalg.vector_norm(rows / top, dim=1)).numpy()
+    return finite, norms
+
+
+def _to_unit_rows(block: torch.Tensor, scale: np.ndarray) -> None:
+    """Multiply each row of ``block`` ``(chunk, k)`` by its ``scale`` ``(chunk,)``, in place.
+
+    Rows with scale 0 (invalid, non-finite, zero) become 0 whatever they held (0 · NaN would
+    poison the products). Rows whose scale is not a safe float32 factor are scaled in float64.
+    """
+    import torch
+
+    zero = np.flatnonzero(scale == 0)
+    if len(zero):
+        block[zero] = 0
+    lo, hi = 1 / SAFE_NORMS[1], 1 / SAFE_NORMS[0]
+    extreme = np.flatnonzero((scale != 0) & ((scale < lo) | (scale > hi)))
+    if len(extreme):
+        factors = torch.from_numpy(scale[extreme])[:, None]
+        block[extreme] = (block[extreme].double() * factors).to(block.dtype)
+        scale = np.where((scale < lo) | (scale > hi), 1.0, scale)
+    block.mul_(torch.from_numpy(scale).to(block.dtype)[:, None])
 
 
 GEMM_TASKS = 32  # up to this many tasks, one matrix product beats gathering each row's mean
@@ -152,13 +194,15 @@ def _chunks(features: np.ndarray, chunk_rows: int | None,
 def _pager(features: np.ndarray) -> Callable[[int, int, str], None]:
     """``advise(start, stop, "ahead" | "done")`` for rows ``[start, stop)`` of ``features``.
 
-    For a whole-file memmap where the platform has ``madvise``: ``ahead`` starts reading those
-    rows in the background (``MADV_WILLNEED``), ``done`` unmaps their pages from this process
-    (``MADV_DONTNEED``; the mapping is read-only, so nothing is lost: a later access reads the
-    file again). Otherwise it does nothing.
+    For a read-only whole-file memmap where the platform has ``madvise``: ``ahead`` starts
+    reading those rows in the background (``MADV_WILLNEED``), ``done`` unmaps their pages from
+    this process (``MADV_DONTNEED``: nothing is lost, a later access reads the file again).
+    Otherwise it does nothing: on a copy-on-write memmap (mode ``c``) it would throw away the
+    caller's changes.
     """
     mm = getattr(features, "_mmap", None)
-    if not _whole_file_memmap(features) or mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+    if (not _whole_file_memmap(features) or getattr(features, "mode", None) != "r"
+            or not hasattr(mmap, "MADV_DONTNEED")):
         return lambda start, stop, what: None
     row_bytes = features.shape[1] * features.dtype.itemsize
     base = features.offset % mmap.ALLOCATIONGRANULARITY  # where row 0 is in the mapping
@@ -182,29 +226,10 @@ def _copy(rows: np.ndarray, out: torch.Tensor) -> None:
         out.copy_(torch.from_numpy(np.ascontiguousarray(rows)))
 
 
-def _zero_bad_rows(block: torch.Tensor, finite: np.ndarray) -> None:
-    """Set the non-finite rows of ``block`` to 0, in place (0 · NaN would poison a product)."""
-    if not finite.all():
-        block[np.flatnonzero(~finite)] = 0
-
-
-def _finite_sq_norms(block: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """``(chunk,)`` bool rows with only finite entries, and ``(chunk,)`` float64 ‖row‖²."""
-    import torch
-
-    sq = torch.linalg.vector_norm(block, dim=1).double().square().numpy()
-    finite = np.isfinite(sq)
-    if not finite.all():  # a non-finite entry, or a float32 norm that overflowed
-        bad = torch.from_numpy(np.flatnonzero(~finite))
-        finite[bad.numpy()] = torch.isfinite(block[bad]).all(dim=1).numpy()
-        big = bad[torch.from_numpy(finite[bad.numpy()])]
-        sq[big.numpy()] = torch.linalg.vector_norm(block[big].double(), dim=1).square().numpy()
-    return finite, sq
-
-
 def _whole_file_memmap(features: np.ndarray) -> bool:
-    """True for a C-ordered memmap of a whole file (not a slice of one)."""
-    if not isinstance(features, np.memmap) or not features.filename:
+    """True for a C-ordered memmap of all of its mapping (not a slice of one)."""
+    mm = getattr(features, "_mmap", None)
+    if not isinstance(features, np.memmap) or mm is None:
         return False
-    size = os.path.getsize(features.filename) - features.offset
-    return features.flags.c_contiguous and size == features.nbytes
+    return (features.flags.c_contiguous
+            and len(mm) == features.offset % mmap.ALLOCATIONGRANULARITY + features.nbytes)
