@@ -14,6 +14,8 @@ On the same model and the same batches (the example mixture, encoded once), reco
 
 (a) and (b) alternate batch by batch so that machine noise hits both alike; the first batch
 of each is a warm-up and not timed. Ratios are the figures to compare across machines.
+(d), another public tool on the same work (EleutherAI's bergson), is
+``bergson_throughput.py``: it needs bergson installed beside tive.
 
     python examples/build_model.py                       # once: examples/llava-smollm2
     python benchmarks/throughput.py                      # all models
