@@ -74,16 +74,10 @@ def exact_gradients(model, loaded, mixture,
 
 def project(kind: str, k: int, grads: np.ndarray, dims: list[int]) -> np.ndarray:
     """Features of ``grads`` with projector ``kind`` at ``k``, as float16 (the store's)."""
-    from tive.projection import make_projector
+    from tive.projection import make_projector, project_rows
 
-    projector = make_projector(kind, dims, k, seed=0)
-    g = torch.from_numpy(grads)
-    projector.start(len(g), torch.device("cpu"), torch.float32)
-    offset = 0
-    for b, d in enumerate(dims):
-        projector.add(b, g[:, offset:offset + d])
-        offset += d
-    out = projector.finish().numpy()
+    out = project_rows(make_projector(kind, dims, k, seed=0), torch.from_numpy(grads),
+                       dims).numpy()
     if kind == "trak":
         out = out / np.sqrt(k)  # TRAK's ±1 entries are unscaled; fp16 needs the range
     return out.astype(np.float16)

@@ -21,7 +21,7 @@ from tive.encode import Encoded, collate
 from tive.errors import ConfigError
 from tive.gradients import GradientFeatures
 from tive.lora import key_parameters
-from tive.projection import Identity, SparseJL, TrakProjector, make_projector
+from tive.projection import Identity, SparseJL, TrakProjector, make_projector, project_rows
 from tive.values import instance_values
 
 DELTA = 1e-6  # failure rate of each bound below
@@ -33,13 +33,7 @@ def epsilon(k: int, m: int, delta: float = DELTA) -> float:
 
 def project(projector, x: np.ndarray, dims: list[int]) -> np.ndarray:
     """Project rows of ``x`` block by block, as the gradient hooks do."""
-    t = torch.from_numpy(x)
-    projector.start(len(x), torch.device("cpu"), t.dtype)
-    offset = 0
-    for b, d in enumerate(dims):
-        projector.add(b, t[:, offset:offset + d])
-        offset += d
-    return projector.finish().numpy()
+    return project_rows(projector, torch.from_numpy(x), dims).numpy()
 
 
 def unit_gram_error(x: np.ndarray, px: np.ndarray, scale: float = 1.0) -> float:

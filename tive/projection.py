@@ -237,6 +237,17 @@ def make_projector(kind: str, dims: Sequence[int], k: int = 8192, seed: int = 0,
     raise ConfigError(f"--projector {kind!r}: expected one of {', '.join(KINDS)}")
 
 
+def project_rows(projector: Projector, rows: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
+    """``(n, k)`` features of whole gradient vectors ``rows`` ``(n, Σ dims)``, split into the
+    blocks of ``dims`` and added block by block, as the gradient hooks do."""
+    projector.start(len(rows), rows.device, rows.dtype)
+    offset = 0
+    for block, dim in enumerate(dims):
+        projector.add(block, rows[:, offset:offset + dim])
+        offset += dim
+    return projector.finish()
+
+
 def _fast_jl() -> bool:
     try:
         import fast_jl  # noqa: F401
