@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_warmup import image_mixture
 from zoo import save_llava_folder
 
@@ -93,12 +95,13 @@ def test_batch_size_does_not_change_the_features(tmp_path, model_dir):
     invoke("warmup", "--model", model_dir, "--data", data, "--run", tmp_path / "ref",
            "--fraction", "1", "--lora-r", "4", "--lora-alpha", "8", "--quiet")
     stores = []
-    for size in (1, 4, 9):
-        run = tmp_path / f"run{size}"
+    for size, grouping in ((1, "--group-by-length"), (4, "--group-by-length"),
+                           (4, "--no-group-by-length"), (9, "--group-by-length")):
+        run = tmp_path / f"run{size}{grouping}"
         res = invoke("score", "--model", model_dir, "--data", data, "--run", run,
                      "--reference", tmp_path / "ref" / "reference", "--batch-size", size,
                      "--proj-dim", 128, "--feature-dtype", "float32", "--max-length", 256,
-                     "--quiet")
+                     grouping, "--quiet")
         assert res.exit_code == 0, res.output + repr(res.exception)
         stores.append(Store.open(run))
     for other in stores[1:]:
@@ -283,6 +286,107 @@ def test_parts_left_by_a_crash_are_folded_in_and_half_made_parts_ignored(tmp_pat
     assert fold_parts(store) == 0  # nothing left; folding again is harmless
 
 
+def test_rows_written_out_of_order_land_where_they_belong_and_bad_ones_are_named(tmp_path):
+    from tive.errors import StoreError
+    from tive.store import IndexEntry, RowWriter, create_store
+
+    meta = {"projector": {"type": "sparse-jl"}, "data": {"path": "-", "fingerprint": "-"}}
+    store = create_store(tmp_path / "store", n=10, k=4, meta=meta,
+                         index=[IndexEntry(str(i), "t", i) for i in range(10)])
+    writer = RowWriter(store.root)
+    feats = np.arange(12, dtype=np.float32).reshape(3, 4)
+    writer.write(np.array([7, 2, 5]), feats, np.array([1.0, 2.0, 3.0]), np.ones(3),
+                 np.array([3, 4, 5]), np.zeros(3, np.int8))
+    writer.commit()
+    np.testing.assert_array_equal(store.features[[7, 2, 5]], feats)
+    assert store.array("ntokens")[[7, 2, 5]].tolist() == [3, 4, 5]
+    assert np.flatnonzero(store.array("done")).tolist() == [2, 5, 7]
+    huge = np.ones((2, 4), np.float32)
+    huge[1] = 1e6  # overflows float16: the message names store row 4, not the batch position
+    with pytest.raises(StoreError, match="features row 4 "):
+        writer.write(np.array([9, 4]), huge, np.ones(2), np.ones(2), np.ones(2, int),
+                     np.zeros(2, np.int8))
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(0, 700), batch_size=st.integers(1, 9), grouped=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_batch_plan_covers_every_row_once_and_groups_lengths_within_windows(n, batch_size,
+                                                                           grouped, seed):
+    from tive.score import GROUP_WINDOW, plan_batches
+
+    lengths = np.random.default_rng(seed).integers(0, 6, size=n)  # many ties
+    plan = plan_batches(n, batch_size, lengths if grouped else None)
+    rows = np.concatenate(plan) if plan else np.zeros(0, int)
+    assert sorted(rows.tolist()) == list(range(n))
+    assert all(0 < len(b) <= batch_size for b in plan)
+    window = GROUP_WINDOW * batch_size
+    if not grouped:
+        assert rows.tolist() == list(range(n))
+        return
+    for start in range(0, n, window):  # a window keeps its rows, longest first, ties in order
+        part = rows[start:start + window]
+        assert sorted(part.tolist()) == list(range(start, min(start + window, n)))
+        keys = list(zip(-lengths[part], part))
+        assert keys == sorted(keys)
+    short = [i for i, b in enumerate(plan) if len(b) < batch_size]  # only a window's last
+    assert all((sum(len(b) for b in plan[:i + 1]) % window == 0) or i == len(plan) - 1
+               for i in short)
+
+
+def test_pending_batches_are_those_of_the_plan_not_yet_done():
+    from tive.score import pending_batches, plan_batches
+
+    plan = plan_batches(10, 3, np.array([1, 9, 2, 8, 3, 7, 4, 6, 5, 0]))
+    assert [b.tolist() for b in plan] == [[1, 3, 5], [7, 8, 6], [4, 2, 0], [9]]
+    done = np.zeros(10, bool)
+    done[[1, 3, 5, 7]] = True
+    assert [b.tolist() for b in pending_batches(plan, done)] == [[7, 8, 6], [4, 2, 0], [9]]
+
+
+@pytest.mark.parametrize("family", ["llava", "bunny", "qwen2-vl", "causal-lm"])
+def test_length_estimate_orders_records_as_their_encoded_lengths(family):
+    """The sort key of grouping, from the text alone, ranks records as encoding does."""
+    from scipy.stats import spearmanr
+    from test_encode import encoder, picture, record
+
+    from tive.score import record_lengths
+
+    enc = encoder(family, max_length=10_000)
+    rng = np.random.default_rng(0)
+    words = "what is in the image a red square on white which colour maybe none".split()
+    records = []
+    for i in range(40):
+        turns = []
+        for _ in range(int(rng.integers(1, 4))):
+            turns += [("user", " ".join(rng.choice(words, size=int(rng.integers(1, 30))))),
+                      ("assistant", " ".join(rng.choice(words, size=int(rng.integers(1, 30)))))]
+        images = int(family in ("llava", "bunny") and i % 3 == 0)
+        if images:
+            turns[0] = ("user", "<image>\n" + turns[0][1])
+        records.append(record(*turns, images=images, index=i))
+    encoded = [enc.encode(r, [picture()] * len(r.images)) for r in records]
+    actual = np.array([len(e.input_ids) for e in encoded])
+    estimate = record_lengths(records, enc)
+    assert spearmanr(estimate, actual).statistic >= 0.95
+    capped = record_lengths(records, encoder(family, max_length=30))
+    assert capped.max() == 30 and (capped == np.minimum(estimate, 30)).all()
+    part = record_lengths(records, enc, rows=np.array([3, 5]), chunk=1)
+    assert part[[3, 5]].tolist() == estimate[[3, 5]].tolist() and part.sum() == part[[3, 5]].sum()
+
+
+def test_only_windows_with_a_pending_row_are_measured():
+    from tive.score import GROUP_WINDOW, open_window_rows
+
+    window = GROUP_WINDOW * 2
+    done = np.ones(3 * window + 5, dtype=bool)
+    assert len(open_window_rows(done, 2)) == 0
+    done[window + 7] = False  # second window open
+    done[-1] = False  # the short last window open
+    assert open_window_rows(done, 2).tolist() == [*range(window, 2 * window),
+                                                  *range(3 * window, 3 * window + 5)]
+
+
 def test_unit_rows_keep_tiny_gradients_in_float16():
     from tive.score import unit_rows
     from tive.store import _cast_rows
@@ -290,7 +394,7 @@ def test_unit_rows_keep_tiny_gradients_in_float16():
     tiny = np.random.default_rng(0).normal(size=(3, 8192)) * 1e-9  # ‖g‖ ≈ 1e-7
     tiny[1] = 0
     rows = unit_rows(tiny)
-    stored = _cast_rows(rows, np.dtype("float16"), 0)
+    stored = _cast_rows(rows, np.dtype("float16"), np.arange(3))
     np.testing.assert_allclose(np.linalg.norm(stored.astype(float), axis=1), [1, 0, 1],
                                atol=1e-3)
 

@@ -374,6 +374,9 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
               help="Non-zeros per gradient coordinate of the sparse JL map (default 1).")
 @click.option("--feature-dtype", type=click.Choice(["float16", "float32"]), default="float16",
               show_default=True, help="Storage type of the features.")
+@click.option("--group-by-length/--no-group-by-length", default=True, show_default=True,
+              help="Batch records of similar length together (less padding; the features do "
+                   "not depend on it beyond float rounding).")
 @_warmup_options(prefixed=True)
 @click.option("--force", is_flag=True,
               help="Replace a store or reference made with other settings instead of refusing.")
@@ -385,8 +388,8 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
 def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
           reference: Path | None, batch_size: int, max_length: int, projector: str,
           proj_dim: int | None, seed: int | None, jl_nnz: int | None, feature_dtype: str,
-          force: bool, quiet: bool, task_field: str | None, image_root: Path | None,
-          skip_missing_images: bool, **warmup: Any) -> None:
+          group_by_length: bool, force: bool, quiet: bool, task_field: str | None,
+          image_root: Path | None, skip_missing_images: bool, **warmup: Any) -> None:
     """Per-record gradient features of the reference model, written to RUN/store.
 
     Trains the warm-up reference first (unless --reference is given or RUN/reference was
@@ -399,7 +402,7 @@ def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
 
     config = ScoreConfig(batch_size=batch_size, max_length=max_length, projector=projector,
                          proj_dim=proj_dim, seed=seed, jl_nnz=jl_nnz,
-                         feature_dtype=feature_dtype)
+                         feature_dtype=feature_dtype, group_by_length=group_by_length)
     given = [k for k, v in warmup.items() if v != _default_warmup(k)]
     if reference is not None and given:
         names = ", ".join(_warmup_option_name(g[len("warmup_"):], True) for g in given)

@@ -42,6 +42,9 @@ from tive.store import (
 )
 
 FEATURE_DTYPES = ("float16", "float32")
+GROUP_WINDOW = 64  # batches per window of length grouping
+TURN_TOKENS = 4  # template tokens around a turn, for the length estimate of grouping
+IMAGE_TOKENS = 256  # tokens per image where the encoder has no fixed count (qwen2-vl)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ class ScoreConfig:
             ``sparse-jl``).
         feature_dtype: storage type of the features.
         padding_side: where batches are padded (results do not depend on it).
+        group_by_length: batch records of similar length together, within windows of
+            :data:`GROUP_WINDOW` batches (less padding; results do not depend on it).
     """
 
     batch_size: int = 8
@@ -69,6 +74,7 @@ class ScoreConfig:
     jl_nnz: int | None = None
     feature_dtype: str = "float16"
     padding_side: str = "right"
+    group_by_length: bool = True
 
     def __post_init__(self) -> None:
         from tive.projection import KINDS
@@ -179,14 +185,66 @@ class Summary:
                 f"store: {self.store}"]
 
 
-def batches(n: int, batch_size: int) -> list[tuple[int, int]]:
-    """The fixed row slices ``[start, stop)`` of a store of ``n`` rows."""
-    return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+def plan_batches(n: int, batch_size: int,
+                 lengths: np.ndarray | None = None) -> list[np.ndarray]:
+    """The store rows of every batch, in the order they are scored.
+
+    Without ``lengths``: consecutive slices of ``batch_size`` rows. With ``lengths`` ``(N,)``:
+    each window of ``GROUP_WINDOW × batch_size`` consecutive rows is ordered longest first
+    (stable, so ties keep row order) and cut into batches, so that a batch pads little. The
+    plan depends only on the mixture and ``batch_size``, never on what is done already: a
+    resumed run scores exactly the batches an uninterrupted one would.
+
+    Returns:
+        int64 arrays of rows; together every row of ``range(n)`` once.
+    """
+    if lengths is not None and len(lengths) != n:
+        raise ValueError(f"lengths has {len(lengths)} rows, expected {n}")
+    out = []
+    window = GROUP_WINDOW * batch_size if lengths is not None else batch_size
+    for start in range(0, n, window):
+        rows = np.arange(start, min(start + window, n), dtype=np.int64)
+        if lengths is not None:
+            rows = rows[np.argsort(-np.asarray(lengths[rows], dtype=np.int64), kind="stable")]
+        out.extend(rows[i:i + batch_size] for i in range(0, len(rows), batch_size))
+    return out
 
 
-def pending_batches(done: np.ndarray, batch_size: int) -> list[tuple[int, int]]:
-    """Slices with at least one row not done (a batch is committed whole, so: not done)."""
-    return [(s, e) for s, e in batches(len(done), batch_size) if not done[s:e].all()]
+def pending_batches(plan: list[np.ndarray], done: np.ndarray) -> list[np.ndarray]:
+    """Batches of ``plan`` with a row not done (a batch is committed whole, so: not done)."""
+    return [rows for rows in plan if not done[rows].all()]
+
+
+def record_lengths(mixture: Mixture, encoder: Any, rows: np.ndarray | None = None,
+                   chunk: int = 4096) -> np.ndarray:
+    """``(N,)`` int64: each record's length in tokens as ``encoder`` makes it, estimated
+    without loading images — its turns' text through the tokenizer (batched), plus
+    ``TURN_TOKENS`` of template per turn and the encoder's tokens per image, at most its
+    ``max_length``. The sort key of length grouping; integers, so every rank agrees.
+
+    Args:
+        rows: the rows to measure (others are 0); None: all.
+    """
+    out = np.zeros(len(mixture), dtype=np.int64)
+    rows = np.arange(len(mixture)) if rows is None else np.asarray(rows, dtype=np.int64)
+    per_image = getattr(encoder, "image_tokens", None) or IMAGE_TOKENS
+    for start in range(0, len(rows), chunk):
+        records = [mixture[int(i)] for i in rows[start:start + chunk]]
+        texts = ["\n".join(t.text for t in r.turns) for r in records]
+        ids = encoder.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        out[rows[start:start + chunk]] = [
+            len(x) + TURN_TOKENS * len(r.turns) + per_image * len(r.images)
+            for x, r in zip(ids, records)]
+    return np.minimum(out, encoder.max_length)
+
+
+def open_window_rows(done: np.ndarray, batch_size: int) -> np.ndarray:
+    """Rows of the grouping windows that still have a row not done (the only ones whose
+    lengths the plan needs: a window all done has no pending batch, whatever its order)."""
+    window = GROUP_WINDOW * batch_size
+    spans = [np.arange(s, min(s + window, len(done)))
+             for s in range(0, len(done), window) if not done[s:s + window].all()]
+    return np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
 
 
 def adapter_sha256(folder: Path) -> str:
@@ -228,7 +286,8 @@ def store_meta(*, source: dict, dtype: torch.dtype, adapter: Path, keys: list, p
             "data": {"path": str(mixture.path.resolve()), "format": mixture.container,
                      "schema": mixture.schema, "fingerprint": mixture.fingerprint},
             "settings": {**settings, "batch_size": config.batch_size,
-                         "padding_side": config.padding_side},
+                         "padding_side": config.padding_side,
+                         "group_by_length": config.group_by_length},
             "identity": identity}
 
 
@@ -311,17 +370,15 @@ def open_or_create(root: Path, meta: dict[str, Any], mixture: Mixture, tasks: np
                         feature_dtype=feature_dtype)
 
 
-def score_batches(gf: Any, encoder: Any, pad: int, mixture: Mixture, work: list[tuple[int, int]],
+def score_batches(gf: Any, encoder: Any, pad: int, mixture: Mixture, work: list[np.ndarray],
                   writer: RowWriter, config: ScoreConfig, image_root: Any = None,
                   progress: Any = None) -> int:
-    """Compute and write ``work`` (row slices); return the rows written."""
+    """Compute and write ``work`` (the store rows of each batch); return the rows written."""
     from tive.encode import collate
 
     written = 0
-    for start, stop, items, ok, reasons in _prefetch(
-            _encoded(encoder, mixture, work, image_root)):
-        n = stop - start
-        rows = np.arange(start, stop)
+    for rows, items, at, reasons in _prefetch(_encoded(encoder, mixture, work, image_root)):
+        n = len(rows)
         features = np.zeros((n, gf.projector.dim), dtype=np.float32)
         norms = np.full(n, np.nan)
         loss = np.full(n, np.nan)
@@ -330,7 +387,6 @@ def score_batches(gf: Any, encoder: Any, pad: int, mixture: Mixture, work: list[
                             for r in reasons], dtype=np.int8)
         if items:
             result = gf(collate(items, pad, config.padding_side))
-            at = np.asarray(ok) - start
             features[at] = unit_rows(result.features)
             norms[at], loss[at] = result.norms, result.loss
             ntokens[at] = result.ntokens
@@ -356,21 +412,23 @@ def unit_rows(features: np.ndarray) -> np.ndarray:
     return np.divide(f, n, out=np.zeros_like(f), where=n > 0).astype(np.float32)
 
 
-def _encoded(encoder: Any, mixture: Mixture, work: Iterable[tuple[int, int]],
-             image_root: Any) -> Iterator[tuple[int, int, list, list[int], list[str]]]:
+def _encoded(encoder: Any, mixture: Mixture, work: Iterable[np.ndarray],
+             image_root: Any) -> Iterator[tuple[np.ndarray, list, np.ndarray, list[str]]]:
+    """Per batch: its rows, the encoded records, their positions in the batch, and each
+    row's skip reason ('' when encoded)."""
     from tive.encode import encode_row
 
-    for start, stop in work:
+    for rows in work:
         items, ok, reasons = [], [], []
-        for row in range(start, stop):
+        for i, row in enumerate(rows.tolist()):
             item = encode_row(encoder, mixture, row, image_root)
             if isinstance(item, str):
                 reasons.append(item)
             else:
                 items.append(item)
-                ok.append(row)
+                ok.append(i)
                 reasons.append("")
-        yield start, stop, items, ok, reasons
+        yield rows, items, np.asarray(ok, dtype=np.int64), reasons
 
 
 def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
@@ -520,20 +578,24 @@ def _score(peft_model: Any, loaded: Any, source: Any, adapter: Path, mixture: Mi
         open_or_create(root, meta, mixture, tasks, projector.dim, config.feature_dtype, force)
     dist.barrier()
     store = Store.open(root)
-    work = pending_batches(store.array("done"), config.batch_size)
+    encoder = loaded.encoder(config.max_length)
+    done = store.array("done")
+    lengths = (record_lengths(mixture, encoder, open_window_rows(done, config.batch_size))
+               if config.group_by_length else None)
+    work = pending_batches(plan_batches(len(mixture), config.batch_size, lengths), done)
     mine = work[dist.rank::dist.world]
     if dist.world == 1:
         writer = RowWriter(store.root)
     else:
-        rows = np.concatenate([np.arange(s, e) for s, e in mine]) if mine else np.zeros(0, int)
+        rows = np.concatenate(mine) if mine else np.zeros(0, np.int64)
         writer = create_part(store, dist.rank, rows)
-    total = sum(e - s for s, e in mine)
+    total = sum(len(rows) for rows in mine)
     bar = tqdm(total=total, unit="rec", disable=not progress or dist.rank != 0, smoothing=0.1,
                desc="score" if dist.world == 1 else f"score (rank 0 of {dist.world})")
     start = time.perf_counter()
     with GradientFeatures(peft_model, projector) as gf:
-        score_batches(gf, loaded.encoder(config.max_length), pad_id(loaded.tokenizer), mixture,
-                      mine, writer, config, image_root, bar)
+        score_batches(gf, encoder, pad_id(loaded.tokenizer), mixture, mine, writer, config,
+                      image_root, bar)
     writer.close()
     bar.close()
     seconds = time.perf_counter() - start
@@ -543,7 +605,7 @@ def _score(peft_model: Any, loaded: Any, source: Any, adapter: Path, mixture: Mi
         fold_parts(store)
         store = mark_complete(Store.open(root))
     dist.barrier()
-    summary = summarize(Store.open(root), sum(e - s for s, e in work), seconds, how)
+    summary = summarize(Store.open(root), sum(len(rows) for rows in work), seconds, how)
     return replace(summary, rank=dist.rank)
 
 

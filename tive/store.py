@@ -209,7 +209,9 @@ def write_store(
                                         dtype=np.dtype(feature_dtype), shape=(n, k))
         step = max(1, (1 << 24) // max(k, 1))
         for start in range(0, n, step):
-            out[start:start + step] = _cast_rows(features[start:start + step], out.dtype, start)
+            block = features[start:start + step]
+            out[start:start + step] = _cast_rows(block, out.dtype,
+                                                 np.arange(start, start + len(block)))
         out.flush()
         del out
         for name, values in arrays.items():
@@ -275,7 +277,7 @@ class RowWriter:
         """Write store rows ``rows`` (a whole batch, scored or skipped); commit when due."""
         at = rows if self.slot is None else np.array([self.slot[int(r)] for r in rows], int)
         a = self.arrays
-        a["features"][at] = _cast_rows(features, a["features"].dtype, int(rows[0]))
+        a["features"][at] = _cast_rows(features, a["features"].dtype, rows)
         a["norms"][at], a["loss"][at], a["ntokens"][at] = norms, loss, ntokens
         a["skipped"][at] = skipped
         self._pending.extend(int(i) for i in at)
@@ -360,9 +362,10 @@ def mark_complete(store: Store, **extra: Any) -> Store:
     return Store.open(store.root)
 
 
-def _cast_rows(block: np.ndarray, dtype: np.dtype, start: int) -> np.ndarray:
-    """``block`` as ``dtype``, refusing rows the cast would change by more than 1% (overflow
-    to inf in float16 above 65504, or underflow of tiny features to zero).
+def _cast_rows(block: np.ndarray, dtype: np.dtype, rows: np.ndarray) -> np.ndarray:
+    """``block`` ``(n, k)`` as ``dtype``, refusing rows the cast would change by more than 1%
+    (overflow to inf in float16 above 65504, or underflow of tiny features to zero); ``rows``
+    ``(n,)`` are the store rows of the block, for the message.
 
     Raises:
         StoreError: naming the first such row and the fix (a wider --feature-dtype).
@@ -379,6 +382,6 @@ def _cast_rows(block: np.ndarray, dtype: np.dtype, start: int) -> np.ndarray:
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         peak = float(np.abs(src[row]).max())
-        raise StoreError(f"features row {start + row} (largest |value| {peak:.3g}) does not fit "
+        raise StoreError(f"features row {int(rows[row])} (largest |value| {peak:.3g}) does not fit "
                          f"{dtype.name} within 1%; fix: --feature-dtype float32")
     return cast
