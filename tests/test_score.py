@@ -177,7 +177,7 @@ def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path, model_dir):
             done_now = int(np.load(run / "store" / "done.npy").sum())
         except (OSError, ValueError):
             done_now = 0
-        if done_now >= 100:
+        if done_now >= 140:  # past the first grouping window (64 batches of 2 = 128 rows)
             break
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -341,7 +341,12 @@ def test_pending_batches_are_those_of_the_plan_not_yet_done():
     assert [b.tolist() for b in plan] == [[1, 3, 5], [7, 8, 6], [4, 2, 0], [9]]
     done = np.zeros(10, bool)
     done[[1, 3, 5, 7]] = True
-    assert [b.tolist() for b in pending_batches(plan, done)] == [[7, 8, 6], [4, 2, 0], [9]]
+    assert [b.tolist() for b in pending_batches(plan, done)] == [[8, 6], [4, 2, 0], [9]]
+    # resumed with another batch size: a row already done is not scored again
+    done[:] = False
+    done[[1, 3, 5]] = True
+    again = pending_batches(plan_batches(10, 2, np.array([1, 9, 2, 8, 3, 7, 4, 6, 5, 0])), done)
+    assert [b.tolist() for b in again] == [[7], [8, 6], [4, 2], [0, 9]]
 
 
 @pytest.mark.parametrize("family", ["llava", "bunny", "qwen2-vl", "causal-lm"])

@@ -138,6 +138,16 @@ class Dist:
             return f"cuda:{self.local_rank}"
         return device
 
+    def broadcast(self, value: Any) -> Any:
+        """``value`` as rank 0 has it, on every rank (others may pass None)."""
+        if self.world == 1:
+            return value
+        import torch.distributed as td
+
+        box = [value if self.rank == 0 else None]
+        td.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.world > 1:
             import torch.distributed as td
@@ -211,8 +221,18 @@ def plan_batches(n: int, batch_size: int,
 
 
 def pending_batches(plan: list[np.ndarray], done: np.ndarray) -> list[np.ndarray]:
-    """Batches of ``plan`` with a row not done (a batch is committed whole, so: not done)."""
-    return [rows for rows in plan if not done[rows].all()]
+    """The rows not done of each batch of ``plan`` that has any.
+
+    A batch is committed whole, so with the settings a store was begun with these are whole
+    batches of the plan (and a resumed run is bit-identical); after a change of
+    ``--batch-size`` or grouping, rows already done are not scored again.
+    """
+    out = []
+    for rows in plan:
+        left = rows[~done[rows]]
+        if len(left):
+            out.append(left)
+    return out
 
 
 def record_lengths(mixture: Mixture, encoder: Any, rows: np.ndarray | None = None,
@@ -580,8 +600,11 @@ def _score(peft_model: Any, loaded: Any, source: Any, adapter: Path, mixture: Mi
     store = Store.open(root)
     encoder = loaded.encoder(config.max_length)
     done = store.array("done")
-    lengths = (record_lengths(mixture, encoder, open_window_rows(done, config.batch_size))
-               if config.group_by_length else None)
+    lengths = None
+    if config.group_by_length:  # measured once, on rank 0, so that every rank has one plan
+        lengths = dist.broadcast(
+            record_lengths(mixture, encoder, open_window_rows(done, config.batch_size))
+            if dist.rank == 0 else None)
     work = pending_batches(plan_batches(len(mixture), config.batch_size, lengths), done)
     mine = work[dist.rank::dist.world]
     if dist.world == 1:
