@@ -117,7 +117,7 @@ def test_batched_gradients_equal_one_backward_per_record(references, family, sid
     assert got["ntokens"].tolist() == ref["ntokens"].tolist()
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2-vl", "phi3"])
+@pytest.mark.parametrize("family", ["llava", "bunny", "qwen2-vl", "phi3"])
 def test_batch_size_and_composition_do_not_change_a_record(references, family):
     records = items(family)
     ones = batched(peft_model(family), records, batch_size=1)

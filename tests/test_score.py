@@ -416,3 +416,89 @@ def test_every_image_missing_stops_unless_asked_to_score_text_only(tmp_path, mod
     res = invoke(*base, "--skip-missing-images")
     assert res.exit_code == 0, res.output
     assert "scored 2 of 6 records" in res.output and "4 missing-image" in res.output
+
+
+def test_rows_that_cannot_be_scored_keep_their_reason_and_the_run_goes_on(tmp_path):
+    """score_batches puts each verdict on its own row, batches out of row order included: an
+    encoder skip, a non-finite gradient and a record with nothing supervised are recorded with
+    their reason, and the other records of their batches are written."""
+    from types import SimpleNamespace
+
+    from tive.data import load_mixture
+    from tive.encode import Encoded, Skipped
+    from tive.gradients import BatchFeatures
+    from tive.score import ScoreConfig, score_batches
+    from tive.store import IndexEntry, RowWriter, create_store
+
+    mixture = load_mixture(text_mixture(tmp_path / "data", 8))
+    index = {mixture[i].id: i for i in range(len(mixture))}
+
+    class Encoder:  # a record's tokens name its row; rows 1 and 3 cannot be encoded
+        def encode(self, record, images):
+            row = index[record.id]
+            if row in (1, 3):
+                reason = "image-count-mismatch" if row == 1 else "too-long-for-image"
+                return Skipped(row, record.id, reason)
+            return Encoded([row + 10] * (row + 2), [row + 10] * (row + 2), 0, None)
+
+    class Verdicts:  # row 5's gradient is not finite, row 6 has nothing supervised
+        projector = SimpleNamespace(dim=3)
+
+        def __call__(self, batch):
+            rows = batch["input_ids"][:, 0].numpy() - 10
+            features = np.stack([np.full(3, r + 1.0) for r in rows])
+            norms, ntokens = rows + 1.0, np.full(len(rows), 4)
+            norms[rows == 5] = np.inf
+            ntokens[rows == 6] = 0
+            return BatchFeatures(features, norms, np.ones(len(rows)), ntokens)
+
+    n = len(mixture)
+    store = create_store(tmp_path / "store", n=n, k=3,
+                         meta={"projector": {"type": "none"}, "data": {"fingerprint": "-"}},
+                         index=[IndexEntry(str(i), "t", i) for i in range(n)],
+                         feature_dtype="float32")
+    writer = RowWriter(store.root)
+    work = [np.array([1, 5, 7]), np.array([3, 6, 0]), np.array([4, 2])]
+    assert score_batches(Verdicts(), Encoder(), 0, mixture, work, writer, ScoreConfig()) == n
+    writer.close()
+    store = Store.open(store.root)
+    reasons = [SKIP_REASONS.get(int(c), "") for c in store.array("skipped")]
+    assert reasons == ["", "image-count-mismatch", "", "too-long-for-image", "", "non-finite",
+                       "no-supervised-token", ""]
+    assert store.array("done").all()
+    ok = [0, 2, 4, 7]
+    np.testing.assert_allclose(store.array("norms")[ok], np.array(ok) + 1.0)
+    np.testing.assert_allclose(np.asarray(store.features)[ok], 1 / np.sqrt(3), rtol=1e-6)
+    assert (store.array("ntokens")[ok] == 4).all() and store.array("ntokens")[1] == -1
+
+
+def test_trak_projector_through_tive_score(tmp_path, model_dir, monkeypatch):
+    """`--projector trak` stores TRAK's projection of each record's exact gradient (that of
+    `--projector none`), and warns when its CPU projector will be slow."""
+    import torch
+
+    import tive.projection as projection
+
+    data = text_mixture(tmp_path / "data", 10)
+    ref = tmp_path / "ref"
+    assert invoke("warmup", "--model", model_dir, "--data", data, "--run", ref, "--fraction",
+                  "0.5", "--lora-r", "4", "--lora-alpha", "8", "--max-length", "256",
+                  "--quiet").exit_code == 0
+    args = ["score", "--model", model_dir, "--data", data, "--reference", ref / "reference",
+            "--batch-size", 4, "--feature-dtype", "float32", "--max-length", 256, "--quiet"]
+    res = invoke(*args, "--run", tmp_path / "exact", "--projector", "none")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    monkeypatch.setattr(projection, "SLOW_CPU_TRAK", 0)  # any size counts as slow
+    with pytest.warns(UserWarning, match="TRAK's CPU projector"):
+        res = invoke(*args, "--run", tmp_path / "trak", "--projector", "trak", "--proj-dim", 512)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    monkeypatch.undo()
+    exact, trak = Store.open(tmp_path / "exact"), Store.open(tmp_path / "trak")
+    assert trak.meta["projector"]["type"] == "trak" and trak.dim == 512
+    dims = [int(np.prod(m["shape"])) for m in trak.meta["key_parameters"]["matrices"]]
+    grads = np.asarray(exact.features, dtype=np.float64) * exact.array("norms")[:, None]
+    expected = projection.project_rows(projection.make_projector("trak", dims, 512, seed=0),
+                                       torch.from_numpy(grads).float(), dims).double().numpy()
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(trak.features), expected, atol=2e-4)
+    np.testing.assert_allclose(trak.array("norms"), exact.array("norms"), rtol=1e-5)
