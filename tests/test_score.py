@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,6 +68,7 @@ def test_score_writes_a_complete_store_and_select_reads_it(tmp_path, model_dir):
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert "trained on" in res.output and "scored 11 of 12 records" in res.output
     assert "skipped: 1 missing-image" in res.output
+    assert re.search(r"\(12 in this run, \d+\.\d s, \d+\.\d\d records/s\)", res.output)
     store = Store.open(run)
     assert store.complete and store.dim == 256 and store.meta["projector"]["type"] == "sparse-jl"
     assert store.meta["key_parameters"]["gradient_dim"] > 0
