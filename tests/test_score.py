@@ -194,6 +194,17 @@ def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path, model_dir):
     assert store_bytes(run) == store_bytes(tmp_path / "whole")
 
 
+def _torchrun(n: int, args: list, env: dict) -> subprocess.CompletedProcess:
+    """``tive ARGS`` in ``n`` CPU processes under torchrun."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    # "--" keeps torchrun's own parser off tive's options (it would read --run as --run-path)
+    tive = str(Path(sys.executable).with_name("tive"))
+    return subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", str(n),
+                           "--no-python", "--", tive, *map(str, args)], env={**base, **env},
+                          capture_output=True, text=True, timeout=600, check=False)
+
+
 def test_torchrun_two_processes_equal_one(tmp_path, model_dir):
     data = text_mixture(tmp_path / "data", 41)
     ref = tmp_path / "ref"
@@ -206,19 +217,50 @@ def test_torchrun_two_processes_equal_one(tmp_path, model_dir):
     env = {"OMP_NUM_THREADS": "1"}
     one = _tive([*args, "--run", tmp_path / "one"], env)
     assert one.wait(timeout=600) == 0, one.stderr.read()
-    torchrun = Path(sys.executable).with_name("torchrun")
-    base = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    # "--" keeps torchrun's own parser off tive's options (it would read --run as --run-path)
-    tive = str(Path(sys.executable).with_name("tive"))
-    res = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "--no-python",
-                          "--", tive, *map(str, args), "--run", str(tmp_path / "two")],
-                         env={**base, **env}, capture_output=True,
-                         text=True, timeout=600, check=False)
+    res = _torchrun(2, [*args, "--run", tmp_path / "two"], env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("scored 41 of 41 records") == 1  # rank 0 alone reports
     assert not (tmp_path / "two" / "store" / "parts").exists()
     assert store_bytes(tmp_path / "two") == store_bytes(tmp_path / "one")
     assert Store.open(tmp_path / "two").complete
+
+
+def test_torchrun_warmup_trains_what_one_process_does(tmp_path, model_dir):
+    """Without --reference, `tive score` under torchrun trains the warm-up data-parallel (the
+    batches of each optimizer step dealt to the ranks, gradients summed): the same adapter and
+    features as one process, up to float rounding."""
+    from safetensors.numpy import load_file
+
+    data = text_mixture(tmp_path / "data", 40)
+    args = ["score", "--model", model_dir, "--data", data, "--warmup-fraction", "0.5",
+            "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0", "--warmup-lr", "0.01",
+            "--warmup-batch-size", "2", "--warmup-grad-accum", "3", "--warmup-epochs", "2",
+            "--max-length", 256, "--batch-size", 3, "--proj-dim", 64, "--feature-dtype",
+            "float32", "--device", "cpu", "--quiet"]
+    env = {"OMP_NUM_THREADS": "1"}
+    one = _tive([*args, "--run", tmp_path / "one"], env)
+    assert one.wait(timeout=600) == 0, one.stderr.read()
+    res = _torchrun(2, [*args, "--run", tmp_path / "two"], env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("trained on") == 1  # rank 0 alone reports
+    refs = [json.loads((tmp_path / r / "reference" / "reference.json").read_text())
+            for r in ("one", "two")]
+    assert refs[0]["sample"] == refs[1]["sample"]
+    assert (refs[0]["processes"], refs[1]["processes"]) == (1, 2)
+    assert refs[0]["loss"]["steps"] == refs[1]["loss"]["steps"] == 20  # batches, both epochs
+    for key in ("first", "last"):
+        assert refs[1]["loss"][key] == pytest.approx(refs[0]["loss"][key], rel=1e-5)
+    weights = [load_file(tmp_path / r / "reference" / "adapter_model.safetensors")
+               for r in ("one", "two")]
+    assert weights[0].keys() == weights[1].keys()
+    moved = max(np.abs(w).max() for k, w in weights[0].items() if "lora_B" in k)
+    assert moved > 1e-3  # the warm-up trained B away from its zero start
+    for k in weights[0]:
+        np.testing.assert_allclose(weights[1][k], weights[0][k], rtol=1e-4, atol=1e-6 * moved)
+    stores = [Store.open(tmp_path / r) for r in ("one", "two")]
+    np.testing.assert_allclose(np.asarray(stores[1].features), np.asarray(stores[0].features),
+                               atol=1e-4)
+    np.testing.assert_allclose(stores[1].array("norms"), stores[0].array("norms"), rtol=1e-4)
 
 
 def test_value_estimate_with_a_model_scores_then_reports(tmp_path, model_dir):

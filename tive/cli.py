@@ -337,17 +337,24 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
     """Train the warm-up LoRA reference model on an equal-per-task sample of the mixture."""
     from tive import warmup as wu
     from tive.data import load_mixture
+    from tive.dist import Dist
     from tive.models.registry import resolve
     from tive.tasks import label_tasks
 
     config = wu.WarmupConfig(**settings)
     source = resolve(model_spec)
     mixture = load_mixture(data, task_field=task_field)
-    ref = wu.ensure_reference(run, source, mixture, label_tasks(mixture), config, dtype=dtype,
-                              device=device, image_root=image_root,
-                              missing=mixture.check_images(image_root, skip_missing_images),
-                              retrain=force, progress=not quiet)
-    click.echo(ref.message)
+    dist = Dist.from_env(device)  # under torchrun: data-parallel, rank 0 saves
+    try:
+        ref = wu.ensure_reference(run, source, mixture, label_tasks(mixture), config,
+                                  dtype=dtype, device=dist.device(device),
+                                  image_root=image_root,
+                                  missing=mixture.check_images(image_root, skip_missing_images),
+                                  retrain=force, progress=not quiet, dist=dist)
+    finally:
+        dist.close()
+    if dist.rank == 0:
+        click.echo(ref.message)
 
 
 @main.command()

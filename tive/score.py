@@ -19,7 +19,6 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -28,6 +27,7 @@ import torch
 
 from tive import __version__
 from tive.data import Mixture
+from tive.dist import Dist
 from tive.errors import ConfigError, DataError, StoreError
 from tive.store import (
     SKIP_CODES,
@@ -103,63 +103,6 @@ class ScoreConfig:
                               f"{', '.join(FEATURE_DTYPES)}")
         if self.padding_side not in ("left", "right"):
             raise ConfigError(f"padding_side={self.padding_side!r}: expected left or right")
-
-
-@dataclass
-class Dist:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls, device: str) -> Dist:
-        """Join the torchrun process group when ``WORLD_SIZE`` > 1 (gloo on CPU, else nccl)."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        import torch.distributed as td
-
-        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        if not td.is_initialized():
-            cuda = device != "cpu" and torch.cuda.is_available()
-            if cuda:
-                torch.cuda.set_device(local)
-            # long timeout: the other ranks wait while rank 0 trains the warm-up reference
-            td.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=48))
-        return cls(rank, world, local)
-
-    def device(self, device: str) -> str:
-        """Under torchrun, ``auto`` (with CUDA) and ``cuda[:N]`` become this rank's own GPU,
-        ``cuda:LOCAL_RANK``."""
-        if self.world > 1 and torch.cuda.is_available() and (
-                device == "auto" or device.startswith("cuda")):
-            return f"cuda:{self.local_rank}"
-        return device
-
-    def broadcast(self, value: Any) -> Any:
-        """``value`` as rank 0 has it, on every rank (others may pass None)."""
-        if self.world == 1:
-            return value
-        import torch.distributed as td
-
-        box = [value if self.rank == 0 else None]
-        td.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as td
-
-            td.barrier()
-
-    def close(self) -> None:
-        if self.world > 1:
-            import torch.distributed as td
-
-            if td.is_initialized():
-                td.destroy_process_group()
 
 
 @dataclass
@@ -534,15 +477,14 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
             check_identity(Store.open(run / STORE_DIR),
                            early_identity(source, mixture, config, task_field, image_root))
         warm = wu.WarmupConfig(max_length=config.max_length) if warmup is None else warmup
-        if reference is None and dist.rank == 0:
+        if reference is None:  # under torchrun, every rank trains its share
             ref = wu.ensure_reference(run, source, mixture, labels, warm, dtype=dtype,
                                       device=device, image_root=image_root, missing=missing,
-                                      replace=force, progress=progress)
+                                      replace=force, progress=progress, dist=dist)
             echo(ref.message)
             how = "trained" if ref.model is not None else "reused"
         else:
             ref, how = None, "given"
-        dist.barrier()
         adapter = Path(reference) if reference is not None else run / wu.REFERENCE_DIR
         peft_model, loaded = _reference_model(source, adapter, ref, dtype, device)
         return _score(peft_model, loaded, source, adapter, mixture, labels.tasks, run, config,

@@ -20,6 +20,7 @@ import torch
 
 from tive import selection as sel
 from tive.data import Mixture
+from tive.dist import Dist
 from tive.errors import ConfigError, DataError
 from tive.fileio import atomic_path
 
@@ -119,10 +120,15 @@ def encoded_batches(loaded: Any, mixture: Mixture, rows: np.ndarray, batch_size:
 
 
 def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
-          image_root: Any = None, progress: bool = True) -> dict[str, Any]:
-    """Train LoRA on ``rows``; return the peft model and the per-step losses.
+          image_root: Any = None, progress: bool = True, dist: Dist | None = None
+          ) -> dict[str, Any]:
+    """Train LoRA on ``rows``; return the peft model and the per-batch losses.
 
-    The loss is the model's own (token mean over the batch), as LLaVA and Bunny train.
+    The loss is the model's own (token mean over the batch), as LLaVA and Bunny train; an
+    optimizer step takes ``grad_accum`` batches of ``batch_size`` records. Under ``torchrun``
+    (``dist``) the batches of a step are dealt round-robin to the ranks and their gradients
+    summed before the step, so any number of processes trains what one does (up to float
+    rounding, and LoRA dropout's random masks); more ranks than ``grad_accum`` leave some idle.
     """
     from peft import get_peft_model
     from tqdm.auto import tqdm
@@ -140,40 +146,47 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
     steps = config.epochs * math.ceil(len(rows) / (config.batch_size * config.grad_accum))
     schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(0.03 * steps), steps)
     device = next(model.parameters()).device
-    losses: list[float] = []
     skipped: dict[str, int] = {}
     used: list[int] = []
+    dist = Dist() if dist is None else dist
+    mine: list[tuple[int, float]] = []  # (batch number, loss) of the batches this rank ran
     model.train()
-    bar = tqdm(total=len(rows) * config.epochs, unit="rec", disable=not progress,
-               desc="warm-up")
+    bar = tqdm(total=len(rows) * config.epochs, unit="rec",
+               disable=not progress or dist.rank != 0, desc="warm-up")
+    number = 0
     for epoch in range(config.epochs):
         order = np.random.default_rng(config.seed + epoch).permutation(rows)
         pending = 0
         first = epoch == 0  # count skips and trained records once, not once per epoch
+        # every rank encodes every batch, so that all agree on the batches (skips included)
         for batch in encoded_batches(loaded, mixture, order, config.batch_size,
                                      config.max_length, image_root,
                                      skipped if first else None, used if first else None):
-            batch = {k: v.to(device) for k, v in batch.items() if v is not None}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                loss = model(**batch).loss
-            (loss / config.grad_accum).backward()
+            if pending % dist.world == dist.rank:
+                batch = {k: v.to(device) for k, v in batch.items() if v is not None}
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
+                    loss = model(**batch).loss
+                (loss / config.grad_accum).backward()
+                mine.append((number, loss.item()))
+                bar.set_postfix(loss=f"{mine[-1][1]:.3f}")
             pending += 1
+            number += 1
             if pending == config.grad_accum:
-                _step(optimizer, schedule)
+                _step(optimizer, schedule, params, dist)
                 pending = 0
-            losses.append(loss.item())
             bar.update(int(batch["input_ids"].shape[0]))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
         if pending:  # the last, partial accumulation
-            _step(optimizer, schedule)
+            _step(optimizer, schedule, params, dist)
     bar.close()
+    losses = [loss for _, loss in sorted(x for part in dist.gather(mine) for x in part)]
     if not losses:
         reasons = ", ".join(f"{n} {r}" for r, n in skipped.items())
         raise DataError(f"{mixture.path}: none of the {len(rows):,} sampled records could be "
                         f"encoded ({reasons}); nothing was trained or saved; fix: check "
                         f"--max-length and that the model fits the data")
     model.eval()
-    return {"model": model, "losses": losses, "skipped": skipped, "used": np.array(used)}
+    return {"model": model, "losses": losses, "skipped": skipped, "used": np.array(used),
+            "processes": dist.world}
 
 
 def save_reference(run: str | Path, model: Any, info: dict[str, Any]) -> Path:
@@ -204,6 +217,7 @@ def reference_info(mixture: Mixture, tasks: np.ndarray, rows: np.ndarray,
         "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None,
                  "steps": len(losses)},
         "skipped": result["skipped"],
+        "processes": result["processes"],
         "key_parameters": {"gradient_dim": gradient_dim(keys),
                            "matrices": [{"name": k.name, "shape": list(k.shape)} for k in keys]},
     }
@@ -232,8 +246,9 @@ def ensure_reference(run: str | Path, source: Any, mixture: Mixture, labels: Any
                      config: WarmupConfig, *, dtype: str = "auto", device: str = "auto",
                      image_root: Any = None, missing: np.ndarray | None = None,
                      retrain: bool = False, replace: bool = False,
-                     progress: bool = True) -> Reference:
-    """Reuse ``run/reference`` when it was trained with these settings, else train it.
+                     progress: bool = True, dist: Dist | None = None) -> Reference:
+    """Reuse ``run/reference`` when it was trained with these settings, else train it (under
+    ``torchrun``, on every rank of ``dist`` together; rank 0 saves it).
 
     Args:
         source: the resolved model (:func:`tive.models.registry.resolve`).
@@ -268,9 +283,13 @@ def ensure_reference(run: str | Path, source: Any, mixture: Mixture, labels: Any
                               f"other settings or sample is there; fix: --force to replace "
                               f"it, or another --run")
     loaded = load_model(source, dtype=dtype, device=device)
-    result = train(loaded, mixture, rows, config, image_root, progress=progress)
+    dist = Dist() if dist is None else dist
+    result = train(loaded, mixture, rows, config, image_root, progress=progress, dist=dist)
     info = reference_info(mixture, labels.tasks, rows, config, source.describe(), result)
-    path = save_reference(run, result["model"], {**info, "identity": identity})
+    path = Path(run) / REFERENCE_DIR
+    if dist.rank == 0:
+        path = save_reference(run, result["model"], {**info, "identity": identity})
+    dist.barrier()
     loss, per_task = info["loss"], info["sample"]["per_task"]
     skipped = ", ".join(f"{n:,} {r}" for r, n in result["skipped"].items())
     message = (f"trained on {info['sample']['trained']:,} records "
@@ -280,7 +299,8 @@ def ensure_reference(run: str | Path, source: Any, mixture: Mixture, labels: Any
     return Reference(path, info, result["model"], loaded, message)
 
 
-def _step(optimizer: torch.optim.Optimizer, schedule: Any) -> None:
+def _step(optimizer: torch.optim.Optimizer, schedule: Any, params: list, dist: Dist) -> None:
+    dist.sum_grads(params)
     optimizer.step()
     schedule.step()
     optimizer.zero_grad()
