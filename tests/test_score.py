@@ -247,6 +247,9 @@ def test_torchrun_warmup_trains_what_one_process_does(tmp_path, model_dir):
             for r in ("one", "two")]
     assert refs[0]["sample"] == refs[1]["sample"]
     assert (refs[0]["processes"], refs[1]["processes"]) == (1, 2)
+    # each step's 6 records split 3 + 3 (batch 2 cut in two: token-weighted halves)
+    assert refs[1]["records_per_process"] == [20, 20]
+    assert refs[0]["records_per_process"] == [40]
     assert refs[0]["loss"]["steps"] == refs[1]["loss"]["steps"] == 20  # batches, both epochs
     for key in ("first", "last"):
         assert refs[1]["loss"][key] == pytest.approx(refs[0]["loss"][key], rel=1e-5)

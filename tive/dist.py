@@ -35,7 +35,7 @@ class Dist:
             cuda = device != "cpu" and torch.cuda.is_available()
             if cuda:
                 torch.cuda.set_device(local)
-            # long timeout: the other ranks wait while rank 0 trains the warm-up reference
+            # long timeout: ranks wait for each other through long steps (and a slow fold)
             td.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(hours=48))
         return cls(rank, world, local)
 
@@ -79,6 +79,19 @@ class Dist:
         out: list[Any] = [None] * self.world
         td.all_gather_object(out, value)
         return out
+
+    def same(self, value: Any, what: str) -> None:
+        """Refuse to go on unless every rank has the same ``value`` (e.g. the size of a step
+        each rank worked out on its own); otherwise the ranks would fall out of step.
+
+        Raises:
+            RuntimeError: naming ``what`` and each rank's value.
+        """
+        values = self.gather(value)
+        if any(v != values[0] for v in values):
+            raise RuntimeError(f"{what}: the processes disagree ({values}, by rank); an image "
+                               f"or file read differently on some nodes? fix: make the data "
+                               f"the same for every process")
 
     def sum_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
         """Replace each parameter's gradient by its sum over the ranks (a rank that computed

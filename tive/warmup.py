@@ -21,6 +21,7 @@ import torch
 from tive import selection as sel
 from tive.data import Mixture
 from tive.dist import Dist
+from tive.encode import Encoded
 from tive.errors import ConfigError, DataError
 from tive.fileio import atomic_path
 
@@ -93,17 +94,16 @@ def usable_rows(mixture: Mixture, missing: np.ndarray, family: str) -> np.ndarra
     return np.flatnonzero(usable)
 
 
-def encoded_batches(loaded: Any, mixture: Mixture, rows: np.ndarray, batch_size: int,
-                    max_length: int, image_root: Any = None,
-                    skipped: dict[str, int] | None = None,
-                    used: list[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """Collated batches of the records at ``rows``; records that cannot be encoded are counted
-    in ``skipped`` (reason → count) and left out, the others appended to ``used``."""
-    from tive.encode import collate, encode_row, pad_id
+def item_batches(loaded: Any, mixture: Mixture, rows: np.ndarray, batch_size: int,
+                 max_length: int, image_root: Any = None,
+                 skipped: dict[str, int] | None = None,
+                 used: list[int] | None = None) -> Iterator[list[Encoded]]:
+    """The records at ``rows`` encoded, ``batch_size`` a list; records that cannot be encoded
+    are counted in ``skipped`` (reason → count) and left out, the others appended to ``used``."""
+    from tive.encode import encode_row
 
     encoder = loaded.encoder(max_length)
-    pad = pad_id(loaded.tokenizer)
-    batch = []
+    batch: list[Encoded] = []
     for row in rows:
         item = encode_row(encoder, mixture, int(row), image_root)
         if isinstance(item, str):
@@ -113,10 +113,23 @@ def encoded_batches(loaded: Any, mixture: Mixture, rows: np.ndarray, batch_size:
         if used is not None:
             used.append(int(row))
         if len(batch) == batch_size:
-            yield collate(batch, pad)
+            yield batch
             batch = []
     if batch:
-        yield collate(batch, pad)
+        yield batch
+
+
+def encoded_batches(loaded: Any, mixture: Mixture, rows: np.ndarray, batch_size: int,
+                    max_length: int, image_root: Any = None,
+                    skipped: dict[str, int] | None = None,
+                    used: list[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """:func:`item_batches`, collated."""
+    from tive.encode import collate, pad_id
+
+    pad = pad_id(loaded.tokenizer)
+    for items in item_batches(loaded, mixture, rows, batch_size, max_length, image_root,
+                              skipped, used):
+        yield collate(items, pad)
 
 
 def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
@@ -125,60 +138,56 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
     """Train LoRA on ``rows``; return the peft model and the per-batch losses.
 
     The loss is the model's own (token mean over the batch), as LLaVA and Bunny train; an
-    optimizer step takes ``grad_accum`` batches of ``batch_size`` records. Under ``torchrun``
-    (``dist``) the batches of a step are dealt round-robin to the ranks and their gradients
-    summed before the step, so any number of processes trains what one does (up to float
-    rounding, and LoRA dropout's random masks); more ranks than ``grad_accum`` leave some idle.
+    optimizer step takes ``grad_accum`` batches of ``batch_size`` records (each batch's loss
+    divided by ``grad_accum``). Under ``torchrun`` (``dist``) the records of a step are cut
+    into one contiguous share per rank; a rank's part of a batch weighs its token-mean loss by
+    its share of the batch's supervised tokens, and the gradients are summed over the ranks
+    before the step — so N processes compute the gradient one does (up to float rounding; LoRA
+    dropout draws other masks).
     """
     from peft import get_peft_model
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
+    from tive.encode import pad_id
     from tive.lora import key_parameters, lora_config, warmup_targets
 
+    dist = Dist() if dist is None else dist
     torch.manual_seed(config.seed)
     targets = warmup_targets(loaded.model, tuple(config.targets))
     model = get_peft_model(loaded.model, lora_config(loaded.model, config.r, config.alpha,
                                                      config.dropout, targets))
+    if dist.world > 1:  # the same initial adapter everywhere, other dropout masks per rank
+        torch.manual_seed(config.seed + 1 + dist.rank)
     key_parameters(model)  # the adapter must cover the key parameters: refuse before training
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     steps = config.epochs * math.ceil(len(rows) / (config.batch_size * config.grad_accum))
     schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(0.03 * steps), steps)
-    device = next(model.parameters()).device
+    run = _StepRunner(model, pad_id(loaded.tokenizer), config, dist)
     skipped: dict[str, int] = {}
     used: list[int] = []
-    dist = Dist() if dist is None else dist
-    mine: list[tuple[int, float]] = []  # (batch number, loss) of the batches this rank ran
     model.train()
     bar = tqdm(total=len(rows) * config.epochs, unit="rec",
                disable=not progress or dist.rank != 0, desc="warm-up")
-    number = 0
     for epoch in range(config.epochs):
         order = np.random.default_rng(config.seed + epoch).permutation(rows)
-        pending = 0
         first = epoch == 0  # count skips and trained records once, not once per epoch
-        # every rank encodes every batch, so that all agree on the batches (skips included)
-        for batch in encoded_batches(loaded, mixture, order, config.batch_size,
-                                     config.max_length, image_root,
-                                     skipped if first else None, used if first else None):
-            if pending % dist.world == dist.rank:
-                batch = {k: v.to(device) for k, v in batch.items() if v is not None}
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                    loss = model(**batch).loss
-                (loss / config.grad_accum).backward()
-                mine.append((number, loss.item()))
-                bar.set_postfix(loss=f"{mine[-1][1]:.3f}")
-            pending += 1
-            number += 1
-            if pending == config.grad_accum:
+        # every rank encodes every record, so that all agree on the batches (skips included)
+        batches = item_batches(loaded, mixture, order, config.batch_size, config.max_length,
+                               image_root, skipped if first else None, used if first else None)
+        step: list[list[Encoded]] = []
+        for items in batches:
+            step.append(items)
+            if len(step) == config.grad_accum:
+                run(step, bar)
                 _step(optimizer, schedule, params, dist)
-                pending = 0
-            bar.update(int(batch["input_ids"].shape[0]))
-        if pending:  # the last, partial accumulation
+                step = []
+        if step:  # the last, partial accumulation
+            run(step, bar)
             _step(optimizer, schedule, params, dist)
     bar.close()
-    losses = [loss for _, loss in sorted(x for part in dist.gather(mine) for x in part)]
+    losses = run.losses()
     if not losses:
         reasons = ", ".join(f"{n} {r}" for r, n in skipped.items())
         raise DataError(f"{mixture.path}: none of the {len(rows):,} sampled records could be "
@@ -186,7 +195,57 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
                         f"--max-length and that the model fits the data")
     model.eval()
     return {"model": model, "losses": losses, "skipped": skipped, "used": np.array(used),
-            "processes": dist.world}
+            "processes": dist.world, "records_per_process": dist.gather(run.records)}
+
+
+def supervised_tokens(item: Encoded) -> int:
+    """Positions whose next token is supervised: the count behind the model's token mean."""
+    return sum(1 for label in item.labels[1:] if label != -100)
+
+
+class _StepRunner:
+    """Forward and backward of this rank's share of one optimizer step's batches."""
+
+    def __init__(self, model: Any, pad: int, config: WarmupConfig, dist: Dist) -> None:
+        self.model, self.pad, self.config, self.dist = model, pad, config, dist
+        self.device = next(model.parameters()).device
+        self.records = 0  # records this rank has run
+        self.batches = 0  # batches of all ranks so far
+        self.mine: list[tuple[int, float]] = []  # (batch number, Σ of its token losses here)
+        self.totals: list[int] = []  # supervised tokens of every batch
+
+    def __call__(self, step: list[list[Encoded]], bar: Any) -> None:
+        from tive.encode import collate
+
+        flat = [(b, item) for b, items in enumerate(step) for item in items]
+        totals = [sum(supervised_tokens(i) for i in items) for items in step]
+        self.dist.same((len(flat), sum(totals)), "warm-up step")
+        lo = self.dist.rank * len(flat) // self.dist.world
+        hi = (self.dist.rank + 1) * len(flat) // self.dist.world
+        for b in sorted({b for b, _ in flat[lo:hi]}):
+            mine = [item for c, item in flat[lo:hi] if c == b]
+            tokens = sum(supervised_tokens(i) for i in mine)
+            batch = {k: v.to(self.device) for k, v in collate(mine, self.pad).items()
+                     if v is not None}
+            with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                enabled=self.config.bf16):
+                loss = self.model(**batch).loss
+            # the whole batch's token mean, of which these records hold tokens / total
+            (loss * (tokens / max(totals[b], 1)) / self.config.grad_accum).backward()
+            self.mine.append((self.batches + b, loss.item() * tokens))
+            self.records += len(mine)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        self.batches += len(step)
+        self.totals.extend(totals)
+        bar.update(len(flat))
+
+    def losses(self) -> list[float]:
+        """Every batch's loss (its token mean), in order, gathered from all ranks."""
+        sums = np.zeros(self.batches)
+        for part in self.dist.gather(self.mine):
+            for b, value in part:
+                sums[b] += value
+        return [float(s / max(t, 1)) for s, t in zip(sums, self.totals)]
 
 
 def save_reference(run: str | Path, model: Any, info: dict[str, Any]) -> Path:
@@ -218,6 +277,7 @@ def reference_info(mixture: Mixture, tasks: np.ndarray, rows: np.ndarray,
                  "steps": len(losses)},
         "skipped": result["skipped"],
         "processes": result["processes"],
+        "records_per_process": result["records_per_process"],  # forward passes, all epochs
         "key_parameters": {"gradient_dim": gradient_dim(keys),
                            "matrices": [{"name": k.name, "shape": list(k.shape)} for k in keys]},
     }
