@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating passes of each")
     parser.add_argument("--spread", type=int, default=1,
                         help="repeat each record's conversation a seeded 1..SPREAD times, "
-                             "for lengths as spread as a real mixture's (default 1: as is)")
+                             "for lengths that spread more (default 1: as is)")
     args = parser.parse_args()
     names = args.models.split(",")
     example = example_model() if {"tiny-llava", "llava-smollm2"} & set(names) else None

@@ -160,11 +160,8 @@ def _tive(args: list, env: dict | None = None, **kw) -> subprocess.Popen:
 
 def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path, model_dir):
     data = text_mixture(tmp_path / "data", 600)
-    ref = tmp_path / "ref"
-    assert invoke("warmup", "--model", model_dir, "--data", data, "--run", ref, "--fraction",
-                  "0.05", "--lora-r", "4", "--lora-alpha", "8", "--max-length", "256",
-                  "--quiet").exit_code == 0
-    args = ["score", "--model", model_dir, "--data", data, "--reference", ref / "reference",
+    ref = reference(model_dir, data, tmp_path / "ref", 0.05)
+    args = ["score", "--model", model_dir, "--data", data, "--reference", ref,
             "--batch-size", 2, "--proj-dim", 64, "--max-length", 256, "--quiet"]
     env = {"OMP_NUM_THREADS": "1"}
     whole = _tive([*args, "--run", tmp_path / "whole"], env)
@@ -205,20 +202,33 @@ def _torchrun(n: int, args: list, env: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600, check=False)
 
 
-def test_torchrun_two_processes_equal_one(tmp_path, model_dir):
-    data = text_mixture(tmp_path / "data", 41)
-    ref = tmp_path / "ref"
-    assert invoke("warmup", "--model", model_dir, "--data", data, "--run", ref, "--fraction",
-                  "0.5", "--lora-r", "4", "--lora-alpha", "8", "--max-length", "256",
-                  "--quiet").exit_code == 0
-    args = ["score", "--model", model_dir, "--data", data, "--reference", ref / "reference",
-            "--batch-size", 3, "--proj-dim", 64, "--max-length", 256, "--device", "cpu",
-            "--quiet"]
+def reference(model_dir: Path, data: Path, run: Path, fraction: float) -> Path:
+    """A small warm-up reference (LoRA r = 4) trained on ``fraction`` of ``data``."""
+    res = invoke("warmup", "--model", model_dir, "--data", data, "--run", run, "--fraction",
+                 fraction, "--lora-r", "4", "--lora-alpha", "8", "--max-length", "256",
+                 "--quiet")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return run / "reference"
+
+
+def one_then_two_processes(args: list, tmp_path: Path) -> subprocess.CompletedProcess:
+    """``tive ARGS`` with ``--run tmp_path/one`` in one process, then with
+    ``--run tmp_path/two`` in two under torchrun (the latter's result)."""
     env = {"OMP_NUM_THREADS": "1"}
     one = _tive([*args, "--run", tmp_path / "one"], env)
     assert one.wait(timeout=600) == 0, one.stderr.read()
     res = _torchrun(2, [*args, "--run", tmp_path / "two"], env)
     assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def test_torchrun_two_processes_equal_one(tmp_path, model_dir):
+    data = text_mixture(tmp_path / "data", 41)
+    ref = reference(model_dir, data, tmp_path / "ref", 0.5)
+    args = ["score", "--model", model_dir, "--data", data, "--reference", ref,
+            "--batch-size", 3, "--proj-dim", 64, "--max-length", 256, "--device", "cpu",
+            "--quiet"]
+    res = one_then_two_processes(args, tmp_path)
     assert res.stdout.count("scored 41 of 41 records") == 1  # rank 0 alone reports
     assert not (tmp_path / "two" / "store" / "parts").exists()
     assert store_bytes(tmp_path / "two") == store_bytes(tmp_path / "one")
@@ -226,9 +236,9 @@ def test_torchrun_two_processes_equal_one(tmp_path, model_dir):
 
 
 def test_torchrun_warmup_trains_what_one_process_does(tmp_path, model_dir):
-    """Without --reference, `tive score` under torchrun trains the warm-up data-parallel (the
-    batches of each optimizer step dealt to the ranks, gradients summed): the same adapter and
-    features as one process, up to float rounding."""
+    """Without --reference, `tive score` under torchrun trains the warm-up data-parallel (each
+    step's records cut into one share per rank, a split batch weighted by tokens, gradients
+    summed): the same adapter and features as one process, up to float rounding."""
     from safetensors.numpy import load_file
 
     data = text_mixture(tmp_path / "data", 40)
@@ -237,11 +247,7 @@ def test_torchrun_warmup_trains_what_one_process_does(tmp_path, model_dir):
             "--warmup-batch-size", "2", "--warmup-grad-accum", "3", "--warmup-epochs", "2",
             "--max-length", 256, "--batch-size", 3, "--proj-dim", 64, "--feature-dtype",
             "float32", "--device", "cpu", "--quiet"]
-    env = {"OMP_NUM_THREADS": "1"}
-    one = _tive([*args, "--run", tmp_path / "one"], env)
-    assert one.wait(timeout=600) == 0, one.stderr.read()
-    res = _torchrun(2, [*args, "--run", tmp_path / "two"], env)
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = one_then_two_processes(args, tmp_path)
     assert res.stdout.count("trained on") == 1  # rank 0 alone reports
     refs = [json.loads((tmp_path / r / "reference" / "reference.json").read_text())
             for r in ("one", "two")]
@@ -527,11 +533,8 @@ def test_trak_projector_through_tive_score(tmp_path, model_dir, monkeypatch):
     import tive.projection as projection
 
     data = text_mixture(tmp_path / "data", 10)
-    ref = tmp_path / "ref"
-    assert invoke("warmup", "--model", model_dir, "--data", data, "--run", ref, "--fraction",
-                  "0.5", "--lora-r", "4", "--lora-alpha", "8", "--max-length", "256",
-                  "--quiet").exit_code == 0
-    args = ["score", "--model", model_dir, "--data", data, "--reference", ref / "reference",
+    ref = reference(model_dir, data, tmp_path / "ref", 0.5)
+    args = ["score", "--model", model_dir, "--data", data, "--reference", ref,
             "--batch-size", 4, "--feature-dtype", "float32", "--max-length", 256, "--quiet"]
     res = invoke(*args, "--run", tmp_path / "exact", "--projector", "none")
     assert res.exit_code == 0, res.output + repr(res.exception)

@@ -77,9 +77,10 @@ def test_warmup_lowers_the_loss_and_the_saved_adapter_reloads_identically(tmp_pa
 
     from tive.cli import main
     from tive.data import load_mixture
+    from tive.encode import collate, pad_id
     from tive.models.load import load_model
     from tive.models.registry import resolve
-    from tive.warmup import encoded_batches
+    from tive.warmup import item_batches
 
     model_dir = tmp_path / "model"
     save_llava_folder(model_dir)
@@ -104,8 +105,8 @@ def test_warmup_lowers_the_loss_and_the_saved_adapter_reloads_identically(tmp_pa
     def mean_loss(model, loaded):
         losses = []
         with torch.no_grad():
-            for batch in encoded_batches(loaded, mixture, rows, 6, 2048):
-                losses.append(float(model(**batch).loss))
+            for items in item_batches(loaded, mixture, rows, 6, 2048):
+                losses.append(float(model(**collate(items, pad_id(loaded.tokenizer))).loss))
         return float(np.mean(losses))
 
     loaded = load_model(resolve(str(model_dir)), dtype="fp32", device="cpu")
@@ -126,9 +127,10 @@ def test_reloaded_adapter_gives_identical_outputs(tmp_path):
     from zoo import save_llava_folder
 
     from tive.data import load_mixture
+    from tive.encode import collate, pad_id
     from tive.models.load import load_model
     from tive.models.registry import resolve
-    from tive.warmup import encoded_batches, save_reference, train
+    from tive.warmup import item_batches, save_reference, train
 
     save_llava_folder(tmp_path / "model")
     mixture = load_mixture(image_mixture(tmp_path / "data", n_per_task=2))
@@ -138,7 +140,7 @@ def test_reloaded_adapter_gives_identical_outputs(tmp_path):
     result = train(loaded, mixture, rows, config, progress=False)
     assert len(result["losses"]) == 2 and result["skipped"] == {}
     save_reference(tmp_path / "run", result["model"], {"test": True})
-    batch = next(encoded_batches(loaded, mixture, rows, 6, 2048))
+    batch = collate(next(item_batches(loaded, mixture, rows, 6, 2048)), pad_id(loaded.tokenizer))
     with torch.no_grad():
         trained = result["model"](**batch).logits
     fresh = load_model(resolve(str(tmp_path / "model")), dtype="fp32", device="cpu")

@@ -21,7 +21,7 @@ import torch
 from tive import selection as sel
 from tive.data import Mixture
 from tive.dist import Dist
-from tive.encode import Encoded
+from tive.encode import IGNORE, Encoded
 from tive.errors import ConfigError, DataError
 from tive.fileio import atomic_path
 
@@ -119,19 +119,6 @@ def item_batches(loaded: Any, mixture: Mixture, rows: np.ndarray, batch_size: in
         yield batch
 
 
-def encoded_batches(loaded: Any, mixture: Mixture, rows: np.ndarray, batch_size: int,
-                    max_length: int, image_root: Any = None,
-                    skipped: dict[str, int] | None = None,
-                    used: list[int] | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    """:func:`item_batches`, collated."""
-    from tive.encode import collate, pad_id
-
-    pad = pad_id(loaded.tokenizer)
-    for items in item_batches(loaded, mixture, rows, batch_size, max_length, image_root,
-                              skipped, used):
-        yield collate(items, pad)
-
-
 def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
           image_root: Any = None, progress: bool = True, dist: Dist | None = None
           ) -> dict[str, Any]:
@@ -200,7 +187,7 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
 
 def supervised_tokens(item: Encoded) -> int:
     """Positions whose next token is supervised: the count behind the model's token mean."""
-    return sum(1 for label in item.labels[1:] if label != -100)
+    return sum(1 for label in item.labels[1:] if label != IGNORE)
 
 
 class _StepRunner:
@@ -217,24 +204,29 @@ class _StepRunner:
     def __call__(self, step: list[list[Encoded]], bar: Any) -> None:
         from tive.encode import collate
 
-        flat = [(b, item) for b, items in enumerate(step) for item in items]
-        totals = [sum(supervised_tokens(i) for i in items) for items in step]
+        flat = [(b, item, supervised_tokens(item)) for b, items in enumerate(step)
+                for item in items]
+        totals = [0] * len(step)
+        for b, _, n in flat:
+            totals[b] += n
         self.dist.same((len(flat), sum(totals)), "warm-up step")
-        lo = self.dist.rank * len(flat) // self.dist.world
-        hi = (self.dist.rank + 1) * len(flat) // self.dist.world
-        for b in sorted({b for b, _ in flat[lo:hi]}):
-            mine = [item for c, item in flat[lo:hi] if c == b]
-            tokens = sum(supervised_tokens(i) for i in mine)
-            batch = {k: v.to(self.device) for k, v in collate(mine, self.pad).items()
+        share = flat[self.dist.rank * len(flat) // self.dist.world:
+                     (self.dist.rank + 1) * len(flat) // self.dist.world]
+        for b in sorted({b for b, _, _ in share}):
+            mine = [(item, n) for c, item, n in share if c == b]
+            tokens = sum(n for _, n in mine)
+            batch = {k: v.to(self.device)
+                     for k, v in collate([item for item, _ in mine], self.pad).items()
                      if v is not None}
             with torch.autocast(self.device.type, dtype=torch.bfloat16,
                                 enabled=self.config.bf16):
                 loss = self.model(**batch).loss
             # the whole batch's token mean, of which these records hold tokens / total
             (loss * (tokens / max(totals[b], 1)) / self.config.grad_accum).backward()
-            self.mine.append((self.batches + b, loss.item() * tokens))
+            value = loss.item()
+            self.mine.append((self.batches + b, value * tokens))
             self.records += len(mine)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+            bar.set_postfix(loss=f"{value:.3f}")
         self.batches += len(step)
         self.totals.extend(totals)
         bar.update(len(flat))
