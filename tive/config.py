@@ -93,6 +93,12 @@ class Budget:
                               f"of the mixture; fix: at most {n_records}, or a fraction")
         return int(self.value)
 
+    def exact(self, n_records: int) -> float:
+        """B before rounding: ``p·N`` for a fraction, the count itself for a count (the TIVE
+        authors' quotas are shares of this number, truncated)."""
+        self.resolve(n_records)  # the same checks
+        return self.value * n_records if self.is_fraction else self.value
+
     def to_dict(self) -> dict[str, Any]:
         return {"text": self.text, "kind": "fraction" if self.is_fraction else "count",
                 "value": self.value if self.is_fraction else int(self.value)}
@@ -117,6 +123,11 @@ APPLIES = {
     Method.LENGTH: set(),
 }
 DEFAULTS = {"strategy": Strategy.SOFT, "temperature": 1000.0, "seed": 0, "oversample": True}
+# The TIVE authors' select_data_TIVE.py: soft draw with q = 0.001 (τ = 1000), oversampling,
+# quotas int(B·V(t)/ΣV), textcaps left out of LLaVA-665K.
+AUTHORS = {"method": Method.TIVE, "strategy": Strategy.SOFT, "temperature": 1000.0,
+           "oversample": True}
+AUTHORS_EXCLUDE = "textcaps"
 
 
 @dataclass(frozen=True)
@@ -150,6 +161,10 @@ class SelectConfig:
         "A quota above its task's size repeats the task (the authors'); --no-oversample caps it "
         "and gives the surplus to the other tasks in proportion to their value.", "oversample",
         flag="--oversample/--no-oversample"))
+    paper: bool = field(default=False, metadata=_help(
+        "The TIVE authors' selection exactly: soft draw at τ=1000 with oversampling, quotas "
+        "truncated to integers as their int() (the subset may fall a few records short of the "
+        "budget), textcaps excluded when present.", is_flag=True))
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -157,6 +172,8 @@ class SelectConfig:
         set_("method", _enum(Method, self.method, "--method"))
         if self.strategy is not None:
             set_("strategy", _enum(Strategy, self.strategy, "--strategy"))
+        if self.paper:
+            self._paper()
         set_("exclude", tuple(dict.fromkeys(self.exclude)))
         applies = set(APPLIES[self.method])
         if self.method is Method.TIVE and self.strategy is Strategy.TOP:
@@ -177,6 +194,16 @@ class SelectConfig:
             set_("temperature", t)
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ConfigError(f"--seed {self.seed!r}: expected a non-negative integer")
+
+    def _paper(self) -> None:
+        """Refuse settings other than the authors'; set theirs."""
+        for name, value in AUTHORS.items():
+            given = getattr(self, name)
+            if given is not None and given != value:
+                raise ConfigError(f"--{name} {_plain(given)}: --paper selects as the authors "
+                                  f"did ({name} {_plain(value)}); fix: leave out --{name} or "
+                                  f"--paper")
+            object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}

@@ -7,6 +7,7 @@ own format, a JSON report and a bar chart of task shares before and after.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tive import selection as sel
-from tive.config import Budget, Method, SelectConfig, Strategy
+from tive.config import AUTHORS_EXCLUDE, Budget, Method, SelectConfig, Strategy
 from tive.data import Mixture
 from tive.errors import ConfigError
 from tive.fileio import atomic_path, write_json
@@ -37,6 +38,7 @@ class Report:
         keys: ``(N,)`` uint64 content keys seeding the random draws.
         mixture: the records, when the data was given (needed to write a subset file).
         inferred: ``(N,)`` bool, labels inferred by rules rather than read from a field.
+        paper: :meth:`select` follows the TIVE authors exactly unless told otherwise.
     """
 
     tasks: np.ndarray
@@ -51,6 +53,7 @@ class Report:
     mixture: Mixture | None = None
     inferred: np.ndarray | None = None
     source: dict[str, Any] = field(default_factory=dict)
+    paper: bool = False
 
     def __post_init__(self) -> None:
         names, codes = np.unique(self.tasks.astype(str), return_inverse=True)
@@ -88,18 +91,22 @@ class Report:
         exclude: Sequence[str] = (),
         oversample: bool | None = None,
         method: str = "tive",
+        paper: bool | None = None,
     ) -> Selection:
         """Choose a subset; see :class:`tive.config.SelectConfig` for the arguments.
 
         Defaults where the method uses them: ``strategy="soft"``, ``temperature=1000``,
         ``seed=0``, ``oversample=True``; passing one the method does not use raises.
+        ``paper`` (default: as :func:`tive.value_estimate` was asked) selects exactly as the
+        TIVE authors did.
 
         Returns:
             a :class:`Selection` whose ``indices`` are mixture rows (repeats where oversampled).
         """
         config = SelectConfig(budget=budget, method=method, strategy=strategy,
                               temperature=temperature, seed=seed, exclude=tuple(exclude),
-                              oversample=oversample)
+                              oversample=oversample,
+                              paper=self.paper if paper is None else paper)
         return self.select_with(config)
 
     def select_with(self, config: SelectConfig) -> Selection:
@@ -108,6 +115,14 @@ class Report:
         if unknown:
             raise ConfigError(f"--exclude-task {unknown[0]!r}: no such task; tasks are "
                               f"{', '.join(self.task_names)}")
+        notes = []
+        if AUTHORS_EXCLUDE in self.sizes and AUTHORS_EXCLUDE not in config.exclude:
+            if config.paper:
+                config = dataclasses.replace(config, exclude=(*config.exclude, AUTHORS_EXCLUDE))
+            else:
+                notes.append(f"note: the TIVE authors left {AUTHORS_EXCLUDE} out of LLaVA-665K "
+                             f"(seen in pre-training); to do the same: --exclude-task "
+                             f"{AUTHORS_EXCLUDE} (or --paper)")
         budget = config.budget.resolve(len(self.tasks))
         names = [t for t in self.task_names if t not in config.exclude]
         # seeded draws for the random parts; a fixed tie-break for the deterministic ones
@@ -118,7 +133,10 @@ class Report:
             indices = self._global(config, budget, noise)
             counts = np.bincount(self._codes[indices], minlength=len(self._names))
             quotas = {t: int(counts[self._names.index(t)]) for t in names}
-        return Selection(np.sort(indices), quotas, config, budget, self)
+        if config.paper and len(indices) < budget:
+            notes.append(f"note: {len(indices):,} records, {budget - len(indices):,} short of "
+                         f"the budget: --paper truncates each quota as the authors' int() did")
+        return Selection(np.sort(indices), quotas, config, budget, self, notes)
 
     def _by_task(self, config: SelectConfig, names: list[str], budget: int,
                  noise: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
@@ -128,7 +146,10 @@ class Report:
             raise ConfigError("no valid record is left to select from (all tasks excluded or "
                               "invalid); fix: check --exclude-task and the store")
         counts = np.array([sizes[t] for t in names])
-        if config.method is Method.TIVE:
+        if config.paper:
+            values = np.array([self.task_values[t] for t in names])
+            quota = sel.truncated_quotas(values, config.budget.exact(len(self.tasks)))
+        elif config.method is Method.TIVE:
             values = np.array([self.task_values[t] for t in names])
             quota = sel.quotas(values, counts, budget, config.oversample)
         else:
@@ -195,6 +216,7 @@ class Selection:
         config: the settings that made it.
         budget: B.
         report: the :class:`Report` it came from.
+        notes: lines worth telling the user (printed by ``tive select``).
     """
 
     indices: np.ndarray
@@ -202,6 +224,7 @@ class Selection:
     config: SelectConfig
     budget: int
     report: Report
+    notes: list[str] = field(default_factory=list)
 
     def selected(self) -> dict[str, int]:
         """Records chosen per task (counting repeats)."""
