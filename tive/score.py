@@ -279,7 +279,7 @@ def store_meta(*, source: dict, dtype: torch.dtype, adapter: Path, keys: list, p
                      "schema": mixture.schema, "fingerprint": mixture.fingerprint},
             "settings": {**settings, "batch_size": config.batch_size,
                          "padding_side": config.padding_side,
-                         "group_by_length": config.group_by_length},
+                         "group_by_length": config.group_by_length, "paper": config.paper},
             "identity": identity}
 
 

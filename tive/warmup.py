@@ -193,7 +193,8 @@ class Recipe:
         if self.steps <= self.warmup_steps:
             line += (f", all inside the {WARMUP_RATIO:.0%} linear warm-up (learning rate 0 at "
                      f"the first step), so the adapter barely leaves its initialisation")
-        return line + "; for a small mixture, lower --global-batch (see README, Quick start)"
+        return line + ("; for a small mixture, lower --global-batch (--warmup-global-batch in "
+                       "tive score; see README, Quick start)")
 
 
 def plan_recipe(config: WarmupConfig, sample: int, processes: int,
