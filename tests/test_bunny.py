@@ -213,10 +213,10 @@ def test_lm_head_bias_is_ignored_as_bunny_does_and_said(bunnies):
 def test_losses_take_the_softmax_over_bunnys_own_vocabulary(bunnies):
     """With the vocabulary equal to the tokenizer length, <image> adds a zero head row; the
     per-sample and warm-up losses must not give it softmax mass."""
+    from unittest import mock
+
     import torch.nn.functional as F
     from peft import get_peft_model
-
-    from unittest import mock
 
     from tive.dist import Dist
     from tive.gradients import GradientFeatures, text_vocab

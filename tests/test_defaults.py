@@ -35,8 +35,10 @@ def num(x: float) -> str:
 def code_rows() -> dict[str, tuple[str, str]]:
     """The same rows built from the code's defaults and its record of the authors' values."""
     c, a, s = wu.WarmupConfig(), wu.AUTHORS, ScoreConfig()
-    layers = lambda targets: ("every linear layer of the language model" if not targets  # noqa: E731
-                              else ",".join(targets))
+
+    def layers(targets: tuple[str, ...]) -> str:
+        return "every linear layer of the language model" if not targets else ",".join(targets)
+
     return {
         "warm-up sample": (num(c.fraction), f"{num(a['fraction'])} (⌊0.08·N/T⌋ per task)"),
         "LoRA r / alpha / dropout": (f"{c.r} / {c.alpha} / {num(c.dropout)}",

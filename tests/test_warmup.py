@@ -308,7 +308,7 @@ def test_recipe_reaches_the_global_batch_by_accumulation():
     assert plan_recipe(config, 500, 1, None).notice(500, config) is None
 
 
-def _trained(tmp_path, batch_size, name):
+def _trained(tmp_path, batch_size):
     from zoo import save_llava_folder
 
     from tive.data import load_mixture
@@ -334,13 +334,12 @@ def test_projector_is_trained_saved_and_restored_for_scoring(tmp_path):
 
     import torch
     from peft import PeftModel
-    from zoo import save_llava_folder  # noqa: F401  (built by _trained)
 
     from tive.models.load import load_model
     from tive.models.registry import resolve
     from tive.warmup import recipe_info, save_reference
 
-    result, original, _, config = _trained(tmp_path, 3, "a")
+    result, original, _, config = _trained(tmp_path, 3)
     assert result["recipe"].projector == "model.multi_modal_projector"
     trained = {k.replace("base_model.model.", "").replace(".modules_to_save.default", ""):
                v.detach().clone() for k, v in result["model"].state_dict().items()
@@ -369,7 +368,7 @@ def test_a_step_does_not_depend_on_the_per_device_batch(tmp_path):
     """Global batch 6 as 6, 3 + 3 or 4 + 2 records per forward: the same step (no dropout)."""
     import torch
 
-    results = [_trained(tmp_path, b, str(b))[0] for b in (6, 3, 4)]
+    results = [_trained(tmp_path, b)[0] for b in (6, 3, 4)]
     states = [{k: v.detach() for k, v in r["model"].state_dict().items()
                if "lora_" in k or "modules_to_save" in k} for r in results]
     moved = max(float(v.abs().max()) for k, v in states[0].items() if "lora_B" in k)

@@ -1,11 +1,11 @@
 """Stage 3 — the warm-up reference model: LoRA trained briefly on an equal-per-task sample.
 
-The method (README, "Warm-up recipe"): sample 8% of the mixture with an equal count per task (a task
-smaller than its share gives all it has, the rest is shared among the others), then train as
-the TIVE authors did (their ``finetune_lora.sh``): LoRA r=128, alpha=256, dropout 0.05 on
-every linear layer of the language model, the multimodal projector trained too, AdamW at
-2e-5 with weight decay 0, a cosine schedule after a 3% linear warm-up, one epoch, a global
-batch of 128 records per optimizer step. The adapter (with the projector, as peft's
+The method (README, "Warm-up recipe"): sample 8% of the mixture with an equal count per task
+(a task smaller than its share gives all it has, the rest is shared among the others), then
+train as the TIVE authors did (their ``finetune_lora.sh``): LoRA r=128, alpha=256, dropout
+0.05 on every linear layer of the language model, the multimodal projector trained too,
+AdamW at 2e-5 with weight decay 0, a cosine schedule after a 3% linear warm-up, one epoch, a
+global batch of 128 records per optimizer step. The adapter (with the projector, as peft's
 ``modules_to_save``) is saved in standard peft format to ``RUN/reference/``, with
 ``reference.json`` saying what it was trained on and with which recipe. The folder appears
 only when complete.
@@ -251,7 +251,7 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
     model.train()
     bar = tqdm(total=len(rows) * config.epochs, unit="rec",
                disable=not progress or dist.rank != 0, desc="warm-up")
-    with _float32_projector(model, projector):
+    with _Float32Projector(model, projector):
         for epoch in range(config.epochs):
             order = np.random.default_rng(config.seed + epoch).permutation(rows)
             first = epoch == 0  # count skips and trained records once, not once per epoch
@@ -349,7 +349,7 @@ def _param_groups(model: Any, config: WarmupConfig) -> list[dict[str, Any]]:
     return groups
 
 
-class _float32_projector:
+class _Float32Projector:
     """Train a half-precision projector's copy in float32 (AdamW steps of 2e-5 would round
     away in bfloat16), cast back to the model's type afterwards, so the model scored now and
     the one reloaded from the saved adapter are the same."""
@@ -364,7 +364,7 @@ class _float32_projector:
         self.copy = copy if dtype in (torch.bfloat16, torch.float16) else None
         self.dtype, self.hooks = dtype, []
 
-    def __enter__(self) -> _float32_projector:
+    def __enter__(self) -> _Float32Projector:
         if self.copy is not None:
             self.copy.float()
             self.hooks = [
