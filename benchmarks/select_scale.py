@@ -6,6 +6,8 @@ features; then runs ``tive select`` in a child process and reports wall time and
 
     python benchmarks/select_scale.py --workdir /tmp/tive-scale            # 665,298 × 8192
     python benchmarks/select_scale.py --workdir /tmp/tive-small --records 50000 --dim 1024
+    python benchmarks/select_scale.py --workdir /tmp/tive-200k --records 200000 --dim 2048 \
+        --method kmeans
 """
 
 from __future__ import annotations
@@ -89,21 +91,26 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=665_298)
     ap.add_argument("--dim", type=int, default=8192)
     ap.add_argument("--budget", default="0.075")
+    ap.add_argument("--method", default="tive", help="tive select --method (e.g. kmeans)")
+    ap.add_argument("--clusters", type=int, help="tive select --clusters (kmeans only)")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     build(args.workdir, args.records, args.dim)
     print(f"store ready ({time.perf_counter() - t0:.0f} s to build or find)")
     cmd = [str(Path(sys.executable).with_name("tive")), "select", "--run",
-           str(args.workdir / "run"), "--budget", args.budget]
+           str(args.workdir / "run"), "--budget", args.budget, "--method", args.method]
+    if args.clusters is not None:
+        cmd += ["--clusters", str(args.clusters)]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     size_gb = (args.workdir / "run/store/features.npy").stat().st_size / 1e9
-    print("| records | dim | features | tive select wall | peak RSS |")
-    print("|---|---|---|---|---|")
-    print(f"| {args.records:,} | {args.dim} | {size_gb:.1f} GB fp16 | {wall:.1f} s | {peak_mb:,.0f} MB |")
+    print("| records | dim | features | method | tive select wall | peak RSS |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {args.records:,} | {args.dim} | {size_gb:.1f} GB fp16 | {' '.join(cmd[4:])} "
+          f"| {wall:.1f} s | {peak_mb:,.0f} MB |")
 
 
 if __name__ == "__main__":

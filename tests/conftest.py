@@ -77,3 +77,13 @@ def mixture_run(tmp_path: Path) -> dict:
     np.save(tmp_path / "norms.npy", norms)
     return {"data": data, "records": records, "tasks": tasks, "features": feats,
             "norms": norms, "dir": tmp_path, "run": tmp_path / "run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` run only when asked for (``-m slow``)."""
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: run with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

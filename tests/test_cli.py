@@ -82,7 +82,8 @@ def test_select_options_reach_the_selection(imported, tmp_path):
     report = json.loads((tmp_path / "top.report.json").read_text())
     assert report["settings"] == {"budget": "12", "method": "tive", "strategy": "top",
                                   "temperature": None, "seed": None, "exclude": ["vqav2", "vg"],
-                                  "oversample": False, "paper": False}
+                                  "oversample": False, "paper": False, "clusters": None,
+                                  "quota": None}
     assert report["tasks"]["vqav2"]["selected"] == 0 and report["tasks"]["vg"]["excluded"]
     chosen = {r["id"] for r in json.loads(out.read_text())}
     # the same selection through the API: per-task top-k of instance values
@@ -100,6 +101,9 @@ def test_select_options_reach_the_selection(imported, tmp_path):
     (["--method", "gradnorm", "--seed", "1"], "--seed does not apply to --method gradnorm"),
     (["--method", "random", "--no-oversample"], "--oversample does not apply to --method random"),
     (["--method", "loss", "--strategy", "soft"], "--strategy does not apply to --method loss"),
+    (["--method", "random", "--clusters", "3"], "--clusters does not apply to --method random"),
+    (["--quota", "value"], "--quota does not apply to --method tive"),
+    (["--method", "balanced", "--quota", "size"], "--quota does not apply to --method balanced"),
 ])
 def test_options_a_method_does_not_use_are_refused(imported, args, fragment):
     res = run("select", "--run", imported["run"], "--budget", "5", *args, ok=False)

@@ -261,7 +261,7 @@ def _report(arrays: dict[str, Any], tasks: np.ndarray, keys: np.ndarray,
                   instance_values=iv, valid=valid, invalid=invalid,
                   norms=np.asarray(norms, dtype=np.float64), loss=arrays["loss"],
                   ntokens=arrays["ntokens"], keys=keys, mixture=mixture, inferred=inferred,
-                  source=source)
+                  source=source, features=features, chunk_rows=chunk_rows)
 
 
 def _store_arrays(st: Store) -> dict[str, Any]:

@@ -20,6 +20,8 @@ class Method(str, Enum):
     GRADNORM = "gradnorm"  # largest exact gradient norms
     LOSS = "loss"  # largest warm-up losses
     LENGTH = "length"  # most supervised tokens
+    BALANCED = "balanced"  # an equal count per task, uniform within
+    KMEANS = "kmeans"  # per task, the records nearest k-means centroids of the features
 
     def __str__(self) -> str:
         return self.value
@@ -30,6 +32,16 @@ class Strategy(str, Enum):
 
     SOFT = "soft"  # draw without replacement with probability ∝ exp(v / τ) (the authors')
     TOP = "top"  # the n_t records of highest instance value (deterministic)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class QuotaBy(str, Enum):
+    """Per-task quotas for ``--method kmeans``."""
+
+    SIZE = "size"  # each task keeps its share of the mixture (as random-per-task)
+    VALUE = "value"  # TIVE's quotas, n_t ∝ V(t)
 
     def __str__(self) -> str:
         return self.value
@@ -121,13 +133,16 @@ APPLIES = {
     Method.GRADNORM: set(),
     Method.LOSS: set(),
     Method.LENGTH: set(),
+    Method.BALANCED: {"seed", "oversample"},
+    Method.KMEANS: {"seed", "oversample", "clusters", "quota"},
 }
-DEFAULTS = {"strategy": Strategy.SOFT, "temperature": 1000.0, "seed": 0, "oversample": True}
 # The TIVE authors' select_data_TIVE.py: soft draw with q = 0.001 (τ = 1000), oversampling,
 # quotas int(B·V(t)/ΣV), textcaps left out of LLaVA-665K.
 AUTHORS = {"method": Method.TIVE, "strategy": Strategy.SOFT, "temperature": 1000.0,
            "oversample": True}
 AUTHORS_EXCLUDE = "textcaps"
+DEFAULTS = {"strategy": Strategy.SOFT, "temperature": 1000.0, "seed": 0, "oversample": True,
+            "clusters": None, "quota": QuotaBy.SIZE}
 
 
 @dataclass(frozen=True)
@@ -145,7 +160,9 @@ class SelectConfig:
         required=True))
     method: Method = field(default=Method.TIVE, metadata=_help(
         "tive (the paper's method) or a baseline: random, random-per-task (stratified), "
-        "gradnorm, loss, length (largest values first).", show_default=True))
+        "balanced (equal count per task), gradnorm, loss, length (largest values first), "
+        "kmeans (per task, the records nearest k-means centroids of the features).",
+        show_default=True))
     strategy: Strategy | None = field(default=None, metadata=_help(
         "Within-task choice for tive: soft (draw ∝ exp(v/τ), the authors') or top "
         "(highest instance values).", "soft", choices=Strategy))
@@ -165,6 +182,13 @@ class SelectConfig:
         "The TIVE authors' selection exactly: soft draw at τ=1000 with oversampling, quotas "
         "truncated to integers as their int() (the subset may fall a few records short of the "
         "budget), textcaps excluded when present.", is_flag=True))
+    clusters: int | None = field(default=None, metadata=_help(
+        "k-means clusters per task for kmeans: the task's quota is shared among its clusters "
+        "in proportion to their size, nearest records first.", "the task's quota "
+        "(one record per centroid)", type=int))
+    quota: QuotaBy | None = field(default=None, metadata=_help(
+        "Per-task quotas for kmeans: size (each task keeps its share, as random-per-task) or "
+        "value (TIVE's, ∝ task value).", "size", choices=QuotaBy))
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -174,6 +198,8 @@ class SelectConfig:
             set_("strategy", _enum(Strategy, self.strategy, "--strategy"))
         if self.paper:
             self._paper()
+        if self.quota is not None:
+            set_("quota", _enum(QuotaBy, self.quota, "--quota"))
         set_("exclude", tuple(dict.fromkeys(self.exclude)))
         applies = set(APPLIES[self.method])
         if self.method is Method.TIVE and self.strategy is Strategy.TOP:
@@ -181,7 +207,7 @@ class SelectConfig:
         for name in DEFAULTS:
             given = getattr(self, name)
             if given is not None and name not in applies:
-                what = (f"--strategy {self.strategy}" if "temperature" in APPLIES[self.method]
+                what = (f"--strategy {self.strategy}" if name in APPLIES[self.method]
                         else f"--method {self.method}")
                 raise ConfigError(f"--{name} does not apply to {what}, which does not use it; "
                                   f"fix: leave it out")
@@ -194,6 +220,10 @@ class SelectConfig:
             set_("temperature", t)
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             raise ConfigError(f"--seed {self.seed!r}: expected a non-negative integer")
+        if self.clusters is not None and (isinstance(self.clusters, bool)
+                                          or not isinstance(self.clusters, int)
+                                          or self.clusters < 1):
+            raise ConfigError(f"--clusters {self.clusters!r}: expected a positive integer")
 
     def _paper(self) -> None:
         """Refuse settings other than the authors'; set theirs."""

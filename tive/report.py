@@ -15,11 +15,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from tive import kmeans as km
 from tive import selection as sel
-from tive.config import AUTHORS_EXCLUDE, Budget, Method, SelectConfig, Strategy
+from tive.config import AUTHORS_EXCLUDE, Budget, Method, QuotaBy, SelectConfig, Strategy
 from tive.data import Mixture
 from tive.errors import ConfigError
 from tive.fileio import atomic_path, write_json
+
+BY_TASK = (Method.TIVE, Method.RANDOM_PER_TASK, Method.BALANCED, Method.KMEANS)  # quota methods
 
 
 @dataclass
@@ -39,6 +42,9 @@ class Report:
         mixture: the records, when the data was given (needed to write a subset file).
         inferred: ``(N,)`` bool, labels inferred by rules rather than read from a field.
         paper: :meth:`select` follows the TIVE authors exactly unless told otherwise.
+        features: ``(N, k)`` projected gradients (a store's memmap or the array given), read
+            in chunks by ``--method kmeans``; None when the report was built without them.
+        chunk_rows: feature rows read at a time (None: about 64 MiB).
     """
 
     tasks: np.ndarray
@@ -54,6 +60,8 @@ class Report:
     inferred: np.ndarray | None = None
     source: dict[str, Any] = field(default_factory=dict)
     paper: bool = False
+    features: np.ndarray | None = None
+    chunk_rows: int | None = None
 
     def __post_init__(self) -> None:
         names, codes = np.unique(self.tasks.astype(str), return_inverse=True)
@@ -92,20 +100,23 @@ class Report:
         oversample: bool | None = None,
         method: str = "tive",
         paper: bool | None = None,
+        clusters: int | None = None,
+        quota: str | None = None,
     ) -> Selection:
         """Choose a subset; see :class:`tive.config.SelectConfig` for the arguments.
 
         Defaults where the method uses them: ``strategy="soft"``, ``temperature=1000``,
-        ``seed=0``, ``oversample=True``; passing one the method does not use raises.
-        ``paper`` (default: as :func:`tive.value_estimate` was asked) selects exactly as the
-        TIVE authors did.
+        ``seed=0``, ``oversample=True``, and for ``method="kmeans"`` ``clusters=None`` (one
+        cluster per record of the quota) and ``quota="size"``; passing one the method does not
+        use raises. ``paper`` (default: as :func:`tive.value_estimate` was asked) selects
+        exactly as the TIVE authors did.
 
         Returns:
             a :class:`Selection` whose ``indices`` are mixture rows (repeats where oversampled).
         """
         config = SelectConfig(budget=budget, method=method, strategy=strategy,
                               temperature=temperature, seed=seed, exclude=tuple(exclude),
-                              oversample=oversample,
+                              oversample=oversample, clusters=clusters, quota=quota,
                               paper=self.paper if paper is None else paper)
         return self.select_with(config)
 
@@ -127,7 +138,11 @@ class Report:
         names = [t for t in self.task_names if t not in config.exclude]
         # seeded draws for the random parts; a fixed tie-break for the deterministic ones
         noise = sel.uniforms(self.keys, 0 if config.seed is None else config.seed)
-        if config.method in (Method.TIVE, Method.RANDOM_PER_TASK):
+        if config.method is Method.KMEANS and self.features is None:
+            raise ConfigError("--method kmeans: this report has no features to cluster (built "
+                              "without a store or features=); fix: value_estimate(store=...) "
+                              "or features=..., or another method")
+        if config.method in BY_TASK:
             indices, quotas = self._by_task(config, names, budget, noise)
         else:
             indices = self._global(config, budget, noise)
@@ -146,22 +161,38 @@ class Report:
             raise ConfigError("no valid record is left to select from (all tasks excluded or "
                               "invalid); fix: check --exclude-task and the store")
         counts = np.array([sizes[t] for t in names])
-        if config.paper:
-            values = np.array([self.task_values[t] for t in names])
-            quota = sel.truncated_quotas(values, config.budget.exact(len(self.tasks)))
-        elif config.method is Method.TIVE:
-            values = np.array([self.task_values[t] for t in names])
-            quota = sel.quotas(values, counts, budget, config.oversample)
+        by_value = config.method is Method.TIVE or config.quota is QuotaBy.VALUE
+        if by_value:
+            weights = np.array([self.task_values[t] for t in names])
+        elif config.method is Method.BALANCED:
+            weights = np.ones(len(names))
         else:
-            quota = sel.quotas(counts.astype(float), counts, budget, config.oversample)
-        soft = config.method is Method.RANDOM_PER_TASK or config.strategy is Strategy.SOFT
-        temperature = math.inf if config.temperature is None else config.temperature
-        chosen = []
-        for t, n in zip(names, quota):
-            members = self.members(t)
-            chosen.append(sel.choose_in_task(members, int(n), self.instance_values[members],
-                                             noise[members], temperature, soft))
+            weights = counts.astype(float)
+        if config.paper:
+            quota = sel.truncated_quotas(weights, config.budget.exact(len(self.tasks)))
+        else:
+            quota = sel.quotas(weights, counts, budget, config.oversample)
+        chosen = [self._in_task(config, self.members(t), int(n), noise)
+                  for t, n in zip(names, quota)]
         return np.concatenate(chosen), {t: int(n) for t, n in zip(names, quota)}
+
+    def _in_task(self, config: SelectConfig, members: np.ndarray, n: int,
+                 noise: np.ndarray) -> np.ndarray:
+        """Rows chosen from one task's ``members`` for its quota ``n`` (repeats when ``n``
+        exceeds the task's size: the whole task ⌊n/m⌋ times, the rest chosen)."""
+        if config.method is Method.KMEANS:
+            whole, rest = divmod(n, len(members))
+            args = (self.features, members, rest)
+            if config.clusters is None:
+                picked = km.kmeans_pick(*args, noise[members], config.seed, self.chunk_rows)[0]
+            else:
+                picked = km.cluster_pick(*args, config.clusters, noise[members], config.seed,
+                                         self.chunk_rows)
+            return np.concatenate([np.tile(members, whole), picked])
+        soft = config.method is not Method.TIVE or config.strategy is Strategy.SOFT
+        temperature = math.inf if config.temperature is None else config.temperature
+        return sel.choose_in_task(members, n, self.instance_values[members], noise[members],
+                                  temperature, soft)
 
     def _global(self, config: SelectConfig, budget: int, noise: np.ndarray) -> np.ndarray:
         excluded = [self._names.index(t) for t in config.exclude]
