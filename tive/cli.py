@@ -292,7 +292,9 @@ WARMUP_HELP = {
     "bf16": "Train under bfloat16 autocast.",
     "max_length": "Tokens per record at most (longer records are truncated).",
     "targets": "LoRA on these linear layers of the language model, comma-separated (e.g. "
-               "q_proj,v_proj); default: every linear layer (the authors')."}
+               "q_proj,v_proj); default: every linear layer (the authors').",
+    "gradient_checkpointing": "Recompute activations in the backward pass: less memory, "
+                              "one more forward pass per layer."}
 PAPER_HELP = {
     "warmup": "The TIVE authors' run exactly: refuses warm-up settings other than theirs and "
               "trains under bfloat16 autocast.",
@@ -319,7 +321,8 @@ def _warmup_options(prefixed: bool = False) -> Callable[[Callable], Callable]:
 
     def decorate(f: Callable) -> Callable:
         for fd in reversed(fields(WarmupConfig)):
-            if (prefixed and fd.name == "max_length") or fd.name == "paper":
+            if (prefixed and fd.name in ("max_length", "gradient_checkpointing")) or \
+                    fd.name == "paper":
                 continue
             name = _warmup_option_name(fd.name, prefixed)
             dest = f"warmup_{fd.name}" if prefixed else fd.name
@@ -404,9 +407,19 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
               show_default=True, help="Run folder: reference/ (warm-up adapter) and store/.")
 @click.option("--reference", type=click.Path(file_okay=False, path_type=Path),
               help="Score with this peft adapter folder instead of warming up.")
-@click.option("--batch-size", default=8, show_default=True, type=int,
+@click.option("--batch-size", metavar="N|auto",
               help="Records per forward/backward (results depend on it only by float "
-                   "rounding).")
+                   "rounding); auto halves a batch that does not fit in GPU memory and goes on "
+                   "with the size that fits.  [default: auto on a GPU, 8 on a CPU]")
+@click.option("--workers", type=click.IntRange(min=0),
+              help="Processes encoding batches (images, tokens) ahead of the model; 0: in this "
+                   "process.  [default: from the CPU count on a GPU, 0 on a CPU]")
+@click.option("--gradient-checkpointing", is_flag=True,
+              help="Recompute activations in the backward pass, in warm-up and scoring: less "
+                   "memory, one more forward pass per layer, the same features.")
+@click.option("--key-layers", metavar="last:N",
+              help="Key parameters of the last N decoder layers only: the backward stops "
+                   "there (faster; beyond the paper, which uses every layer).")
 @click.option("--max-length", default=2048, show_default=True, type=int,
               help="Tokens per record at most, for warm-up and scoring (longer records are "
                    "truncated).")
@@ -433,7 +446,9 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
                             "image is missing the image root is likely wrong, which stops the "
                             "run without this flag).")
 def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
-          reference: Path | None, batch_size: int, max_length: int, projector: str,
+          reference: Path | None, batch_size: str | None, workers: int | None,
+          gradient_checkpointing: bool, key_layers: str | None, max_length: int,
+          projector: str,
           proj_dim: int | None, seed: int | None, jl_nnz: int | None,
           feature_dtype: str | None, group_by_length: bool, paper: bool, force: bool,
           quiet: bool, task_field: str | None,
@@ -451,13 +466,15 @@ def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
     config = ScoreConfig(batch_size=batch_size, max_length=max_length, projector=projector,
                          proj_dim=proj_dim, seed=seed, jl_nnz=jl_nnz,
                          feature_dtype=feature_dtype, group_by_length=group_by_length,
-                         paper=paper)
+                         paper=paper, workers=workers,
+                         gradient_checkpointing=gradient_checkpointing, key_layers=key_layers)
     given = [k for k, v in warmup.items() if v != _default_warmup(k)]
     if reference is not None and given:
         names = ", ".join(_warmup_option_name(g[len("warmup_"):], True) for g in given)
         raise click.UsageError(f"--reference is a trained adapter; leave out the warm-up "
                                f"options ({names})")
     warm = WarmupConfig(max_length=max_length, paper=paper,
+                        gradient_checkpointing=gradient_checkpointing,
                         **{k[7:]: v for k, v in warmup.items()})
     summary = run_score(model_spec, data, run, reference=reference, config=config, warmup=warm,
                         dtype=dtype, device=device, task_field=task_field,

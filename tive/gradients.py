@@ -63,15 +63,20 @@ class GradientFeatures:
         peft_model: the reference model (peft, LoRA on at least the self-attention projections).
         projector: receives the gradient blocks, in :attr:`keys` order.
         adapter: the peft adapter name.
+        last_layers: key parameters of the last N decoder layers only (None: all); the
+            backward pass then stops at the first of them.
+        checkpointing: gradient checkpointing of the language model's decoder layers (their
+            activations recomputed in the backward pass; dropout stays off).
 
     Use as a context manager (hooks are removed on exit) or call :meth:`close`.
     """
 
     def __init__(self, peft_model: nn.Module, projector: Projector,
-                 adapter: str = "default") -> None:
+                 adapter: str = "default", last_layers: int | None = None,
+                 checkpointing: bool = False) -> None:
         self.model = peft_model
         self.projector = projector
-        self.keys: list[KeyParameter] = key_parameters(peft_model, adapter)
+        self.keys: list[KeyParameter] = key_parameters(peft_model, adapter, last_layers)
         modules = dict(peft_model.named_modules())
         params = dict(peft_model.named_parameters())
         self._linears = [modules[k.name.rsplit(".", 1)[0]] for k in self.keys]
@@ -93,6 +98,7 @@ class GradientFeatures:
         if not isinstance(self._backbone, nn.Module) or self._head is None:
             raise ConfigError(f"{type(self.hf_model).__name__}: expected a transformers model "
                               f"with .model (backbone) and an output head")
+        self._checkpointed = _checkpointed_layers(peft_model) if checkpointing else []
         self._own_positions = getattr(self.hf_model.config, "model_type", "") in OWN_POSITIONS
         self._vocab = text_vocab(self.hf_model.config)
         _check_plain_head(self.hf_model.config)
@@ -128,9 +134,9 @@ class GradientFeatures:
         """
         self._arm()
         device = self._inputs[0].device
-        inputs = {k: v.to(device) for k, v in batch.items()
+        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items()
                   if v is not None and k != "labels"}
-        labels = batch["labels"].to(device)
+        labels = batch["labels"].to(device, non_blocking=True)
         mask = inputs["attention_mask"]
         if not self._own_positions:
             inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -165,12 +171,16 @@ class GradientFeatures:
                              ntokens=ntokens.cpu().numpy().astype(np.int64))
 
     def _arm(self) -> None:
-        """Only the key LoRA weights require gradients; eval mode (no dropout)."""
+        """Only the key LoRA weights require gradients; eval mode (no dropout), except the
+        training flag of checkpointed decoder layers themselves (transformers checkpoints a
+        layer only in training; the dropout modules inside it stay in eval mode)."""
         for p in self.model.parameters():
             p.requires_grad_(False)
         for w in self._weights:
             w.requires_grad_(True)
         self.model.eval()
+        for layer in getattr(self, "_checkpointed", []):
+            layer.training = True
 
     def _record_losses(self, inputs: dict[str, torch.Tensor],
                        labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,6 +217,38 @@ class GradientFeatures:
         self._sq += torch.linalg.vector_norm(grads, dim=1).double() ** 2
         self.projector.add(block, grads)
         self._fired[block] += 1
+
+
+def _checkpointed_layers(peft_model: nn.Module) -> list[nn.Module]:
+    """Turn on (non-reentrant) gradient checkpointing for the language model's decoder layers
+    and return them; the vision tower is never checkpointed (no gradient flows there)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from tive.lora import language_model_prefix
+
+    hf = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    if not getattr(hf, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"{type(hf).__name__}: transformers cannot checkpoint this model; "
+                          f"fix: leave out --gradient-checkpointing")
+    enable_checkpointing(hf)
+    prefix = language_model_prefix(peft_model)
+    layers = [m for n, m in peft_model.named_modules()
+              if isinstance(m, GradientCheckpointingLayer) and n.startswith(prefix + ".")]
+    for name, m in peft_model.named_modules():
+        if isinstance(m, GradientCheckpointingLayer) and not name.startswith(prefix + "."):
+            m.gradient_checkpointing = False
+    return layers
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of a transformers model's layers (the name of
+    the call changed in transformers 5)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def text_vocab(config: Any) -> int | None:

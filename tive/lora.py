@@ -103,20 +103,46 @@ def attention_projections(model: nn.Module) -> list[str]:
     return names
 
 
-def key_parameters(peft_model: nn.Module, adapter: str = "default") -> list[KeyParameter]:
+def parse_key_layers(text: str | None) -> int | None:
+    """``last:N`` → N (the key parameters of the last N decoder layers only); None → None.
+
+    Raises:
+        ConfigError: another form, or N < 1.
+    """
+    if text is None:
+        return None
+    head, _, count = str(text).partition(":")
+    if head != "last" or not count.isdigit() or int(count) < 1:
+        raise ConfigError(f"--key-layers {text!r}: expected last:N with N ≥ 1 (e.g. last:8), "
+                          f"the key parameters of the last N decoder layers")
+    return int(count)
+
+
+def key_parameters(peft_model: nn.Module, adapter: str = "default",
+                   last_layers: int | None = None) -> list[KeyParameter]:
     """The LoRA A and B matrices of the self-attention projections, in module order.
 
     Args:
         peft_model: a model wrapped by peft with LoRA on (at least) the attention projections.
         adapter: the peft adapter name.
+        last_layers: only those of the last N decoder layers (``--key-layers last:N``: the
+            backward then stops N layers from the top); None: every layer (the paper's).
 
     Raises:
         ConfigError: when an attention projection has no LoRA adapter (the adapter does not
-            cover the key parameters).
+            cover the key parameters), or the model has fewer than ``last_layers`` layers.
     """
     modules = dict(peft_model.named_modules())
     out = []
-    for name in attention_projections(peft_model):
+    names = attention_projections(peft_model)
+    if last_layers is not None:
+        layers = list(dict.fromkeys(n.rsplit(".self_attn.", 1)[0] for n in names))
+        if last_layers > len(layers):
+            raise ConfigError(f"--key-layers last:{last_layers}: the model has "
+                              f"{len(layers)} decoder layers; fix: at most last:{len(layers)}")
+        keep = set(layers[-last_layers:])
+        names = [n for n in names if n.rsplit(".self_attn.", 1)[0] in keep]
+    for name in names:
         layer = modules[name]
         if not _is_lora_layer(layer) or adapter not in layer.lora_A:
             raise ConfigError(f"{name}: has no LoRA adapter {adapter!r}; the key parameters are "

@@ -14,13 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import queue
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +26,7 @@ import torch
 from tive import __version__
 from tive.data import Mixture
 from tive.dist import Dist
-from tive.errors import ConfigError, DataError, StoreError
+from tive.errors import ConfigError, DataError, OutputError, StoreError
 from tive.store import (
     SKIP_CODES,
     STORE_DIR,
@@ -45,7 +43,19 @@ FEATURE_DTYPES = ("float16", "float32")
 GROUP_WINDOW = 64  # batches per window of length grouping
 TURN_TOKENS = 4  # template tokens around a turn, for the length estimate of grouping
 IMAGE_TOKENS = 256  # tokens per image where the encoder has no fixed count (qwen2-vl)
+DEFAULT_BATCH = 8  # records per batch on a CPU (on a GPU: auto)
 REPLACED_DIR = ".store.replaced"  # the store --force replaces, kept until the new one is done
+
+
+def _batch_size(value: Any) -> int | str | None:
+    """``auto``, a positive integer (also as text), or None (the device's default)."""
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"--batch-size {value!r}: expected auto or a number of records ≥ 1")
+    return value
 
 
 # The TIVE authors' features (their compute_gradient_features.py: TRAK's projector, seed 0).
@@ -71,9 +81,16 @@ class ScoreConfig:
             :data:`GROUP_WINDOW` batches (less padding; results do not depend on it).
         paper: the authors' features exactly: TRAK's projector, seed 0, 8192 dims, float16
             (:data:`AUTHORS`); another value of those is refused.
+        workers: processes encoding batches ahead of the model (None: from the CPU count on
+            a GPU, 0 on a CPU; 0: a thread of this process).
+        gradient_checkpointing: recompute each decoder layer's activations in the backward
+            pass instead of keeping them (less memory, one more forward pass per layer; the
+            same features up to float rounding).
+        key_layers: ``last:N``, the key parameters of the last N decoder layers only (the
+            backward stops there: faster; beyond the paper, never the default).
     """
 
-    batch_size: int = 8
+    batch_size: int | str | None = None
     max_length: int = 2048
     projector: str | None = None
     proj_dim: int | None = None
@@ -83,9 +100,19 @@ class ScoreConfig:
     padding_side: str = "right"
     group_by_length: bool = True
     paper: bool = False
+    workers: int | None = None
+    gradient_checkpointing: bool = False
+    key_layers: str | None = None
 
     def __post_init__(self) -> None:
+        from tive.lora import parse_key_layers
         from tive.projection import KINDS
+
+        object.__setattr__(self, "batch_size", _batch_size(self.batch_size))
+        if self.workers is not None and (isinstance(self.workers, bool) or self.workers < 0):
+            raise ConfigError(f"--workers {self.workers}: expected 0 (encode in this process) "
+                              f"or a number of worker processes")
+        parse_key_layers(self.key_layers)
 
         if self.paper:
             for name, value in AUTHORS.items():
@@ -115,7 +142,7 @@ class ScoreConfig:
                                   f"{self.projector}; fix: leave it out")
             if given is None and name in applies:
                 object.__setattr__(self, name, default)
-        for name in ("batch_size", "max_length", "proj_dim", "jl_nnz"):
+        for name in ("max_length", "proj_dim", "jl_nnz"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: "
                                   f"expected ≥ 1")
@@ -143,6 +170,7 @@ class Summary:
         rank: the process that made this summary (0 prints it).
         images_ignored: records with an image but no ``<image>`` in their text, scored as
             text (LLaVA and Bunny).
+        batch: the batch size used (``auto`` says what it settled on).
     """
 
     store: Path
@@ -154,6 +182,7 @@ class Summary:
     warmup: str = ""
     rank: int = 0
     images_ignored: int = 0
+    batch: str = ""
 
     def lines(self) -> list[str]:
         rate = self.computed / self.seconds if self.seconds > 0 else float("nan")
@@ -165,6 +194,7 @@ class Summary:
         return [f"scored {self.scored:,} of {self.records:,} records "
                 f"({self.computed:,} in this run, {self.seconds:.1f} s, {rate:.2f} records/s)",
                 f"skipped: {skipped}", *ignored,
+                *([f"batch size: {self.batch}"] if self.batch else []),
                 f"store: {self.store}"]
 
 
@@ -404,32 +434,76 @@ def finish_replacement(root: Path) -> None:
 
 def score_batches(gf: Any, encoder: Any, pad: int, mixture: Mixture, work: list[np.ndarray],
                   writer: RowWriter, config: ScoreConfig, image_root: Any = None,
-                  progress: Any = None) -> int:
-    """Compute and write ``work`` (the store rows of each batch); return the rows written."""
-    from tive.encode import collate
+                  progress: Any = None, workers: int = 0, pin: bool = False,
+                  limit: int | None = None,
+                  on_limit: Any = None) -> int:
+    """Compute and write ``work`` (the store rows of each batch, in order); return the rows
+    written.
+
+    Args:
+        workers: processes encoding batches ahead (0: a thread of this one).
+        pin: pinned host memory for the inputs (their copy to the GPU overlaps).
+        limit: most records per forward/backward (``--batch-size auto``: batches are cut to
+            it; None with a fixed batch size, whose batches are never cut).
+        on_limit: called with the new limit when a batch did not fit in GPU memory and was
+            halved (``--batch-size auto``); None: out of memory is an error.
+    """
+    from tive.batches import EncodedBatches, prepared_batches, split_rows
 
     written = 0
-    for rows, items, at, reasons in _prefetch(_encoded(encoder, mixture, work, image_root)):
-        n = len(rows)
-        features = np.zeros((n, gf.projector.dim), dtype=np.float32)
-        norms = np.full(n, np.nan)
-        loss = np.full(n, np.nan)
-        ntokens = np.full(n, -1, dtype=np.int64)
-        skipped = np.array([SKIP_CODES.get(r, SKIP_CODES["error"]) if r else 0
-                            for r in reasons], dtype=np.int8)
-        if items:
-            result = gf(collate(items, pad, config.padding_side))
-            features[at] = unit_rows(result.features)
-            norms[at], loss[at] = result.norms, result.loss
-            ntokens[at] = result.ntokens
-            bad = ~result.finite
-            skipped[at[bad]] = SKIP_CODES["non-finite"]
-            skipped[at[result.ntokens == 0]] = SKIP_CODES["no-supervised-token"]
-        writer.write(rows, features, norms, loss, ntokens, skipped)
-        written += n
-        if progress is not None:
-            progress.update(n)
+    pending = split_rows(work, limit)
+    while pending:
+        dataset = EncodedBatches(encoder, mixture, pending, image_root, pad,
+                                 config.padding_side)
+        done = 0
+        try:
+            for prepared in prepared_batches(dataset, workers, pin):
+                _score_one(gf, prepared, writer)
+                done += 1
+                written += len(prepared.rows)
+                if progress is not None:
+                    progress.update(len(prepared.rows))
+            pending = []
+        except torch.cuda.OutOfMemoryError:
+            failed = pending[done]
+            if on_limit is None or len(failed) == 1:
+                raise OutputError(_oom_message(mixture, failed, on_limit is None)) from None
+            limit = len(failed) // 2  # halve, and retry the same rows
+            on_limit(limit)
+            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            pending = split_rows(pending[done:], limit)
     return written
+
+
+def _score_one(gf: Any, prepared: Any, writer: RowWriter) -> None:
+    """Features of one prepared batch, written with each row's skip reason."""
+    rows, at = prepared.rows, prepared.at
+    n = len(rows)
+    features = np.zeros((n, gf.projector.dim), dtype=np.float32)
+    norms = np.full(n, np.nan)
+    loss = np.full(n, np.nan)
+    ntokens = np.full(n, -1, dtype=np.int64)
+    skipped = np.array([SKIP_CODES.get(r, SKIP_CODES["error"]) if r else 0
+                        for r in prepared.reasons], dtype=np.int8)
+    if prepared.inputs is not None:
+        result = gf(prepared.inputs)
+        features[at] = unit_rows(result.features)
+        norms[at], loss[at] = result.norms, result.loss
+        ntokens[at] = result.ntokens
+        bad = ~result.finite
+        skipped[at[bad]] = SKIP_CODES["non-finite"]
+        skipped[at[result.ntokens == 0]] = SKIP_CODES["no-supervised-token"]
+    writer.write(rows, features, norms, loss, ntokens, skipped)
+
+
+def _oom_message(mixture: Mixture, rows: np.ndarray, fixed: bool) -> str:
+    first = mixture[int(rows[0])]
+    if fixed:
+        return (f"a batch of {len(rows)} records (from record {int(rows[0])}, id {first.id}) "
+                f"does not fit in GPU memory; nothing of it was written; fix: --batch-size auto "
+                f"(halves until it fits), a smaller --batch-size, or --gradient-checkpointing")
+    return (f"record {int(rows[0])} (id {first.id}) alone does not fit in GPU memory; fix: a "
+            f"smaller --max-length, --gradient-checkpointing, or --key-layers last:N")
 
 
 def unit_rows(features: np.ndarray) -> np.ndarray:
@@ -442,55 +516,6 @@ def unit_rows(features: np.ndarray) -> np.ndarray:
     f = features.astype(np.float64)
     n = np.linalg.norm(f, axis=1, keepdims=True)
     return np.divide(f, n, out=np.zeros_like(f), where=n > 0).astype(np.float32)
-
-
-def _encoded(encoder: Any, mixture: Mixture, work: Iterable[np.ndarray],
-             image_root: Any) -> Iterator[tuple[np.ndarray, list, np.ndarray, list[str]]]:
-    """Per batch: its rows, the encoded records, their positions in the batch, and each
-    row's skip reason ('' when encoded)."""
-    from tive.encode import encode_row
-
-    for rows in work:
-        items, ok, reasons = [], [], []
-        for i, row in enumerate(rows.tolist()):
-            item = encode_row(encoder, mixture, row, image_root)
-            if isinstance(item, str):
-                reasons.append(item)
-            else:
-                items.append(item)
-                ok.append(i)
-                reasons.append("")
-        yield rows, items, np.asarray(ok, dtype=np.int64), reasons
-
-
-def _prefetch(it: Iterator[Any], depth: int = 2) -> Iterator[Any]:
-    """Run ``it`` one step ahead in a thread (encoding overlaps the model's work)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    end = object()
-    stop = threading.Event()
-
-    def worker() -> None:
-        try:
-            for x in it:
-                if stop.is_set():
-                    return
-                q.put(x)
-            q.put(end)
-        except BaseException as e:  # re-raised in the consumer
-            q.put(e)
-
-    thread = threading.Thread(target=worker, daemon=True)
-    thread.start()
-    try:
-        while True:
-            x = q.get()
-            if x is end:
-                return
-            if isinstance(x, BaseException):
-                raise x
-            yield x
-    finally:
-        stop.set()
 
 
 def summarize(store: Store, computed: int, seconds: float, warmup: str) -> Summary:
@@ -614,12 +639,15 @@ def _score(peft_model: Any, loaded: Any, source: Any, adapter: Path, mixture: Mi
 
     from tive.encode import has_placeholder, pad_id
     from tive.gradients import GradientFeatures
-    from tive.lora import key_parameters
+    from tive.lora import key_parameters, parse_key_layers
     from tive.projection import make_projector
 
-    keys = key_parameters(peft_model)
+    last = parse_key_layers(config.key_layers)
+    keys = key_parameters(peft_model, last_layers=last)
     dims = [k.numel for k in keys]
     device = next(peft_model.parameters()).device
+    config = replace(config, batch_size=config.batch_size or (
+        "auto" if device.type == "cuda" else DEFAULT_BATCH))
     projector = make_projector(config.projector, dims, config.proj_dim or 0, config.seed or 0,
                                config.jl_nnz or 1, device)
     dtype = next(peft_model.parameters()).dtype
@@ -633,12 +661,13 @@ def _score(peft_model: Any, loaded: Any, source: Any, adapter: Path, mixture: Mi
     store = Store.open(root)
     encoder = loaded.encoder(config.max_length)
     done = store.array("done")
+    feed = Feeding.resolve(config, device, dist, store)
     lengths = None
     if config.group_by_length:  # measured once, on rank 0, so that every rank has one plan
         lengths = dist.broadcast(
-            record_lengths(mixture, encoder, open_window_rows(done, config.batch_size))
+            record_lengths(mixture, encoder, open_window_rows(done, feed.planned))
             if dist.rank == 0 else None)
-    work = pending_batches(plan_batches(len(mixture), config.batch_size, lengths), done)
+    work = pending_batches(plan_batches(len(mixture), feed.planned, lengths), done)
     mine = work[dist.rank::dist.world]
     if dist.world == 1:
         writer = RowWriter(store.root)
@@ -649,9 +678,11 @@ def _score(peft_model: Any, loaded: Any, source: Any, adapter: Path, mixture: Mi
     bar = tqdm(total=total, unit="rec", disable=not progress or dist.rank != 0, smoothing=0.1,
                desc="score" if dist.world == 1 else f"score (rank 0 of {dist.world})")
     start = time.perf_counter()
-    with GradientFeatures(peft_model, projector) as gf:
+    with GradientFeatures(peft_model, projector, last_layers=last,
+                          checkpointing=config.gradient_checkpointing) as gf:
         score_batches(gf, encoder, pad_id(loaded.tokenizer), mixture, mine, writer, config,
-                      image_root, bar)
+                      image_root, bar, workers=feed.workers, pin=feed.pin, limit=feed.limit,
+                      on_limit=feed.record(root) if feed.auto else None)
     writer.close()
     bar.close()
     seconds = time.perf_counter() - start
@@ -665,7 +696,65 @@ def _score(peft_model: Any, loaded: Any, source: Any, adapter: Path, mixture: Mi
     summary = summarize(Store.open(root), sum(len(rows) for rows in work), seconds, how)
     ignored = sum(1 for r in mixture if r.images and not has_placeholder(r)) \
         if source.family in ("llava", "bunny") else 0
-    return replace(summary, rank=dist.rank, images_ignored=ignored)
+    return replace(summary, rank=dist.rank, images_ignored=ignored, batch=feed.describe())
+
+
+@dataclass
+class Feeding:
+    """How the planned batches reach the model.
+
+    Attributes:
+        planned: records per planned batch (``--batch-size``, or :data:`AUTO_START` for auto).
+        auto: ``--batch-size auto``: a batch that does not fit in GPU memory is halved.
+        limit: most records per forward/backward so far (auto; None: the planned size).
+        workers: encoding processes (0: a thread of this one).
+        pin: inputs in pinned memory (on a GPU).
+        halvings: how often auto halved the batch in this run.
+    """
+
+    planned: int
+    auto: bool
+    limit: int | None
+    workers: int
+    pin: bool
+    halvings: int = 0
+
+    @classmethod
+    def resolve(cls, config: ScoreConfig, device: torch.device, dist: Dist,
+                store: Store) -> Feeding:
+        """The feeding of this run; auto resumes from the size a killed run had reached."""
+        from tive.batches import AUTO_START, default_workers
+
+        auto = config.batch_size == "auto"
+        workers = (default_workers(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+                   if config.workers is None else config.workers)
+        reached = store.meta.get("settings", {}).get("batch_used") if auto else None
+        return cls(AUTO_START if auto else int(config.batch_size), auto,
+                   int(reached) if isinstance(reached, int) else None, workers,
+                   device.type == "cuda")
+
+    def record(self, root: Path) -> Any:
+        """The ``on_limit`` of :func:`score_batches`: remember the size that fits, in this
+        object and (rank 0's) in ``meta.json``, so a resumed run starts from it."""
+        from tive.fileio import write_json
+
+        def on_limit(limit: int) -> None:
+            self.limit, self.halvings = limit, self.halvings + 1
+            if int(os.environ.get("RANK", "0")) == 0:
+                meta = json.loads((root / "meta.json").read_text(encoding="utf-8"))
+                meta.setdefault("settings", {})["batch_used"] = limit
+                write_json(root / "meta.json", meta)
+
+        return on_limit
+
+    def describe(self) -> str:
+        workers = f"{self.workers} encoding worker{'s' if self.workers != 1 else ''}"
+        if not self.auto:
+            return f"{self.planned} ({workers})"
+        used = self.limit or self.planned
+        how = (f", after {self.halvings} halving{'s' if self.halvings > 1 else ''} out of GPU "
+               f"memory" if self.halvings else "")
+        return f"auto → {used}{how} ({workers})"
 
 
 def _check_missing(mixture: Mixture, missing: np.ndarray, image_root: Any,

@@ -33,6 +33,7 @@ REFERENCE_DIR = "reference"
 WARMUP_RATIO = 0.03  # share of the optimizer steps in the linear warm-up (HF's ceil rule)
 WEIGHT_DECAY = 0.0
 SCHEDULE = "cosine"
+MEMORY_ONLY = ("gradient_checkpointing",)  # settings that do not change the adapter
 
 # The TIVE authors' warm-up (their finetune_lora.sh: 16 records per device × 8 GPUs, bf16).
 # tive's defaults equal these; --paper refuses any other value of them.
@@ -64,6 +65,8 @@ class WarmupConfig:
         targets: LoRA on these linear layers of the language model (empty: every one).
         paper: the authors' run exactly: any setting of :data:`AUTHORS` at another value is
             refused, and training runs under bfloat16 autocast as theirs did.
+        gradient_checkpointing: recompute activations in the backward pass (memory only; the
+            authors trained with it; not part of the reference's identity).
     """
 
     fraction: float = 0.08
@@ -81,6 +84,7 @@ class WarmupConfig:
     max_length: int = 2048
     targets: tuple[str, ...] = ()
     paper: bool = False
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction <= 1:
@@ -235,6 +239,10 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
     notice = recipe.notice(len(rows), config)
     if notice and echo is not None:
         echo(notice)
+    if config.gradient_checkpointing:
+        from tive.gradients import enable_checkpointing
+
+        enable_checkpointing(loaded.model)
     model = get_peft_model(loaded.model, lora_config(
         loaded.model, config.r, config.alpha, config.dropout, targets,
         modules_to_save=[projector] if projector else None))
@@ -488,8 +496,9 @@ def ensure_reference(run: str | Path, source: Any, mixture: Mixture, labels: Any
     usable = usable_rows(mixture, missing, source.family)
     rows = usable[warmup_sample(labels.tasks[usable], mixture.keys[usable], config.fraction,
                                 config.seed)]
+    settings = {k: v for k, v in asdict(config).items() if k not in MEMORY_ONLY}
     identity = {"model": source.spec, "dtype": dtype, "data": mixture.fingerprint,
-                "settings": json.loads(json.dumps(asdict(config))),
+                "settings": json.loads(json.dumps(settings)),
                 "rows": [int(r) for r in rows], "tasks": sorted(set(labels.tasks[rows]))}
     existing = Path(run) / REFERENCE_DIR / "reference.json"
     if existing.exists() and not retrain:

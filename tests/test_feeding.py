@@ -1,0 +1,221 @@
+"""Keeping the model fed and within memory: encoding workers, ``--batch-size auto`` backing off
+on out-of-memory (simulated here), gradient checkpointing and ``--key-layers``."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from test_gradients import batched, collate, items, peft_model, reference, rel
+from test_warmup import image_mixture
+from zoo import save_llava_folder
+
+from tive.cli import main
+from tive.errors import ConfigError
+from tive.gradients import GradientFeatures
+from tive.lora import key_parameters, parse_key_layers
+from tive.projection import Identity
+from tive.store import ARRAYS, Store
+
+SMALL = ["--proj-dim", "64", "--max-length", "256", "--device", "cpu", "--quiet",
+         "--feature-dtype", "float32"]
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """A tiny LLaVA, a mixture with images, and a warm-up reference to score with."""
+    root = tmp_path_factory.mktemp("feeding")
+    save_llava_folder(root / "model")
+    data = image_mixture(root / "data", n_per_task=5)
+    res = CliRunner().invoke(main, ["warmup", "--model", str(root / "model"), "--data",
+                                    str(data), "--run", str(root / "ref"), "--fraction", "1",
+                                    "--lora-r", "4", "--lora-alpha", "8", "--global-batch", "5",
+                                    "--lr", "0.01", "--quiet"])
+    assert res.exit_code == 0, res.output
+    return {"model": root / "model", "data": data, "ref": root / "ref" / "reference"}
+
+
+def score(scored, run, *extra):
+    res = CliRunner().invoke(main, ["score", "--model", str(scored["model"]), "--data",
+                                    str(scored["data"]), "--reference", str(scored["ref"]),
+                                    "--run", str(run), *SMALL, *map(str, extra)])
+    return res
+
+
+def arrays(run) -> dict[str, bytes]:
+    return {name: (run / "store" / f"{name}.npy").read_bytes() for name in ("features", *ARRAYS)}
+
+
+def test_worker_processes_write_the_same_bytes_as_one_process(scored, tmp_path):
+    res0 = score(scored, tmp_path / "w0", "--workers", 0, "--batch-size", 4)
+    res2 = score(scored, tmp_path / "w2", "--workers", 2, "--batch-size", 4)
+    assert res0.exit_code == 0 and res2.exit_code == 0, res0.output + res2.output
+    assert "batch size: 4 (0 encoding workers)" in res0.output
+    assert "batch size: 4 (2 encoding workers)" in res2.output
+    assert arrays(tmp_path / "w2") == arrays(tmp_path / "w0")
+    assert Store.open(tmp_path / "w2").complete
+
+
+def _oom_above(monkeypatch, most: int) -> list[int]:
+    """GradientFeatures raises CUDA's out-of-memory error for batches above ``most`` records;
+    returns the list of batch sizes it was called with."""
+    seen: list[int] = []
+    real = GradientFeatures.__call__
+
+    def call(self, batch):
+        seen.append(len(batch["input_ids"]))
+        if len(batch["input_ids"]) > most:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, batch)
+
+    monkeypatch.setattr(GradientFeatures, "__call__", call)
+    return seen
+
+
+def test_auto_batch_halves_on_out_of_memory_and_loses_or_repeats_no_row(scored, tmp_path,
+                                                                       monkeypatch):
+    seen = _oom_above(monkeypatch, 3)
+    res = score(scored, tmp_path / "auto", "--batch-size", "auto")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert seen[:5] == [15, 7, 3, 3, 1]  # 15 records: planned as one batch of 64, then halved
+    assert "batch size: auto → 3, after 2 halvings out of GPU memory" in res.output
+    store = Store.open(tmp_path / "auto")
+    assert store.complete and store.array("done").all()
+    assert store.meta["settings"]["batch_size"] == "auto"
+    assert store.meta["settings"]["batch_used"] == 3
+    monkeypatch.undo()
+    fixed = score(scored, tmp_path / "fixed", "--batch-size", 3)
+    assert fixed.exit_code == 0
+    a, b = Store.open(tmp_path / "auto"), Store.open(tmp_path / "fixed")
+    np.testing.assert_allclose(np.asarray(a.features), np.asarray(b.features), atol=1e-5)
+    np.testing.assert_allclose(a.array("norms"), b.array("norms"), rtol=1e-5)
+    assert (a.array("skipped") == b.array("skipped")).all()
+
+
+def test_auto_resumes_from_the_size_that_fitted(scored, tmp_path, monkeypatch):
+    seen = _oom_above(monkeypatch, 3)
+    assert score(scored, tmp_path / "r", "--batch-size", "auto").exit_code == 0
+    meta = tmp_path / "r" / "store" / "meta.json"
+    m = json.loads(meta.read_text())
+    m["complete"] = False
+    meta.write_text(json.dumps(m))
+    done = np.load(tmp_path / "r" / "store" / "done.npy")
+    done[:7] = False
+    np.save(tmp_path / "r" / "store" / "done.npy", done)
+    seen.clear()
+    res = score(scored, tmp_path / "r", "--batch-size", "auto")
+    assert res.exit_code == 0, res.output
+    assert max(seen) == 3 and sum(seen) == 7  # straight at the size that fitted, 7 rows
+
+
+def test_out_of_memory_with_a_fixed_batch_or_one_record_is_one_line(scored, tmp_path,
+                                                                     monkeypatch):
+    _oom_above(monkeypatch, 2)
+    res = score(scored, tmp_path / "fixed", "--batch-size", 4)
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.exit_code == 2 and last.startswith("error: a batch of 4 records")
+    assert "does not fit in GPU memory" in last and "fix: --batch-size auto" in last
+    _oom_above(monkeypatch, 0)
+    res = score(scored, tmp_path / "one", "--batch-size", "auto")
+    assert res.exit_code == 2 and "alone does not fit in GPU memory" in res.stderr
+
+
+@pytest.mark.parametrize("family", ["llava", "bunny", "qwen2-vl", "llama", "phi"])
+def test_checkpointed_gradients_equal_the_plain_ones(family):
+    model = peft_model(family)
+    records = items(family)
+    keys = key_parameters(model)
+    plain = batched(model, records, batch_size=3)
+    out, calls = [], []
+    with GradientFeatures(model, Identity([k.numel for k in keys]), checkpointing=True) as gf:
+        assert len(gf._checkpointed) == 2  # the two decoder layers of the language model
+        for layer in gf._checkpointed:  # the library's checkpoint, counted
+            real = layer._gradient_checkpointing_func
+            layer._gradient_checkpointing_func = (
+                lambda *a, real=real, **k: calls.append(1) or real(*a, **k))
+        for start in range(0, len(records), 3):
+            batch = collate(records[start:start + 3], 0)
+            batch = {k: v.double() if v is not None and v.is_floating_point() else v
+                     for k, v in batch.items()}
+            out.append(gf(batch).features)  # the guard: every hook fired exactly once
+    assert len(calls) == 2 * 2  # each layer ran checkpointed, in each of the two batches
+    assert rel(np.concatenate(out), plain["features"]) < 1e-10
+
+
+def test_checkpointed_warmup_trains_the_same_adapter(tmp_path):
+    from test_warmup import _trained
+
+    from tive.data import load_mixture
+    from tive.models.load import load_model
+    from tive.models.registry import resolve
+    from tive.warmup import WarmupConfig, train
+
+    plain = _trained(tmp_path, 3)[0]
+    loaded = load_model(resolve(str(tmp_path / "model")), dtype="fp32", device="cpu")
+    mixture = load_mixture(tmp_path / "data" / "mix.json")
+    config = WarmupConfig(fraction=1.0, r=4, alpha=8, dropout=0.0, lr=0.01, projector_lr=0.01,
+                          epochs=2, global_batch=6, batch_size=3, gradient_checkpointing=True)
+    ckpt = train(loaded, mixture, np.arange(len(mixture)), config, progress=False)
+    assert any(getattr(m, "gradient_checkpointing", False) for m in ckpt["model"].modules())
+    a, b = plain["model"].state_dict(), ckpt["model"].state_dict()
+    for k in a:
+        if "lora_" in k or "modules_to_save" in k:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["llava", "llama"])
+def test_key_layers_are_the_last_layers_blocks_of_the_exact_gradient(family):
+    model = peft_model(family)
+    records = items(family)
+    every = key_parameters(model)
+    last = key_parameters(model, last_layers=1)
+    assert 0 < len(last) < len(every) and every[-len(last):] == last
+    assert len({k.name.split(".self_attn.")[0] for k in last}) == 1
+    exact = reference(model, records)["grads"]
+    keep = np.concatenate([np.full(k.numel, k in last) for k in every])
+    out = []
+    with GradientFeatures(model, Identity([k.numel for k in last]), last_layers=1) as gf:
+        for start in range(0, len(records), 3):
+            batch = collate(records[start:start + 3], 0)
+            batch = {k: v.double() if v is not None and v.is_floating_point() else v
+                     for k, v in batch.items()}
+            out.append(gf(batch).features)
+    assert rel(np.concatenate(out), exact[:, keep]) < 1e-10
+
+
+def test_key_layers_option_is_checked_and_reaches_the_store(scored, tmp_path):
+    assert parse_key_layers("last:8") == 8 and parse_key_layers(None) is None
+    for bad in ("last:0", "first:2", "8", "last:x"):
+        with pytest.raises(ConfigError, match="expected last:N"):
+            parse_key_layers(bad)
+    with pytest.raises(ConfigError, match="the model has 2 decoder layers; fix: at most last:2"):
+        key_parameters(peft_model("llava"), last_layers=3)
+    res = score(scored, tmp_path / "k", "--key-layers", "last:1", "--batch-size", 8)
+    assert res.exit_code == 0, res.output
+    full = score(scored, tmp_path / "all", "--batch-size", 8)
+    assert full.exit_code == 0
+    k, a = Store.open(tmp_path / "k"), Store.open(tmp_path / "all")
+    assert 0 < k.meta["key_parameters"]["gradient_dim"] < a.meta["key_parameters"]["gradient_dim"]
+
+
+def test_gpu_throughput_tiny_runs_the_same_code_on_a_cpu():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_throughput.py"
+    res = subprocess.run([sys.executable, str(script), "--tiny", "--records", "8",
+                          "--shapes", "llava-7b,bunny-3b"], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| llava-7b")
+            or line.startswith("| bunny-3b")]
+    assert len(rows) == 2, res.stdout
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        a, b, c_prime, e = (float(cells[i]) for i in (4, 5, 6, 8))
+        assert a > 0 and b > 0 and c_prime > 0 and e > 0  # (e): tive score ran end to end
+        assert cells[7] == "—"  # (c) needs TRAK's CUDA kernel
