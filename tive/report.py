@@ -148,6 +148,11 @@ class Report:
             indices = self._global(config, budget, noise)
             counts = np.bincount(self._codes[indices], minlength=len(self._names))
             quotas = {t: int(counts[self._names.index(t)]) for t in names}
+        repeats = len(indices) - len(np.unique(indices))
+        if repeats:
+            notes.append(f"note: {repeats:,} of the {len(indices):,} records are repeats "
+                         f"(oversampling: a task whose quota exceeds its valid records is taken "
+                         f"again); --no-oversample caps each task at its size instead")
         if config.paper and len(indices) < budget:
             notes.append(f"note: {len(indices):,} records, {budget - len(indices):,} short of "
                          f"the budget: --paper truncates each quota as the authors' int() did")
@@ -286,11 +291,25 @@ class Selection:
         """Plain-text table: per task records, value, quota, selected, share before → after."""
         r, d = self.report, self.to_dict()
         n, b = max(len(r.tasks), 1), max(len(self.indices), 1)
-        rows = [(t, f"{e['records']:,}", _fmt(e["value"]),
-                 "excluded" if e["excluded"] else f"{e['quota']:,}", f"{e['selected']:,}",
-                 f"{e['records'] / n:.1%} → {e['selected'] / b:.1%}")
-                for t, e in d["tasks"].items()]
-        return format_table(("task", "records", "value", "quota", "selected", "share"), rows)
+        columns = ["task", "records", "value", "quota", "selected", "share"]
+        if not self.uses_values():
+            columns.remove("value")
+        if self.config.method not in BY_TASK:
+            columns.remove("quota")
+        rows = []
+        for t, e in d["tasks"].items():
+            cells = {"task": t, "records": f"{e['records']:,}", "value": _fmt(e["value"]),
+                     "quota": "excluded" if e["excluded"] else f"{e['quota']:,}",
+                     "selected": "excluded" if e["excluded"] and "quota" not in columns
+                     else f"{e['selected']:,}",
+                     "share": f"{e['records'] / n:.1%} → {e['selected'] / b:.1%}"}
+            rows.append([cells[c] for c in columns])
+        return format_table(columns, rows)
+
+    def uses_values(self) -> bool:
+        """Whether the task values set the quotas (``tive``, ``kmeans --quota value``)."""
+        c = self.config
+        return c.method is Method.TIVE or (c.method is Method.KMEANS and c.quota is QuotaBy.VALUE)
 
     def save(self, path: str | Path) -> dict[str, Path]:
         """Write the subset, ``<stem>.report.json`` and ``<stem>.png`` beside it.

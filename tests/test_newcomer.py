@@ -1,0 +1,144 @@
+"""What tripped a new user (issue #16): budgets, error fixes, light help, table columns."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from tive.cli import WORKFLOW, main
+from tive.config import Budget
+from tive.errors import ConfigError, DataError
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output + str(result.exception)
+    return result
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 2, result.output
+    err = result.stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("7.5", "write 7.5% for 7.5 percent"), ("1.0", "100% for the whole mixture, 1 for one record"),
+    ("50000.0", "50000 for 50,000 records"), ("150%", "a percent is at most 100%")])
+def test_a_decimal_of_one_or_more_is_refused_with_the_forms_it_may_mean(text, expected):
+    with pytest.raises(ConfigError, match="--budget") as e:
+        Budget.parse(text)
+    assert expected in str(e.value)
+    assert "fraction must be at most 1; for a record count write a fraction" not in str(e.value)
+
+
+def test_the_three_budget_forms():
+    assert (Budget.parse("0.15").value, Budget.parse("0.15").is_fraction) == (0.15, True)
+    assert (Budget.parse("15%").value, Budget.parse("15%").is_fraction) == (0.15, True)
+    assert (Budget.parse("1").value, Budget.parse("1").is_fraction) == (1.0, False)
+    assert Budget.parse("100%").resolve(210) == 210
+
+
+def test_budget_metavar_in_help():
+    assert "--budget P|N|P%" in run("select", "--help").output
+
+
+def test_oversampling_is_said(mixture_run):
+    import numpy as np
+
+    from tive.api import value_estimate
+
+    d = mixture_run["dir"]
+    report = value_estimate(features=np.load(d / "features.npy"), norms=np.load(d / "norms.npy"),
+                            data=mixture_run["data"])
+    sel = report.select(budget="100%")
+    repeats = len(sel.indices) - len(np.unique(sel.indices))
+    assert repeats > 0
+    assert any(f"{repeats:,} of the 36 records are repeats" in n and "--no-oversample" in n
+               for n in sel.notes)
+    assert not any("repeats" in n for n in report.select(budget="100%", oversample=False).notes)
+
+
+def test_random_table_has_no_value_or_quota_columns(mixture_run):
+    import numpy as np
+
+    from tive.api import value_estimate
+
+    d = mixture_run["dir"]
+    report = value_estimate(features=np.load(d / "features.npy"), norms=np.load(d / "norms.npy"),
+                            data=mixture_run["data"])
+    header = report.select(budget=10, method="random").table().splitlines()[0].split()
+    assert header == ["task", "records", "selected", "share"]
+    header = report.select(budget=10, method="random-per-task").table().splitlines()[0].split()
+    assert header == ["task", "records", "quota", "selected", "share"]
+    header = report.select(budget=10).table().splitlines()[0].split()
+    assert header == ["task", "records", "value", "quota", "selected", "share"]
+
+
+def test_an_image_given_as_data_is_named(tmp_path):
+    from tive.data import load_mixture
+
+    jpeg = tmp_path / "photo.jpg"
+    jpeg.write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(128, 256)) * 4)
+    with pytest.raises(DataError, match="a JPEG image file, not a mixture") as e:
+        load_mixture(jpeg)
+    assert "UTF-8" not in str(e.value)
+
+
+def test_tasks_on_a_missing_file_does_not_name_an_option(tmp_path):
+    err = one_line_error(run("tasks", tmp_path / "nope.json", ok=False))
+    assert "--data" not in err and "nope.json" in err and "check the path" in err
+
+
+def test_doctor_names_the_cache_it_searched(tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    out = run("doctor").output
+    assert "pre-downloading" not in out
+    assert "Hugging Face cache searched: " in out
+    from huggingface_hub import constants
+
+    assert constants.HF_HUB_CACHE in out
+
+
+def test_help_lists_commands_in_workflow_order_without_cutting_them():
+    out = run("--help").output
+    listed = out.split("Commands:")[1].split()
+    positions = [listed.index(c) for c in WORKFLOW]
+    assert positions == sorted(positions)
+    assert "..." not in out.split("Commands:")[1]
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys, json; "
+                          "print(json.dumps(sorted(sys.modules)))"],
+                         capture_output=True, text=True, check=True).stdout
+    return set(json.loads(out.splitlines()[-1]))
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["select", "--help"],
+                                  ["score", "--help"]])
+def test_help_and_version_do_not_import_torch_or_numpy(argv):
+    loaded = _modules_after("from tive.cli import main\n"
+                            f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass")
+    assert not {"torch", "numpy", "transformers"} & loaded
+
+
+def test_tasks_does_not_import_torch(mixture_run):
+    loaded = _modules_after("from tive.cli import main\n"
+                            f"try:\n    main(['tasks', {str(mixture_run['data'])!r}])\n"
+                            "except SystemExit:\n    pass")
+    assert "tive.data" in loaded and "torch" not in loaded
+
+
+def test_import_tive_is_light_and_still_exports():
+    loaded = _modules_after("import tive")
+    assert "numpy" not in loaded and "torch" not in loaded
+    import tive
+
+    assert callable(tive.value_estimate) and tive.Budget is Budget
