@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tive import values as val
+from tive import values_cache as vc
 from tive.data import Mixture, load_mixture
 from tive.errors import ConfigError, DataError
 from tive.report import Report
@@ -216,6 +217,7 @@ def _from_store(st: Store, data: DataArg | bool, task_field: str | None,
                 image_root: Any, check_images: bool, skip_missing_images: bool,
                 chunk_rows: int | None) -> Report:
     st.require_complete()
+    cache = (st.root.parent / vc.CACHE_DIR, vc.store_identity(st.root))
     arrays = _store_arrays(st)
     left_out: dict[str, np.ndarray] = arrays.pop("left_out")
     source = {"store": str(st.root)}
@@ -223,7 +225,7 @@ def _from_store(st: Store, data: DataArg | bool, task_field: str | None,
         index = st.index()
         tasks = np.array([e.task for e in index], dtype=object)
         keys = np.array([e.key for e in index], dtype=np.uint64)
-        return _report(arrays, tasks, keys, left_out, None, None, chunk_rows, source)
+        return _report(arrays, tasks, keys, left_out, None, None, chunk_rows, source, cache)
     if data is None:
         data = st.meta["data"]["path"]
         if not Path(data).exists():
@@ -236,18 +238,25 @@ def _from_store(st: Store, data: DataArg | bool, task_field: str | None,
         left_out["missing-image"] = left_out["missing-image"] | fresh
     labels = label_tasks(mixture)
     return _report(arrays, labels.tasks, mixture.keys, left_out, mixture, labels.inferred,
-                   chunk_rows, {**source, "data": str(mixture.path)})
+                   chunk_rows, {**source, "data": str(mixture.path)}, cache)
 
 
 def _report(arrays: dict[str, Any], tasks: np.ndarray, keys: np.ndarray,
             left_out: dict[str, np.ndarray], mixture: Mixture | None,
             inferred: np.ndarray | None, chunk_rows: int | None,
-            source: dict[str, Any]) -> Report:
+            source: dict[str, Any], cache: tuple[Path, str] | None = None) -> Report:
+    """Values of the rows, and the :class:`Report` holding them.
+
+    ``cache`` is ``(RUN/cache, store identity)`` for a store: its instance values are kept
+    there for the next call (:mod:`tive.values_cache`).
+    """
     features, norms = arrays["features"], arrays["norms"]
     left_out["non-finite-norm"] = ~np.isfinite(norms)
     names, codes = np.unique(tasks.astype(str), return_inverse=True)
     valid = ~np.any(list(left_out.values()), axis=0)
-    iv, finite = val.instance_values(features, codes, len(names), valid, chunk_rows)
+    folder, identity = cache if cache is not None else (None, None)
+    iv, finite = vc.cached_instance_values(folder, identity, val.instance_values, features,
+                                           codes, [str(t) for t in names], valid, chunk_rows)
     left_out["non-finite-feature"] = ~finite
     valid = np.ones(len(norms), dtype=bool)
     invalid: dict[str, int] = {}
