@@ -134,7 +134,14 @@ def value_estimate(
         left_out["missing-image"] = mixture.check_images(image_root, skip_missing_images)
     labels = label_tasks(mixture)
     return _paper(_report(arrays, labels.tasks, mixture.keys, left_out, mixture,
-                          labels.inferred, chunk_rows, source={"data": str(mixture.path)}), paper)
+                          labels.inferred, chunk_rows,
+                          source={"data": str(mixture.path),
+                                  "image_root": _root(mixture, image_root)}), paper)
+
+
+def _root(mixture: Mixture, image_root: Any) -> str:
+    """The absolute folder the mixture's relative image paths resolve against."""
+    return str(mixture.image_root(image_root).resolve())
 
 
 def _paper(report: Report, paper: bool) -> Report:
@@ -237,8 +244,10 @@ def _from_store(st: Store, data: DataArg | bool, task_field: str | None,
         fresh = mixture.check_images(image_root, skip_missing_images)
         left_out["missing-image"] = left_out["missing-image"] | fresh
     labels = label_tasks(mixture)
+    root = image_root if image_root is not None else st.meta.get("settings", {}).get("image_root")
     return _report(arrays, labels.tasks, mixture.keys, left_out, mixture, labels.inferred,
-                   chunk_rows, {**source, "data": str(mixture.path)}, cache)
+                   chunk_rows, {**source, "data": str(mixture.path),
+                                "image_root": _root(mixture, root)}, cache)
 
 
 def _report(arrays: dict[str, Any], tasks: np.ndarray, keys: np.ndarray,

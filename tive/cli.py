@@ -244,13 +244,32 @@ def select(run: Path, output: Path | None, data: Path | None, task_field: str | 
 @click.option("--run", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RUN,
               show_default=True, help="Run folder holding store/.")
 @click.option("--json", "as_json", is_flag=True, help="Print the task table as JSON.")
-def report(run: Path, as_json: bool) -> None:
-    """Print the task values of a run and the selections made from it."""
+@click.option("--html", "as_html", is_flag=True,
+              help="Write the HTML page of a selection (task table, chart, value histograms, "
+                   "the highest- and lowest-valued records with their images) instead.")
+@click.option("--selection", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --html: the selection's .report.json  [default: the newest in RUN; "
+                   "the values alone when RUN has none]")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --html: the page to write  [default: beside the selection, or "
+                   "RUN/values.html]")
+def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
+           output: Path | None) -> None:
+    """Print the task values of a run and the selections made from it (or write a page)."""
     from tive.api import value_estimate
     from tive.report import format_table, json_float
     from tive.store import Store
 
+    if not as_html and (selection is not None or output is not None):
+        raise click.UsageError("--selection and --output go with --html")
+    if as_html and as_json:
+        raise click.UsageError("--json prints the table; --html writes a page: give one")
     store = Store.open(run / "store" if (run / "store").exists() else run)
+    if as_html:
+        from tive.html_report import write_run_html
+
+        click.echo(f"   html: {write_run_html(run, store, selection, output)}")
+        return
     r = value_estimate(store=store, data=False)
     valid = r.valid_sizes()
     table = {t: {"records": n, "valid": valid[t], "value": json_float(r.task_values[t])}

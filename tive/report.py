@@ -312,13 +312,14 @@ class Selection:
         return c.method is Method.TIVE or (c.method is Method.KMEANS and c.quota is QuotaBy.VALUE)
 
     def save(self, path: str | Path) -> dict[str, Path]:
-        """Write the subset, ``<stem>.report.json`` and ``<stem>.png`` beside it.
+        """Write the subset, ``<stem>.report.json``, ``<stem>.png`` and ``<stem>.html`` (the
+        page of :mod:`tive.html_report`) beside it.
 
         With data, the subset is written in the input's own format, records verbatim. Without
         data (arrays only), ``path`` receives the selected row indices as a JSON list.
 
         Returns:
-            ``{"subset": ..., "report": ..., "chart": ...}`` paths.
+            ``{"subset": ..., "report": ..., "chart": ..., "html": ...}`` paths.
         """
         path = Path(path)
         mixture = self.report.mixture
@@ -331,7 +332,10 @@ class Selection:
         stem = path.parent / name
         report_path = write_json(f"{stem}.report.json", {**self.to_dict(), "output": str(path)})
         chart = write_chart(self, Path(f"{stem}.png"))
-        return {"subset": path, "report": report_path, "chart": chart}
+        from tive.html_report import write_html
+
+        page = write_html(self.report, self, Path(f"{stem}.html"))
+        return {"subset": path, "report": report_path, "chart": chart, "html": page}
 
     def __repr__(self) -> str:
         return (f"<tive.Selection: {len(self.indices):,} records "
@@ -340,6 +344,17 @@ class Selection:
 
 def write_chart(selection: Selection, path: Path) -> Path:
     """Bar chart of each task's share of the mixture and of the subset, as PNG."""
+    png = chart_png(selection)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(png)
+    return path
+
+
+def chart_png(selection: Selection) -> bytes:
+    """The bar chart of :func:`write_chart` as PNG bytes; excluded tasks are greyed, hatched
+    and labelled "(excluded)"."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -350,21 +365,29 @@ def write_chart(selection: Selection, path: Path) -> Path:
     n, b = sum(e["records"] for e in d.values()), max(len(selection.indices), 1)
     before = [d[t]["records"] / n for t in names]
     after = [d[t]["selected"] / b for t in names]
+    excluded = [d[t]["excluded"] for t in names]
     y = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.5))
-    ax.barh(y - 0.2, before, 0.4, label="mixture")
+    bars = ax.barh(y - 0.2, before, 0.4, label="mixture")
     ax.barh(y + 0.2, after, 0.4, label=f"subset ({selection.config.method}, {b:,})")
-    ax.set_yticks(y, names)
+    for bar, out in zip(bars, excluded):
+        if out:
+            bar.set(color="lightgrey", hatch="//", edgecolor="grey")
+    ax.set_yticks(y, [f"{t} (excluded)" if out else t for t, out in zip(names, excluded)])
+    for label, out in zip(ax.get_yticklabels(), excluded):
+        if out:
+            label.set_color("grey")
     ax.invert_yaxis()
     ax.set_xlabel("share of records")
     ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     ax.legend(loc="best")
-    ax.set_title("Task shares: mixture and subset")
+    ax.set_title("Task shares: mixture and subset" + (" (grey: excluded tasks)"
+                                                      if any(excluded) else ""))
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    return path
+    return buffer.getvalue()
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
