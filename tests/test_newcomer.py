@@ -142,3 +142,19 @@ def test_import_tive_is_light_and_still_exports():
     import tive
 
     assert callable(tive.value_estimate) and tive.Budget is Budget
+
+
+def test_check_images_on_a_subset_uses_the_recorded_image_root(mixture_run, tmp_path):
+    d = mixture_run["dir"]
+    run("import", "--data", mixture_run["data"], "--features", d / "features.npy",
+        "--norms", d / "norms.npy", "--run", tmp_path / "elsewhere")
+    run("select", "--run", tmp_path / "elsewhere", "--budget", "0.5")
+    subset = tmp_path / "elsewhere" / "subset-tive-0.5.json"
+    out = run("tasks", subset, "--check-images").output
+    assert f"images resolved against {mixture_run['data'].parent.resolve()}" in out
+    total = next(line for line in out.splitlines() if line.startswith("total"))
+    assert total.split()[-1] == "0"  # no image missing
+    lonely = tmp_path / "lonely.json"
+    lonely.write_bytes(subset.read_bytes())
+    out = run("tasks", lonely, "--check-images").output
+    assert "pass --image-root FOLDER" in out

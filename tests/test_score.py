@@ -132,9 +132,13 @@ def test_other_settings_or_data_are_refused_with_both_versions(tmp_path, model_d
     other = text_mixture(tmp_path / "other", 13)
     res = invoke("score", "--model", model_dir, "--data", other, "--run", run, "--reference",
                  run / "reference", "--proj-dim", 64, "--max-length", 64, "--quiet")
-    assert res.exit_code == 2 and "records: 12 → 13" in res.stderr
+    assert res.exit_code == 2 and "12 records, fingerprint" in res.stderr  # as select says it
+    assert f"{other} has 13 records, fingerprint" in res.stderr and str(data) in res.stderr
+    res = invoke(*base, "--proj-dim", 64, "--image-root", data.parent)  # the default, written out
+    assert res.exit_code == 0 and "already complete" in res.output, res.stderr
     res = invoke(*base, "--proj-dim", 64, "--force")  # same settings: --force keeps the work
-    assert res.exit_code == 0 and "0 in this run" in res.output
+    assert res.exit_code == 0 and "already complete" in res.output
+    assert "0 in this run" not in res.output
     res = invoke(*base, "--proj-dim", 32, "--force")
     assert res.exit_code == 0 and Store.open(run).dim == 32 and "12 in this run" in res.output
     res = invoke(*base, "--projector", "none", "--proj-dim", 8)

@@ -112,6 +112,9 @@ def tasks(data: Path, as_json: bool, check_images: bool, image_root: Path | None
         click.echo(json.dumps(counts, indent=2))
         return
     inferred = labels.inferred_counts()
+    recorded = _recorded_image_root(data) if check_images and image_root is None else None
+    if recorded is not None:
+        image_root = recorded[0]
     missing = mixture.missing_images(image_root) if check_images else None
     header = ["task", "records", "share", "label"] + (["missing images"] if check_images else [])
     rows = []
@@ -126,6 +129,13 @@ def tasks(data: Path, as_json: bool, check_images: bool, image_root: Path | None
                                                                if missing is not None else []))
     click.echo(format_table(header, rows))
     click.echo(f"\n{mixture.path}: {mixture.container} file, {mixture.schema} records.")
+    if recorded is not None:
+        click.echo(f"images resolved against {recorded[0]} (the image root recorded in "
+                   f"{recorded[1]}: a subset keeps its records' image paths verbatim)")
+    elif missing is not None and missing.any():
+        click.echo(f"{int(missing.sum()):,} records name images missing under "
+                   f"{mixture.image_root(image_root)}; if the images are elsewhere, pass "
+                   f"--image-root FOLDER")
     if inferred:
         click.echo(f"{sum(inferred.values()):,} labels were inferred by the LLaVA-1.5 665K rules "
                    f"(no task field).")
@@ -136,6 +146,22 @@ def tasks(data: Path, as_json: bool, check_images: bool, image_root: Path | None
     if dup:
         click.echo(f"{dup:,} records share their id with an earlier record (LLaVA-665K ids are "
                    f"image ids); tive tracks records by position and content, not id.")
+
+
+def _recorded_image_root(data: Path) -> tuple[Path, Path] | None:
+    """For a subset written by ``tive select``: the image root its ``.report.json`` recorded,
+    and that report's path (None for other data)."""
+    if not data.is_file():
+        return None
+    for path in data.parent.glob("*.report.json"):
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            output, root = saved.get("output"), saved.get("source", {}).get("image_root")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if output and root and Path(output).resolve() == data.resolve():
+            return Path(root), path
+    return None
 
 
 @main.command("import")
