@@ -158,3 +158,23 @@ def test_check_images_on_a_subset_uses_the_recorded_image_root(mixture_run, tmp_
     lonely.write_bytes(subset.read_bytes())
     out = run("tasks", lonely, "--check-images").output
     assert "pass --image-root FOLDER" in out
+
+
+def test_warmup_progress_shows_steps_and_loading_is_quiet(tmp_path):
+    import warnings
+
+    from test_warmup import image_mixture
+    from zoo import save_llava_folder
+
+    model_dir = tmp_path / "model"
+    save_llava_folder(model_dir)
+    data = image_mixture(tmp_path / "data")
+    args = ["warmup", "--model", model_dir, "--data", data, "--run", tmp_path / "run",
+            "--fraction", "1.0", "--global-batch", "6", "--lora-r", "4", "--lora-alpha", "8"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = run(*args)
+    assert "warm-up step 1/3" in res.stderr and "warm-up step 3/3" in res.stderr
+    assert "loss=" in res.stderr
+    assert "Loading weights" not in res.stderr  # transformers' own bar
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]

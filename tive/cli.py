@@ -51,10 +51,6 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="tive")
 def main() -> None:
     """Find the high-value part of a visual instruction-tuning mixture (TIVE)."""
-    import warnings
-
-    # peft asks transformers a deprecated question on every wrap; nothing for a user to do
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
 
 def _task_option(f: Callable) -> Callable:

@@ -192,6 +192,8 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
             items = encoded_items(loaded, mixture, order, config.max_length, image_root,
                                   skipped if first else None, used if first else None)
             for step in _chunks(items, config.global_batch):
+                done = len(run.totals)
+                bar.set_description(f"warm-up step {done + 1}/{recipe.steps}", refresh=True)
                 run(step, bar)
                 _step(optimizer, schedule, params, dist)
     bar.close()
