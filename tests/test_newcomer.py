@@ -178,3 +178,22 @@ def test_warmup_progress_shows_steps_and_loading_is_quiet(tmp_path):
     assert "loss=" in res.stderr
     assert "Loading weights" not in res.stderr  # transformers' own bar
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
+def test_scoring_bar_counts_estimated_tokens_so_longest_first_batches_do_not_skew_it():
+    import io
+
+    import numpy as np
+
+    from tive.progress import TokenBar
+
+    lengths = np.array([500, 480, 20, 10, 12, 8])
+    batches = [np.array([0, 1]), np.array([2, 3]), np.array([4, 5])]  # longest first
+    out = io.StringIO()
+    bar = TokenBar(batches, lengths, file=out, mininterval=0)
+    bar.update(2)
+    assert bar.bar.n == 980 and bar.bar.total == 1030  # 95% of the work, not 33% of records
+    bar.update(2)
+    bar.update(2)
+    bar.close()
+    assert bar.bar.n == 1030 and "records 6/6" in out.getvalue()

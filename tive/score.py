@@ -29,6 +29,7 @@ from tive import __version__
 from tive.data import Mixture
 from tive.dist import Dist
 from tive.errors import ConfigError, DataError, StoreError
+from tive.progress import TokenBar
 from tive.store import (
     SKIP_CODES,
     STORE_DIR,
@@ -607,8 +608,11 @@ def _score(peft_model: Any, loaded: Any, source: Any, adapter: Path, mixture: Mi
         rows = np.concatenate(mine) if mine else np.zeros(0, np.int64)
         writer = create_part(store, dist.rank, rows)
     total = sum(len(rows) for rows in mine)
-    bar = tqdm(total=total, unit="rec", disable=not progress or dist.rank != 0, smoothing=0.1,
-               desc="score" if dist.world == 1 else f"score (rank 0 of {dist.world})")
+    shown = {"disable": not progress or dist.rank != 0 or total == 0, "smoothing": 0.1,
+             "desc": "score" if dist.world == 1 else f"score (rank 0 of {dist.world})"}
+    # longest batches first: a bar in estimated tokens gives an honest time left
+    bar = (TokenBar(mine, lengths, **shown) if lengths is not None
+           else tqdm(total=total, unit="rec", **shown))
     start = time.perf_counter()
     with GradientFeatures(peft_model, projector) as gf:
         score_batches(gf, encoder, pad_id(loaded.tokenizer), mixture, mine, writer, config,
