@@ -197,3 +197,8 @@ def test_scoring_bar_counts_estimated_tokens_so_longest_first_batches_do_not_ske
     bar.update(2)
     bar.close()
     assert bar.bar.n == 1030 and "records 6/6" in out.getvalue()
+
+
+@pytest.mark.parametrize("command", WORKFLOW)
+def test_defaults_are_written_one_way(command):
+    assert "(default" not in run(command, "--help").output

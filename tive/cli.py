@@ -55,16 +55,16 @@ def main() -> None:
 
 def _task_option(f: Callable) -> Callable:
     return click.option("--task-field", metavar="NAME",
-                        help="Record field naming the task (default: task, dataset or source; "
-                             "else the LLaVA-1.5 665K rules).")(f)
+                        help="Record field naming the task  [default: task, dataset or source; "
+                             "else the LLaVA-1.5 665K rules]")(f)
 
 
 def _data_options(f: Callable, missing_help: str = "Leave records whose images are missing out "
                   "(counted in the report) instead of stopping.") -> Callable:
     f = click.option("--skip-missing-images", is_flag=True, help=missing_help)(f)
     f = click.option("--image-root", type=click.Path(file_okay=False, path_type=Path),
-                     help="Folder that relative image paths resolve against (default: the "
-                          "data file's folder).")(f)
+                     help="Folder that relative image paths resolve against  [default: the "
+                          "data file's folder]")(f)
     return _task_option(f)
 
 
@@ -86,10 +86,13 @@ def _config_options(f: Callable) -> Callable:
 @main.command()
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print {task: count} as JSON.")
-@click.option("--check-images", is_flag=True, help="Also count records whose images are missing.")
+@click.option("--check-images", is_flag=True,
+              help="Also count records whose images are missing (for a subset written by tive "
+                   "select: under the image root its .report.json recorded).")
 @click.option("--image-root", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder that relative image paths resolve against (default: the data file's "
-                   "folder); implies --check-images.")
+              help="Folder that relative image paths resolve against; implies "
+                   "--check-images  [default: the data file's folder, or for a subset the "
+                   "image root its .report.json recorded]")
 @_task_option
 def tasks(data: Path, as_json: bool, check_images: bool, image_root: Path | None,
           task_field: str | None) -> None:
@@ -227,9 +230,10 @@ def import_(data: Path, features: Path | None, norms: Path | None, loss: Path | 
               show_default=True, help="Run folder holding store/ (from tive score or import).")
 @_config_options
 @click.option("--output", "-o", type=click.Path(path_type=Path),
-              help="Subset file (default: RUN/subset-METHOD-BUDGET in the data's format).")
+              help="Subset file  [default: RUN/subset-METHOD-BUDGET in the data's format]")
 @click.option("--data", type=click.Path(path_type=Path),
-              help="The mixture (default: the one the store was built from; must match it).")
+              help="The mixture (must match the store's)  [default: the one the store was "
+                   "built from]")
 @_task_option
 def select(run: Path, output: Path | None, data: Path | None, task_field: str | None,
            **config: Any) -> None:
@@ -459,10 +463,10 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
               help="sparse-jl: seeded sparse Johnson-Lindenstrauss, the same on every device; "
                    "trak: TRAK's Rademacher projector, as the TIVE authors used it; none: the "
                    "whole gradient (small models only).  [default: sparse-jl]")
-@click.option("--proj-dim", type=int, help="Features per record (default 8192).")
-@click.option("--seed", type=int, help="Seed of the projection (default 0).")
+@click.option("--proj-dim", type=int, help="Features per record  [default: 8192]")
+@click.option("--seed", type=int, help="Seed of the projection  [default: 0]")
 @click.option("--jl-nnz", type=int,
-              help="Non-zeros per gradient coordinate of the sparse JL map (default 1).")
+              help="Non-zeros per gradient coordinate of the sparse JL map  [default: 1]")
 @click.option("--feature-dtype", type=click.Choice(["float16", "float32"]),
               help="Storage type of the features.  [default: float16]")
 @click.option("--group-by-length/--no-group-by-length", default=True, show_default=True,
