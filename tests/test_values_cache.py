@@ -3,6 +3,8 @@ is never read from an old cache."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -102,3 +104,50 @@ def test_only_the_newest_files_are_kept(tmp_path):
     for i in range(vc.KEEP + 3):
         vc._write(tmp_path / f"values-{i:02d}.npz", np.zeros(3), np.ones(3, dtype=bool))
     assert len(list(tmp_path.glob("values-*.npz"))) == vc.KEEP
+
+
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_a_cached_mixture_is_the_mixture(store_run, tmp_path, jsonl):
+    import json
+
+    from tive.data import load_mixture
+    from tive.mixture_cache import load_labelled
+    from tive.tasks import label_tasks
+
+    data = store_run["data"]
+    if jsonl:
+        records = json.loads(data.read_text())
+        data = data.with_suffix(".jsonl")
+        data.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    cache = tmp_path / "cache"
+    first, labels1 = load_labelled(data, None, cache)
+    assert len(list(cache.glob("mixture-*.npz"))) == 1
+    second, labels2 = load_labelled(data, None, cache)
+    fresh = load_mixture(data)
+    assert type(second._records).__name__ == "_LazyRecords"  # read back from the cache
+    assert np.array_equal(labels2.tasks, label_tasks(fresh).tasks)
+    assert np.array_equal(labels2.inferred, label_tasks(fresh).inferred)
+    assert second.fingerprint == fresh.fingerprint and np.array_equal(second.keys, fresh.keys)
+    assert (second.container, second.schema, len(second)) == (fresh.container, fresh.schema,
+                                                             len(fresh))
+    assert list(second) == list(fresh) and second.ids == fresh.ids
+    second.write_subset([3, 1, 1], tmp_path / f"a{data.suffix}")
+    fresh.write_subset([3, 1, 1], tmp_path / f"b{data.suffix}")
+    assert (tmp_path / f"a{data.suffix}").read_bytes() == (tmp_path / f"b{data.suffix}").read_bytes()
+    records = json.loads(store_run["data"].read_text())
+    records[0]["conversations"][1]["value"] = "changed"
+    data.write_text(json.dumps(records) if not jsonl else
+                    "\n".join(json.dumps(r) for r in records) + "\n")
+    os.utime(data, ns=(1, 1))  # another size or time: another key
+    third, _ = load_labelled(data, None, cache)
+    assert type(third._records).__name__ == "list" and third.fingerprint != fresh.fingerprint
+
+
+def test_select_from_cache_writes_the_same_subset(store_run):
+    first = cli("select", "--run", store_run["run"], "--budget", "0.4", "-o",
+                store_run["run"] / "a.json").output
+    second = cli("select", "--run", store_run["run"], "--budget", "0.4", "-o",
+                 store_run["run"] / "b.json").output
+    assert len(list((store_run["run"] / "cache").glob("mixture-*.npz"))) == 1
+    assert first.replace("a.", "b.") == second
+    assert (store_run["run"] / "a.json").read_bytes() == (store_run["run"] / "b.json").read_bytes()

@@ -16,6 +16,7 @@ from tive import values as val
 from tive import values_cache as vc
 from tive.data import Mixture, load_mixture
 from tive.errors import ConfigError, DataError
+from tive.mixture_cache import load_labelled
 from tive.report import Report
 from tive.store import SKIP_REASONS, Store
 from tive.tasks import label_tasks
@@ -238,12 +239,15 @@ def _from_store(st: Store, data: DataArg | bool, task_field: str | None,
         if not Path(data).exists():
             raise DataError(f"{data}: the data this store was built from is gone; fix: pass "
                             f"its current location with --data / data=")
-    mixture = _mixture(data, task_field or st.meta.get("settings", {}).get("task_field"))
+    field = task_field or st.meta.get("settings", {}).get("task_field")
+    if isinstance(data, Mixture):
+        mixture, labels = data, label_tasks(data)
+    else:  # labels and keys kept in RUN/cache for the next selection (tive.mixture_cache)
+        mixture, labels = load_labelled(data, field, cache[0])
     st.check_data(mixture.fingerprint, len(mixture), mixture.path)
     if check_images:
         fresh = mixture.check_images(image_root, skip_missing_images)
         left_out["missing-image"] = left_out["missing-image"] | fresh
-    labels = label_tasks(mixture)
     root = image_root if image_root is not None else st.meta.get("settings", {}).get("image_root")
     return _report(arrays, labels.tasks, mixture.keys, left_out, mixture, labels.inferred,
                    chunk_rows, {**source, "data": str(mixture.path),
