@@ -202,3 +202,13 @@ def test_scoring_bar_counts_estimated_tokens_so_longest_first_batches_do_not_ske
 @pytest.mark.parametrize("command", WORKFLOW)
 def test_defaults_are_written_one_way(command):
     assert "(default" not in run(command, "--help").output
+
+
+def test_report_lists_a_random_selection_without_value_or_quota(mixture_run):
+    d = mixture_run["dir"]
+    run("import", "--data", mixture_run["data"], "--features", d / "features.npy",
+        "--norms", d / "norms.npy", "--run", mixture_run["run"])
+    run("select", "--run", mixture_run["run"], "--budget", "10", "--method", "random")
+    out = run("report", "--run", mixture_run["run"]).output
+    listing = out.split("subset-random-10.report.json")[1].splitlines()
+    assert listing[1].split() == ["task", "selected"]

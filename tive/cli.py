@@ -317,10 +317,18 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
         click.echo(f"\n{path.name}: {s['method']}, budget {s['budget']} → {d['selected']:,} "
                    f"records ({d['unique']:,} distinct)"
                    + (f", seed {s['seed']}" if s.get("seed") is not None else ""))
-        click.echo(format_table(("task", "value", "quota", "selected"),
-                                [(t, "-" if e["value"] is None else f"{e['value']:.4g}",
-                                  "excluded" if e["excluded"] else f"{e['quota']:,}",
-                                  f"{e['selected']:,}") for t, e in d["tasks"].items()]))
+        columns = ["task", "value", "quota", "selected"]
+        if not (s["method"] == "tive" or (s["method"] == "kmeans" and s.get("quota") == "value")):
+            columns.remove("value")  # a baseline whose quotas do not follow the task values
+        if s["method"] not in ("tive", "random-per-task", "balanced", "kmeans"):
+            columns.remove("quota")  # chosen over the whole mixture: no per-task quota
+        rows = []
+        for t, e in d["tasks"].items():
+            cells = {"task": t, "value": "-" if e["value"] is None else f"{e['value']:.4g}",
+                     "quota": "excluded" if e["excluded"] else f"{e['quota']:,}",
+                     "selected": f"{e['selected']:,}"}
+            rows.append([cells[c] for c in columns])
+        click.echo(format_table(columns, rows))
 
 
 def _reasons(invalid: dict[str, int]) -> str:
