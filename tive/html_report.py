@@ -50,7 +50,7 @@ display:flex;align-items:center;justify-content:center;text-align:center}
 
 
 def write_html(report: Report, selection: Selection | None, path: str | os.PathLike,
-               image_root: str | os.PathLike | None = None) -> Path:
+               image_root: str | os.PathLike | None = None, chart: bytes | None = None) -> Path:
     """Write the page for ``selection`` (or, without one, for the values alone) to ``path``.
 
     Args:
@@ -59,6 +59,8 @@ def write_html(report: Report, selection: Selection | None, path: str | os.PathL
         path: the ``.html`` file to write (atomically).
         image_root: folder relative image paths resolve against (default: the report's
             recorded image root, else the data file's folder).
+        chart: the selection's bar chart as PNG bytes, when already drawn (default: drawn
+            here by :func:`tive.report.chart_png`).
 
     Returns:
         ``path``.
@@ -73,7 +75,7 @@ def write_html(report: Report, selection: Selection | None, path: str | os.PathL
     if selection is not None:
         from tive.report import chart_png
 
-        png = base64.b64encode(chart_png(selection)).decode()
+        png = base64.b64encode(chart if chart is not None else chart_png(selection)).decode()
         parts.append(f"<h2>Task shares</h2><img alt='task shares of the mixture and the subset' "
                      f"src='data:image/png;base64,{png}'>")
     parts.append("<h2>Tasks: instance values and examples</h2>")

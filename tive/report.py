@@ -331,10 +331,13 @@ class Selection:
         name = path.name[: -len(suffix)] if suffix and path.name.endswith(suffix) else path.name
         stem = path.parent / name
         report_path = write_json(f"{stem}.report.json", {**self.to_dict(), "output": str(path)})
-        chart = write_chart(self, Path(f"{stem}.png"))
+        png = chart_png(self)
+        chart = Path(f"{stem}.png")
+        with atomic_path(chart) as tmp:
+            tmp.write_bytes(png)
         from tive.html_report import write_html
 
-        page = write_html(self.report, self, Path(f"{stem}.html"))
+        page = write_html(self.report, self, Path(f"{stem}.html"), chart=png)
         return {"subset": path, "report": report_path, "chart": chart, "html": page}
 
     def __repr__(self) -> str:
