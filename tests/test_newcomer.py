@@ -163,6 +163,7 @@ def test_check_images_on_a_subset_uses_the_recorded_image_root(mixture_run, tmp_
 def test_warmup_progress_shows_steps_and_loading_is_quiet(tmp_path):
     import warnings
 
+    import tive.models.load  # noqa: F401  (imported before, as in a notebook's second run)
     from test_warmup import image_mixture
     from zoo import save_llava_folder
 

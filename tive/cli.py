@@ -14,6 +14,7 @@ import click
 from tive import __version__
 from tive.config import SelectConfig
 from tive.errors import TiveError
+from tive.fileio import run_lock
 
 DEFAULT_RUN = "tive-out"
 
@@ -216,10 +217,12 @@ def import_(data: Path, features: Path | None, norms: Path | None, loss: Path | 
     settings = {"task_field": task_field,
                 "image_root": None if image_root is None else str(image_root.resolve()),
                 "skip_missing_images": skip_missing_images}
-    store = importers.import_store(run, mixture, labels, arrays, source=source,
-                                   settings=settings, feature_dtype=feature_dtype,
-                                   skipped=np.where(missing, 1, 0).astype(np.int8),
-                                   overwrite=force)
+    with run_lock(run, "tive import"):
+        _removed_temps(run)
+        store = importers.import_store(run, mixture, labels, arrays, source=source,
+                                       settings=settings, feature_dtype=feature_dtype,
+                                       skipped=np.where(missing, 1, 0).astype(np.int8),
+                                       overwrite=force)
     click.echo(f"imported {store.n_records:,} records × {store.dim} features into {store.root}"
                + (f" ({int(missing.sum()):,} with missing images left out)" if missing.any()
                   else ""))
@@ -254,7 +257,9 @@ def select(run: Path, output: Path | None, data: Path | None, task_field: str | 
     if output is None:
         name = f"subset-{cfg.method}-{cfg.budget}{report.mixture.default_suffix()}"
         output = run / name
-    paths = selection.save(output)
+    _removed_temps(output.parent)
+    inputs = [report.mixture.path, *sorted(store.root.iterdir())]
+    paths = selection.save(output, inputs=inputs)
     click.echo(selection.table())
     for note in selection.notes:
         click.echo(note)
@@ -329,6 +334,16 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
                      "selected": f"{e['selected']:,}"}
             rows.append([cells[c] for c in columns])
         click.echo(format_table(columns, rows))
+
+
+def _removed_temps(folder: Path) -> None:
+    """Remove what killed runs left in ``folder`` (temporary names), and say so."""
+    from tive.fileio import remove_stale_temps
+
+    removed = remove_stale_temps(folder)
+    if removed:
+        click.echo(f"removed {len(removed)} temporary file(s) left by killed runs: "
+                   f"{', '.join(p.name for p in removed)}")
 
 
 def _reasons(invalid: dict[str, int]) -> str:
@@ -442,12 +457,14 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
     mixture = load_mixture(data, task_field=task_field)
     dist = Dist.from_env(device)  # under torchrun: data-parallel, rank 0 saves
     try:
-        ref = wu.ensure_reference(run, source, mixture, label_tasks(mixture), config,
-                                  dtype=dtype, device=dist.device(device),
-                                  image_root=image_root,
-                                  missing=mixture.check_images(image_root, skip_missing_images),
-                                  retrain=force, progress=not quiet, dist=dist,
-                                  echo=click.echo)
+        with dist.exclusive(run, "tive warmup"):
+            if dist.rank == 0:
+                _removed_temps(run)
+            ref = wu.ensure_reference(
+                run, source, mixture, label_tasks(mixture), config, dtype=dtype,
+                device=dist.device(device), image_root=image_root,
+                missing=mixture.check_images(image_root, skip_missing_images), retrain=force,
+                progress=not quiet, dist=dist, echo=click.echo)
     finally:
         dist.close()
     if dist.rank == 0:

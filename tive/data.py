@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple, Sequence
@@ -216,6 +217,15 @@ def load_mixture(path: str | os.PathLike, task_field: str | None = None) -> Mixt
     if not path.exists():
         raise DataError(f"{path}: no such file or folder; expected a mixture (.json, .jsonl, "
                         f".parquet or a datasets folder); fix: check the path and its spelling")
+    try:
+        return _load(path, task_field)
+    except RecursionError:
+        raise DataError(f"{path}: JSON nested too deeply to read (thousands of levels); "
+                        f"expected records of conversations; fix: check the file is a "
+                        f"mixture") from None
+
+
+def _load(path: Path, task_field: str | None) -> Mixture:
     container, rows, dicts = _read_container(path)
     if not len(rows):
         raise DataError(f"{path}: the mixture has no records; expected at least one record")
@@ -433,6 +443,9 @@ def _detect_schema(path: Path, first: dict) -> str:
 
 def _normalize(raw: dict, index: int, schema: str, path: Path, task_field: str | None) -> Record:
     rid = raw.get("id")
+    if isinstance(rid, float) and not math.isfinite(rid) or isinstance(rid, (dict, list, bool)):
+        raise DataError(f"{path}: record {index} has id {rid!r}; expected a string or an "
+                        f"integer; fix: give the record a proper id, or none")
     rid = str(index) if rid is None else str(rid)
     where = f"{path}: record {index} (id {rid})"
     if schema == "llava":

@@ -6,10 +6,11 @@ the same code runs on a laptop and on many GPUs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -56,6 +57,29 @@ class Dist:
         box = [value if self.rank == 0 else None]
         td.broadcast_object_list(box, src=0)
         return box[0]
+
+    @contextlib.contextmanager
+    def exclusive(self, run: str | os.PathLike, command: str) -> Iterator[None]:
+        """Hold ``run/.lock`` for the block (:func:`tive.fileio.run_lock`); the ranks of one job
+        share rank 0's lock, and all of them stop when it is refused.
+
+        Raises:
+            ConfigError: another process holds the run folder.
+        """
+        from tive.errors import ConfigError
+        from tive.fileio import run_lock
+
+        with contextlib.ExitStack() as stack:
+            refused = None
+            if self.rank == 0:
+                try:
+                    stack.enter_context(run_lock(run, command))
+                except ConfigError as e:
+                    refused = str(e)
+            refused = self.broadcast(refused)
+            if refused:
+                raise ConfigError(refused)
+            yield
 
     def barrier(self) -> None:
         if self.world > 1:

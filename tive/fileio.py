@@ -1,16 +1,31 @@
-"""Atomic writes: outputs appear whole under their final name or not at all."""
+"""Safe writes: outputs appear whole under their final name or not at all; files that will be
+memory-mapped get their disk space up front; one writer per run folder.
+
+* :func:`atomic_path` writes beside the target under a temporary name that carries the
+  writer's process id, and renames; :func:`remove_stale_temps` deletes the temporaries of
+  processes that died (``kill -9``) before they could clean up.
+* :func:`preallocate` reserves a file's blocks (``posix_fallocate``): a full disk is then one
+  clear error when the file is created, never a ``SIGBUS`` when a mapped page is written.
+* :func:`run_lock` holds ``RUN/.lock`` (``fcntl.flock``) for a writing command's life.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from tive.errors import OutputError
+from tive.errors import ConfigError, OutputError
+
+LOCK_FILE = ".lock"
+_TEMP = re.compile(r"^\..+\.pid(\d+)\.[^.]*\.tmp$")  # .NAME.pidPID.RANDOM.tmp
 
 
 @contextlib.contextmanager
@@ -30,7 +45,8 @@ def atomic_path(target: str | os.PathLike, *, directory: bool = False) -> Iterat
         raise OutputError(f"{target}: is a folder; expected a file name; fix: give a file path")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.pid{os.getpid()}.", suffix=".tmp",
+                                    dir=target.parent))
     except OSError as e:
         raise OutputError(f"{target}: cannot write there ({e.strerror or e}); fix: choose "
                           f"another output path") from None
@@ -46,6 +62,121 @@ def atomic_path(target: str | os.PathLike, *, directory: bool = False) -> Iterat
                           f"fix: check space and permissions there") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files and folders that :func:`atomic_path` left in ``folder`` when
+    its process was killed (the process id in their name is no longer running).
+
+    Returns:
+        the paths removed (for a one-line message).
+    """
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        match = _TEMP.match(path.name)
+        if match and not _alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(
+                missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def check_space(folder: str | os.PathLike, needed: int, what: str) -> None:
+    """Refuse to start writing ``needed`` bytes into ``folder`` when it has less free.
+
+    Raises:
+        OutputError: ``needs N GB in DIR, M GB free``.
+    """
+    folder = Path(folder)
+    probe = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    if needed > free:
+        raise OutputError(f"{what} needs {_size(needed)} in {probe}, {_size(free)} free; fix: "
+                          f"free some space or choose another --run folder")
+
+
+def preallocate(path: str | os.PathLike, what: str) -> None:
+    """Reserve the disk blocks of the existing file ``path`` (its whole length).
+
+    Raises:
+        OutputError: no space for it (``needs N GB in DIR, M GB free``).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, max(size, 1))
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate
+                return
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise OutputError(f"{what} needs {_size(size)} in {path.parent}, {_size(free)} free; "
+                          f"nothing was kept; fix: free some space or choose another --run "
+                          f"folder") from None
+    finally:
+        os.close(fd)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
+@contextlib.contextmanager
+def run_lock(run: str | os.PathLike, command: str, *, take: bool = True) -> Iterator[None]:
+    """Hold ``run/.lock`` for the block: one writing command per run folder at a time.
+
+    Args:
+        run: the run folder (created if absent).
+        command: what holds it, for the message another process gets (e.g. ``tive score``).
+        take: False for the ranks of a torchrun job other than rank 0, which share rank 0's
+            lock (a no-op here).
+
+    Raises:
+        ConfigError: another process holds the lock, naming its command and process id.
+    """
+    if not take:
+        yield
+        return
+    import fcntl
+
+    run = Path(run)
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        fd = os.open(run / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise OutputError(f"{run}: cannot write there ({e.strerror or e}); fix: choose another "
+                          f"--run folder") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+            raise ConfigError(f"{run}: in use by {holder}; fix: wait for it to finish, or use "
+                              f"another --run folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"`{command}` (pid {os.getpid()}, since "
+                      f"{time.strftime('%H:%M:%S')})\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def write_json(target: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:

@@ -32,15 +32,31 @@ from tive.tasks import TaskLabels
 PER_RECORD = ("norms", "loss", "ntokens")
 
 
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGIC = b"PK\x03\x04"
+
+
 def load_npy(path: str | os.PathLike, what: str) -> np.ndarray:
-    """``np.load`` (memory-mapped) with a one-line error naming the option."""
+    """``np.load`` (memory-mapped) with a one-line error naming the option; the file must be a
+    real ``.npy`` array (not an ``.npz`` archive, a text file or pickled objects)."""
     try:
-        return np.load(path, mmap_mode="r")
+        with open(path, "rb") as f:
+            head = f.read(len(NPY_MAGIC))
     except FileNotFoundError:
         raise DataError(f"--{what} {path}: no such file") from None
-    except (ValueError, OSError) as e:
-        raise DataError(f"--{what} {path}: not a .npy array ({e}); expected a file written by "
-                        f"numpy.save") from None
+    except OSError as e:
+        raise DataError(f"--{what} {path}: cannot read ({e.strerror or e})") from None
+    if head.startswith(ZIP_MAGIC):
+        raise DataError(f"--{what} {path}: an .npz archive of several arrays; expected one .npy "
+                        f"array; fix: numpy.save('{what}.npy', numpy.load('{path}')['NAME'])")
+    if head != NPY_MAGIC:
+        raise DataError(f"--{what} {path}: not a .npy file (no NumPy header; it starts with "
+                        f"{head[:8]!r}); expected a file written by numpy.save")
+    try:
+        return np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError, SyntaxError) as e:
+        raise DataError(f"--{what} {path}: a damaged .npy file ({str(e) or type(e).__name__}); "
+                        f"expected a file written by numpy.save") from None
 
 
 class AuthorsChunks:
@@ -205,6 +221,10 @@ def check_arrays(arrays: dict[str, Any], n: int, where: str) -> dict[str, Any]:
     if len(features.shape) != 2 or features.shape[0] != n:
         raise DataError(f"features: shape {tuple(features.shape)}, but {where} has {n:,} "
                         f"records; expected ({n}, k), one row per record in the data's order")
+    if features.shape[1] < 1:
+        raise DataError(f"features: shape {tuple(features.shape)} has no columns; expected "
+                        f"({n}, k) with k ≥ 1 projected gradient features")
+    _real(features.dtype, "features")
     out = {"features": features}
     for name in PER_RECORD:
         if name not in arrays:
@@ -213,6 +233,7 @@ def check_arrays(arrays: dict[str, Any], n: int, where: str) -> dict[str, Any]:
         if arr.shape != (n,):
             raise DataError(f"--{name}: shape {arr.shape}, but {where} has {n:,} records; "
                             f"expected ({n},)")
+        _real(arr.dtype, f"--{name}")
         out[name] = arr
     negative = np.flatnonzero(out["norms"] < 0)
     if len(negative):
@@ -225,7 +246,20 @@ def check_arrays(arrays: dict[str, Any], n: int, where: str) -> dict[str, Any]:
                 raise DataError("--ntokens: holds non-integral or non-finite values; expected "
                                 "supervised token counts")
         out["ntokens"] = t.astype(np.int64)
+        negative = np.flatnonzero(out["ntokens"] < 0)
+        if len(negative):
+            raise DataError(f"--ntokens: row {negative[0]} is {out['ntokens'][negative[0]]}; "
+                            f"expected supervised token counts (≥ 0)")
     return out
+
+
+def _real(dtype: np.dtype, what: str) -> None:
+    """Refuse arrays that are not real numbers (strings, objects, complex: no silent cast)."""
+    if dtype.kind not in "fiub":
+        kind = {"c": "complex numbers", "U": "strings", "S": "bytes", "O": "Python objects"}.get(
+            dtype.kind, f"{dtype}")
+        raise DataError(f"{what}: holds {kind} ({dtype}); expected real numbers (float or int); "
+                        f"fix: save the array as float32 or float64")
 
 
 def import_store(

@@ -7,8 +7,10 @@ own format, a JSON report and a bar chart of task shares before and after.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,7 +21,7 @@ from tive import kmeans as km
 from tive import selection as sel
 from tive.config import AUTHORS_EXCLUDE, Budget, Method, QuotaBy, SelectConfig, Strategy
 from tive.data import Mixture
-from tive.errors import ConfigError
+from tive.errors import ConfigError, OutputError
 from tive.fileio import atomic_path, write_json
 
 BY_TASK = (Method.TIVE, Method.RANDOM_PER_TASK, Method.BALANCED, Method.KMEANS)  # quota methods
@@ -311,38 +313,64 @@ class Selection:
         c = self.config
         return c.method is Method.TIVE or (c.method is Method.KMEANS and c.quota is QuotaBy.VALUE)
 
-    def save(self, path: str | Path) -> dict[str, Path]:
+    def save(self, path: str | Path,
+             inputs: Sequence[str | Path] = ()) -> dict[str, Path]:
         """Write the subset, ``<stem>.report.json``, ``<stem>.png`` and ``<stem>.html`` (the
-        page of :mod:`tive.html_report`) beside it.
+        page of :mod:`tive.html_report`) beside it, all four or none: each is written under a
+        temporary name, and they are renamed only once all are written (a full disk while
+        drawing the chart leaves the old outputs as they were).
 
         With data, the subset is written in the input's own format, records verbatim. Without
         data (arrays only), ``path`` receives the selected row indices as a JSON list.
 
+        Args:
+            inputs: files this selection reads (besides the mixture, always protected), which
+                no output may overwrite.
+
         Returns:
             ``{"subset": ..., "report": ..., "chart": ..., "html": ...}`` paths.
+
+        Raises:
+            OutputError: an output would land on an input, or writing failed (nothing written).
         """
         path = Path(path)
         mixture = self.report.mixture
-        if mixture is not None:
-            mixture.write_subset(self.indices, path)
-        else:
-            write_json(path, [int(i) for i in self.indices], indent=None)
         suffix = mixture.default_suffix() if mixture is not None else ".json"
         name = path.name[: -len(suffix)] if suffix and path.name.endswith(suffix) else path.name
         stem = path.parent / name
-        report_path = write_json(f"{stem}.report.json", {**self.to_dict(), "output": str(path)})
-        png = chart_png(self)
-        chart = Path(f"{stem}.png")
-        with atomic_path(chart) as tmp:
-            tmp.write_bytes(png)
-        from tive.html_report import write_html
+        targets = {"subset": path, "report": Path(f"{stem}.report.json"),
+                   "chart": Path(f"{stem}.png"), "html": Path(f"{stem}.html")}
+        _refuse_inputs(targets.values(),
+                       [*([mixture.path] if mixture is not None else []), *inputs])
+        folder = mixture is not None and mixture.container == "hf-disk"
+        with contextlib.ExitStack() as stack:
+            tmp = {kind: stack.enter_context(atomic_path(target, directory=folder and
+                                                          kind == "subset"))
+                   for kind, target in targets.items()}
+            if mixture is not None:
+                mixture.write_subset(self.indices, tmp["subset"])
+            else:
+                write_json(tmp["subset"], [int(i) for i in self.indices], indent=None)
+            write_json(tmp["report"], {**self.to_dict(), "output": str(path)})
+            write_chart(self, tmp["chart"])
+            from tive.html_report import write_html
 
-        page = write_html(self.report, self, Path(f"{stem}.html"), chart=png)
-        return {"subset": path, "report": report_path, "chart": chart, "html": page}
+            write_html(self.report, self, tmp["html"], chart=tmp["chart"].read_bytes())
+        return targets
 
     def __repr__(self) -> str:
         return (f"<tive.Selection: {len(self.indices):,} records "
                 f"({self.config.method}, budget {self.config.budget})>\n{self.table()}")
+
+
+def _refuse_inputs(outputs: Any, inputs: Sequence[str | Path]) -> None:
+    """Refuse an output that is one of the inputs (the same file, by inode)."""
+    for out in outputs:
+        for given in inputs:
+            if Path(out).exists() and Path(given).exists() and os.path.samefile(out, given):
+                raise OutputError(f"{out}: is an input of this selection ({given}); writing "
+                                  f"there would destroy it; nothing was written; fix: choose "
+                                  f"another output path")
 
 
 def write_chart(selection: Selection, path: Path) -> Path:

@@ -46,6 +46,7 @@ FEATURE_DTYPES = ("float16", "float32")
 GROUP_WINDOW = 64  # batches per window of length grouping
 TURN_TOKENS = 4  # template tokens around a turn, for the length estimate of grouping
 IMAGE_TOKENS = 256  # tokens per image where the encoder has no fixed count (qwen2-vl)
+REPLACED_DIR = ".store.replaced"  # the store --force replaces, kept until the new one is done
 
 
 # The TIVE authors' features (their compute_gradient_features.py: TRAK's projector, seed 0).
@@ -224,7 +225,10 @@ def record_lengths(mixture: Mixture, encoder: Any, rows: np.ndarray | None = Non
     per_image = getattr(encoder, "image_tokens", None) or IMAGE_TOKENS
     for start in range(0, len(rows), chunk):
         records = [mixture[int(i)] for i in rows[start:start + chunk]]
-        texts = ["\n".join(t.text for t in r.turns) for r in records]
+        # a lone surrogate (which JSON can hold) becomes "?": no tokenizer takes it, and the
+        # record itself is skipped as an encoder error when it is scored
+        texts = ["\n".join(t.text for t in r.turns).encode("utf-8", "replace").decode("utf-8")
+                 for r in records]
         ids = encoder.tokenizer(texts, add_special_tokens=False)["input_ids"]
         out[rows[start:start + chunk]] = [
             len(x) + TURN_TOKENS * len(r.turns) + per_image * len(r.images)
@@ -251,11 +255,30 @@ def adapter_sha256(folder: Path) -> str:
     if not weights or not (folder / "adapter_config.json").exists():
         raise ConfigError(f"{folder}: not a complete peft adapter (adapter_config.json and "
                           f"adapter_model.safetensors); fix: pass the folder `tive warmup` wrote")
-    for path in (folder / "adapter_config.json", weights[0]):
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                h.update(block)
+    h.update(_normal_adapter_config(folder / "adapter_config.json"))
+    with open(weights[0], "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
     return h.hexdigest()
+
+
+def _normal_adapter_config(path: Path) -> bytes:
+    """``adapter_config.json`` with keys and name lists sorted: peft writes ``target_modules``
+    from a set, whose order differs from one process to the next."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{path}: unreadable ({e}); fix: pass the folder `tive warmup` "
+                          f"wrote, or retrain with --force") from None
+
+    def normal(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: normal(v) for k, v in value.items()}
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return sorted(value)
+        return value
+
+    return json.dumps(normal(config), sort_keys=True).encode("utf-8")
 
 
 def store_meta(*, source: dict, dtype: torch.dtype, adapter: Path, keys: list, projector: Any,
@@ -356,6 +379,9 @@ def open_or_create(root: Path, meta: dict[str, Any], mixture: Mixture, tasks: np
     """The store at ``root``: continued when its identity matches, else created (an existing
     store with another identity is replaced only with ``force``).
 
+    With ``force`` the old store is moved to ``RUN/.store.replaced`` and deleted only once the
+    new one is complete (:func:`finish_replacement`), so a crash in between loses nothing.
+
     Raises:
         StoreError: an existing store with another identity (and not ``force``).
     """
@@ -368,13 +394,27 @@ def open_or_create(root: Path, meta: dict[str, Any], mixture: Mixture, tasks: np
         except StoreError:
             if not force:
                 raise
-            shutil.rmtree(root)  # --force: start over, but only when the settings differ
+            # --force starts over (only when the settings differ), keeping the last complete
+            # store beside until the new one is complete
+            old = root.with_name(REPLACED_DIR)
+            if old.exists() and not store.complete:
+                shutil.rmtree(root)  # an unfinished replacement: the kept one stays
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(root, old)
         else:
             fold_parts(store)
             return Store.open(root)
     index = [IndexEntry(r.id, str(t), int(k)) for r, t, k in zip(mixture, tasks, mixture.keys)]
     return create_store(root, n=len(mixture), k=dim, index=index, meta=meta,
                         feature_dtype=feature_dtype)
+
+
+def finish_replacement(root: Path) -> None:
+    """Delete the store that ``--force`` replaced, now that its replacement is complete."""
+    import shutil
+
+    shutil.rmtree(root.with_name(REPLACED_DIR), ignore_errors=True)
 
 
 def score_batches(gf: Any, encoder: Any, pad: int, mixture: Mixture, work: list[np.ndarray],
@@ -522,28 +562,41 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
             from tive.projection import require_cuda_kernel
 
             require_cuda_kernel(pick_device(device))
-        if not force and (run / STORE_DIR / "meta.json").exists():  # refuse before loading
-            check_identity(Store.open(run / STORE_DIR),
-                           early_identity(source, mixture, config, task_field, image_root))
-        warm = (wu.WarmupConfig(max_length=config.max_length, paper=config.paper)
-                if warmup is None else warmup)
-        if warm.paper != config.paper:
-            raise ConfigError("paper: the warm-up and the scoring settings disagree; fix: "
-                              "paper=True for both, or for neither")
-        if reference is None:  # under torchrun, every rank trains its share
-            ref = wu.ensure_reference(run, source, mixture, labels, warm, dtype=dtype,
-                                      device=device, image_root=image_root, missing=missing,
-                                      replace=force, progress=progress, dist=dist, echo=echo)
-            echo(ref.message)
-            how = "trained" if ref.model is not None else "reused"
-        else:
-            ref, how = None, "given"
-        adapter = Path(reference) if reference is not None else run / wu.REFERENCE_DIR
-        peft_model, loaded = _reference_model(source, adapter, ref, dtype, device)
-        return _score(peft_model, loaded, source, adapter, mixture, labels.tasks, run, config,
-                      task_field, image_root, dist, force, progress, how)
+        with dist.exclusive(run, "tive score"):  # held until the store is complete
+            if dist.rank == 0:
+                _clean_temps(run, echo)
+            if not force and (run / STORE_DIR / "meta.json").exists():  # refuse before loading
+                check_identity(Store.open(run / STORE_DIR),
+                               early_identity(source, mixture, config, task_field, image_root))
+            warm = (wu.WarmupConfig(max_length=config.max_length, paper=config.paper)
+                    if warmup is None else warmup)
+            if warm.paper != config.paper:
+                raise ConfigError("paper: the warm-up and the scoring settings disagree; fix: "
+                                  "paper=True for both, or for neither")
+            if reference is None:  # under torchrun, every rank trains its share
+                ref = wu.ensure_reference(run, source, mixture, labels, warm, dtype=dtype,
+                                          device=device, image_root=image_root, missing=missing,
+                                          replace=force, progress=progress, dist=dist, echo=echo)
+                echo(ref.message)
+                how = "trained" if ref.model is not None else "reused"
+            else:
+                ref, how = None, "given"
+            adapter = Path(reference) if reference is not None else run / wu.REFERENCE_DIR
+            peft_model, loaded = _reference_model(source, adapter, ref, dtype, device)
+            return _score(peft_model, loaded, source, adapter, mixture, labels.tasks, run, config,
+                          task_field, image_root, dist, force, progress, how)
     finally:
         dist.close()
+
+
+def _clean_temps(run: Path, echo: Any) -> None:
+    """Remove what killed runs left in ``run`` and its store (temporary names), and say so."""
+    from tive.fileio import remove_stale_temps
+
+    removed = remove_stale_temps(run) + remove_stale_temps(run / STORE_DIR)
+    if removed:
+        echo(f"removed {len(removed)} temporary file(s) left by killed runs: "
+             f"{', '.join(p.name for p in removed)}")
 
 
 def _reference_model(source: Any, adapter: Path, ref: Any, dtype: str,
@@ -560,7 +613,10 @@ def _reference_model(source: Any, adapter: Path, ref: Any, dtype: str,
     from peft import PeftModel
 
     try:
-        model = PeftModel.from_pretrained(loaded.model, str(adapter))
+        from tive.models.load import quiet_peft
+
+        with quiet_peft():
+            model = PeftModel.from_pretrained(loaded.model, str(adapter))
     except Exception as e:  # peft/safetensors: shape mismatches and damaged files
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise ConfigError(f"{adapter}: cannot load this adapter onto {source.spec} "
@@ -625,6 +681,7 @@ def _score(peft_model: Any, loaded: Any, source: Any, adapter: Path, mixture: Mi
     if dist.rank == 0:
         fold_parts(store)
         store = mark_complete(Store.open(root))
+        finish_replacement(root)
     dist.barrier()
     summary = summarize(Store.open(root), sum(len(rows) for rows in work), seconds, how)
     ignored = sum(1 for r in mixture if r.images and not has_placeholder(r)) \

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tive.errors import StoreError
-from tive.fileio import atomic_path
+from tive.fileio import atomic_path, check_space, preallocate
 
 FORMAT_VERSION = 1
 STORE_DIR = "store"
@@ -85,11 +85,13 @@ class Store:
                              f"score` or `tive import` first, or pass --run to the run folder")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise StoreError(f"{meta_path}: damaged ({e.msg}); fix: rebuild the store") from None
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"{meta_path}: store format {meta.get('format_version')!r}, this "
-                             f"tive reads {FORMAT_VERSION}; fix: rebuild it with this version")
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            why = getattr(e, "msg", None) or type(e).__name__
+            raise StoreError(f"{meta_path}: damaged ({why}); fix: rebuild the store") from None
+        except OSError as e:
+            raise StoreError(f"{meta_path}: cannot read ({e.strerror or e}); fix: check "
+                             f"permissions") from None
+        validate_meta(meta, meta_path)
         store = cls(root, meta)
         store._check_files()
         return store
@@ -125,10 +127,30 @@ class Store:
         return np.load(self.root / f"{name}.npy")
 
     def index(self) -> list[IndexEntry]:
-        """The rows' ids, tasks and content keys."""
-        with open(self.root / "index.jsonl", encoding="utf-8") as f:
-            return [IndexEntry(e["id"], e["task"], int(e["key"], 16))
-                    for e in map(json.loads, f)]
+        """The rows' ids, tasks and content keys.
+
+        Raises:
+            StoreError: ``index.jsonl`` missing, unreadable, malformed or of another length.
+        """
+        path = self.root / "index.jsonl"
+        entries = []
+        try:
+            with open(path, encoding="utf-8") as f:
+                for line, text in enumerate(f, 1):
+                    e = json.loads(text)
+                    if not (isinstance(e, dict) and isinstance(e.get("id"), str)
+                            and isinstance(e.get("task"), str) and isinstance(e.get("key"), str)):
+                        raise ValueError("expected {id, task, key} strings")
+                    entries.append(IndexEntry(e["id"], e["task"], int(e["key"], 16)))
+        except FileNotFoundError:
+            raise StoreError(f"{path}: missing from the store; fix: rebuild the store") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            raise StoreError(f"{path}: line {line} is damaged ({e}); fix: rebuild the "
+                             f"store") from None
+        if len(entries) != self.n_records:
+            raise StoreError(f"{path}: {len(entries):,} rows, meta.json says "
+                             f"{self.n_records:,}; the store is damaged; fix: rebuild it")
+        return entries
 
     def check_data(self, fingerprint: str, n_records: int, path: str | os.PathLike) -> None:
         """Refuse data other than the data this store was built from.
@@ -146,16 +168,81 @@ class Store:
             f"rebuild the store for this data in another --run folder")
 
     def _check_files(self) -> None:
+        """Every array present, readable, of the shape and type meta.json implies, and not
+        shorter on disk than its header says (a truncated file would be read past its end)."""
         n, k = self.n_records, self.dim
-        expected = {"features": (n, k), **{a: (n,) for a in ARRAYS}}
-        for name, shape in expected.items():
+        expected = {"features": ((n, k), np.dtype(self.meta["feature_dtype"])),
+                    **{a: ((n,), np.dtype(DTYPES[a])) for a in ARRAYS}}
+        for name, (shape, dtype) in expected.items():
             path = self.root / f"{name}.npy"
             if not path.exists():
                 raise StoreError(f"{path}: missing from the store; fix: rebuild the store")
-            got = np.load(path, mmap_mode="r").shape
-            if got != shape:
-                raise StoreError(f"{path}: shape {got}, meta.json says {shape}; the store is "
-                                 f"damaged; fix: rebuild it")
+            try:
+                with open(path, "rb") as f:
+                    version = np.lib.format.read_magic(f)
+                    header = {(1, 0): np.lib.format.read_array_header_1_0,
+                              (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                    if header is None:
+                        raise ValueError(f".npy format version {version}")
+                    got, _, kind = header(f)
+                    offset = f.tell()
+            except (ValueError, OSError, EOFError, SyntaxError) as e:
+                raise StoreError(f"{path}: not a .npy array ({str(e) or type(e).__name__}); the "
+                                 f"store is damaged; fix: rebuild it") from None
+            if got != shape or kind != dtype:
+                raise StoreError(f"{path}: shape {got} of {kind}, meta.json implies {shape} of "
+                                 f"{dtype}; the store is damaged; fix: rebuild it")
+            size = offset + int(np.prod(shape)) * dtype.itemsize
+            if path.stat().st_size < size:
+                raise StoreError(f"{path}: {path.stat().st_size:,} bytes, its header needs "
+                                 f"{size:,}: truncated; the store is damaged; fix: rebuild it")
+        self._check_index_length()
+
+    def _check_index_length(self) -> None:
+        """``index.jsonl`` present with one line per row (counted, not parsed: cheap)."""
+        path = self.root / "index.jsonl"
+        try:
+            with open(path, "rb") as f:
+                lines = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 22), b""))
+        except FileNotFoundError:
+            raise StoreError(f"{path}: missing from the store; fix: rebuild the store") from None
+        if lines != self.n_records:
+            raise StoreError(f"{path}: {lines:,} rows, meta.json says {self.n_records:,}; the "
+                             f"store is damaged; fix: rebuild it")
+
+
+def validate_meta(meta: Any, path: Path) -> None:
+    """The one schema of ``meta.json``: the keys and types every reader relies on.
+
+    Raises:
+        StoreError: naming the first key that is missing or of the wrong type.
+    """
+    if not isinstance(meta, dict):
+        raise StoreError(f"{path}: a JSON {type(meta).__name__}, expected an object; the store "
+                         f"is damaged; fix: rebuild it")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise StoreError(f"{path}: store format {meta.get('format_version')!r}, this tive reads "
+                         f"{FORMAT_VERSION}; fix: rebuild it with this version")
+    schema = {("data", "records"): int, ("data", "fingerprint"): str,
+              ("projector", "dim"): int, ("feature_dtype",): str}
+    for keys, kind in schema.items():
+        value: Any = meta
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool) or (
+                kind is int and value < 0):
+            raise StoreError(f"{path}: {'.'.join(keys)} is {value!r}, expected a "
+                             f"{'non-negative integer' if kind is int else 'string'}; the store "
+                             f"is damaged; fix: rebuild it")
+    if not isinstance(meta["data"].get("path"), (str, type(None))):
+        raise StoreError(f"{path}: data.path is {meta['data']['path']!r}, expected a string; the "
+                         f"store is damaged; fix: rebuild it")
+    if meta["feature_dtype"] not in ("float16", "float32", "float64"):
+        raise StoreError(f"{path}: feature_dtype {meta['feature_dtype']!r}, expected float16, "
+                         f"float32 or float64; the store is damaged; fix: rebuild it")
+    if "complete" in meta and not isinstance(meta["complete"], bool):
+        raise StoreError(f"{path}: complete is {meta['complete']!r}, expected true or false; "
+                         f"the store is damaged; fix: rebuild it")
 
 
 def write_store(
@@ -203,10 +290,10 @@ def write_store(
     }
     full_meta["projector"] = {**meta.get("projector", {}), "dim": int(k)}
     full_meta["data"] = {**meta["data"], "records": int(n)}
+    check_space(root.parent, store_bytes(n, k, feature_dtype), f"{root}: the store")
     with atomic_path(root, directory=True) as tmp:
         tmp.mkdir()
-        out = np.lib.format.open_memmap(tmp / "features.npy", mode="w+",
-                                        dtype=np.dtype(feature_dtype), shape=(n, k))
+        out = _features_file(tmp, n, k, feature_dtype)
         step = max(1, (1 << 24) // max(k, 1))
         for start in range(0, n, step):
             block = features[start:start + step]
@@ -236,6 +323,7 @@ def create_store(root: str | os.PathLike, *, n: int, k: int, index: Sequence[Ind
                  "feature_dtype": feature_dtype, "complete": False}
     full_meta["projector"] = {**meta["projector"], "dim": int(k)}
     full_meta["data"] = {**meta["data"], "records": int(n)}
+    check_space(root.parent, store_bytes(n, k, feature_dtype), f"{root}: the store")
     with atomic_path(root, directory=True) as tmp:
         tmp.mkdir()
         _empty_arrays(tmp, n, k, feature_dtype)
@@ -247,9 +335,23 @@ def create_store(root: str | os.PathLike, *, n: int, k: int, index: Sequence[Ind
     return Store.open(root)
 
 
+def store_bytes(n: int, k: int, feature_dtype: str) -> int:
+    """Disk space of a store of ``n`` rows × ``k`` features (index lines estimated)."""
+    per_row = sum(np.dtype(t).itemsize for t in DTYPES.values()) + 64  # arrays + index line
+    return n * k * np.dtype(feature_dtype).itemsize + n * per_row + (1 << 16)
+
+
+def _features_file(folder: Path, n: int, k: int, feature_dtype: str) -> np.memmap:
+    """``features.npy`` ``(n, k)`` created with its blocks reserved (a full disk is an error
+    here, not a SIGBUS when a mapped page is written later)."""
+    out = np.lib.format.open_memmap(folder / "features.npy", mode="w+",
+                                    dtype=np.dtype(feature_dtype), shape=(n, k))
+    preallocate(folder / "features.npy", f"{folder.parent}: the features ({n:,} × {k})")
+    return out
+
+
 def _empty_arrays(folder: Path, n: int, k: int, feature_dtype: str) -> None:
-    np.lib.format.open_memmap(folder / "features.npy", mode="w+", dtype=np.dtype(feature_dtype),
-                              shape=(n, k)).flush()
+    _features_file(folder, n, k, feature_dtype).flush()
     fill = {"norms": np.nan, "loss": np.nan, "ntokens": -1, "done": False, "skipped": 0}
     for name, value in fill.items():
         np.save(folder / f"{name}.npy", np.full(n, value, dtype=DTYPES[name]))

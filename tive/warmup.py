@@ -168,9 +168,12 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
     notice = recipe.notice(len(rows), config)
     if notice and echo is not None:
         echo(notice)
-    model = get_peft_model(loaded.model, lora_config(
-        loaded.model, config.r, config.alpha, config.dropout, targets,
-        modules_to_save=[projector] if projector else None))
+    from tive.models.load import quiet_peft
+
+    with quiet_peft():
+        model = get_peft_model(loaded.model, lora_config(
+            loaded.model, config.r, config.alpha, config.dropout, targets,
+            modules_to_save=[projector] if projector else None))
     if dist.world > 1:  # the same initial adapter everywhere, other dropout masks per rank
         torch.manual_seed(config.seed + 1 + dist.rank)
     key_parameters(model)  # the adapter must cover the key parameters: refuse before training

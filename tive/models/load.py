@@ -12,9 +12,17 @@ import torch
 from tive.errors import ConfigError, TiveError
 from tive.models.registry import ModelSource
 
-# peft asks transformers a deprecated question on every wrap of a loaded model (a FutureWarning
-# about `is_gradient_checkpointing`); nothing for a user to do, from the CLI or a notebook
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+PEFT_NOISE = "`is_gradient_checkpointing` is deprecated"
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Around peft's wrapping of a loaded model: peft asks transformers a deprecated question
+    (a FutureWarning about ``is_gradient_checkpointing``), nothing for a user to do, from the
+    CLI or a notebook. Local, so that it holds whatever warning filters the caller set."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PEFT_NOISE)
+        yield
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
