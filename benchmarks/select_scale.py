@@ -4,7 +4,7 @@ Builds (once, in ``--workdir``) a mixture of 665,298 tiny LLaVA records with the
 sizes, and a store of 665,298 × ``--dim`` fp16 features (11 GB at 8192) with task-clustered
 features; then runs ``tive select`` twice in child processes (the second at another budget,
 reading the values the first cached in ``RUN/cache``) and reports each one's wall time and its
-own peak RSS.
+own peak RSS (its ``VmHWM``).
 
     python benchmarks/select_scale.py --workdir /tmp/tive-scale --cold     # 665,298 × 8192
     python benchmarks/select_scale.py --workdir /tmp/tive-small --records 50000 --dim 1024
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -122,20 +122,32 @@ def main() -> None:
 
 
 def timed(cmd: list[str]) -> tuple[float, float]:
-    """Run ``cmd``; its wall time in s and the peak RSS in MB of that process alone.
+    """Run ``cmd`` (``tive select ...``); its wall time in s and the peak RSS in MB of that
+    process alone.
 
-    ``os.wait4`` returns the resource use of the one child waited for, not of every child
-    this script ever had (``RUSAGE_CHILDREN`` would also count the process that built the
-    store).
+    The peak is the child's own ``VmHWM`` (the high-water mark of its address space since its
+    ``exec``), which it writes to a file as it exits. ``RUSAGE_CHILDREN`` (and even ``wait4``'s
+    or the child's own ``getrusage``) would also count this script's memory at the fork: Linux
+    carries the pre-``exec`` peak into the child's ``ru_maxrss``, so right after building the
+    store in this process they reported its 11 GB.
     """
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode})")
-    return wall, usage.ru_maxrss / 1024
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "vmhwm"
+        code = ("import atexit, sys\n"
+                "def peak():\n"
+                "    for line in open('/proc/self/status'):\n"
+                "        if line.startswith('VmHWM:'):\n"
+                f"            open({str(report)!r}, 'w').write(line.split()[1])\n"
+                "atexit.register(peak)\n"
+                f"sys.argv = {['tive', *cmd[1:]]!r}\n"
+                "from tive.cli import main\n"
+                "main()\n")
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - t0
+        if proc.returncode:
+            raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode})")
+        return wall, int(report.read_text()) / 1024
 
 
 if __name__ == "__main__":
