@@ -213,3 +213,23 @@ def test_report_lists_a_random_selection_without_value_or_quota(mixture_run):
     out = run("report", "--run", mixture_run["run"]).output
     listing = out.split("subset-random-10.report.json")[1].splitlines()
     assert listing[1].split() == ["task", "selected"]
+
+
+def test_a_notebook_reuses_the_reference_the_cli_trained_by_a_relative_path(tmp_path,
+                                                                          monkeypatch):
+    from test_warmup import image_mixture
+    from zoo import save_llava_folder
+
+    import tive
+
+    save_llava_folder(tmp_path / "model")
+    data = image_mixture(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    run("warmup", "--model", "model", "--data", data, "--run", "out", "--lora-r", "4",
+        "--lora-alpha", "8", "--global-batch", "6", "--quiet")
+    with pytest.raises(tive.ConfigError, match="other settings"):  # still refused when other
+        tive.value_estimate(model=str(tmp_path / "model"), data=data, run=tmp_path / "out",
+                            warmup={"r": 8, "alpha": 16, "global_batch": 6}, progress=False)
+    report = tive.value_estimate(model=str(tmp_path / "model"), data=data, run=tmp_path / "out",
+                                 warmup={"r": 4, "alpha": 8, "global_batch": 6}, progress=False)
+    assert len(report.tasks) == 18 and (tmp_path / "out" / "store" / "meta.json").exists()

@@ -400,6 +400,14 @@ class Reference:
     message: str = ""
 
 
+def model_key(source: Any) -> str:
+    """The model as a reference records it: a folder or file given by path is resolved (so
+    ``examples/m`` from the CLI and ``/abs/examples/m`` from a notebook agree); an alias or
+    hub id stays as written."""
+    given = Path(source.spec)
+    return str(given.resolve()) if given.exists() else source.spec
+
+
 def ensure_reference(run: str | Path, source: Any, mixture: Mixture, labels: Any,
                      config: WarmupConfig, *, dtype: str = "auto", device: str = "auto",
                      image_root: Any = None, missing: np.ndarray | None = None,
@@ -426,13 +434,14 @@ def ensure_reference(run: str | Path, source: Any, mixture: Mixture, labels: Any
     usable = usable_rows(mixture, missing, source.family)
     rows = usable[warmup_sample(labels.tasks[usable], mixture.keys[usable], config.fraction,
                                 config.seed)]
-    identity = {"model": source.spec, "dtype": dtype, "data": mixture.fingerprint,
+    identity = {"model": model_key(source), "dtype": dtype, "data": mixture.fingerprint,
                 "settings": json.loads(json.dumps(asdict(config))),
                 "rows": [int(r) for r in rows], "tasks": sorted(set(labels.tasks[rows]))}
     existing = Path(run) / REFERENCE_DIR / "reference.json"
     if existing.exists() and not retrain:
         done = json.loads(existing.read_text(encoding="utf-8"))
-        if done.get("identity") == identity:
+        # references saved before model_key named the model as it was written
+        if done.get("identity") in (identity, {**identity, "model": source.spec}):
             return Reference(existing.parent, done, message=(
                 f"{existing.parent}: reference already trained with these settings "
                 f"({done['sample']['trained']:,} records, loss {done['loss']['first']:.4g} "
