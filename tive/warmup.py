@@ -404,8 +404,13 @@ def model_key(source: Any) -> str:
     """The model as a reference records it: a folder or file given by path is resolved (so
     ``examples/m`` from the CLI and ``/abs/examples/m`` from a notebook agree); an alias or
     hub id stays as written."""
-    given = Path(source.spec)
-    return str(given.resolve()) if given.exists() else source.spec
+    return _resolved(source.spec)
+
+
+def _resolved(spec: str) -> str:
+    """``spec`` resolved when it names an existing path, else as written."""
+    given = Path(spec)
+    return str(given.resolve()) if given.exists() else spec
 
 
 def ensure_reference(run: str | Path, source: Any, mixture: Mixture, labels: Any,
@@ -440,8 +445,10 @@ def ensure_reference(run: str | Path, source: Any, mixture: Mixture, labels: Any
     existing = Path(run) / REFERENCE_DIR / "reference.json"
     if existing.exists() and not retrain:
         done = json.loads(existing.read_text(encoding="utf-8"))
-        # references saved before model_key named the model as it was written
-        if done.get("identity") in (identity, {**identity, "model": source.spec}):
+        saved = dict(done.get("identity") or {})
+        if "model" in saved:  # a path saved as written (before model_key) resolves the same
+            saved["model"] = _resolved(saved["model"])
+        if saved == identity:
             return Reference(existing.parent, done, message=(
                 f"{existing.parent}: reference already trained with these settings "
                 f"({done['sample']['trained']:,} records, loss {done['loss']['first']:.4g} "
