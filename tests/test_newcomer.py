@@ -225,11 +225,14 @@ def test_a_notebook_reuses_the_reference_the_cli_trained_by_a_relative_path(tmp_
     save_llava_folder(tmp_path / "model")
     data = image_mixture(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
-    run("warmup", "--model", "model", "--data", data, "--run", "out", "--lora-r", "4",
-        "--lora-alpha", "8", "--global-batch", "6", "--quiet")
+    run("score", "--model", "model", "--data", data, "--run", "out", "--lora-r", "4",
+        "--lora-alpha", "8", "--warmup-global-batch", "6", "--quiet")
+    features = tmp_path / "out" / "store" / "features.npy"
+    scored = (features.stat().st_mtime_ns, features.read_bytes())
     with pytest.raises(tive.ConfigError, match="other settings"):  # still refused when other
         tive.value_estimate(model=str(tmp_path / "model"), data=data, run=tmp_path / "out",
                             warmup={"r": 8, "alpha": 16, "global_batch": 6}, progress=False)
     report = tive.value_estimate(model=str(tmp_path / "model"), data=data, run=tmp_path / "out",
                                  warmup={"r": 4, "alpha": 8, "global_batch": 6}, progress=False)
-    assert len(report.tasks) == 18 and (tmp_path / "out" / "store" / "meta.json").exists()
+    assert len(report.tasks) == 18
+    assert (features.stat().st_mtime_ns, features.read_bytes()) == scored  # reused, not redone
