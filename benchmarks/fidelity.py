@@ -12,8 +12,12 @@ records are computed (``--projector none``). Then for each projector and k:
 
 Target (issue "Benchmarks"): ρ ≥ 0.98 at k = 8192.
 
+With ``--key-layers last:8,...`` it also compares the features of the last N layers' key
+parameters with those of every layer (``tive score --key-layers``), and times both.
+
     python examples/build_model.py          # once
     python benchmarks/fidelity.py
+    python benchmarks/fidelity.py --dims "" --trak-dims "" --key-layers last:4,last:8,last:16
 """
 
 from __future__ import annotations
@@ -97,8 +101,13 @@ def main() -> None:
                         help="--key-layers settings to compare with every layer (empty: none)")
     args = parser.parse_args()
     model, loaded, mixture, tasks = reference_model(args.r)
-    grads, norms, dims = exact_gradients(model, loaded, mixture)
     names, codes = np.unique(tasks.astype(str), return_inverse=True)
+    if args.key_layers:
+        key_layers(model, loaded, mixture, codes, names,
+                   [s for s in args.key_layers.split(",") if s])
+    if not (args.dims or args.trak_dims):
+        return
+    grads, norms, dims = exact_gradients(model, loaded, mixture)
     valid = np.ones(len(grads), dtype=bool)
     truth, _ = instance_values(grads, codes, len(names), valid)
     exact_tv = task_values(norms, codes, len(names), valid)
@@ -131,15 +140,13 @@ def main() -> None:
         print(f"| {kind} | {k} | {min(rho.values()):.4f} | "
               f"{float(np.median(list(rho.values()))):.4f} | {good} of {len(rho)} | "
               f"{pooled:.4f} | {per_task} | {tv_err:.2%} | {seconds:.1f} |")
-    if args.key_layers:
-        key_layers(model, loaded, mixture, codes, names, truth, exact_tv,
-                   [s for s in args.key_layers.split(",") if s])
 
 
-def key_layers(model, loaded, mixture, codes, names, truth, exact_tv, settings) -> None:
-    """``--key-layers last:N`` against every layer: instance-value Spearman ρ (sparse JL,
-    k = 8192, float16) and task values from the last layers' exact norms, against the exact
-    all-layer values; the speed-up of the extraction (one pass each, same batches)."""
+def key_layers(model, loaded, mixture, codes, names, settings) -> None:
+    """``--key-layers last:N`` against every layer, both extracted as ``tive score`` does
+    (sparse JL, k = 8192, float16 rows): Spearman ρ of the instance values per task and over
+    all records, Spearman ρ of the task values (exact norms of each), and the speed-up of the
+    extraction (one timed pass each over the same batches, after a warm-up batch)."""
     from tive.encode import collate, encode_row, pad_id
     from tive.gradients import GradientFeatures
     from tive.lora import key_parameters, parse_key_layers
@@ -164,12 +171,14 @@ def key_layers(model, loaded, mixture, codes, names, truth, exact_tv, settings) 
             seconds = time.perf_counter() - start
         return np.concatenate(feats).astype(np.float16), np.concatenate(norms), seconds, dims
 
-    _, _, every_seconds, every_dims = run(None)
+    every, every_norms, every_seconds, every_dims = run(None)
+    truth, _ = instance_values(every, codes, len(names), valid)
+    exact_tv = task_values(every_norms, codes, len(names), valid)
     layers = len({k.name.split(".self_attn.")[0] for k in key_parameters(model)})
     print(f"\n--key-layers against all {layers} layers (D = {sum(every_dims):,}), sparse JL "
           f"k = {K_KEY}, float16; one extraction pass over the {len(items)} records:\n")
-    print("| key layers | D | ρ min over tasks | ρ median | ρ all records | task values: "
-          "Spearman with all layers | extraction speed-up |")
+    print("| key layers | D | instance values ρ: min over tasks | median | all records | "
+          "task values ρ | extraction speed-up |")
     print("|---|---|---|---|---|---|---|")
     for setting in settings:
         feats, norms, seconds, dims = run(parse_key_layers(setting))

@@ -112,10 +112,10 @@ def test_options_a_method_does_not_use_are_refused(imported, args, fragment):
 
 def test_budget_text_names_outputs_so_count_and_fraction_do_not_collide(imported):
     run("select", "--run", imported["run"], "--budget", "1")
-    run("select", "--run", imported["run"], "--budget", "1.0")
+    run("select", "--run", imported["run"], "--budget", "100%", "--no-oversample")
     assert len(json.loads((imported["run"] / "subset-tive-1.json").read_text())) == 1
-    assert len(json.loads((imported["run"] / "subset-tive-1.0.json").read_text())) == 36
-    report = json.loads((imported["run"] / "subset-tive-1.0.report.json").read_text())
+    assert len(json.loads((imported["run"] / "subset-tive-100%.json").read_text())) == 36
+    report = json.loads((imported["run"] / "subset-tive-100%.report.json").read_text())
     assert report["budget_kind"] == "fraction" and report["budget"] == 36
 
 
@@ -128,7 +128,7 @@ def test_report_lists_store_and_selections(imported):
 
 
 @pytest.mark.parametrize("budget, fragment", [
-    ("0", "must be positive"), ("-2", "must be positive"), ("1.2", "at most 1"),
+    ("0", "must be positive"), ("-2", "must be positive"), ("1.2", "a fraction is below 1"),
     ("37", "more than the 36 records")])
 def test_select_bad_budget_is_one_line(imported, budget, fragment):
     res = run("select", "--run", imported["run"], "--budget", budget, ok=False)

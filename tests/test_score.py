@@ -94,7 +94,7 @@ def test_score_writes_a_complete_store_and_select_reads_it(tmp_path, model_dir):
     res = invoke("score", "--model", model_dir, "--data", data, "--run", run, "--batch-size", 5,
                  "--proj-dim", 256, *SMALL)
     assert res.exit_code == 0 and "already trained" in res.output
-    assert "0 in this run" in res.output and store_bytes(run) == before
+    assert "already complete" in res.output and store_bytes(run) == before
 
 
 def test_batch_size_does_not_change_the_features(tmp_path, model_dir):
@@ -132,9 +132,13 @@ def test_other_settings_or_data_are_refused_with_both_versions(tmp_path, model_d
     other = text_mixture(tmp_path / "other", 13)
     res = invoke("score", "--model", model_dir, "--data", other, "--run", run, "--reference",
                  run / "reference", "--proj-dim", 64, "--max-length", 64, "--quiet")
-    assert res.exit_code == 2 and "records: 12 → 13" in res.stderr
-    res = invoke(*base, "--proj-dim", 64, "--force")  # same settings: --force keeps the work
-    assert res.exit_code == 0 and "0 in this run" in res.output
+    assert res.exit_code == 2 and "12 records, fingerprint" in res.stderr  # as select says it
+    assert f"{other} has 13 records, fingerprint" in res.stderr and str(data) in res.stderr
+    res = invoke(*base, "--proj-dim", 64, "--image-root", data.parent)  # the default, written out
+    assert res.exit_code == 0 and "already complete" in res.output, res.stderr
+    res = invoke(*[a for a in base if a != "--quiet"], "--proj-dim", 64, "--force")
+    assert res.exit_code == 0 and "already complete" in res.output  # --force kept the work
+    assert "0 in this run" not in res.output and "score:" not in res.stderr  # no empty bar
     res = invoke(*base, "--proj-dim", 32, "--force")
     assert res.exit_code == 0 and Store.open(run).dim == 32 and "12 in this run" in res.output
     res = invoke(*base, "--projector", "none", "--proj-dim", 8)

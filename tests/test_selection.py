@@ -188,7 +188,7 @@ def test_excluded_task_gets_nothing_and_budget_counts_all_records(report):
 
 @pytest.mark.parametrize("budget, message", [
     ("0", "must be positive"), ("-3", "must be positive"), ("-0.1", "must be positive"),
-    ("1.5", "at most 1"), ("37", "more than the 36 records"), ("abc", "not a number"),
+    ("1.5", "a fraction is below 1"), ("37", "more than the 36 records"), ("abc", "not a number"),
     ("0.001", "selects no record")])
 def test_bad_budgets_are_refused(report, budget, message):
     with pytest.raises(ConfigError, match=message):
@@ -198,7 +198,7 @@ def test_bad_budgets_are_refused(report, budget, message):
 def test_budget_forms(report):
     assert len(report.select(budget="25%").indices) == 9
     assert len(report.select(budget="10").indices) == 10
-    assert len(report.select(budget=1.0, oversample=False).indices) == 36
+    assert len(report.select(budget="100%", oversample=False).indices) == 36
 
 
 def test_baselines(mixture_run):

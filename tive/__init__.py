@@ -1,16 +1,39 @@
-"""tive: find the high-value part of a visual instruction-tuning mixture (TIVE)."""
+"""tive: find the high-value part of a visual instruction-tuning mixture (TIVE).
+
+The public names are loaded on first use, so that ``import tive`` (and ``tive --help``) stays
+light: numpy and torch are imported only by what needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-from tive.api import value_estimate  # noqa: E402
-from tive.config import Budget, Method, SelectConfig, Strategy  # noqa: E402
-from tive.data import Mixture, Record, Turn, load_mixture  # noqa: E402
-from tive.errors import ConfigError, DataError, StoreError, TiveError  # noqa: E402
-from tive.report import Report, Selection  # noqa: E402
-from tive.store import Store  # noqa: E402
+_WHERE = {
+    "value_estimate": "tive.api",
+    "Budget": "tive.config", "Method": "tive.config", "SelectConfig": "tive.config",
+    "Strategy": "tive.config",
+    "Mixture": "tive.data", "Record": "tive.data", "Turn": "tive.data",
+    "load_mixture": "tive.data",
+    "ConfigError": "tive.errors", "DataError": "tive.errors", "StoreError": "tive.errors",
+    "TiveError": "tive.errors",
+    "Report": "tive.report", "Selection": "tive.report",
+    "Store": "tive.store",
+}
 
-__all__ = [
-    "Budget", "ConfigError", "DataError", "Method", "Mixture", "Record", "Report", "SelectConfig",
-    "Selection", "Store", "Strategy", "StoreError", "TiveError", "Turn", "__version__",
-    "load_mixture", "value_estimate",
-]
+__all__ = sorted([*_WHERE, "__version__"])
+
+
+def __getattr__(name: str) -> Any:
+    """Import the module that defines ``name`` when it is first asked for (PEP 562)."""
+    if name not in _WHERE:
+        raise AttributeError(f"module 'tive' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

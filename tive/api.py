@@ -13,8 +13,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from tive import values as val
+from tive import values_cache as vc
 from tive.data import Mixture, load_mixture
 from tive.errors import ConfigError, DataError
+from tive.mixture_cache import load_labelled
 from tive.report import Report
 from tive.store import SKIP_REASONS, Store
 from tive.tasks import label_tasks
@@ -133,7 +135,14 @@ def value_estimate(
         left_out["missing-image"] = mixture.check_images(image_root, skip_missing_images)
     labels = label_tasks(mixture)
     return _paper(_report(arrays, labels.tasks, mixture.keys, left_out, mixture,
-                          labels.inferred, chunk_rows, source={"data": str(mixture.path)}), paper)
+                          labels.inferred, chunk_rows,
+                          source={"data": str(mixture.path),
+                                  "image_root": _root(mixture, image_root)}), paper)
+
+
+def _root(mixture: Mixture, image_root: Any) -> str:
+    """The absolute folder the mixture's relative image paths resolve against."""
+    return str(mixture.image_root(image_root).resolve())
 
 
 def _paper(report: Report, paper: bool) -> Report:
@@ -216,6 +225,7 @@ def _from_store(st: Store, data: DataArg | bool, task_field: str | None,
                 image_root: Any, check_images: bool, skip_missing_images: bool,
                 chunk_rows: int | None) -> Report:
     st.require_complete()
+    cache = (st.root.parent / vc.CACHE_DIR, vc.store_identity(st.root))
     arrays = _store_arrays(st)
     left_out: dict[str, np.ndarray] = arrays.pop("left_out")
     source = {"store": str(st.root)}
@@ -223,31 +233,43 @@ def _from_store(st: Store, data: DataArg | bool, task_field: str | None,
         index = st.index()
         tasks = np.array([e.task for e in index], dtype=object)
         keys = np.array([e.key for e in index], dtype=np.uint64)
-        return _report(arrays, tasks, keys, left_out, None, None, chunk_rows, source)
+        return _report(arrays, tasks, keys, left_out, None, None, chunk_rows, source, cache)
     if data is None:
         data = st.meta["data"]["path"]
         if not Path(data).exists():
             raise DataError(f"{data}: the data this store was built from is gone; fix: pass "
                             f"its current location with --data / data=")
-    mixture = _mixture(data, task_field or st.meta.get("settings", {}).get("task_field"))
+    field = task_field or st.meta.get("settings", {}).get("task_field")
+    if isinstance(data, Mixture):
+        mixture, labels = data, label_tasks(data)
+    else:  # labels and keys kept in RUN/cache for the next selection (tive.mixture_cache)
+        mixture, labels = load_labelled(data, field, cache[0])
     st.check_data(mixture.fingerprint, len(mixture), mixture.path)
     if check_images:
         fresh = mixture.check_images(image_root, skip_missing_images)
         left_out["missing-image"] = left_out["missing-image"] | fresh
-    labels = label_tasks(mixture)
+    root = image_root if image_root is not None else st.meta.get("settings", {}).get("image_root")
     return _report(arrays, labels.tasks, mixture.keys, left_out, mixture, labels.inferred,
-                   chunk_rows, {**source, "data": str(mixture.path)})
+                   chunk_rows, {**source, "data": str(mixture.path),
+                                "image_root": _root(mixture, root)}, cache)
 
 
 def _report(arrays: dict[str, Any], tasks: np.ndarray, keys: np.ndarray,
             left_out: dict[str, np.ndarray], mixture: Mixture | None,
             inferred: np.ndarray | None, chunk_rows: int | None,
-            source: dict[str, Any]) -> Report:
+            source: dict[str, Any], cache: tuple[Path, str] | None = None) -> Report:
+    """Values of the rows, and the :class:`Report` holding them.
+
+    ``cache`` is ``(RUN/cache, store identity)`` for a store: its instance values are kept
+    there for the next call (:mod:`tive.values_cache`).
+    """
     features, norms = arrays["features"], arrays["norms"]
     left_out["non-finite-norm"] = ~np.isfinite(norms)
     names, codes = np.unique(tasks.astype(str), return_inverse=True)
     valid = ~np.any(list(left_out.values()), axis=0)
-    iv, finite = val.instance_values(features, codes, len(names), valid, chunk_rows)
+    folder, identity = cache if cache is not None else (None, None)
+    iv, finite = vc.cached_instance_values(folder, identity, val.instance_values, features,
+                                           codes, [str(t) for t in names], valid, chunk_rows)
     left_out["non-finite-feature"] = ~finite
     valid = np.ones(len(norms), dtype=bool)
     invalid: dict[str, int] = {}

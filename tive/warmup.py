@@ -28,83 +28,13 @@ from tive.dist import Dist
 from tive.encode import IGNORE, Encoded
 from tive.errors import ConfigError, DataError
 from tive.fileio import atomic_path
+from tive.warmup_config import AUTHORS, WarmupConfig  # noqa: F401  (re-exported)
 
 REFERENCE_DIR = "reference"
 WARMUP_RATIO = 0.03  # share of the optimizer steps in the linear warm-up (HF's ceil rule)
 WEIGHT_DECAY = 0.0
 SCHEDULE = "cosine"
 MEMORY_ONLY = ("gradient_checkpointing",)  # settings that do not change the adapter
-
-# The TIVE authors' warm-up (their finetune_lora.sh: 16 records per device × 8 GPUs, bf16).
-# tive's defaults equal these; --paper refuses any other value of them.
-AUTHORS = {"fraction": 0.08, "r": 128, "alpha": 256, "dropout": 0.05, "lr": 2e-5,
-           "projector_lr": 2e-5, "epochs": 1, "global_batch": 128, "targets": (),
-           "train_projector": None, "bf16": True}
-
-
-@dataclass(frozen=True)
-class WarmupConfig:
-    """Warm-up settings; the defaults are the TIVE authors' recipe (see :data:`AUTHORS`).
-
-    Attributes:
-        fraction: share of the mixture in the sample (equal count per task).
-        seed: seed of the sample, the LoRA initialisation and the record order.
-        r, alpha, dropout: LoRA rank, alpha and dropout.
-        lr: learning rate of the LoRA matrices (AdamW, weight decay 0, cosine after a 3%
-            linear warm-up).
-        projector_lr: learning rate of the multimodal projector (the authors' mm_projector_lr).
-        train_projector: train the multimodal projector too; None: the family's default (yes
-            for LLaVA and Bunny, no for Qwen2-VL's merger and for text models, which have none).
-        epochs: passes over the sample.
-        global_batch: records per optimizer step, whatever the number of processes; the loss
-            of a step is the token mean over all its records.
-        batch_size: records per forward/backward on one device (memory only: the step is the
-            same, up to float rounding and dropout draws, for any value).
-        bf16: train under bfloat16 autocast.
-        max_length: tokens per record at most (longer records are truncated).
-        targets: LoRA on these linear layers of the language model (empty: every one).
-        paper: the authors' run exactly: any setting of :data:`AUTHORS` at another value is
-            refused, and training runs under bfloat16 autocast as theirs did.
-        gradient_checkpointing: recompute activations in the backward pass (memory only; the
-            authors trained with it; not part of the reference's identity).
-    """
-
-    fraction: float = 0.08
-    seed: int = 0
-    r: int = 128
-    alpha: int = 256
-    dropout: float = 0.05
-    lr: float = 2e-5
-    projector_lr: float = 2e-5
-    train_projector: bool | None = None
-    epochs: int = 1
-    global_batch: int = 128
-    batch_size: int = 4
-    bf16: bool = False
-    max_length: int = 2048
-    targets: tuple[str, ...] = ()
-    paper: bool = False
-    gradient_checkpointing: bool = False
-
-    def __post_init__(self) -> None:
-        if not 0 < self.fraction <= 1:
-            raise ConfigError(f"--fraction {self.fraction}: expected a fraction in (0, 1]")
-        for name in ("epochs", "global_batch", "batch_size", "max_length"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected ≥ 1")
-        for name in ("lr", "projector_lr"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected "
-                                  f"a positive learning rate")
-        object.__setattr__(self, "targets", tuple(self.targets))
-        if self.paper:
-            for name, value in AUTHORS.items():
-                if name != "bf16" and getattr(self, name) != value:
-                    raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: "
-                                      f"--paper trains with the authors' value "
-                                      f"({value if value != () else 'every linear layer'}); "
-                                      f"fix: leave it out, or leave out --paper")
-            object.__setattr__(self, "bf16", True)
 
 
 def warmup_sample(tasks: np.ndarray, keys: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -243,9 +173,12 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
         from tive.gradients import enable_checkpointing
 
         enable_checkpointing(loaded.model)
-    model = get_peft_model(loaded.model, lora_config(
-        loaded.model, config.r, config.alpha, config.dropout, targets,
-        modules_to_save=[projector] if projector else None))
+    from tive.models.load import quiet_peft
+
+    with quiet_peft():
+        model = get_peft_model(loaded.model, lora_config(
+            loaded.model, config.r, config.alpha, config.dropout, targets,
+            modules_to_save=[projector] if projector else None))
     if dist.world > 1:  # the same initial adapter everywhere, other dropout masks per rank
         torch.manual_seed(config.seed + 1 + dist.rank)
     key_parameters(model)  # the adapter must cover the key parameters: refuse before training
@@ -267,6 +200,8 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
             items = encoded_items(loaded, mixture, order, config.max_length, image_root,
                                   skipped if first else None, used if first else None)
             for step in _chunks(items, config.global_batch):
+                done = len(run.totals)
+                bar.set_description(f"warm-up step {done + 1}/{recipe.steps}", refresh=True)
                 run(step, bar)
                 _step(optimizer, schedule, params, dist)
     bar.close()
@@ -470,6 +405,19 @@ class Reference:
     message: str = ""
 
 
+def model_key(source: Any) -> str:
+    """The model as a reference records it: a folder or file given by path is resolved (so
+    ``examples/m`` from the CLI and ``/abs/examples/m`` from a notebook agree); an alias or
+    hub id stays as written."""
+    return _resolved(source.spec)
+
+
+def _resolved(spec: str) -> str:
+    """``spec`` resolved when it names an existing path, else as written."""
+    given = Path(spec)
+    return str(given.resolve()) if given.exists() else spec
+
+
 def ensure_reference(run: str | Path, source: Any, mixture: Mixture, labels: Any,
                      config: WarmupConfig, *, dtype: str = "auto", device: str = "auto",
                      image_root: Any = None, missing: np.ndarray | None = None,
@@ -497,13 +445,16 @@ def ensure_reference(run: str | Path, source: Any, mixture: Mixture, labels: Any
     rows = usable[warmup_sample(labels.tasks[usable], mixture.keys[usable], config.fraction,
                                 config.seed)]
     settings = {k: v for k, v in asdict(config).items() if k not in MEMORY_ONLY}
-    identity = {"model": source.spec, "dtype": dtype, "data": mixture.fingerprint,
+    identity = {"model": model_key(source), "dtype": dtype, "data": mixture.fingerprint,
                 "settings": json.loads(json.dumps(settings)),
                 "rows": [int(r) for r in rows], "tasks": sorted(set(labels.tasks[rows]))}
     existing = Path(run) / REFERENCE_DIR / "reference.json"
     if existing.exists() and not retrain:
         done = json.loads(existing.read_text(encoding="utf-8"))
-        if done.get("identity") == identity:
+        saved = dict(done.get("identity") or {})
+        if "model" in saved:  # a path saved as written (before model_key) resolves the same
+            saved["model"] = _resolved(saved["model"])
+        if saved == identity:
             return Reference(existing.parent, done, message=(
                 f"{existing.parent}: reference already trained with these settings "
                 f"({done['sample']['trained']:,} records, loss {done['loss']['first']:.4g} "

@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from tive.errors import ConfigError, TiveError
 from tive.models.registry import ModelSource
+
+PEFT_NOISE = "`is_gradient_checkpointing` is deprecated"
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Around peft's wrapping of a loaded model: peft asks transformers a deprecated question
+    (a FutureWarning about ``is_gradient_checkpointing``), nothing for a user to do, from the
+    CLI or a notebook. Local, so that it holds whatever warning filters the caller set."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=PEFT_NOISE)
+        yield
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -70,7 +84,8 @@ def load_model(source: ModelSource, dtype: str = "auto", device: str = "auto") -
     loader = {"llava": _llava, "bunny": _bunny, "qwen2-vl": _qwen2_vl,
               "causal-lm": _causal_lm}[source.family]
     try:
-        loaded = loader(source, dt)
+        with _quiet_transformers():
+            loaded = loader(source, dt)
     except TiveError:
         raise
     except Exception as e:  # transformers, safetensors, gguf: many types for a damaged folder
@@ -80,6 +95,20 @@ def load_model(source: ModelSource, dtype: str = "auto", device: str = "auto") -
                           f"matching model") from None
     loaded.model.to(dev).eval()
     return loaded
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Without transformers' own "Loading weights" progress bar (tive shows its own)."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _llava(source: ModelSource, dtype: torch.dtype) -> LoadedModel:

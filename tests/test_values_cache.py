@@ -1,0 +1,155 @@
+"""The values cache for sweeps: a cached selection is the uncached one, and a changed store
+is never read from an old cache."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from tive import values as val
+from tive import values_cache as vc
+from tive.api import value_estimate
+from tive.cli import main
+from tive.store import Store
+
+
+def cli(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    return result
+
+
+@pytest.fixture
+def store_run(mixture_run):
+    d = mixture_run["dir"]
+    cli("import", "--data", mixture_run["data"], "--features", d / "features.npy",
+        "--norms", d / "norms.npy", "--run", mixture_run["run"])
+    return mixture_run
+
+
+def uncached(run):
+    """The report of the store's own arrays, valued without the cache."""
+    st = Store.open(run["run"])
+    return value_estimate(features=np.array(st.features), norms=st.array("norms"),
+                          data=run["data"], check_images=False)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the passes over the features (calls of ``values.instance_values``)."""
+    counter = {"n": 0}
+    real = val.instance_values
+
+    def counted(*args, **kwargs):
+        counter["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(val, "instance_values", counted)
+    return counter
+
+
+def test_second_report_reads_the_cache_and_equals_an_uncached_one(store_run, calls):
+    first = value_estimate(store=store_run["run"])
+    assert calls["n"] == 1 and len(list((store_run["run"] / "cache").glob("values-*.npz"))) == 1
+    second = value_estimate(store=store_run["run"])
+    assert calls["n"] == 1  # read back, not computed
+    fresh = uncached(store_run)
+    assert np.array_equal(second.instance_values, first.instance_values, equal_nan=True)
+    assert np.array_equal(second.instance_values, fresh.instance_values, equal_nan=True)
+    assert np.array_equal(second.valid, first.valid)
+    assert second.task_values == first.task_values
+    for kwargs in ({"budget": 0.3}, {"budget": "50%", "strategy": "top"},
+                   {"budget": 7, "seed": 3, "temperature": 0.1},
+                   {"budget": 0.2, "exclude": ["vg"]}):
+        a, b = second.select(**kwargs), fresh.select(**kwargs)
+        assert np.array_equal(a.indices, b.indices) and a.quotas == b.quotas, kwargs
+
+
+def test_a_changed_store_is_valued_again(store_run, calls):
+    before = value_estimate(store=store_run["run"])
+    d = store_run["dir"]
+    other = np.load(d / "features.npy")[::-1].copy()  # other directions, same shape
+    np.save(d / "other.npy", other)
+    cli("import", "--data", store_run["data"], "--features", d / "other.npy",
+        "--norms", d / "norms.npy", "--run", store_run["run"], "--force")
+    after = value_estimate(store=store_run["run"])
+    assert calls["n"] == 2
+    fresh = uncached(store_run)
+    assert np.array_equal(after.instance_values, fresh.instance_values, equal_nan=True)
+    assert not np.allclose(after.instance_values, before.instance_values, equal_nan=True)
+
+
+def test_other_labels_or_validity_are_other_keys():
+    codes, valid = np.array([0, 1, 1, 0]), np.ones(4, dtype=bool)
+    key = vc.cache_key("id", codes, ["a", "b"], valid, None)
+    assert key == vc.cache_key("id", codes.copy(), ["a", "b"], valid.copy(), None)
+    assert len({key, vc.cache_key("id2", codes, ["a", "b"], valid, None),
+                vc.cache_key("id", np.array([0, 1, 1, 1]), ["a", "b"], valid, None),
+                vc.cache_key("id", codes, ["a", "c"], valid, None),
+                vc.cache_key("id", codes, ["a", "b"], ~valid, None),
+                vc.cache_key("id", codes, ["a", "b"], valid, 2)}) == 6
+
+
+def test_a_damaged_cache_file_is_computed_again(store_run, calls):
+    value_estimate(store=store_run["run"])
+    (path,) = (store_run["run"] / "cache").glob("values-*.npz")
+    path.write_bytes(b"not an npz")
+    again = value_estimate(store=store_run["run"])
+    assert calls["n"] == 2 and np.isfinite(again.instance_values[again.valid]).all()
+
+
+def test_only_the_newest_files_are_kept(tmp_path):
+    for i in range(vc.KEEP + 3):
+        vc._write(tmp_path / f"values-{i:02d}.npz", np.zeros(3), np.ones(3, dtype=bool))
+    assert len(list(tmp_path.glob("values-*.npz"))) == vc.KEEP
+
+
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_a_cached_mixture_is_the_mixture(store_run, tmp_path, jsonl):
+    import json
+
+    from tive.data import load_mixture
+    from tive.mixture_cache import load_labelled
+    from tive.tasks import label_tasks
+
+    data = store_run["data"]
+    if jsonl:
+        records = json.loads(data.read_text())
+        data = data.with_suffix(".jsonl")
+        data.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    cache = tmp_path / "cache"
+    first, labels1 = load_labelled(data, None, cache)
+    assert len(list(cache.glob("mixture-*.npz"))) == 1
+    second, labels2 = load_labelled(data, None, cache)
+    fresh = load_mixture(data)
+    assert type(second._records).__name__ == "_LazyRecords"  # read back from the cache
+    assert np.array_equal(labels2.tasks, label_tasks(fresh).tasks)
+    assert np.array_equal(labels2.inferred, label_tasks(fresh).inferred)
+    assert second.fingerprint == fresh.fingerprint and np.array_equal(second.keys, fresh.keys)
+    assert (second.container, second.schema, len(second)) == (fresh.container, fresh.schema,
+                                                             len(fresh))
+    assert list(second) == list(fresh) and second.ids == fresh.ids
+    second.write_subset([3, 1, 1], tmp_path / f"a{data.suffix}")
+    fresh.write_subset([3, 1, 1], tmp_path / f"b{data.suffix}")
+    written = [(tmp_path / f"{n}{data.suffix}").read_bytes() for n in "ab"]
+    assert written[0] == written[1]
+    records = json.loads(store_run["data"].read_text())
+    records[0]["conversations"][1]["value"] = "changed"
+    data.write_text(json.dumps(records) if not jsonl else
+                    "\n".join(json.dumps(r) for r in records) + "\n")
+    os.utime(data, ns=(1, 1))  # another size or time: another key
+    third, _ = load_labelled(data, None, cache)
+    assert type(third._records).__name__ == "list" and third.fingerprint != fresh.fingerprint
+
+
+def test_select_from_cache_writes_the_same_subset(store_run):
+    first = cli("select", "--run", store_run["run"], "--budget", "0.4", "-o",
+                store_run["run"] / "a.json").output
+    second = cli("select", "--run", store_run["run"], "--budget", "0.4", "-o",
+                 store_run["run"] / "b.json").output
+    assert len(list((store_run["run"] / "cache").glob("mixture-*.npz"))) == 1
+    assert first.replace("a.", "b.") == second
+    assert (store_run["run"] / "a.json").read_bytes() == (store_run["run"] / "b.json").read_bytes()
