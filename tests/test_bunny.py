@@ -150,14 +150,15 @@ def _chunks(tokenizer) -> tuple[list[int], list[int]]:
 
 
 def direct_logits(parts: dict, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Bunny's computation from its modules: (1, tokens, vocab) logits."""
+    """Bunny's computation from its modules: (1, tokens, vocab) logits. Its
+    ``BunnyPhiForCausalLM`` head has no bias, so Phi's head bias is left out."""
     pre, post = _chunks(parts["tokenizer"])
     embed = parts["phi"].get_input_embeddings()
     with torch.no_grad():
         hidden = parts["vision"](pixel_values, output_hidden_states=True).hidden_states[-2]
         patches = parts["projector"](hidden)  # (1, PATCHES, 40)
         embeds = torch.cat([embed(torch.tensor([pre])), patches, embed(torch.tensor([post]))], 1)
-        return parts["phi"](inputs_embeds=embeds).logits
+        return parts["phi"](inputs_embeds=embeds).logits - parts["phi"].lm_head.bias
 
 
 @pytest.mark.parametrize("variant", ["full", "imp", "padded"])
@@ -199,9 +200,54 @@ def test_image_token_grows_vocabulary_by_one_zero_row(bunnies):
     assert len(tokenizer) == vocab + 1
     assert model.lm_head.weight.shape == (vocab + 1, 40)
     assert torch.equal(model.lm_head.weight[vocab], torch.zeros(40))
-    assert model.lm_head.bias[vocab].item() == 0.0
-    assert torch.equal(model.lm_head.bias[:vocab], bunnies["full"]["phi"].lm_head.bias)
+    assert model.lm_head.bias is None  # Bunny's head has none; the checkpoint's is ignored
     assert model.get_input_embeddings().weight.shape == (vocab + 1, 40)
+
+
+def test_lm_head_bias_is_ignored_as_bunny_does_and_said(bunnies):
+    with pytest.warns(UserWarning, match="lm_head.bias, which Bunny's own BunnyPhiForCausalLM "
+                                         "does not use"):
+        load_bunny(bunnies["padded"]["folder"])
+
+
+def test_losses_take_the_softmax_over_bunnys_own_vocabulary(bunnies):
+    """With the vocabulary equal to the tokenizer length, <image> adds a zero head row; the
+    per-sample and warm-up losses must not give it softmax mass."""
+    from unittest import mock
+
+    import torch.nn.functional as F
+    from peft import get_peft_model
+
+    from tive.dist import Dist
+    from tive.gradients import GradientFeatures, text_vocab
+    from tive.lora import key_parameters, lora_config
+    from tive.projection import make_projector
+    from tive.warmup import WarmupConfig, _StepRunner
+
+    model, tokenizer = load_bunny(bunnies["full"]["folder"])
+    vocab = bunnies["full"]["vocab"]
+    assert text_vocab(model.config) == vocab
+    assert text_vocab(load_bunny(bunnies["padded"]["folder"])[0].config) is None
+    pre, post = _chunks(bunnies["full"]["tokenizer"])
+    ids = torch.tensor([pre + [model.config.image_token_id] * PATCHES + post])
+    labels = torch.full_like(ids, -100)
+    answer = len(tokenizer(ANSWER + SEP2).input_ids)
+    labels[0, -answer:] = ids[0, -answer:]
+    pixels = bunny_pixel_values([_image(36, 20)], 28)
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=pixels).logits[0, :-1]
+    own = F.cross_entropy(logits[:, :vocab], labels[0, 1:], ignore_index=-100).item()
+    wider = F.cross_entropy(logits, labels[0, 1:], ignore_index=-100).item()
+    assert abs(own - wider) > 1e-4  # the extra column would change the loss
+    peft = get_peft_model(model, lora_config(model, 2, 4, 0.0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+             "pixel_values": pixels}
+    dims = [k.numel for k in key_parameters(peft)]
+    with GradientFeatures(peft, make_projector("sparse-jl", dims, 8)) as features:
+        assert features(batch).loss[0] == pytest.approx(own, rel=1e-5)
+    runner = _StepRunner(peft, 0, WarmupConfig(batch_size=1), Dist())
+    with mock.patch("tive.encode.collate", return_value=batch), torch.no_grad():
+        assert runner._loss([object()]).item() == pytest.approx(own, rel=1e-5)
 
 
 def test_padded_vocabulary_takes_an_unused_row(bunnies):
@@ -319,3 +365,25 @@ def test_bunny_pixel_values_match_manual_pil_bicubic():
         assert (got - (manual - 0.5) / 0.5).abs().max().item() <= 1e-6
     with pytest.raises(DataError):
         bunny_pixel_values([], 28)
+
+
+def test_the_towers_own_preprocessor_config_is_read(tmp_path):
+    import json
+
+    from tive.models.bunny import ImageSettings, image_settings
+
+    parts = write_bunny(tmp_path / "b")
+    assert image_settings(parts["folder"], 28) == ImageSettings(28)  # none shipped: defaults
+    tower = tmp_path / "b-siglip"
+    (tower / "preprocessor_config.json").write_text(json.dumps({
+        "image_mean": [0.4, 0.5, 0.6], "image_std": [0.2, 0.3, 0.4], "resample": 2,
+        "size": {"height": 28, "width": 28}, "image_processor_type": "SiglipImageProcessor"}))
+    settings = image_settings(parts["folder"], 384)
+    assert settings == ImageSettings(28, (0.4, 0.5, 0.6), (0.2, 0.3, 0.4), 2)
+    image = _image(50, 30)
+    got = bunny_pixel_values([image], settings)[0]
+    square = expand2square(image, (102, 127, 153)).resize((28, 28), Image.BILINEAR)
+    manual = torch.from_numpy(np.asarray(square, dtype=np.float32) / 255).permute(2, 0, 1)
+    mean, std = torch.tensor([0.4, 0.5, 0.6])[:, None, None], torch.tensor([0.2, 0.3, 0.4])[
+        :, None, None]
+    assert (got - (manual - mean) / std).abs().max().item() <= 1e-5

@@ -270,9 +270,14 @@ def test_placeholders_must_match_the_images_given(family):
 
 
 @pytest.mark.parametrize("family", ["llava", "bunny"])
-def test_an_image_without_placeholder_goes_before_the_first_user_turn(family):
+def test_an_image_without_placeholder_is_ignored_as_its_trainer_does(family):
+    """LLaVA's and Bunny's trainers splice images only at ``<image>``: with none in the text
+    the record trains as text (Bunny's ``bunny_arch.py`` concatenates zero image rows)."""
     enc = encoder(family).encode(record(*TEXT, images=1), [picture()])
-    assert f"USER: {'<image>' * 4}\nWho knows? ASSISTANT:" in text(family, enc.input_ids)
+    plain = encoder(family).encode(record(*TEXT), [])
+    assert enc.input_ids == plain.input_ids and enc.labels == plain.labels
+    assert enc.images == 0 and enc.pixel_values is None
+    assert "<image>" not in text(family, enc.input_ids)
 
 
 def test_images_in_a_text_model_are_skipped():

@@ -62,12 +62,17 @@ def store_bytes(run: Path) -> dict[str, bytes]:
 def test_score_writes_a_complete_store_and_select_reads_it(tmp_path, model_dir):
     data = image_mixture(tmp_path / "data", n_per_task=4)
     (tmp_path / "data" / "gqa" / "1.png").unlink()  # one missing image: skipped, run goes on
+    records = json.loads(data.read_text())  # one image without <image>: scored as text
+    records[2]["conversations"][0]["value"] = records[2]["conversations"][0]["value"].replace(
+        "<image>\n", "")
+    data.write_text(json.dumps(records))
     run = tmp_path / "run"
     res = invoke("score", "--model", model_dir, "--data", data, "--run", run, "--batch-size", 5,
                  "--proj-dim", 256, *SMALL)
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert "trained on" in res.output and "scored 11 of 12 records" in res.output
     assert "skipped: 1 missing-image" in res.output
+    assert "1 record has an image but no <image> in the text: scored as text" in res.output
     assert re.search(r"\(12 in this run, \d+\.\d s, \d+\.\d\d records/s\)", res.output)
     store = Store.open(run)
     assert store.complete and store.dim == 256 and store.meta["projector"]["type"] == "sparse-jl"
@@ -244,7 +249,7 @@ def test_torchrun_warmup_trains_what_one_process_does(tmp_path, model_dir):
     data = text_mixture(tmp_path / "data", 40)
     args = ["score", "--model", model_dir, "--data", data, "--warmup-fraction", "0.5",
             "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0", "--warmup-lr", "0.01",
-            "--warmup-batch-size", "2", "--warmup-grad-accum", "3", "--warmup-epochs", "2",
+            "--warmup-batch-size", "2", "--warmup-global-batch", "6", "--warmup-epochs", "2",
             "--max-length", 256, "--batch-size", 3, "--proj-dim", 64, "--feature-dtype",
             "float32", "--device", "cpu", "--quiet"]
     res = one_then_two_processes(args, tmp_path)
@@ -253,10 +258,12 @@ def test_torchrun_warmup_trains_what_one_process_does(tmp_path, model_dir):
             for r in ("one", "two")]
     assert refs[0]["sample"] == refs[1]["sample"]
     assert (refs[0]["processes"], refs[1]["processes"]) == (1, 2)
-    # each step's 6 records split 3 + 3 (batch 2 cut in two: token-weighted halves)
+    # each step's 6 records split 3 + 3 (each rank's 3 in batches of 2 + 1, token-weighted)
     assert refs[1]["records_per_process"] == [20, 20]
     assert refs[0]["records_per_process"] == [40]
-    assert refs[0]["loss"]["steps"] == refs[1]["loss"]["steps"] == 20  # batches, both epochs
+    assert refs[0]["loss"]["steps"] == refs[1]["loss"]["steps"] == 8  # 6+6+6+2, both epochs
+    assert (refs[0]["recipe"]["accumulation"], refs[1]["recipe"]["accumulation"]) == (3, 2)
+    assert refs[0]["recipe"]["global_batch"] == refs[1]["recipe"]["global_batch"] == 6
     for key in ("first", "last"):
         assert refs[1]["loss"][key] == pytest.approx(refs[0]["loss"][key], rel=1e-5)
     weights = [load_file(tmp_path / r / "reference" / "adapter_model.safetensors")

@@ -136,7 +136,8 @@ def test_reloaded_adapter_gives_identical_outputs(tmp_path):
     mixture = load_mixture(image_mixture(tmp_path / "data", n_per_task=2))
     rows = np.arange(len(mixture))
     loaded = load_model(resolve(str(tmp_path / "model")), dtype="fp32", device="cpu")
-    config = WarmupConfig(fraction=1.0, r=4, alpha=8, dropout=0.0, lr=0.01, batch_size=3)
+    config = WarmupConfig(fraction=1.0, r=4, alpha=8, dropout=0.0, lr=0.01, global_batch=3,
+                          batch_size=3)
     result = train(loaded, mixture, rows, config, progress=False)
     assert len(result["losses"]) == 2 and result["skipped"] == {}
     save_reference(tmp_path / "run", result["model"], {"test": True})
@@ -228,7 +229,7 @@ def test_warmup_runs_for_each_visual_family_from_a_model_folder(tmp_path, family
     data = image_mixture(tmp_path / "data", n_per_task=2)
     res = CliRunner().invoke(main, ["warmup", "--model", str(tmp_path / "model"), "--data",
                                     str(data), "--run", str(tmp_path / "run"), "--fraction", "1",
-                                    "--lora-r", "2", "--lora-alpha", "4", "--batch-size", "3",
+                                    "--lora-r", "2", "--lora-alpha", "4", "--global-batch", "3",
                                     "--quiet"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     info = json.loads((tmp_path / "run/reference/reference.json").read_text())
@@ -276,3 +277,131 @@ def test_a_text_model_samples_only_text_records(tmp_path):
     assert usable_rows(mixture, none_missing, "llava").tolist() == list(range(6))
     with pytest.raises(DataError, match="none of the 6 records can be used"):
         usable_rows(mixture, np.ones(6, dtype=bool), "llava")
+
+
+def test_defaults_are_the_authors_recipe():
+    """The TIVE authors' finetune_lora.sh: r 128, alpha 256, dropout 0.05, lr 2e-5 (projector
+    2e-5), cosine after 3% warm-up, weight decay 0, one epoch, 16 × 8 GPUs = 128 per step."""
+    from tive import warmup as wu
+
+    config = WarmupConfig()
+    assert (config.r, config.alpha, config.dropout) == (128, 256, 0.05)
+    assert (config.lr, config.projector_lr, config.epochs, config.global_batch) == \
+        (2e-5, 2e-5, 1, 128)
+    assert config.fraction == 0.08 and config.targets == () and config.train_projector is None
+    assert (wu.WARMUP_RATIO, wu.WEIGHT_DECAY, wu.SCHEDULE) == (0.03, 0.0, "cosine")
+    assert {k: getattr(config, k) for k in wu.AUTHORS if k != "bf16"} == \
+        {k: v for k, v in wu.AUTHORS.items() if k != "bf16"}
+
+
+def test_recipe_reaches_the_global_batch_by_accumulation():
+    from tive.warmup import plan_recipe
+
+    config = WarmupConfig()  # 128 per step, 4 per forward
+    assert plan_recipe(config, 53_223, 1, None) == \
+        plan_recipe(config, 53_223, 1, None).__class__(416, 13, 32, None)
+    assert plan_recipe(config, 53_223, 8, "p").accumulation == 4  # 16 per GPU: 4 × 4
+    one = plan_recipe(config, 17, 1, None)
+    assert (one.steps, one.warmup_steps, one.accumulation) == (1, 1, 5)
+    assert "smaller than the global batch (128): one optimizer step" in one.notice(17, config)
+    assert "learning rate 0" in one.notice(17, config)
+    assert plan_recipe(config, 500, 1, None).notice(500, config) is None
+
+
+def _trained(tmp_path, batch_size):
+    from zoo import save_llava_folder
+
+    from tive.data import load_mixture
+    from tive.models.load import load_model
+    from tive.models.registry import resolve
+    from tive.warmup import train
+
+    if not (tmp_path / "model").exists():
+        save_llava_folder(tmp_path / "model")
+        image_mixture(tmp_path / "data", n_per_task=2)
+    mixture = load_mixture(tmp_path / "data" / "mix.json")
+    loaded = load_model(resolve(str(tmp_path / "model")), dtype="fp32", device="cpu")
+    original = {k: v.clone() for k, v in loaded.model.state_dict().items()
+                if "multi_modal_projector" in k}
+    config = WarmupConfig(fraction=1.0, r=4, alpha=8, dropout=0.0, lr=0.01, projector_lr=0.01,
+                          epochs=2, global_batch=6, batch_size=batch_size)
+    result = train(loaded, mixture, np.arange(len(mixture)), config, progress=False)
+    return result, original, mixture, config
+
+
+def test_projector_is_trained_saved_and_restored_for_scoring(tmp_path):
+    import json
+
+    import torch
+    from peft import PeftModel
+
+    from tive.models.load import load_model
+    from tive.models.registry import resolve
+    from tive.warmup import recipe_info, save_reference
+
+    result, original, _, config = _trained(tmp_path, 3)
+    assert result["recipe"].projector == "model.multi_modal_projector"
+    trained = {k.replace("base_model.model.", "").replace(".modules_to_save.default", ""):
+               v.detach().clone() for k, v in result["model"].state_dict().items()
+               if "multi_modal_projector" in k and "modules_to_save" in k}
+    assert trained.keys() == original.keys() and len(trained) == 4
+    assert max(float((trained[k] - original[k]).abs().max()) for k in trained) > 1e-3
+    info = recipe_info(config, result["recipe"], 1, result["model"])
+    save_reference(tmp_path / "run", result["model"], {"recipe": info})
+    saved = json.loads((tmp_path / "run/reference/adapter_config.json").read_text())
+    assert saved["modules_to_save"] == ["model.multi_modal_projector"]
+    fresh = load_model(resolve(str(tmp_path / "model")), dtype="fp32", device="cpu").model
+    assert all(torch.equal(fresh.state_dict()[k], original[k]) for k in original)
+    reloaded = PeftModel.from_pretrained(fresh, str(tmp_path / "run/reference")).eval()
+    again = {k.replace("base_model.model.", "").replace(".modules_to_save.default", ""): v
+             for k, v in reloaded.state_dict().items()
+             if "multi_modal_projector" in k and "modules_to_save" in k}
+    assert again.keys() == trained.keys()
+    assert all(torch.equal(again[k], trained[k]) for k in trained)
+    assert info["global_batch"] == 6 and info["per_device_batch"] == 3
+    assert info["accumulation"] == 2 and info["processes"] == 1 and info["steps"] == 2
+    assert info["lr"] == 0.01 and info["schedule"] == "cosine" and info["warmup_ratio"] == 0.03
+    assert info["projector"] == "model.multi_modal_projector" and info["lora"]["r"] == 4
+
+
+def test_a_step_does_not_depend_on_the_per_device_batch(tmp_path):
+    """Global batch 6 as 6, 3 + 3 or 4 + 2 records per forward: the same step (no dropout)."""
+    import torch
+
+    results = [_trained(tmp_path, b)[0] for b in (6, 3, 4)]
+    states = [{k: v.detach() for k, v in r["model"].state_dict().items()
+               if "lora_" in k or "modules_to_save" in k} for r in results]
+    moved = max(float(v.abs().max()) for k, v in states[0].items() if "lora_B" in k)
+    assert moved > 1e-3
+    for other, r in zip(states[1:], results[1:]):
+        assert other.keys() == states[0].keys()
+        for k in states[0]:
+            torch.testing.assert_close(other[k], states[0][k], rtol=1e-4, atol=1e-6)
+        assert r["losses"] == pytest.approx(results[0]["losses"], rel=1e-5)
+    assert len(results[0]["losses"]) == 2  # one loss per optimizer step
+
+
+def test_small_sample_says_it_is_one_step_and_text_models_have_no_projector(tmp_path):
+    from click.testing import CliRunner
+    from zoo import save_llava_folder
+
+    from tive.cli import main
+    from tive.lora import trained_projector
+
+    save_llava_folder(tmp_path / "model")
+    data = image_mixture(tmp_path / "data", n_per_task=2)
+    res = CliRunner().invoke(main, ["warmup", "--model", str(tmp_path / "model"), "--data",
+                                    str(data), "--run", str(tmp_path / "run"), "--fraction",
+                                    "1", "--lora-r", "2", "--lora-alpha", "4", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("smaller than the global batch (128): one optimizer step") == 1
+    from zoo import text_llama
+
+    model = text_llama()
+    assert trained_projector(model, "causal-lm", None) is None
+    with pytest.raises(ConfigError, match="--train-projector: this causal-lm model has no"):
+        trained_projector(model, "causal-lm", True)
+    from zoo import llava_clip_llama
+
+    assert trained_projector(llava_clip_llama(), "llava", False) is None
+    assert trained_projector(llava_clip_llama(), "llava", None) == "model.multi_modal_projector"

@@ -45,6 +45,7 @@ def value_estimate(
     device: str | None = None,
     force: bool | None = None,
     progress: bool | None = None,
+    paper: bool = False,
 ) -> Report:
     """Task and instance values of a mixture: computed with a model, or from a feature store,
     or from arrays.
@@ -83,6 +84,9 @@ def value_estimate(
             for arrays, no for a store (its builder checked them and recorded the skips).
         skip_missing_images: leave records with missing images out instead of raising.
         chunk_rows: feature rows read at a time (default: about 64 MiB).
+        paper: the TIVE authors' run exactly: with ``model``, their warm-up and TRAK's
+            projection (``score``/``warmup`` may not say otherwise); and the report's
+            ``select`` then selects as their script did (see ``tive select --paper``).
 
     Returns:
         a :class:`~tive.report.Report`; call ``.select(budget=0.075)`` on it.
@@ -91,15 +95,15 @@ def value_estimate(
         ConfigError: arguments that contradict each other or would be ignored.
     """
     if model is not None:
-        return _with_model(model, data, run or "tive-out", reference, score, warmup,
-                           dtype or "auto", device or "auto", bool(force),
-                           progress is not False, task_field, image_root, skip_missing_images,
-                           chunk_rows,
+        return _paper(_with_model(model, data, run or "tive-out", reference, score, warmup,
+                             dtype or "auto", device or "auto", bool(force),
+                             progress is not False, task_field, image_root,
+                             skip_missing_images, chunk_rows, paper,
                            given=[k for k, v in (("store", store), ("features", features),
                                                  ("norms", norms), ("tasks", tasks),
                                                  ("loss", loss), ("ntokens", ntokens),
                                                  ("check_images", check_images))
-                                  if v is not None])
+                                  if v is not None]), paper)
     given = [k for k, v in (("run", run), ("reference", reference), ("score", score),
                             ("warmup", warmup), ("dtype", dtype), ("device", device),
                             ("force", force), ("progress", progress)) if v is not None]
@@ -110,16 +114,16 @@ def value_estimate(
                      image_root=image_root, skip_missing_images=skip_missing_images)
     if store is not None:
         st = store if isinstance(store, Store) else Store.open(store)
-        return _from_store(st, data, task_field, image_root, bool(check_images),
-                           skip_missing_images, chunk_rows)
+        return _paper(_from_store(st, data, task_field, image_root, bool(check_images),
+                                  skip_missing_images, chunk_rows), paper)
     arrays = _given_arrays(features, norms, loss, ntokens)
     n = arrays["norms"].shape[0]
     if data is None:
         task_arr = np.asarray([str(t) for t in tasks], dtype=object)
         if len(task_arr) != n:
             raise ConfigError(f"value_estimate: {len(task_arr)} tasks for {n} feature rows")
-        return _report(arrays, task_arr, np.arange(n, dtype=np.uint64), {}, None, None,
-                       chunk_rows, source={})
+        return _paper(_report(arrays, task_arr, np.arange(n, dtype=np.uint64), {}, None, None,
+                              chunk_rows, source={}), paper)
     mixture = _mixture(data, task_field)
     if len(mixture) != n:
         raise DataError(f"{mixture.path}: {len(mixture):,} records but {n:,} feature rows; "
@@ -128,14 +132,19 @@ def value_estimate(
     if check_images is not False:
         left_out["missing-image"] = mixture.check_images(image_root, skip_missing_images)
     labels = label_tasks(mixture)
-    return _report(arrays, labels.tasks, mixture.keys, left_out, mixture, labels.inferred,
-                   chunk_rows, source={"data": str(mixture.path)})
+    return _paper(_report(arrays, labels.tasks, mixture.keys, left_out, mixture,
+                          labels.inferred, chunk_rows, source={"data": str(mixture.path)}), paper)
+
+
+def _paper(report: Report, paper: bool) -> Report:
+    report.paper = paper
+    return report
 
 
 def _with_model(model: str, data: Any, run: Any, reference: Any, score: Any, warmup: Any,
                 dtype: str, device: str, force: bool, progress: bool, task_field: str | None,
                 image_root: Any, skip_missing_images: bool, chunk_rows: int | None,
-                given: list[str]) -> Report:
+                paper: bool, given: list[str]) -> Report:
     """Score ``data`` with ``model`` into ``run/store``, then report from that store."""
     from tive.score import ScoreConfig, run_score
     from tive.warmup import WarmupConfig
@@ -145,10 +154,11 @@ def _with_model(model: str, data: Any, run: Any, reference: Any, score: Any, war
                           f"{'=, '.join(given)}=")
     if data is None or data is False:
         raise ConfigError("value_estimate: model= needs data= (the mixture to score)")
-    config = _config(ScoreConfig, score, "score", {})
+    config = _config(ScoreConfig, score, "score", {"paper": paper})
     if reference is not None and warmup is not None:
         raise ConfigError("value_estimate: reference= is a trained adapter; leave out warmup=")
-    warm = _config(WarmupConfig, warmup, "warmup", {"max_length": config.max_length})
+    warm = _config(WarmupConfig, warmup, "warmup",
+                   {"max_length": config.max_length, "paper": paper})
     mixture = _mixture(data, task_field)
     summary = run_score(model, mixture, run, reference=reference, config=config, warmup=warm,
                         dtype=dtype, device=device, task_field=task_field,

@@ -209,6 +209,8 @@ def select(run: Path, output: Path | None, data: Path | None, task_field: str | 
         output = run / name
     paths = selection.save(output)
     click.echo(selection.table())
+    for note in selection.notes:
+        click.echo(note)
     left = sum(report.invalid.values())
     click.echo(f"\nselected {len(selection.indices):,} of {len(report.tasks):,} records "
                f"({len(np.unique(selection.indices)):,} distinct)"
@@ -263,13 +265,26 @@ WARMUP_HELP = {
     "fraction": "Share of the mixture in the warm-up sample (equal count per task).",
     "seed": "Seed of the sample and of training.",
     "r": "LoRA rank.", "alpha": "LoRA alpha.", "dropout": "LoRA dropout.",
-    "lr": "Learning rate (AdamW, cosine schedule, 3% warm-up steps).",
-    "epochs": "Passes over the sample.", "batch_size": "Records per step.",
-    "grad_accum": "Steps accumulated per optimizer update.",
+    "lr": "Learning rate of the LoRA matrices (AdamW, weight decay 0, cosine schedule after a "
+          "3% linear warm-up).",
+    "projector_lr": "Learning rate of the multimodal projector.",
+    "train_projector": "Train the multimodal projector too  [default: yes for LLaVA and Bunny, "
+                       "no for Qwen2-VL's merger]",
+    "epochs": "Passes over the sample.",
+    "global_batch": "Records per optimizer step, however many processes share it.",
+    "batch_size": "Records per forward/backward on one device (memory only; reached by "
+                  "gradient accumulation).",
     "bf16": "Train under bfloat16 autocast.",
     "max_length": "Tokens per record at most (longer records are truncated).",
     "targets": "LoRA on these linear layers of the language model, comma-separated (e.g. "
                "q_proj,v_proj); default: every linear layer (the authors')."}
+PAPER_HELP = {
+    "warmup": "The TIVE authors' run exactly: refuses warm-up settings other than theirs and "
+              "trains under bfloat16 autocast.",
+    "score": "The TIVE authors' run exactly: their warm-up recipe, TRAK's projector (seed 0, "
+             "8192 dims, float16 features; its CUDA kernel on a GPU).",
+    "select": "The TIVE authors' selection exactly: soft draw at τ=1000, oversampling, "
+              "quotas truncated to integers as their int(), textcaps excluded when present."}
 
 
 def _warmup_option_name(name: str, prefixed: bool) -> str:
@@ -289,7 +304,7 @@ def _warmup_options(prefixed: bool = False) -> Callable[[Callable], Callable]:
 
     def decorate(f: Callable) -> Callable:
         for fd in reversed(fields(WarmupConfig)):
-            if prefixed and fd.name == "max_length":
+            if (prefixed and fd.name == "max_length") or fd.name == "paper":
                 continue
             name = _warmup_option_name(fd.name, prefixed)
             dest = f"warmup_{fd.name}" if prefixed else fd.name
@@ -297,6 +312,11 @@ def _warmup_options(prefixed: bool = False) -> Callable[[Callable], Callable]:
                 f = click.option(name, dest, default="", metavar="NAMES",
                                  callback=lambda ctx, p, v: tuple(x for x in v.split(",") if x),
                                  help=WARMUP_HELP["targets"])(f)
+                continue
+            if fd.name == "train_projector":
+                flag = name.replace("--", "")
+                f = click.option(f"--{flag}/--no-{flag}", dest, default=None,
+                                 help=WARMUP_HELP[fd.name])(f)
                 continue
             kwargs: dict[str, Any] = {"default": fd.default, "show_default": True,
                                       "help": WARMUP_HELP[fd.name]}
@@ -328,13 +348,15 @@ def _model_options(f: Callable) -> Callable:
 @click.option("--run", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RUN,
               show_default=True, help="Run folder; the adapter goes to RUN/reference.")
 @_warmup_options()
+@click.option("--paper", is_flag=True, help=PAPER_HELP["warmup"])
 @click.option("--force", is_flag=True, help="Retrain even if RUN/reference exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_data_options
 def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, force: bool,
            quiet: bool, task_field: str | None, image_root: Path | None,
            skip_missing_images: bool, **settings: Any) -> None:
-    """Train the warm-up LoRA reference model on an equal-per-task sample of the mixture."""
+    """Train the warm-up LoRA reference model on an equal-per-task sample of the mixture
+    (the TIVE authors' recipe by default; see the README's table)."""
     from tive import warmup as wu
     from tive.data import load_mixture
     from tive.dist import Dist
@@ -350,7 +372,8 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
                                   dtype=dtype, device=dist.device(device),
                                   image_root=image_root,
                                   missing=mixture.check_images(image_root, skip_missing_images),
-                                  retrain=force, progress=not quiet, dist=dist)
+                                  retrain=force, progress=not quiet, dist=dist,
+                                  echo=click.echo)
     finally:
         dist.close()
     if dist.rank == 0:
@@ -371,20 +394,20 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
               help="Tokens per record at most, for warm-up and scoring (longer records are "
                    "truncated).")
 @click.option("--projector", type=click.Choice(["sparse-jl", "trak", "none"]),
-              default="sparse-jl", show_default=True,
               help="sparse-jl: seeded sparse Johnson-Lindenstrauss, the same on every device; "
                    "trak: TRAK's Rademacher projector, as the TIVE authors used it; none: the "
-                   "whole gradient (small models only).")
+                   "whole gradient (small models only).  [default: sparse-jl]")
 @click.option("--proj-dim", type=int, help="Features per record (default 8192).")
 @click.option("--seed", type=int, help="Seed of the projection (default 0).")
 @click.option("--jl-nnz", type=int,
               help="Non-zeros per gradient coordinate of the sparse JL map (default 1).")
-@click.option("--feature-dtype", type=click.Choice(["float16", "float32"]), default="float16",
-              show_default=True, help="Storage type of the features.")
+@click.option("--feature-dtype", type=click.Choice(["float16", "float32"]),
+              help="Storage type of the features.  [default: float16]")
 @click.option("--group-by-length/--no-group-by-length", default=True, show_default=True,
               help="Batch records of similar length together (less padding; the features do "
                    "not depend on it beyond float rounding).")
 @_warmup_options(prefixed=True)
+@click.option("--paper", is_flag=True, help=PAPER_HELP["score"])
 @click.option("--force", is_flag=True,
               help="Replace a store or reference made with other settings instead of refusing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -394,8 +417,9 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
                             "run without this flag).")
 def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
           reference: Path | None, batch_size: int, max_length: int, projector: str,
-          proj_dim: int | None, seed: int | None, jl_nnz: int | None, feature_dtype: str,
-          group_by_length: bool, force: bool, quiet: bool, task_field: str | None,
+          proj_dim: int | None, seed: int | None, jl_nnz: int | None,
+          feature_dtype: str | None, group_by_length: bool, paper: bool, force: bool,
+          quiet: bool, task_field: str | None,
           image_root: Path | None, skip_missing_images: bool, **warmup: Any) -> None:
     """Per-record gradient features of the reference model, written to RUN/store.
 
@@ -409,13 +433,15 @@ def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
 
     config = ScoreConfig(batch_size=batch_size, max_length=max_length, projector=projector,
                          proj_dim=proj_dim, seed=seed, jl_nnz=jl_nnz,
-                         feature_dtype=feature_dtype, group_by_length=group_by_length)
+                         feature_dtype=feature_dtype, group_by_length=group_by_length,
+                         paper=paper)
     given = [k for k, v in warmup.items() if v != _default_warmup(k)]
     if reference is not None and given:
         names = ", ".join(_warmup_option_name(g[len("warmup_"):], True) for g in given)
         raise click.UsageError(f"--reference is a trained adapter; leave out the warm-up "
                                f"options ({names})")
-    warm = WarmupConfig(max_length=max_length, **{k[7:]: v for k, v in warmup.items()})
+    warm = WarmupConfig(max_length=max_length, paper=paper,
+                        **{k[7:]: v for k, v in warmup.items()})
     summary = run_score(model_spec, data, run, reference=reference, config=config, warmup=warm,
                         dtype=dtype, device=device, task_field=task_field,
                         image_root=image_root, skip_missing_images=skip_missing_images,

@@ -105,6 +105,12 @@ class Budget:
                               f"of the mixture; fix: at most {n_records}, or a fraction")
         return int(self.value)
 
+    def exact(self, n_records: int) -> float:
+        """B before rounding: ``p·N`` for a fraction, the count itself for a count (the TIVE
+        authors' quotas are shares of this number, truncated)."""
+        self.resolve(n_records)  # the same checks
+        return self.value * n_records if self.is_fraction else self.value
+
     def to_dict(self) -> dict[str, Any]:
         return {"text": self.text, "kind": "fraction" if self.is_fraction else "count",
                 "value": self.value if self.is_fraction else int(self.value)}
@@ -130,6 +136,11 @@ APPLIES = {
     Method.BALANCED: {"seed", "oversample"},
     Method.KMEANS: {"seed", "oversample", "clusters", "quota"},
 }
+# The TIVE authors' select_data_TIVE.py: soft draw with q = 0.001 (τ = 1000), oversampling,
+# quotas int(B·V(t)/ΣV), textcaps left out of LLaVA-665K.
+AUTHORS = {"method": Method.TIVE, "strategy": Strategy.SOFT, "temperature": 1000.0,
+           "oversample": True}
+AUTHORS_EXCLUDE = "textcaps"
 DEFAULTS = {"strategy": Strategy.SOFT, "temperature": 1000.0, "seed": 0, "oversample": True,
             "clusters": None, "quota": QuotaBy.SIZE}
 
@@ -167,6 +178,10 @@ class SelectConfig:
         "A quota above its task's size repeats the task (the authors'); --no-oversample caps it "
         "and gives the surplus to the other tasks in proportion to their value.", "oversample",
         flag="--oversample/--no-oversample"))
+    paper: bool = field(default=False, metadata=_help(
+        "The TIVE authors' selection exactly: soft draw at τ=1000 with oversampling, quotas "
+        "truncated to integers as their int() (the subset may fall a few records short of the "
+        "budget), textcaps excluded when present.", is_flag=True))
     clusters: int | None = field(default=None, metadata=_help(
         "k-means clusters per task for kmeans: the task's quota is shared among its clusters "
         "in proportion to their size, nearest records first.", "the task's quota "
@@ -181,6 +196,8 @@ class SelectConfig:
         set_("method", _enum(Method, self.method, "--method"))
         if self.strategy is not None:
             set_("strategy", _enum(Strategy, self.strategy, "--strategy"))
+        if self.paper:
+            self._paper()
         if self.quota is not None:
             set_("quota", _enum(QuotaBy, self.quota, "--quota"))
         set_("exclude", tuple(dict.fromkeys(self.exclude)))
@@ -207,6 +224,16 @@ class SelectConfig:
                                           or not isinstance(self.clusters, int)
                                           or self.clusters < 1):
             raise ConfigError(f"--clusters {self.clusters!r}: expected a positive integer")
+
+    def _paper(self) -> None:
+        """Refuse settings other than the authors'; set theirs."""
+        for name, value in AUTHORS.items():
+            given = getattr(self, name)
+            if given is not None and given != value:
+                raise ConfigError(f"--{name} {_plain(given)}: --paper selects as the authors "
+                                  f"did ({name} {_plain(value)}); fix: leave out --{name} or "
+                                  f"--paper")
+            object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}

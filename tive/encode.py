@@ -163,6 +163,11 @@ def _image_problem(record: Record, n_images: int) -> str | None:
     return None
 
 
+def has_placeholder(record: Record) -> bool:
+    """True when some turn of ``record`` holds ``<image>``."""
+    return any(IMAGE in t.text for t in record.turns)
+
+
 def _place_images(dialog: list[Turn], n_images: int) -> list[Turn]:
     """With images but no placeholder, put them before the first user turn's text."""
     if not n_images or any(IMAGE in t.text for t in dialog):
@@ -245,11 +250,13 @@ class VicunaEncoder:
                               f"fix: set tokenizer.eos_token")
 
     def encode(self, record: Record, images: list[PIL.Image.Image]) -> Encoded | Skipped:
+        if not has_placeholder(record):
+            images = []  # LLaVA's and Bunny's trainers load such an image and never use it
         problem = _image_problem(record, len(images))
         if problem:
             return _skip(record, problem)
         system, dialog = _dialog(record)
-        seq = self._sequence(system, _place_images(dialog, len(images)))
+        seq = self._sequence(system, dialog)
         reason = seq.truncate(self.max_length)
         if reason:
             return _skip(record, reason)

@@ -94,6 +94,7 @@ class GradientFeatures:
             raise ConfigError(f"{type(self.hf_model).__name__}: expected a transformers model "
                               f"with .model (backbone) and an output head")
         self._own_positions = getattr(self.hf_model.config, "model_type", "") in OWN_POSITIONS
+        self._vocab = text_vocab(self.hf_model.config)
         _check_plain_head(self.hf_model.config)
         self._active = False
         self._mask: torch.Tensor | None = None
@@ -176,12 +177,13 @@ class GradientFeatures:
         """``(B,)`` mean token loss of each record and ``(B,)`` supervised token counts.
 
         Logits are computed only at supervised positions (the head applied to those hidden
-        states), in the head's dtype and then upcast, as the model's own loss does.
+        states), over the real vocabulary (:func:`text_vocab`), in the head's dtype and then
+        upcast, as the model's own loss does.
         """
         hidden = self._backbone(**inputs, use_cache=False).last_hidden_state
         target = labels[:, 1:]
         supervised = target != IGNORE
-        logits = self._head(hidden[:, :-1][supervised]).to(self.dtype)
+        logits = self._head(hidden[:, :-1][supervised])[:, :self._vocab].to(self.dtype)
         token_loss = nn.functional.cross_entropy(logits, target[supervised], reduction="none")
         n = labels.shape[0]
         rows = supervised.nonzero()[:, 0]
@@ -205,6 +207,15 @@ class GradientFeatures:
         self._sq += torch.linalg.vector_norm(grads, dim=1).double() ** 2
         self.projector.add(block, grads)
         self._fired[block] += 1
+
+
+def text_vocab(config: Any) -> int | None:
+    """Columns of the output head that are the model's real vocabulary, when the head has more
+    (a Bunny port whose ``<image>`` row was added past the checkpoint's vocabulary: the
+    softmax must not see it); None when every column is real."""
+    vocab = getattr(config, "bunny_text_vocab_size", None)
+    text = getattr(config, "text_config", config)
+    return int(vocab) if vocab is not None and vocab < text.vocab_size else None
 
 
 def _check_plain_head(config: Any) -> None:

@@ -1,9 +1,10 @@
 """LoRA on the language model, and the *key parameters* whose gradients TIVE uses.
 
 * Warm-up targets (the authors' recipe, LLaVA's LoRA): every ``nn.Linear`` of the language
-  model except the output head; never the vision tower or the projector.
-* Key parameters (DESIGN.md, method item 3): the LoRA ``A`` and ``B`` matrices of the language
-  model's *self-attention* projections — q,k,v,o for Llama/Qwen2, q,k,v,dense for Phi,
+  model except the output head; never the vision tower. The multimodal projector is trained
+  whole beside the adapter (peft's ``modules_to_save``), as LLaVA's ``non_lora_trainables``.
+* Key parameters (README, "The method and its options"): the LoRA ``A`` and ``B`` matrices of
+  the language model's *self-attention* projections — q,k,v,o for Llama/Qwen2, q,k,v,dense for Phi,
   qkv_proj,o_proj for Phi-3. They are found from the module structure (LoRA layers whose parent
   is the attention module of a decoder layer of the language model), not from name substrings,
   so vision attention (SigLIP, CLIP, Qwen2-VL's ``VisionAttention``) is never included.
@@ -139,9 +140,41 @@ def expected_gradient_dim(model: nn.Module, r: int) -> int:
                for n in attention_projections(model))
 
 
+# The multimodal projector of each family's transformers class, and whether the TIVE authors'
+# recipe trains it (LLaVA's mm_projector; Qwen2-VL's merger is trained only when asked).
+PROJECTORS = {"llava": ("multi_modal_projector", True), "bunny": ("multi_modal_projector", True),
+              "qwen2-vl": ("visual.merger", False)}
+
+
+def trained_projector(model: nn.Module, family: str, train: bool | None) -> str | None:
+    """Qualified name of the multimodal projector the warm-up trains, or None.
+
+    Args:
+        family: the model's family (``llava``, ``bunny``, ``qwen2-vl``, ``causal-lm``).
+        train: True/False as asked, None for the family's default (:data:`PROJECTORS`).
+
+    Raises:
+        ConfigError: ``train`` is True for a model without a multimodal projector.
+    """
+    suffix, default = PROJECTORS.get(family, (None, False))
+    name = None
+    if suffix is not None:
+        name = next((n for n, _ in model.named_modules()
+                     if n == suffix or n.endswith("." + suffix)), None)
+    if train and name is None:
+        raise ConfigError(f"--train-projector: this {family} model has no multimodal projector "
+                          f"to train; fix: leave it out")
+    return name if (default if train is None else train) else None
+
+
 def lora_config(model: nn.Module, r: int = 128, alpha: int = 256, dropout: float = 0.05,
-                targets: list[str] | None = None):  # -> peft.LoraConfig
+                targets: list[str] | None = None,
+                modules_to_save: list[str] | None = None):  # -> peft.LoraConfig
     """A peft ``LoraConfig`` on ``targets`` (default: :func:`warmup_targets`).
+
+    Args:
+        modules_to_save: whole modules trained beside the adapter and saved with it (peft
+            keeps a trainable copy; ``PeftModel.from_pretrained`` restores it).
 
     Returns:
         ``peft.LoraConfig`` with exact module names, so nothing outside the language model
@@ -154,7 +187,7 @@ def lora_config(model: nn.Module, r: int = 128, alpha: int = 256, dropout: float
                           f"alpha > 0, 0 ≤ dropout < 1")
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                       target_modules=list(targets if targets is not None else warmup_targets(model)),
-                      bias="none")
+                      modules_to_save=modules_to_save, bias="none")
 
 
 def _under(name: str, prefix: str) -> bool:

@@ -248,6 +248,24 @@ def project_rows(projector: Projector, rows: torch.Tensor, dims: Sequence[int]) 
     return projector.finish()
 
 
+FAST_JL_INSTALL = ("TORCH_CUDA_ARCH_LIST=<your GPU's compute capability, e.g. 9.0 for "
+                   "H100/H200, 8.0 for A100> pip install --no-build-isolation fast_jl")
+
+
+def require_cuda_kernel(device: torch.device) -> None:
+    """Refuse to stand in for the authors' projection on a GPU without TRAK's CUDA kernel (its
+    CPU projector draws another matrix).
+
+    Raises:
+        ConfigError: with the install command.
+    """
+    if device.type == "cuda" and not _fast_jl():
+        raise ConfigError(f"--paper on a GPU projects with TRAK's CUDA kernel (fast_jl), as the "
+                          f"authors did, and fast_jl does not import here; fix: "
+                          f"{FAST_JL_INSTALL} (its setup.py asks for 7.0+PTX, which CUDA 13 "
+                          f"no longer builds), then check with `tive doctor`")
+
+
 def _fast_jl() -> bool:
     try:
         import fast_jl  # noqa: F401

@@ -7,6 +7,7 @@ own format, a JSON report and a bar chart of task shares before and after.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 
 from tive import kmeans as km
 from tive import selection as sel
-from tive.config import Budget, Method, QuotaBy, SelectConfig, Strategy
+from tive.config import AUTHORS_EXCLUDE, Budget, Method, QuotaBy, SelectConfig, Strategy
 from tive.data import Mixture
 from tive.errors import ConfigError
 from tive.fileio import atomic_path, write_json
@@ -40,6 +41,7 @@ class Report:
         keys: ``(N,)`` uint64 content keys seeding the random draws.
         mixture: the records, when the data was given (needed to write a subset file).
         inferred: ``(N,)`` bool, labels inferred by rules rather than read from a field.
+        paper: :meth:`select` follows the TIVE authors exactly unless told otherwise.
         features: ``(N, k)`` projected gradients (a store's memmap or the array given), read
             in chunks by ``--method kmeans``; None when the report was built without them.
         chunk_rows: feature rows read at a time (None: about 64 MiB).
@@ -57,6 +59,7 @@ class Report:
     mixture: Mixture | None = None
     inferred: np.ndarray | None = None
     source: dict[str, Any] = field(default_factory=dict)
+    paper: bool = False
     features: np.ndarray | None = None
     chunk_rows: int | None = None
 
@@ -96,6 +99,7 @@ class Report:
         exclude: Sequence[str] = (),
         oversample: bool | None = None,
         method: str = "tive",
+        paper: bool | None = None,
         clusters: int | None = None,
         quota: str | None = None,
     ) -> Selection:
@@ -104,14 +108,16 @@ class Report:
         Defaults where the method uses them: ``strategy="soft"``, ``temperature=1000``,
         ``seed=0``, ``oversample=True``, and for ``method="kmeans"`` ``clusters=None`` (one
         cluster per record of the quota) and ``quota="size"``; passing one the method does not
-        use raises.
+        use raises. ``paper`` (default: as :func:`tive.value_estimate` was asked) selects
+        exactly as the TIVE authors did.
 
         Returns:
             a :class:`Selection` whose ``indices`` are mixture rows (repeats where oversampled).
         """
         config = SelectConfig(budget=budget, method=method, strategy=strategy,
                               temperature=temperature, seed=seed, exclude=tuple(exclude),
-                              oversample=oversample, clusters=clusters, quota=quota)
+                              oversample=oversample, clusters=clusters, quota=quota,
+                              paper=self.paper if paper is None else paper)
         return self.select_with(config)
 
     def select_with(self, config: SelectConfig) -> Selection:
@@ -120,6 +126,14 @@ class Report:
         if unknown:
             raise ConfigError(f"--exclude-task {unknown[0]!r}: no such task; tasks are "
                               f"{', '.join(self.task_names)}")
+        notes = []
+        if AUTHORS_EXCLUDE in self.sizes and AUTHORS_EXCLUDE not in config.exclude:
+            if config.paper:
+                config = dataclasses.replace(config, exclude=(*config.exclude, AUTHORS_EXCLUDE))
+            else:
+                notes.append(f"note: the TIVE authors left {AUTHORS_EXCLUDE} out of LLaVA-665K "
+                             f"(seen in pre-training); to do the same: --exclude-task "
+                             f"{AUTHORS_EXCLUDE} (or --paper)")
         budget = config.budget.resolve(len(self.tasks))
         names = [t for t in self.task_names if t not in config.exclude]
         # seeded draws for the random parts; a fixed tie-break for the deterministic ones
@@ -134,7 +148,10 @@ class Report:
             indices = self._global(config, budget, noise)
             counts = np.bincount(self._codes[indices], minlength=len(self._names))
             quotas = {t: int(counts[self._names.index(t)]) for t in names}
-        return Selection(np.sort(indices), quotas, config, budget, self)
+        if config.paper and len(indices) < budget:
+            notes.append(f"note: {len(indices):,} records, {budget - len(indices):,} short of "
+                         f"the budget: --paper truncates each quota as the authors' int() did")
+        return Selection(np.sort(indices), quotas, config, budget, self, notes)
 
     def _by_task(self, config: SelectConfig, names: list[str], budget: int,
                  noise: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
@@ -151,7 +168,10 @@ class Report:
             weights = np.ones(len(names))
         else:
             weights = counts.astype(float)
-        quota = sel.quotas(weights, counts, budget, config.oversample)
+        if config.paper:
+            quota = sel.truncated_quotas(weights, config.budget.exact(len(self.tasks)))
+        else:
+            quota = sel.quotas(weights, counts, budget, config.oversample)
         chosen = [self._in_task(config, self.members(t), int(n), noise)
                   for t, n in zip(names, quota)]
         return np.concatenate(chosen), {t: int(n) for t, n in zip(names, quota)}
@@ -227,6 +247,7 @@ class Selection:
         config: the settings that made it.
         budget: B.
         report: the :class:`Report` it came from.
+        notes: lines worth telling the user (printed by ``tive select``).
     """
 
     indices: np.ndarray
@@ -234,6 +255,7 @@ class Selection:
     config: SelectConfig
     budget: int
     report: Report
+    notes: list[str] = field(default_factory=list)
 
     def selected(self) -> dict[str, int]:
         """Records chosen per task (counting repeats)."""

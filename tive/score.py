@@ -47,6 +47,10 @@ TURN_TOKENS = 4  # template tokens around a turn, for the length estimate of gro
 IMAGE_TOKENS = 256  # tokens per image where the encoder has no fixed count (qwen2-vl)
 
 
+# The TIVE authors' features (their compute_gradient_features.py: TRAK's projector, seed 0).
+AUTHORS = {"projector": "trak", "proj_dim": 8192, "seed": 0, "feature_dtype": "float16"}
+
+
 @dataclass(frozen=True)
 class ScoreConfig:
     """Settings of ``tive score``.
@@ -64,21 +68,39 @@ class ScoreConfig:
         padding_side: where batches are padded (results do not depend on it).
         group_by_length: batch records of similar length together, within windows of
             :data:`GROUP_WINDOW` batches (less padding; results do not depend on it).
+        paper: the authors' features exactly: TRAK's projector, seed 0, 8192 dims, float16
+            (:data:`AUTHORS`); another value of those is refused.
     """
 
     batch_size: int = 8
     max_length: int = 2048
-    projector: str = "sparse-jl"
+    projector: str | None = None
     proj_dim: int | None = None
     seed: int | None = None
     jl_nnz: int | None = None
-    feature_dtype: str = "float16"
+    feature_dtype: str | None = None
     padding_side: str = "right"
     group_by_length: bool = True
+    paper: bool = False
 
     def __post_init__(self) -> None:
         from tive.projection import KINDS
 
+        if self.paper:
+            for name, value in AUTHORS.items():
+                if getattr(self, name) not in (None, value):
+                    raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: "
+                                      f"--paper scores with the authors' {value}; fix: leave "
+                                      f"it out, or leave out --paper")
+            if self.jl_nnz is not None:
+                raise ConfigError("--jl-nnz does not apply to --paper, which projects with "
+                                  "TRAK's projector; fix: leave it out")
+            for name, value in AUTHORS.items():
+                object.__setattr__(self, name, value)
+        if self.projector is None:
+            object.__setattr__(self, "projector", "sparse-jl")
+        if self.feature_dtype is None:
+            object.__setattr__(self, "feature_dtype", "float16")
         if self.projector not in KINDS:
             raise ConfigError(f"--projector {self.projector!r}: expected one of "
                               f"{', '.join(KINDS)}")
@@ -118,6 +140,8 @@ class Summary:
         seconds: this session's scoring time (model loading and warm-up excluded).
         warmup: what the warm-up did (``trained``, ``reused`` or ``given``).
         rank: the process that made this summary (0 prints it).
+        images_ignored: records with an image but no ``<image>`` in their text, scored as
+            text (LLaVA and Bunny).
     """
 
     store: Path
@@ -128,13 +152,18 @@ class Summary:
     seconds: float
     warmup: str = ""
     rank: int = 0
+    images_ignored: int = 0
 
     def lines(self) -> list[str]:
         rate = self.computed / self.seconds if self.seconds > 0 else float("nan")
         skipped = ", ".join(f"{n:,} {r}" for r, n in self.skipped.items()) or "none"
+        n = self.images_ignored
+        ignored = ([f"{n:,} record{'s have' if n > 1 else ' has'} an image but no <image> in "
+                    f"the text: scored as text, as LLaVA's and Bunny's trainers use such records"]
+                   if n else [])
         return [f"scored {self.scored:,} of {self.records:,} records "
                 f"({self.computed:,} in this run, {self.seconds:.1f} s, {rate:.2f} records/s)",
-                f"skipped: {skipped}",
+                f"skipped: {skipped}", *ignored,
                 f"store: {self.store}"]
 
 
@@ -250,7 +279,7 @@ def store_meta(*, source: dict, dtype: torch.dtype, adapter: Path, keys: list, p
                      "schema": mixture.schema, "fingerprint": mixture.fingerprint},
             "settings": {**settings, "batch_size": config.batch_size,
                          "padding_side": config.padding_side,
-                         "group_by_length": config.group_by_length},
+                         "group_by_length": config.group_by_length, "paper": config.paper},
             "identity": identity}
 
 
@@ -473,14 +502,23 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
         missing = mixture.missing_images(image_root)
         _check_missing(mixture, missing, image_root, skip_missing_images)
         device = dist.device(device)
+        if config.paper:
+            from tive.models.load import pick_device
+            from tive.projection import require_cuda_kernel
+
+            require_cuda_kernel(pick_device(device))
         if not force and (run / STORE_DIR / "meta.json").exists():  # refuse before loading
             check_identity(Store.open(run / STORE_DIR),
                            early_identity(source, mixture, config, task_field, image_root))
-        warm = wu.WarmupConfig(max_length=config.max_length) if warmup is None else warmup
+        warm = (wu.WarmupConfig(max_length=config.max_length, paper=config.paper)
+                if warmup is None else warmup)
+        if warm.paper != config.paper:
+            raise ConfigError("paper: the warm-up and the scoring settings disagree; fix: "
+                              "paper=True for both, or for neither")
         if reference is None:  # under torchrun, every rank trains its share
             ref = wu.ensure_reference(run, source, mixture, labels, warm, dtype=dtype,
                                       device=device, image_root=image_root, missing=missing,
-                                      replace=force, progress=progress, dist=dist)
+                                      replace=force, progress=progress, dist=dist, echo=echo)
             echo(ref.message)
             how = "trained" if ref.model is not None else "reused"
         else:
@@ -521,7 +559,7 @@ def _score(peft_model: Any, loaded: Any, source: Any, adapter: Path, mixture: Mi
            image_root: Any, dist: Dist, force: bool, progress: bool, how: str) -> Summary:
     from tqdm.auto import tqdm
 
-    from tive.encode import pad_id
+    from tive.encode import has_placeholder, pad_id
     from tive.gradients import GradientFeatures
     from tive.lora import key_parameters
     from tive.projection import make_projector
@@ -571,7 +609,9 @@ def _score(peft_model: Any, loaded: Any, source: Any, adapter: Path, mixture: Mi
         store = mark_complete(Store.open(root))
     dist.barrier()
     summary = summarize(Store.open(root), sum(len(rows) for rows in work), seconds, how)
-    return replace(summary, rank=dist.rank)
+    ignored = sum(1 for r in mixture if r.images and not has_placeholder(r)) \
+        if source.family in ("llava", "bunny") else 0
+    return replace(summary, rank=dist.rank, images_ignored=ignored)
 
 
 def _check_missing(mixture: Mixture, missing: np.ndarray, image_root: Any,

@@ -75,6 +75,25 @@ def quotas(values: np.ndarray, sizes: np.ndarray, budget: int, oversample: bool 
     return largest_remainder(shares, budget)
 
 
+def truncated_quotas(values: np.ndarray, budget: float) -> np.ndarray:
+    """The TIVE authors' quotas: ``int(V(t) / ΣV · B)`` with ``B = p·N`` unrounded, computed in
+    their order of operations (``select_data_TIVE.py``), so the total may fall short of B.
+
+    Args:
+        values: ``(T,)`` task values of the tasks taking part.
+        budget: ``p·N`` (a float) or a record count.
+
+    Returns:
+        ``(T,)`` int64 quotas.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.sum() <= 0:
+        raise ConfigError("every task value is zero (all gradient norms are 0); the features "
+                          "cannot rank tasks; fix: check the store was computed correctly")
+    total = sum(float(v) for v in values)  # their running Python sum
+    return np.array([int(float(v) / total * budget) for v in values], dtype=np.int64)
+
+
 def uniforms(keys: np.ndarray, seed: int) -> np.ndarray:
     """Deterministic uniform numbers in (0, 1), one per record key (splitmix64 of key and seed)."""
     salt = splitmix64(np.array([(seed * 0x2545F4914F6CDD1D) & 0xFFFFFFFFFFFFFFFF]))

@@ -1,10 +1,14 @@
 """Stage 3 — the warm-up reference model: LoRA trained briefly on an equal-per-task sample.
 
-DESIGN.md, method item 2: sample 8% of the mixture with an equal count per task (a task smaller
-than its share gives all it has, the rest is shared among the others), then train LoRA
-(r=128, alpha=256, one epoch; every linear layer of the language model, never the vision
-tower) and save the adapter in standard peft format to ``RUN/reference/``, with
-``reference.json`` saying what it was trained on. The folder appears only when complete.
+The method (README, "Warm-up recipe"): sample 8% of the mixture with an equal count per task
+(a task smaller than its share gives all it has, the rest is shared among the others), then
+train as the TIVE authors did (their ``finetune_lora.sh``): LoRA r=128, alpha=256, dropout
+0.05 on every linear layer of the language model, the multimodal projector trained too,
+AdamW at 2e-5 with weight decay 0, a cosine schedule after a 3% linear warm-up, one epoch, a
+global batch of 128 records per optimizer step. The adapter (with the projector, as peft's
+``modules_to_save``) is saved in standard peft format to ``RUN/reference/``, with
+``reference.json`` saying what it was trained on and with which recipe. The folder appears
+only when complete.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -26,33 +30,77 @@ from tive.errors import ConfigError, DataError
 from tive.fileio import atomic_path
 
 REFERENCE_DIR = "reference"
+WARMUP_RATIO = 0.03  # share of the optimizer steps in the linear warm-up (HF's ceil rule)
+WEIGHT_DECAY = 0.0
+SCHEDULE = "cosine"
+
+# The TIVE authors' warm-up (their finetune_lora.sh: 16 records per device × 8 GPUs, bf16).
+# tive's defaults equal these; --paper refuses any other value of them.
+AUTHORS = {"fraction": 0.08, "r": 128, "alpha": 256, "dropout": 0.05, "lr": 2e-5,
+           "projector_lr": 2e-5, "epochs": 1, "global_batch": 128, "targets": (),
+           "train_projector": None, "bf16": True}
 
 
 @dataclass(frozen=True)
 class WarmupConfig:
-    """Warm-up settings (defaults: the authors')."""
+    """Warm-up settings; the defaults are the TIVE authors' recipe (see :data:`AUTHORS`).
+
+    Attributes:
+        fraction: share of the mixture in the sample (equal count per task).
+        seed: seed of the sample, the LoRA initialisation and the record order.
+        r, alpha, dropout: LoRA rank, alpha and dropout.
+        lr: learning rate of the LoRA matrices (AdamW, weight decay 0, cosine after a 3%
+            linear warm-up).
+        projector_lr: learning rate of the multimodal projector (the authors' mm_projector_lr).
+        train_projector: train the multimodal projector too; None: the family's default (yes
+            for LLaVA and Bunny, no for Qwen2-VL's merger and for text models, which have none).
+        epochs: passes over the sample.
+        global_batch: records per optimizer step, whatever the number of processes; the loss
+            of a step is the token mean over all its records.
+        batch_size: records per forward/backward on one device (memory only: the step is the
+            same, up to float rounding and dropout draws, for any value).
+        bf16: train under bfloat16 autocast.
+        max_length: tokens per record at most (longer records are truncated).
+        targets: LoRA on these linear layers of the language model (empty: every one).
+        paper: the authors' run exactly: any setting of :data:`AUTHORS` at another value is
+            refused, and training runs under bfloat16 autocast as theirs did.
+    """
 
     fraction: float = 0.08
     seed: int = 0
     r: int = 128
     alpha: int = 256
     dropout: float = 0.05
-    lr: float = 2e-4
+    lr: float = 2e-5
+    projector_lr: float = 2e-5
+    train_projector: bool | None = None
     epochs: int = 1
+    global_batch: int = 128
     batch_size: int = 4
-    grad_accum: int = 1
     bf16: bool = False
     max_length: int = 2048
-    targets: tuple[str, ...] = ()  # LoRA layers by name (empty: every linear layer of the LLM)
+    targets: tuple[str, ...] = ()
+    paper: bool = False
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"--fraction {self.fraction}: expected a fraction in (0, 1]")
-        for name in ("epochs", "batch_size", "grad_accum", "max_length"):
+        for name in ("epochs", "global_batch", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected ≥ 1")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr {self.lr}: expected a positive learning rate")
+        for name in ("lr", "projector_lr"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected "
+                                  f"a positive learning rate")
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.paper:
+            for name, value in AUTHORS.items():
+                if name != "bf16" and getattr(self, name) != value:
+                    raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: "
+                                      f"--paper trains with the authors' value "
+                                      f"({value if value != () else 'every linear layer'}); "
+                                      f"fix: leave it out, or leave out --paper")
+            object.__setattr__(self, "bf16", True)
 
 
 def warmup_sample(tasks: np.ndarray, keys: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -94,85 +142,125 @@ def usable_rows(mixture: Mixture, missing: np.ndarray, family: str) -> np.ndarra
     return np.flatnonzero(usable)
 
 
-def item_batches(loaded: Any, mixture: Mixture, rows: np.ndarray, batch_size: int,
-                 max_length: int, image_root: Any = None,
-                 skipped: dict[str, int] | None = None,
-                 used: list[int] | None = None) -> Iterator[list[Encoded]]:
-    """The records at ``rows`` encoded, ``batch_size`` a list; records that cannot be encoded
-    are counted in ``skipped`` (reason → count) and left out, the others appended to ``used``."""
+def encoded_items(loaded: Any, mixture: Mixture, rows: np.ndarray, max_length: int,
+                  image_root: Any = None, skipped: dict[str, int] | None = None,
+                  used: list[int] | None = None) -> Iterator[Encoded]:
+    """The records at ``rows`` encoded, in order; records that cannot be encoded are counted in
+    ``skipped`` (reason → count) and left out, the others' rows appended to ``used``."""
     from tive.encode import encode_row
 
     encoder = loaded.encoder(max_length)
-    batch: list[Encoded] = []
     for row in rows:
         item = encode_row(encoder, mixture, int(row), image_root)
         if isinstance(item, str):
             _count(skipped, item)
             continue
-        batch.append(item)
         if used is not None:
             used.append(int(row))
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+        yield item
+
+
+def item_batches(loaded: Any, mixture: Mixture, rows: np.ndarray, batch_size: int,
+                 max_length: int, image_root: Any = None) -> Iterator[list[Encoded]]:
+    """:func:`encoded_items` in lists of ``batch_size``."""
+    yield from _chunks(encoded_items(loaded, mixture, rows, max_length, image_root), batch_size)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What one warm-up does, worked out before it starts (recorded in ``reference.json``).
+
+    Attributes:
+        steps: optimizer steps in all (``epochs · ⌈sample / global_batch⌉``).
+        warmup_steps: steps of the linear warm-up, ``⌈0.03 · steps⌉`` (Hugging Face's rule);
+            the first step's learning rate is 0.
+        accumulation: forward/backward passes per step on one process, at most
+            (``⌈⌈global_batch / processes⌉ / batch_size⌉``).
+        projector: qualified name of the multimodal projector trained with the adapter, or None.
+    """
+
+    steps: int
+    warmup_steps: int
+    accumulation: int
+    projector: str | None
+
+    def notice(self, sample: int, config: WarmupConfig) -> str | None:
+        """One line when the sample is smaller than the global batch, else None."""
+        if sample >= config.global_batch:
+            return None
+        line = (f"warm-up: the sample ({sample:,} records) is smaller than the global batch "
+                f"({config.global_batch}): one optimizer step per epoch")
+        if self.steps <= self.warmup_steps:
+            line += (f", all inside the {WARMUP_RATIO:.0%} linear warm-up (learning rate 0 at "
+                     f"the first step), so the adapter barely leaves its initialisation")
+        return line + ("; for a small mixture, lower --global-batch (--warmup-global-batch in "
+                       "tive score; see README, Quick start)")
+
+
+def plan_recipe(config: WarmupConfig, sample: int, processes: int,
+                projector: str | None) -> Recipe:
+    """The :class:`Recipe` of training ``sample`` records on ``processes`` processes."""
+    steps = config.epochs * max(1, math.ceil(sample / config.global_batch))
+    share = math.ceil(min(config.global_batch, sample) / processes)
+    return Recipe(steps, math.ceil(WARMUP_RATIO * steps),
+                  max(1, math.ceil(share / config.batch_size)), projector)
 
 
 def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
-          image_root: Any = None, progress: bool = True, dist: Dist | None = None
-          ) -> dict[str, Any]:
-    """Train LoRA on ``rows``; return the peft model and the per-batch losses.
+          image_root: Any = None, progress: bool = True, dist: Dist | None = None,
+          echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train LoRA (and the multimodal projector) on ``rows``; return the peft model, the
+    per-step losses and the :class:`Recipe` followed.
 
-    The loss is the model's own (token mean over the batch), as LLaVA and Bunny train; an
-    optimizer step takes ``grad_accum`` batches of ``batch_size`` records (each batch's loss
-    divided by ``grad_accum``). Under ``torchrun`` (``dist``) the records of a step are cut
-    into one contiguous share per rank; a rank's part of a batch weighs its token-mean loss by
-    its share of the batch's supervised tokens, and the gradients are summed over the ranks
-    before the step — so N processes compute the gradient one does (up to float rounding; LoRA
-    dropout draws other masks).
+    An optimizer step takes the next ``global_batch`` encodable records; its loss is the token
+    mean over all of them (as the model's own loss is over one batch). Each process takes one
+    contiguous share of the step's records (under ``torchrun``, ``dist``) and runs it in
+    batches of at most ``batch_size`` records, each batch's token-mean loss weighed by its
+    share of the step's supervised tokens; the gradients are summed over the processes before
+    the step. So the step is the same, up to float rounding and dropout draws, on one CPU or
+    eight GPUs, with any ``batch_size``.
     """
     from peft import get_peft_model
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
     from tive.encode import pad_id
-    from tive.lora import key_parameters, lora_config, warmup_targets
+    from tive.lora import key_parameters, lora_config, trained_projector, warmup_targets
 
     dist = Dist() if dist is None else dist
     torch.manual_seed(config.seed)
     targets = warmup_targets(loaded.model, tuple(config.targets))
-    model = get_peft_model(loaded.model, lora_config(loaded.model, config.r, config.alpha,
-                                                     config.dropout, targets))
+    projector = trained_projector(loaded.model, loaded.family, config.train_projector)
+    recipe = plan_recipe(config, len(rows), dist.world, projector)
+    notice = recipe.notice(len(rows), config)
+    if notice and echo is not None:
+        echo(notice)
+    model = get_peft_model(loaded.model, lora_config(
+        loaded.model, config.r, config.alpha, config.dropout, targets,
+        modules_to_save=[projector] if projector else None))
     if dist.world > 1:  # the same initial adapter everywhere, other dropout masks per rank
         torch.manual_seed(config.seed + 1 + dist.rank)
     key_parameters(model)  # the adapter must cover the key parameters: refuse before training
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    steps = config.epochs * math.ceil(len(rows) / (config.batch_size * config.grad_accum))
-    schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(0.03 * steps), steps)
+    groups = _param_groups(model, config)
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, weight_decay=WEIGHT_DECAY)
+    schedule = get_cosine_schedule_with_warmup(optimizer, recipe.warmup_steps, recipe.steps)
     run = _StepRunner(model, pad_id(loaded.tokenizer), config, dist)
     skipped: dict[str, int] = {}
     used: list[int] = []
     model.train()
     bar = tqdm(total=len(rows) * config.epochs, unit="rec",
                disable=not progress or dist.rank != 0, desc="warm-up")
-    for epoch in range(config.epochs):
-        order = np.random.default_rng(config.seed + epoch).permutation(rows)
-        first = epoch == 0  # count skips and trained records once, not once per epoch
-        # every rank encodes every record, so that all agree on the batches (skips included)
-        batches = item_batches(loaded, mixture, order, config.batch_size, config.max_length,
-                               image_root, skipped if first else None, used if first else None)
-        step: list[list[Encoded]] = []
-        for items in batches:
-            step.append(items)
-            if len(step) == config.grad_accum:
+    with _Float32Projector(model, projector):
+        for epoch in range(config.epochs):
+            order = np.random.default_rng(config.seed + epoch).permutation(rows)
+            first = epoch == 0  # count skips and trained records once, not once per epoch
+            # every rank encodes every record, so that all agree on the steps (skips included)
+            items = encoded_items(loaded, mixture, order, config.max_length, image_root,
+                                  skipped if first else None, used if first else None)
+            for step in _chunks(items, config.global_batch):
                 run(step, bar)
                 _step(optimizer, schedule, params, dist)
-                step = []
-        if step:  # the last, partial accumulation
-            run(step, bar)
-            _step(optimizer, schedule, params, dist)
     bar.close()
     losses = run.losses()
     if not losses:
@@ -182,7 +270,8 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
                         f"--max-length and that the model fits the data")
     model.eval()
     return {"model": model, "losses": losses, "skipped": skipped, "used": np.array(used),
-            "processes": dist.world, "records_per_process": dist.gather(run.records)}
+            "processes": dist.world, "records_per_process": dist.gather(run.records),
+            "recipe": recipe}
 
 
 def supervised_tokens(item: Encoded) -> int:
@@ -191,53 +280,115 @@ def supervised_tokens(item: Encoded) -> int:
 
 
 class _StepRunner:
-    """Forward and backward of this rank's share of one optimizer step's batches."""
+    """Forward and backward of this rank's share of one optimizer step's records."""
 
     def __init__(self, model: Any, pad: int, config: WarmupConfig, dist: Dist) -> None:
+        from tive.gradients import text_vocab
+
         self.model, self.pad, self.config, self.dist = model, pad, config, dist
         self.device = next(model.parameters()).device
+        self.vocab = text_vocab(model.get_base_model().config)
         self.records = 0  # records this rank has run
-        self.batches = 0  # batches of all ranks so far
-        self.mine: list[tuple[int, float]] = []  # (batch number, Σ of its token losses here)
-        self.totals: list[int] = []  # supervised tokens of every batch
+        self.mine: list[tuple[int, float]] = []  # (step number, Σ of its token losses here)
+        self.totals: list[int] = []  # supervised tokens of every step
 
-    def __call__(self, step: list[list[Encoded]], bar: Any) -> None:
+    def __call__(self, step: list[Encoded], bar: Any) -> None:
+        tokens = [supervised_tokens(item) for item in step]
+        total = sum(tokens)
+        self.dist.same((len(step), total), "warm-up step")
+        lo = self.dist.rank * len(step) // self.dist.world
+        hi = (self.dist.rank + 1) * len(step) // self.dist.world
+        for start in range(lo, hi, self.config.batch_size):
+            end = min(start + self.config.batch_size, hi)
+            loss = self._loss(step[start:end])
+            mine = sum(tokens[start:end])
+            # the step's token mean, of which these records hold mine / total
+            (loss * (mine / max(total, 1))).backward()
+            value = loss.item()
+            self.mine.append((len(self.totals), value * mine))
+            self.records += end - start
+            bar.set_postfix(loss=f"{value:.3f}")
+            bar.update(end - start)
+        bar.update(len(step) - (hi - lo))  # the other ranks' records
+        self.totals.append(total)
+
+    def _loss(self, items: list[Encoded]) -> torch.Tensor:
+        """Token-mean loss of one batch: the model's own, or over the text vocabulary only when
+        the output head has extra columns (a Bunny port's ``<image>`` row)."""
         from tive.encode import collate
 
-        flat = [(b, item, supervised_tokens(item)) for b, items in enumerate(step)
-                for item in items]
-        totals = [0] * len(step)
-        for b, _, n in flat:
-            totals[b] += n
-        self.dist.same((len(flat), sum(totals)), "warm-up step")
-        share = flat[self.dist.rank * len(flat) // self.dist.world:
-                     (self.dist.rank + 1) * len(flat) // self.dist.world]
-        for b in sorted({b for b, _, _ in share}):
-            mine = [(item, n) for c, item, n in share if c == b]
-            tokens = sum(n for _, n in mine)
-            batch = {k: v.to(self.device)
-                     for k, v in collate([item for item, _ in mine], self.pad).items()
-                     if v is not None}
-            with torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                enabled=self.config.bf16):
-                loss = self.model(**batch).loss
-            # the whole batch's token mean, of which these records hold tokens / total
-            (loss * (tokens / max(totals[b], 1)) / self.config.grad_accum).backward()
-            value = loss.item()
-            self.mine.append((self.batches + b, value * tokens))
-            self.records += len(mine)
-            bar.set_postfix(loss=f"{value:.3f}")
-        self.batches += len(step)
-        self.totals.extend(totals)
-        bar.update(len(flat))
+        batch = {k: v.to(self.device) for k, v in collate(items, self.pad).items()
+                 if v is not None}
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
+            if self.vocab is None:
+                return self.model(**batch).loss
+            labels = batch.pop("labels")
+            logits = self.model(**batch).logits[..., :self.vocab].float()
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, self.vocab), labels[:, 1:].reshape(-1),
+            ignore_index=IGNORE)
 
     def losses(self) -> list[float]:
-        """Every batch's loss (its token mean), in order, gathered from all ranks."""
-        sums = np.zeros(self.batches)
+        """Every step's loss (its token mean), in order, gathered from all ranks."""
+        sums = np.zeros(len(self.totals))
         for part in self.dist.gather(self.mine):
             for b, value in part:
                 sums[b] += value
         return [float(s / max(t, 1)) for s, t in zip(sums, self.totals)]
+
+
+def _param_groups(model: Any, config: WarmupConfig) -> list[dict[str, Any]]:
+    """AdamW groups: the LoRA matrices at ``lr``, the projector's copy at ``projector_lr``."""
+    lora, projector = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (projector if "modules_to_save" in name else lora).append(p)
+    groups = [{"params": lora, "lr": config.lr}]
+    if projector:
+        groups.append({"params": projector, "lr": config.projector_lr})
+    return groups
+
+
+class _Float32Projector:
+    """Train a half-precision projector's copy in float32 (AdamW steps of 2e-5 would round
+    away in bfloat16), cast back to the model's type afterwards, so the model scored now and
+    the one reloaded from the saved adapter are the same."""
+
+    def __init__(self, model: Any, projector: str | None) -> None:
+        from peft.utils import ModulesToSaveWrapper
+
+        wrapper = dict(model.named_modules()).get(f"base_model.model.{projector}")
+        copy = wrapper.modules_to_save["default"] if isinstance(
+            wrapper, ModulesToSaveWrapper) else None
+        dtype = next(copy.parameters()).dtype if copy is not None else None
+        self.copy = copy if dtype in (torch.bfloat16, torch.float16) else None
+        self.dtype, self.hooks = dtype, []
+
+    def __enter__(self) -> _Float32Projector:
+        if self.copy is not None:
+            self.copy.float()
+            self.hooks = [
+                self.copy.register_forward_pre_hook(
+                    lambda m, args: tuple(a.float() if torch.is_tensor(a) else a for a in args)),
+                self.copy.register_forward_hook(lambda m, args, out: out.to(self.dtype))]
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        if self.copy is not None:
+            self.copy.to(self.dtype)
+
+
+def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def save_reference(run: str | Path, model: Any, info: dict[str, Any]) -> Path:
@@ -263,6 +414,8 @@ def reference_info(mixture: Mixture, tasks: np.ndarray, rows: np.ndarray,
         "data": {"path": str(mixture.path.resolve()), "fingerprint": mixture.fingerprint,
                  "records": len(mixture)},
         "settings": asdict(config),
+        "recipe": recipe_info(config, result["recipe"], result["processes"],
+                              result["model"]),
         "sample": {"rows": [int(r) for r in rows], "trained": len(result["used"]),
                    "per_task": {str(n): int(c) for n, c in zip(names, counts)}},
         "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None,
@@ -273,6 +426,21 @@ def reference_info(mixture: Mixture, tasks: np.ndarray, rows: np.ndarray,
         "key_parameters": {"gradient_dim": gradient_dim(keys),
                            "matrices": [{"name": k.name, "shape": list(k.shape)} for k in keys]},
     }
+
+
+def recipe_info(config: WarmupConfig, recipe: Recipe, processes: int,
+                model: Any) -> dict[str, Any]:
+    """Every training setting actually used, for ``reference.json``."""
+    lora = model.peft_config["default"]
+    return {"optimizer": "AdamW", "lr": config.lr, "projector_lr": config.projector_lr,
+            "weight_decay": WEIGHT_DECAY, "schedule": SCHEDULE, "warmup_ratio": WARMUP_RATIO,
+            "warmup_steps": recipe.warmup_steps, "steps": recipe.steps,
+            "epochs": config.epochs, "global_batch": config.global_batch,
+            "per_device_batch": config.batch_size, "accumulation": recipe.accumulation,
+            "processes": processes, "bf16": config.bf16, "paper": config.paper,
+            "lora": {"r": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout,
+                     "layers": len(lora.target_modules)},
+            "projector": recipe.projector}
 
 
 @dataclass
@@ -298,7 +466,8 @@ def ensure_reference(run: str | Path, source: Any, mixture: Mixture, labels: Any
                      config: WarmupConfig, *, dtype: str = "auto", device: str = "auto",
                      image_root: Any = None, missing: np.ndarray | None = None,
                      retrain: bool = False, replace: bool = False,
-                     progress: bool = True, dist: Dist | None = None) -> Reference:
+                     progress: bool = True, dist: Dist | None = None,
+                     echo: Callable[[str], None] | None = None) -> Reference:
     """Reuse ``run/reference`` when it was trained with these settings, else train it (under
     ``torchrun``, on every rank of ``dist`` together; rank 0 saves it).
 
@@ -307,6 +476,7 @@ def ensure_reference(run: str | Path, source: Any, mixture: Mixture, labels: Any
         labels: the mixture's task labels.
         missing: ``(N,)`` records whose images are missing (left out of the sample).
         retrain: train again even when the settings match.
+        echo: called with a line worth saying before training (rank 0 only).
         replace: replace a reference trained with other settings instead of refusing.
 
     Raises:
@@ -336,7 +506,8 @@ def ensure_reference(run: str | Path, source: Any, mixture: Mixture, labels: Any
                               f"it, or another --run")
     loaded = load_model(source, dtype=dtype, device=device)
     dist = Dist() if dist is None else dist
-    result = train(loaded, mixture, rows, config, image_root, progress=progress, dist=dist)
+    result = train(loaded, mixture, rows, config, image_root, progress=progress, dist=dist,
+                   echo=echo if dist.rank == 0 else None)
     info = reference_info(mixture, labels.tasks, rows, config, source.describe(), result)
     path = Path(run) / REFERENCE_DIR
     if dist.rank == 0:

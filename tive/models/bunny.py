@@ -6,20 +6,24 @@ code does not run on transformers 5, so its weights are renamed into
 model: features from vision layer −2, all 729 patches (SigLIP has no CLS token), exact-erf GELU
 projector with biases.
 
-Three differences from Bunny's own code, all invisible in its outputs:
+Differences from Bunny's own code, all invisible in its outputs:
 
 * **Image token.** Bunny splices a placeholder id (−200) into ``input_ids``; LLaVA needs an
   in-vocabulary id, repeated once per patch. ``<image>`` is added to the tokenizer as a special
   token (id = the tokenizer's old length). When that id is beyond Bunny's vocabulary ``V``
   (``config.json``'s ``vocab_size``) the embedding and ``lm_head`` grow by the missing rows
-  (embedding rows: zeros, replaced by image features anyway; ``lm_head`` rows and bias: zeros).
+  (embedding rows: zeros, replaced by image features anyway; ``lm_head`` rows: zeros).
   The model's logits then have extra columns from ``V`` on: **drop them**,
-  ``logits[..., :text_vocab_size(model)]``, to get Bunny's distribution. For Phi-2 itself
-  (``V`` = 51200, tokenizer length 50295) ``<image>`` takes an unused padding row and nothing
-  grows; the slice is then a no-op.
-* **Output head bias.** Phi's ``lm_head`` has a bias, LLaVA's has none; a checkpoint with
-  ``lm_head.bias`` gets a biased ``nn.Linear`` head. ``save_pretrained`` + ``from_pretrained``
-  of the result would lose that bias: always load Bunny checkpoints with :func:`load_bunny`.
+  ``logits[..., :text_vocab_size(model)]``, to get Bunny's distribution (the losses of
+  :mod:`tive.gradients` and :mod:`tive.warmup` do). For Phi-2 itself (``V`` = 51200,
+  tokenizer length 50295) ``<image>`` takes an unused padding row and nothing grows; the
+  slice is then a no-op.
+* **Output head bias.** Phi-2's weights hold an ``lm_head.bias``, but Bunny's
+  ``BunnyPhiForCausalLM`` builds its head without one, so Bunny never uses it; nor does the
+  port (it says so when the checkpoint has one).
+* **Image preprocessing** is read from the tower folder's ``preprocessor_config.json`` when
+  ``mm_vision_tower`` is a local folder that has one, as Bunny's
+  ``SiglipImageProcessor.from_pretrained`` does; SigLIP's defaults (0.5, 0.5, bicubic) else.
 * **Truncated towers.** Bunny/Imp-style checkpoints may have deleted the tower's last layer.
   Then the tower gets ``L−1`` layers and features from layer −1, which is numerically the full
   tower's layer −2. The SigLIP pooling ``head`` is dropped (Bunny never uses it).
@@ -37,7 +41,9 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -120,11 +126,9 @@ def vision_config_from_bunny(bunny_config: dict, folder: Path) -> SiglipVisionCo
     if not isinstance(name, str) or not name:
         raise ConfigError(f"{folder}/config.json: no mm_vision_tower; expected a SigLIP hub id "
                           f"or folder, as in Bunny's config")
-    for base in (Path.cwd(), Path(folder)):
-        local = base / Path(name).expanduser()  # an absolute path ignores base
-        if (local / "config.json").is_file():
-            config = SiglipVisionConfig.from_pretrained(local)
-            break
+    local = _tower_folder(name, Path(folder))
+    if local is not None:
+        config = SiglipVisionConfig.from_pretrained(local)
     else:
         if name not in KNOWN_VISION_TOWERS:
             raise ConfigError(f"{folder}/config.json: mm_vision_tower {name!r} is neither a local "
@@ -134,6 +138,18 @@ def vision_config_from_bunny(bunny_config: dict, folder: Path) -> SiglipVisionCo
         config = SiglipVisionConfig(**KNOWN_VISION_TOWERS[name])
     config.vision_use_head = False
     return config
+
+
+def _tower_folder(name: str | None, folder: Path) -> Path | None:
+    """The local folder ``mm_vision_tower`` names (absolute, or relative to the working
+    directory as Bunny resolves it, else to the checkpoint ``folder``), or None."""
+    if not isinstance(name, str) or not name:
+        return None
+    for base in (Path.cwd(), folder):
+        local = base / Path(name).expanduser()  # an absolute path ignores base
+        if (local / "config.json").is_file():
+            return local
+    return None
 
 
 def llava_config_from_bunny(bunny_config: dict, vision_config: SiglipVisionConfig,
@@ -248,20 +264,67 @@ def expand2square(img: Image.Image, background: tuple[int, ...]) -> Image.Image:
     return result
 
 
-def bunny_pixel_values(images: list[Image.Image], image_size: int) -> torch.Tensor:
-    """Bunny's preprocessing: RGB, pad to square with the mean colour, bicubic resize, normalise.
+@dataclass(frozen=True)
+class ImageSettings:
+    """The tower's image preprocessing: SigLIP's defaults, or its ``preprocessor_config.json``.
+
+    Attributes:
+        size: square side in pixels.
+        mean, std: per-channel normalisation (the mean is also expand2square's fill colour).
+        resample: PIL resampling filter (3: bicubic).
+    """
+
+    size: int
+    mean: tuple[float, ...] = IMAGE_MEAN
+    std: tuple[float, ...] = IMAGE_STD
+    resample: int = 3
+
+    @property
+    def pad_color(self) -> tuple[int, ...]:
+        return tuple(int(x * 255) for x in self.mean)
+
+
+def image_settings(folder: Path, image_size: int) -> ImageSettings:
+    """The preprocessing of the tower a Bunny checkpoint names, as Bunny's
+    ``SiglipImageProcessor.from_pretrained(mm_vision_tower)`` reads it: the tower folder's
+    ``preprocessor_config.json`` when it has one (mean, std, size, resample), else SigLIP's
+    defaults at ``image_size``."""
+    bunny_config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    tower = _tower_folder(bunny_config.get("mm_vision_tower"), Path(folder))
+    path = tower / "preprocessor_config.json" if tower is not None else None
+    if path is None or not path.is_file():
+        return ImageSettings(image_size)
+    try:
+        pre = json.loads(path.read_text(encoding="utf-8"))
+        size = pre.get("size", {})
+        side = size.get("height", size.get("shortest_edge")) if isinstance(size, dict) else size
+        return ImageSettings(int(side or image_size),
+                             tuple(float(x) for x in pre.get("image_mean", IMAGE_MEAN)),
+                             tuple(float(x) for x in pre.get("image_std", IMAGE_STD)),
+                             int(pre.get("resample", 3)))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{path}: not a readable image processor config ({e}); expected "
+                          f"SigLIP's preprocessor_config.json") from None
+
+
+def bunny_pixel_values(images: list[Image.Image],
+                       settings: int | ImageSettings) -> torch.Tensor:
+    """Bunny's preprocessing: RGB, pad to square with the mean colour, resize, normalise.
 
     Args:
         images: PIL images of any mode and size.
-        image_size: the tower's ``image_size`` (384 for Bunny-v1.0).
+        settings: the tower's :class:`ImageSettings`, or its ``image_size`` alone (384 for
+            Bunny-v1.0) for SigLIP's defaults (mean = std = 0.5, bicubic).
 
     Returns:
-        ``(n, 3, image_size, image_size)`` float32, values in [−1, 1].
+        ``(n, 3, size, size)`` float32.
     """
     if not images:
         raise DataError("bunny_pixel_values: no images given; expected at least one")
-    squares = [expand2square(img.convert("RGB"), PAD_COLOR) for img in images]
-    return _image_processor(image_size)(images=squares, return_tensors="pt").pixel_values
+    if isinstance(settings, int):
+        settings = ImageSettings(settings)
+    squares = [expand2square(img.convert("RGB"), settings.pad_color) for img in images]
+    return _image_processor(settings)(images=squares, return_tensors="pt").pixel_values
 
 
 def load_bunny(folder: Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
@@ -292,8 +355,12 @@ def load_bunny(folder: Path, dtype: torch.dtype = torch.float32, device: str = "
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config = llava_config_from_bunny(bunny_config, vision, image_token_id,
                                      vision_feature_layer=feature_layer)
+    if state.pop("lm_head.bias", None) is not None:
+        warnings.warn(f"{folder}: the checkpoint has lm_head.bias, which Bunny's own "
+                      f"BunnyPhiForCausalLM does not use (its head has no bias); ignored here "
+                      f"too", stacklevel=2)
     state = _complete(state, config)
-    model = _build(config, dtype, lm_head_bias="lm_head.bias" in state)
+    model = _build(config, dtype)
     _check_weights(model, state, folder)
     model.load_state_dict(state, strict=True)
     return model.to(device).eval(), tokenizer
@@ -325,7 +392,7 @@ def _complete(state: dict[str, torch.Tensor], config: LlavaConfig) -> dict[str, 
     """Grow the vocabulary rows to the text config's size; fill an absent (unused) post-LN."""
     state = dict(state)
     rows = config.text_config.vocab_size
-    for key in (_EMBED, "lm_head.weight", "lm_head.bias"):
+    for key in (_EMBED, "lm_head.weight"):
         if key in state and state[key].shape[0] == config.bunny_text_vocab_size < rows:
             pad = state[key].new_zeros((rows - state[key].shape[0], *state[key].shape[1:]))
             state[key] = torch.cat([state[key], pad])
@@ -345,17 +412,12 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def _build(config: LlavaConfig, dtype: torch.dtype,
-           lm_head_bias: bool) -> LlavaForConditionalGeneration:
+def _build(config: LlavaConfig, dtype: torch.dtype) -> LlavaForConditionalGeneration:
     """An uninitialised model in ``dtype`` (every weight is loaded afterwards)."""
     from transformers.initialization import no_init_weights
 
     with no_init_weights(), _default_dtype(dtype):
-        model = LlavaForConditionalGeneration(config)
-        if lm_head_bias:
-            model.lm_head = nn.Linear(config.text_config.hidden_size,
-                                      config.text_config.vocab_size, bias=True)
-    return model
+        return LlavaForConditionalGeneration(config)
 
 
 def _bunny_name(key: str) -> str:
@@ -384,10 +446,10 @@ def _check_weights(model: nn.Module, state: dict[str, torch.Tensor], folder: Pat
 
 
 @lru_cache(maxsize=4)
-def _image_processor(image_size: int):
+def _image_processor(settings: ImageSettings):
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     return SiglipImageProcessorPil(
-        size={"height": image_size, "width": image_size}, resample=3, do_resize=True,
-        do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=list(IMAGE_MEAN), image_std=list(IMAGE_STD))
+        size={"height": settings.size, "width": settings.size}, resample=settings.resample,
+        do_resize=True, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=list(settings.mean), image_std=list(settings.std))

@@ -100,9 +100,10 @@ def _bunny(source: ModelSource, dtype: torch.dtype) -> LoadedModel:
 
     model, tokenizer = bunny.load_bunny(source.path, dtype=dtype)
     vision = model.config.vision_config
-    size = vision.image_size
-    return LoadedModel(model, tokenizer, lambda images: bunny.bunny_pixel_values(images, size),
-                       "bunny", (size // vision.patch_size) ** 2, source)
+    settings = bunny.image_settings(source.path, vision.image_size)
+    return LoadedModel(model, tokenizer,
+                       lambda images: bunny.bunny_pixel_values(images, settings),
+                       "bunny", (vision.image_size // vision.patch_size) ** 2, source)
 
 
 def _qwen2_vl(source: ModelSource, dtype: torch.dtype) -> LoadedModel:
