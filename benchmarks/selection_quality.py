@@ -140,26 +140,26 @@ def _report(run: Path) -> Any:
 def _subsets(report: Any, args: argparse.Namespace, seeds: list[int],
              log: Any) -> dict[str, dict[str, Any]]:
     """``{run name: {"method", "budget", "seed", "indices", "selected"}}`` for every method,
-    budget and seed; each subset also saved under ``out/subsets``."""
+    budget and seed, seed by seed (every method's first seed, the full mixture's included,
+    comes before any second seed, so that a run cut short still compares every method); each
+    subset is also saved under ``out/subsets``."""
     out: dict[str, dict[str, Any]] = {}
     wanted = args.methods.split(",")
-    for budget in args.budgets.split(","):
-        for name in (m for m in METHODS if m in wanted):
-            kwargs, seeded = METHODS[name]
-            for seed in seeds:
+    for seed in seeds:
+        for budget in args.budgets.split(","):
+            for name in (m for m in METHODS if m in wanted):
+                kwargs, seeded = METHODS[name]
                 sel = report.select(budget=budget, **kwargs, **({"seed": seed} if seeded else {}))
-                key = f"{name}@{budget}#s{seed}"
                 sel.save(args.out / "subsets" / f"{name}-{budget}-s{seed}.json")
-                out[key] = {"method": name, "budget": budget, "seed": seed,
-                            "indices": sel.indices.tolist(), "selected": sel.selected()}
-        log(f"budget {budget}: " + ", ".join(f"{k.split('@')[0]} {len(v['indices'])}"
-                                             for k, v in out.items() if v["seed"] == 0
-                                             and v["budget"] == budget))
-    if FULL in wanted:
-        for seed in seeds:
+                out[f"{name}@{budget}#s{seed}"] = {
+                    "method": name, "budget": budget, "seed": seed,
+                    "indices": sel.indices.tolist(), "selected": sel.selected()}
+        if FULL in wanted:
             out[f"{FULL}#s{seed}"] = {"method": FULL, "budget": "1.0", "seed": seed,
                                       "indices": np.flatnonzero(report.valid).tolist(),
                                       "selected": report.valid_sizes()}
+    log("subsets: " + ", ".join(f"{k} {len(v['indices'])}" for k, v in out.items()
+                                if v["seed"] == seeds[0]))
     return out
 
 
