@@ -65,6 +65,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--epochs", type=int, help="epochs of the fine-tune (default: the recipe's)")
     ap.add_argument("--quick", action="store_true",
                     help="a small mixture, one seed, one epoch (< 5 min on 2 cores)")
+    ap.add_argument("--summary-only", action="store_true",
+                    help="tables and PNG from the runs finished so far in --out, training "
+                         "nothing more (for a run cut short)")
     args = ap.parse_args(argv)
     if (args.data is None) != (args.eval is None):
         ap.error("--data and --eval go together (the mixture and its held-out records)")
@@ -82,20 +85,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     recipe = Recipe(epochs=args.epochs or (1 if args.quick else Recipe.epochs))
     seeds = list(range(args.seeds or (1 if args.quick else 2)))
     log = _logger(args.out / "log.txt")
-    if args.data is None:
+    if args.data is None and args.summary_only:
+        mix, held = args.out / "data" / "mix.json", args.out / "data" / "eval.json"
+    elif args.data is None:
         sizes = quality_mixture.QUICK_SIZES if args.quick else quality_mixture.SIZES
-        mix, held = quality_mixture.build(args.out / "data", sizes)
+        mix, held = quality_mixture.build(args.out / "data", sizes)  # the same bytes again
         log(f"mixture: {mix} ({sum(a for a, _ in sizes.values())} records, {len(sizes)} tasks); "
             f"held out: {held}")
     else:
         mix, held = args.data.resolve(), args.eval.resolve()
-    timings = {"score": _score(args, mix, recipe.max_length, log)}
-    report = _report(args.out / "run")
-    log(f"task values:\n{report.table()}")
-    subsets = _subsets(report, args, seeds, log)
-    results = _train_all(args, report, held, subsets, recipe, log)
+    if args.summary_only:
+        timings = {"score": float("nan")}
+        report = _report(args.out / "run")
+        results = json.loads((args.out / "runs.json").read_text())
+    else:
+        timings = {"score": _score(args, mix, recipe.max_length, log)}
+        report = _report(args.out / "run")
+        log(f"task values:\n{report.table()}")
+        subsets = _subsets(report, args, seeds, log)
+        results = _train_all(args, report, held, subsets, recipe, log)
     timings["total"] = time.perf_counter() - t_start
-    summary = summarise(results, report, subsets)
+    summary = summarise(results, report)
     out = {"recipe": asdict(recipe), "model": args.model, "data": str(mix), "eval": str(held),
            "seeds": seeds, "timings_s": timings, "runs": results, "summary": summary,
            "command": " ".join(["python", "benchmarks/selection_quality.py",
@@ -218,12 +228,11 @@ def _train_all(args: argparse.Namespace, report: Any, held: Path,
     return done
 
 
-def summarise(results: dict[str, dict[str, Any]], report: Any,
-              subsets: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def summarise(results: dict[str, dict[str, Any]], report: Any) -> dict[str, Any]:
     """Per (method, budget): macro accuracy and loss over seeds (mean, sd, each seed), per-task
     accuracy (mean over seeds), records per task; and the full mixture's macro for scale."""
     groups: dict[str, list[dict[str, Any]]] = {}
-    for key, r in results.items():
+    for r in results.values():
         label = r["method"] if r["method"] in (FULL, BASE) else f"{r['method']} {r['budget']}"
         groups.setdefault(label, []).append(r)
     tasks = sorted({t for r in results.values() for t in r["eval"]})
