@@ -64,13 +64,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help=f"comma-separated subset of {', '.join([*METHODS, FULL])}")
     ap.add_argument("--epochs", type=int, help="epochs of the fine-tune (default: the recipe's)")
     ap.add_argument("--quick", action="store_true",
-                    help="a small mixture, one seed, one epoch (< 5 min on 2 cores)")
+                    help="a small mixture (101 records), one seed (< 5 min on 2 free cores)")
+    ap.add_argument("--shard", default="0/1", metavar="I/N",
+                    help="train only runs I, I+N, I+2N, … of the plan (start N processes with "
+                         "I = 0 … N-1 on one --out; each keeps its own runs-I.json)")
+    ap.add_argument("--threads", type=int, help="torch threads per process (default: torch's)")
     ap.add_argument("--summary-only", action="store_true",
                     help="tables and PNG from the runs finished so far in --out, training "
                          "nothing more (for a run cut short)")
     args = ap.parse_args(argv)
     if (args.data is None) != (args.eval is None):
         ap.error("--data and --eval go together (the mixture and its held-out records)")
+    try:
+        args.shard_index, args.shard_count = map(int, args.shard.split("/"))
+    except ValueError:
+        ap.error(f"--shard {args.shard!r}: expected I/N, e.g. 0/2")
+    if not 0 <= args.shard_index < args.shard_count:
+        ap.error(f"--shard {args.shard}: expected 0 <= I < N")
     unknown = set(args.methods.split(",")) - {*METHODS, FULL}
     if unknown:
         ap.error(f"--methods: unknown {', '.join(sorted(unknown))}; choose from "
@@ -82,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     t_start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    recipe = Recipe(epochs=args.epochs or (1 if args.quick else Recipe.epochs))
+    recipe = Recipe(epochs=args.epochs or Recipe.epochs)
     seeds = list(range(args.seeds or (1 if args.quick else 2)))
     log = _logger(args.out / "log.txt")
     if args.data is None and args.summary_only:
@@ -97,13 +107,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.summary_only:
         timings = {"score": float("nan")}
         report = _report(args.out / "run")
-        results = json.loads((args.out / "runs.json").read_text())
+        results = _finished(args.out)
     else:
         timings = {"score": _score(args, mix, recipe.max_length, log)}
         report = _report(args.out / "run")
         log(f"task values:\n{report.table()}")
         subsets = _subsets(report, args, seeds, log)
-        results = _train_all(args, report, held, subsets, recipe, log)
+        _train_all(args, report, held, subsets, recipe, log)
+        results = _finished(args.out)
     timings["total"] = time.perf_counter() - t_start
     summary = summarise(results, report)
     out = {"recipe": asdict(recipe), "model": args.model, "data": str(mix), "eval": str(held),
@@ -174,20 +185,22 @@ def _subsets(report: Any, args: argparse.Namespace, seeds: list[int],
 
 
 def _train_all(args: argparse.Namespace, report: Any, held: Path,
-               subsets: dict[str, dict[str, Any]], recipe: Recipe,
-               log: Any) -> dict[str, dict[str, Any]]:
-    """Fine-tune and evaluate every subset (and the untouched model); finished runs are kept in
-    ``out/runs.json`` and not repeated."""
+               subsets: dict[str, dict[str, Any]], recipe: Recipe, log: Any) -> None:
+    """Fine-tune and evaluate every subset of this process's shard (and, in shard 0, the
+    untouched model); finished runs are kept in ``out/runs-I.json`` and not repeated."""
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from tive.data import load_mixture
     from tive.encode import encode_row, pad_id
     from tive.models.load import load_model
     from tive.models.registry import resolve
     from tive.tasks import label_tasks
 
-    done_path = args.out / "runs.json"
+    done_path = args.out / f"runs-{args.shard_index}.json"
     done = json.loads(done_path.read_text()) if done_path.exists() else {}
+    plan = [(BASE, None), *subsets.items()][args.shard_index::args.shard_count]
     loaded = load_model(resolve(args.model), dtype="fp32", device="cpu")
     if loaded.family != "causal-lm":
         raise SystemExit(f"--model {args.model}: a {loaded.family} model; this benchmark "
@@ -207,7 +220,7 @@ def _train_all(args: argparse.Namespace, report: Any, held: Path,
     eos = sorted({int(tok.eos_token_id),
                   *(int(e) for e in np.atleast_1d(base.generation_config.eos_token_id or []))})
     torch.manual_seed(0)
-    for key, sub in [(BASE, None), *subsets.items()]:
+    for key, sub in plan:
         if key in done:
             continue
         t0 = time.perf_counter()
@@ -225,7 +238,16 @@ def _train_all(args: argparse.Namespace, report: Any, held: Path,
         macro = np.mean([s["accuracy"] for s in scores.values()])
         log(f"  {key}: macro accuracy {macro:.3f} ({time.perf_counter() - t0:.0f} s)")
         del model
-    return done
+
+
+def _finished(out: Path) -> dict[str, dict[str, Any]]:
+    """Every finished run of every shard (``runs-*.json``)."""
+    runs: dict[str, dict[str, Any]] = {}
+    for path in sorted(out.glob("runs-*.json")):
+        runs.update(json.loads(path.read_text()))
+    if not runs:
+        raise SystemExit(f"{out}: no finished run (runs-*.json); run without --summary-only")
+    return runs
 
 
 def summarise(results: dict[str, dict[str, Any]], report: Any) -> dict[str, Any]:
@@ -236,8 +258,11 @@ def summarise(results: dict[str, dict[str, Any]], report: Any) -> dict[str, Any]
         label = r["method"] if r["method"] in (FULL, BASE) else f"{r['method']} {r['budget']}"
         groups.setdefault(label, []).append(r)
     tasks = sorted({t for r in results.values() for t in r["eval"]})
+    order = [BASE, *METHODS, FULL]  # rows: the untouched model, the methods, the full mixture
+    labels = sorted(groups, key=lambda k: (order.index(groups[k][0]["method"]),
+                                           -float(groups[k][0]["budget"])))
     rows = {}
-    for label, runs in groups.items():
+    for label, runs in ((k, groups[k]) for k in labels):
         macro = [float(np.mean([r["eval"][t]["accuracy"] for t in tasks])) for r in runs]
         loss = [float(np.mean([r["eval"][t]["loss"] for t in tasks])) for r in runs]
         rows[label] = {
