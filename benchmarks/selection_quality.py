@@ -220,8 +220,9 @@ def _train_all(args: argparse.Namespace, report: Any, held: Path,
     eos = sorted({int(tok.eos_token_id),
                   *(int(e) for e in np.atleast_1d(base.generation_config.eos_token_id or []))})
     torch.manual_seed(0)
+    finished = set(_finished(args.out)) if list(args.out.glob("runs-*.json")) else set()
     for key, sub in plan:
-        if key in done:
+        if key in done or key in finished:  # done here, or by a shard of an earlier split
             continue
         t0 = time.perf_counter()
         if sub is None:
