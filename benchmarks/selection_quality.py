@@ -8,7 +8,7 @@ one fixed LoRA recipe (the same epochs for all), and evaluate per task on held-o
 exact-match accuracy of the greedy answer, and mean answer-token loss. Prints the tables and
 writes ``results.json``, ``table.md`` and ``selection_quality.png`` into ``--out``.
 
-    python benchmarks/selection_quality.py                        # default run (~40 min, 2 cores)
+    python benchmarks/selection_quality.py                        # default run (see README)
     python benchmarks/selection_quality.py --quick                # < 5 min: small, one seed
     python benchmarks/selection_quality.py --budgets 0.15,0.075   # also 7.5%
     python benchmarks/selection_quality.py --data mix.json --eval heldout.json --model M
