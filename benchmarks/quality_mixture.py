@@ -3,7 +3,7 @@ packages (scikit-learn's datasets, the Unicode database and the time-zone databa
 standard library) or generated with a seed, in LLaVA JSON format with a ``task`` per record,
 and a disjoint held-out set per task.
 
-Sizes differ 12.5× (as in LLaVA-665K a few large tasks dominate), and so does difficulty: a
+Sizes differ 10× (as in LLaVA-665K a few large tasks dominate), and so does difficulty: a
 large near-duplicate task (eight Greek-letter facts in many phrasings, like VQAv2's many
 questions per image), exact arithmetic, table classification (iris, wine, breast cancer),
 8×8 digit images drawn as text, a lookup task (time-zone city → region) and string tasks.
@@ -24,12 +24,12 @@ import numpy as np
 QA = tuple[str, str]  # (question, answer)
 
 # task → (training records, held-out records) of the default run, and of --quick
-SIZES = {"greek": (300, 20), "arithmetic": (200, 20), "breast_cancer": (150, 20),
-         "timezone": (100, 20), "digits": (80, 20), "sort": (50, 20), "reverse": (40, 20),
-         "iris": (30, 20), "wine": (24, 20)}
-QUICK_SIZES = {"greek": (60, 4), "arithmetic": (40, 4), "breast_cancer": (30, 4),
-               "timezone": (20, 4), "digits": (16, 4), "sort": (10, 4), "reverse": (8, 4),
-               "iris": (6, 4), "wine": (5, 4)}
+SIZES = {"greek": (120, 16), "arithmetic": (80, 16), "breast_cancer": (60, 16),
+         "timezone": (40, 16), "digits": (32, 16), "sort": (24, 16), "reverse": (18, 16),
+         "iris": (14, 16), "wine": (12, 16)}
+QUICK_SIZES = {"greek": (30, 3), "arithmetic": (20, 3), "breast_cancer": (15, 3),
+               "timezone": (10, 3), "digits": (8, 3), "sort": (6, 3), "reverse": (5, 3),
+               "iris": (4, 3), "wine": (3, 3)}
 
 GREEK = ["alpha", "beta", "gamma", "delta", "lamda", "pi", "sigma", "omega"]
 GREEK_FORMS = ["Which Greek letter is named {n}?", "What is the symbol of the Greek letter {n}?",

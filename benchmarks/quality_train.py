@@ -28,7 +28,7 @@ class Recipe:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     target: str = "all-linear"  # every linear layer of the language model
-    epochs: int = 2
+    epochs: int = 1
     lr: float = 5e-4
     warmup_ratio: float = 0.1  # linear warm-up, then cosine decay to 0
     batch_size: int = 8

@@ -8,7 +8,7 @@ one fixed LoRA recipe (the same epochs for all), and evaluate per task on held-o
 exact-match accuracy of the greedy answer, and mean answer-token loss. Prints the tables and
 writes ``results.json``, ``table.md`` and ``selection_quality.png`` into ``--out``.
 
-    python benchmarks/selection_quality.py                        # default run (~40 min, 2 cores)
+    python benchmarks/selection_quality.py                        # default run (see README)
     python benchmarks/selection_quality.py --quick                # < 5 min: small, one seed
     python benchmarks/selection_quality.py --budgets 0.15,0.075   # also 7.5%
     python benchmarks/selection_quality.py --data mix.json --eval heldout.json --model M
@@ -64,10 +64,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help=f"comma-separated subset of {', '.join([*METHODS, FULL])}")
     ap.add_argument("--epochs", type=int, help="epochs of the fine-tune (default: the recipe's)")
     ap.add_argument("--quick", action="store_true",
-                    help="a small mixture, one seed, one epoch (< 5 min on 2 cores)")
+                    help="a small mixture (101 records), one seed (< 5 min on 2 free cores)")
+    ap.add_argument("--shard", default="0/1", metavar="I/N",
+                    help="train only runs I, I+N, I+2N, … of the plan (start N processes with "
+                         "I = 0 … N-1 on one --out; each keeps its own runs-I.json)")
+    ap.add_argument("--threads", type=int, help="torch threads per process (default: torch's)")
+    ap.add_argument("--summary-only", action="store_true",
+                    help="tables and PNG from the runs finished so far in --out, training "
+                         "nothing more (for a run cut short)")
     args = ap.parse_args(argv)
     if (args.data is None) != (args.eval is None):
         ap.error("--data and --eval go together (the mixture and its held-out records)")
+    try:
+        args.shard_index, args.shard_count = map(int, args.shard.split("/"))
+    except ValueError:
+        ap.error(f"--shard {args.shard!r}: expected I/N, e.g. 0/2")
+    if not 0 <= args.shard_index < args.shard_count:
+        ap.error(f"--shard {args.shard}: expected 0 <= I < N")
     unknown = set(args.methods.split(",")) - {*METHODS, FULL}
     if unknown:
         ap.error(f"--methods: unknown {', '.join(sorted(unknown))}; choose from "
@@ -79,23 +92,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     t_start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    recipe = Recipe(epochs=args.epochs or (1 if args.quick else Recipe.epochs))
+    recipe = Recipe(epochs=args.epochs or Recipe.epochs)
     seeds = list(range(args.seeds or (1 if args.quick else 2)))
     log = _logger(args.out / "log.txt")
-    if args.data is None:
+    if args.data is None and args.summary_only:
+        mix, held = args.out / "data" / "mix.json", args.out / "data" / "eval.json"
+    elif args.data is None:
         sizes = quality_mixture.QUICK_SIZES if args.quick else quality_mixture.SIZES
-        mix, held = quality_mixture.build(args.out / "data", sizes)
+        mix, held = quality_mixture.build(args.out / "data", sizes)  # the same bytes again
         log(f"mixture: {mix} ({sum(a for a, _ in sizes.values())} records, {len(sizes)} tasks); "
             f"held out: {held}")
     else:
         mix, held = args.data.resolve(), args.eval.resolve()
-    timings = {"score": _score(args, mix, recipe.max_length, log)}
-    report = _report(args.out / "run")
-    log(f"task values:\n{report.table()}")
-    subsets = _subsets(report, args, seeds, log)
-    results = _train_all(args, report, held, subsets, recipe, log)
+    if args.summary_only:
+        timings = {"score": float("nan")}
+        report = _report(args.out / "run")
+        results = _finished(args.out)
+    else:
+        timings = {"score": _score(args, mix, recipe.max_length, log)}
+        report = _report(args.out / "run")
+        log(f"task values:\n{report.table()}")
+        subsets = _subsets(report, args, seeds, log)
+        _train_all(args, report, held, subsets, recipe, log)
+        results = _finished(args.out)
     timings["total"] = time.perf_counter() - t_start
-    summary = summarise(results, report, subsets)
+    summary = summarise(results, report)
     out = {"recipe": asdict(recipe), "model": args.model, "data": str(mix), "eval": str(held),
            "seeds": seeds, "timings_s": timings, "runs": results, "summary": summary,
            "command": " ".join(["python", "benchmarks/selection_quality.py",
@@ -140,44 +161,46 @@ def _report(run: Path) -> Any:
 def _subsets(report: Any, args: argparse.Namespace, seeds: list[int],
              log: Any) -> dict[str, dict[str, Any]]:
     """``{run name: {"method", "budget", "seed", "indices", "selected"}}`` for every method,
-    budget and seed; each subset also saved under ``out/subsets``."""
+    budget and seed, seed by seed (every method's first seed, the full mixture's included,
+    comes before any second seed, so that a run cut short still compares every method); each
+    subset is also saved under ``out/subsets``."""
     out: dict[str, dict[str, Any]] = {}
     wanted = args.methods.split(",")
-    for budget in args.budgets.split(","):
-        for name in (m for m in METHODS if m in wanted):
-            kwargs, seeded = METHODS[name]
-            for seed in seeds:
+    for seed in seeds:
+        for budget in args.budgets.split(","):
+            for name in (m for m in METHODS if m in wanted):
+                kwargs, seeded = METHODS[name]
                 sel = report.select(budget=budget, **kwargs, **({"seed": seed} if seeded else {}))
-                key = f"{name}@{budget}#s{seed}"
                 sel.save(args.out / "subsets" / f"{name}-{budget}-s{seed}.json")
-                out[key] = {"method": name, "budget": budget, "seed": seed,
-                            "indices": sel.indices.tolist(), "selected": sel.selected()}
-        log(f"budget {budget}: " + ", ".join(f"{k.split('@')[0]} {len(v['indices'])}"
-                                             for k, v in out.items() if v["seed"] == 0
-                                             and v["budget"] == budget))
-    if FULL in wanted:
-        for seed in seeds:
+                out[f"{name}@{budget}#s{seed}"] = {
+                    "method": name, "budget": budget, "seed": seed,
+                    "indices": sel.indices.tolist(), "selected": sel.selected()}
+        if FULL in wanted:
             out[f"{FULL}#s{seed}"] = {"method": FULL, "budget": "1.0", "seed": seed,
                                       "indices": np.flatnonzero(report.valid).tolist(),
                                       "selected": report.valid_sizes()}
+    log("subsets: " + ", ".join(f"{k} {len(v['indices'])}" for k, v in out.items()
+                                if v["seed"] == seeds[0]))
     return out
 
 
 def _train_all(args: argparse.Namespace, report: Any, held: Path,
-               subsets: dict[str, dict[str, Any]], recipe: Recipe,
-               log: Any) -> dict[str, dict[str, Any]]:
-    """Fine-tune and evaluate every subset (and the untouched model); finished runs are kept in
-    ``out/runs.json`` and not repeated."""
+               subsets: dict[str, dict[str, Any]], recipe: Recipe, log: Any) -> None:
+    """Fine-tune and evaluate every subset of this process's shard (and, in shard 0, the
+    untouched model); finished runs are kept in ``out/runs-I.json`` and not repeated."""
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from tive.data import load_mixture
     from tive.encode import encode_row, pad_id
     from tive.models.load import load_model
     from tive.models.registry import resolve
     from tive.tasks import label_tasks
 
-    done_path = args.out / "runs.json"
+    done_path = args.out / f"runs-{args.shard_index}.json"
     done = json.loads(done_path.read_text()) if done_path.exists() else {}
+    plan = [(BASE, None), *subsets.items()][args.shard_index::args.shard_count]
     loaded = load_model(resolve(args.model), dtype="fp32", device="cpu")
     if loaded.family != "causal-lm":
         raise SystemExit(f"--model {args.model}: a {loaded.family} model; this benchmark "
@@ -197,8 +220,9 @@ def _train_all(args: argparse.Namespace, report: Any, held: Path,
     eos = sorted({int(tok.eos_token_id),
                   *(int(e) for e in np.atleast_1d(base.generation_config.eos_token_id or []))})
     torch.manual_seed(0)
-    for key, sub in [(BASE, None), *subsets.items()]:
-        if key in done:
+    finished = set(_finished(args.out)) if list(args.out.glob("runs-*.json")) else set()
+    for key, sub in plan:
+        if key in done or key in finished:  # done here, or by a shard of an earlier split
             continue
         t0 = time.perf_counter()
         if sub is None:
@@ -215,20 +239,31 @@ def _train_all(args: argparse.Namespace, report: Any, held: Path,
         macro = np.mean([s["accuracy"] for s in scores.values()])
         log(f"  {key}: macro accuracy {macro:.3f} ({time.perf_counter() - t0:.0f} s)")
         del model
-    return done
 
 
-def summarise(results: dict[str, dict[str, Any]], report: Any,
-              subsets: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _finished(out: Path) -> dict[str, dict[str, Any]]:
+    """Every finished run of every shard (``runs-*.json``)."""
+    runs: dict[str, dict[str, Any]] = {}
+    for path in sorted(out.glob("runs-*.json")):
+        runs.update(json.loads(path.read_text()))
+    if not runs:
+        raise SystemExit(f"{out}: no finished run (runs-*.json); run without --summary-only")
+    return runs
+
+
+def summarise(results: dict[str, dict[str, Any]], report: Any) -> dict[str, Any]:
     """Per (method, budget): macro accuracy and loss over seeds (mean, sd, each seed), per-task
     accuracy (mean over seeds), records per task; and the full mixture's macro for scale."""
     groups: dict[str, list[dict[str, Any]]] = {}
-    for key, r in results.items():
+    for r in results.values():
         label = r["method"] if r["method"] in (FULL, BASE) else f"{r['method']} {r['budget']}"
         groups.setdefault(label, []).append(r)
     tasks = sorted({t for r in results.values() for t in r["eval"]})
+    order = [BASE, *METHODS, FULL]  # rows: the untouched model, the methods, the full mixture
+    labels = sorted(groups, key=lambda k: (order.index(groups[k][0]["method"]),
+                                           -float(groups[k][0]["budget"])))
     rows = {}
-    for label, runs in groups.items():
+    for label, runs in ((k, groups[k]) for k in labels):
         macro = [float(np.mean([r["eval"][t]["accuracy"] for t in tasks])) for r in runs]
         loss = [float(np.mean([r["eval"][t]["loss"] for t in tasks])) for r in runs]
         rows[label] = {

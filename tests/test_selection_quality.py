@@ -164,10 +164,13 @@ def test_a_user_mixture_in_another_format_runs_end_to_end(tiny, tmp_path):
     assert out["summary"]["tasks"] == ["add", "echo"]
     assert (tmp_path / "out/selection_quality.png").read_bytes()[:4] == b"\x89PNG"
     assert "| kmeans 0.15 |" in (tmp_path / "out/table.md").read_text()
-    runs = json.loads((tmp_path / "out/runs.json").read_text())
+    runs = json.loads((tmp_path / "out/runs-0.json").read_text())
     assert len(runs) == 1 + 3 * 2 + 2  # base, three methods × two seeds, full × two seeds
     assert {r["selected"]["add"] + r["selected"]["echo"] for k, r in runs.items()
             if r["method"] == "full"} == {30}
+    again = sq.main(["--data", str(tmp_path / "mix.jsonl"), "--eval", str(tmp_path / "held.jsonl"),
+                     "--model", str(folder), "--out", str(tmp_path / "out"), "--summary-only"])
+    assert again["summary"]["rows"] == out["summary"]["rows"]  # from runs.json, nothing trained
 
 
 @pytest.mark.slow

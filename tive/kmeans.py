@@ -30,7 +30,7 @@ BATCH = 1024  # task rows per MiniBatchKMeans.partial_fit call (fixed: results d
 #               how the store is read)
 PASSES = 3  # passes of partial_fit over a task's rows
 INIT_FACTOR = 3  # k-means++ on 3·max(k, BATCH) rows (sklearn's default init_size) ...
-INIT_BYTES = 1 << 28  # ... unless the sample's float32 rows would pass 256 MiB (then ≥ k rows)
+INIT_BYTES = 1 << 28  # ... unless the sample's float64 rows would pass 256 MiB (then ≥ k rows)
 DIST_DECIMALS = 9  # distances between unit rows are in [0, 4]; float64 error ~1e-15
 CANDIDATES = 16  # nearest free records kept per unmatched centroid in a matching pass
 
@@ -121,18 +121,22 @@ def assign(features: np.ndarray, members: np.ndarray, centers: np.ndarray,
 
 
 def fit_centers(features: np.ndarray, members: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """``(k, dim)`` float32 centroids of the task's unit rows: k-means++ on a seeded sample of
+    """``(k, dim)`` float32 centroids of the task's unit rows: k-means++ (one trial per centroid,
+    O(k · sample · dim)) on a seeded sample of
     ``min(m, 3·max(k, BATCH))`` rows (the first of ``members``, which come in draw order;
-    fewer if they would pass :data:`INIT_BYTES`, never fewer than k), then :data:`PASSES` passes of
+    fewer if as float64 they would pass :data:`INIT_BYTES`, never fewer than k), then :data:`PASSES` passes of
     ``MiniBatchKMeans.partial_fit`` over consecutive mini-batches of :data:`BATCH` members."""
-    from sklearn.cluster import MiniBatchKMeans
+    from sklearn.cluster import MiniBatchKMeans, kmeans_plusplus
 
-    cap = max(k, INIT_BYTES // (4 * max(features.shape[1], 1)))
+    cap = max(k, INIT_BYTES // (8 * max(features.shape[1], 1)))
     size = min(len(members), max(k, min(INIT_FACTOR * max(k, BATCH), cap)))
-    sample = unit_rows(features, members[:size])
-    km = MiniBatchKMeans(n_clusters=k, init="k-means++", n_init=1, batch_size=BATCH,
-                         init_size=size, random_state=seed)
-    km.partial_fit(sample)  # k-means++ on the sample (a first batch needs ≥ k rows)
+    sample = unit_rows(features, members[:size])  # (size, dim)
+    # float64: for float32 input sklearn converts the whole sample again for every centroid
+    init, _ = kmeans_plusplus(sample.astype(np.float64), k, random_state=seed,
+                              n_local_trials=1)
+    km = MiniBatchKMeans(n_clusters=k, init=init, n_init=1, batch_size=BATCH,
+                         random_state=seed)
+    km.partial_fit(sample)  # from the k-means++ centroids, one step on the sample
     del sample
     for _ in range(PASSES):
         for block in _unit_blocks(features, members, BATCH):
