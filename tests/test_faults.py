@@ -186,11 +186,10 @@ def test_outputs_of_one_selection_are_replaced_together_or_not_at_all(mixture_ru
     assert invoke("select", "--run", run, "--budget", "0.25").exit_code == 0
     before = tree(run)
 
-    def no_space(selection, path):
+    def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(rep, "write_chart", lambda s, p: (_ for _ in ()).throw(
-        OSError(errno.ENOSPC, "No space left on device")))
+    monkeypatch.setattr(rep, "write_chart", no_space)
     res = invoke("select", "--run", run, "--budget", "0.25", "--seed", "7")
     one_line_error(res, "nothing was written")
     assert tree(run) == before
@@ -291,7 +290,16 @@ DAMAGE = {  # the damaged-store cases of the fault report, and the words of thei
     "garbage index": (lambda r: (r / "store/index.jsonl").write_text("not json\n" * 36),
                       "line 1 is damaged"),
     "garbage meta": (lambda r: _meta(r).write_bytes(b"\xff\xfe{"), "meta.json: damaged"),
+    "unparsable header": (lambda r: _unclose_header(r / "store/done.npy"), "not a .npy array"),
 }
+
+
+def _unclose_header(path: Path) -> None:
+    """A header whose literal never closes (numpy raises tokenize.TokenError, found by the
+    random-damage test below)."""
+    data = path.read_bytes()
+    end = data.index(b"}")
+    path.write_bytes(data[:end + 1] + b" (" + data[end + 3:])
 
 
 def _truncate(path: Path, share: float) -> None:

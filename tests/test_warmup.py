@@ -295,11 +295,10 @@ def test_defaults_are_the_authors_recipe():
 
 
 def test_recipe_reaches_the_global_batch_by_accumulation():
-    from tive.warmup import plan_recipe
+    from tive.warmup import Recipe, plan_recipe
 
     config = WarmupConfig()  # 128 per step, 4 per forward
-    assert plan_recipe(config, 53_223, 1, None) == \
-        plan_recipe(config, 53_223, 1, None).__class__(416, 13, 32, None)
+    assert plan_recipe(config, 53_223, 1, None) == Recipe(416, 13, 32, None)
     assert plan_recipe(config, 53_223, 8, "p").accumulation == 4  # 16 per GPU: 4 × 4
     one = plan_recipe(config, 17, 1, None)
     assert (one.steps, one.warmup_steps, one.accumulation) == (1, 1, 5)

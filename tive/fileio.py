@@ -19,12 +19,15 @@ import re
 import shutil
 import tempfile
 import time
+import tokenize
 from pathlib import Path
 from typing import Any, Iterator
 
 from tive.errors import ConfigError, OutputError
 
 LOCK_FILE = ".lock"
+# what numpy raises for a damaged .npy header (it parses the header as a Python literal)
+NPY_HEADER_ERRORS = (ValueError, OSError, EOFError, SyntaxError, tokenize.TokenError)
 _TEMP = re.compile(r"^\..+\.pid(\d+)\.[^.]*\.tmp$")  # .NAME.pidPID.RANDOM.tmp
 
 

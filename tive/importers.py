@@ -26,6 +26,7 @@ import numpy as np
 from tive import __version__
 from tive.data import Mixture
 from tive.errors import DataError
+from tive.fileio import NPY_HEADER_ERRORS
 from tive.store import IndexEntry, Store, write_store
 from tive.tasks import TaskLabels
 
@@ -54,7 +55,7 @@ def load_npy(path: str | os.PathLike, what: str) -> np.ndarray:
                         f"{head[:8]!r}); expected a file written by numpy.save")
     try:
         return np.load(path, mmap_mode="r")
-    except (ValueError, OSError, EOFError, SyntaxError) as e:
+    except NPY_HEADER_ERRORS as e:
         raise DataError(f"--{what} {path}: a damaged .npy file ({str(e) or type(e).__name__}); "
                         f"expected a file written by numpy.save") from None
 

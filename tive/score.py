@@ -485,7 +485,8 @@ def score_batches(gf: Any, encoder: Any, pad: int, mixture: Mixture, work: list[
                 raise OutputError(_oom_message(mixture, failed, on_limit is None)) from None
             limit = len(failed) // 2  # halve, and retry the same rows
             on_limit(limit)
-            torch.cuda.empty_cache() if torch.cuda.is_available() else None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             pending = split_rows(pending[done:], limit)
     return written
 
@@ -730,6 +731,7 @@ class Feeding:
         limit: most records per forward/backward so far (auto; None: the planned size).
         workers: encoding processes (0: a thread of this one).
         pin: inputs in pinned memory (on a GPU).
+        rank: this process's rank (rank 0 alone writes meta.json).
         halvings: how often auto halved the batch in this run.
     """
 
@@ -738,6 +740,7 @@ class Feeding:
     limit: int | None
     workers: int
     pin: bool
+    rank: int = 0
     halvings: int = 0
 
     @classmethod
@@ -752,7 +755,7 @@ class Feeding:
         reached = store.meta.get("settings", {}).get("batch_used") if auto else None
         return cls(AUTO_START if auto else int(config.batch_size), auto,
                    int(reached) if isinstance(reached, int) else None, workers,
-                   device.type == "cuda")
+                   device.type == "cuda", dist.rank)
 
     def record(self, root: Path) -> Any:
         """The ``on_limit`` of :func:`score_batches`: remember the size that fits, in this
@@ -761,7 +764,7 @@ class Feeding:
 
         def on_limit(limit: int) -> None:
             self.limit, self.halvings = limit, self.halvings + 1
-            if int(os.environ.get("RANK", "0")) == 0:
+            if self.rank == 0:
                 meta = json.loads((root / "meta.json").read_text(encoding="utf-8"))
                 meta.setdefault("settings", {})["batch_used"] = limit
                 write_json(root / "meta.json", meta)

@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tive.errors import StoreError
-from tive.fileio import atomic_path, check_space, preallocate
+from tive.fileio import NPY_HEADER_ERRORS, atomic_path, check_space, preallocate
 
 FORMAT_VERSION = 1
 STORE_DIR = "store"
@@ -186,7 +186,7 @@ class Store:
                         raise ValueError(f".npy format version {version}")
                     got, _, kind = header(f)
                     offset = f.tell()
-            except (ValueError, OSError, EOFError, SyntaxError) as e:
+            except NPY_HEADER_ERRORS as e:
                 raise StoreError(f"{path}: not a .npy array ({str(e) or type(e).__name__}); the "
                                  f"store is damaged; fix: rebuild it") from None
             if got != shape or kind != dtype:
