@@ -1,8 +1,8 @@
 """Does a ``tive select`` subset train a model better than a random one of the same size?
 
 One command: build a multi-task mixture from data shipped in Python packages (or take yours
-with ``--data MIX --eval EVAL``), score it with ``tive score`` (warm-up with tive's defaults,
-then per-record gradients — the same command users run), select 15% of it with each method
+with ``--data MIX --eval EVAL``), score it with ``tive score`` (the warm-up as the quick start
+runs it on a small mixture, then per-record gradients — the same command users run), select 15% of it with each method
 through the report API (``tive select``'s code), fine-tune the same model on every subset with
 one fixed LoRA recipe (the same epochs for all), and evaluate per task on held-out records:
 exact-match accuracy of the greedy answer, and mean answer-token loss. Prints the tables and
@@ -58,6 +58,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                                               "assistant turn (with --data)")
     ap.add_argument("--model", default="smollm2-135m", help="a text model tive loads")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--warmup-global-batch", type=int, default=4,
+                    help="records per warm-up step (tive's default, the authors' 128, makes a "
+                         "warm-up sample under 128 records one step at learning rate 0; 0 = "
+                         "tive's default)")
+    ap.add_argument("--warmup-lr", type=float, default=2e-4,
+                    help="warm-up learning rate (0 = tive's default, the authors' 2e-5)")
     ap.add_argument("--budgets", default="0.15", help="comma-separated, e.g. 0.15,0.075")
     ap.add_argument("--seeds", type=int, help="seeds per method (default 2; 1 with --quick)")
     ap.add_argument("--methods", default=",".join([*METHODS, FULL]),
@@ -139,10 +145,15 @@ def _logger(path: Path) -> Any:
 
 
 def _score(args: argparse.Namespace, mix: Path, max_length: int, log: Any) -> float:
-    """``tive score`` in a child process, with tive's warm-up defaults."""
+    """``tive score`` in a child process; the warm-up as the README's quick start runs it on a
+    small mixture (``--warmup-global-batch 4 --warmup-lr 2e-4``) unless told otherwise."""
     cmd = [str(Path(sys.executable).with_name("tive")), "score", "--model", args.model,
            "--data", str(mix), "--run", str(args.out / "run"), "--max-length", str(max_length),
            "--device", args.device, "--quiet"]
+    if args.warmup_global_batch:
+        cmd += ["--warmup-global-batch", str(args.warmup_global_batch)]
+    if args.warmup_lr:
+        cmd += ["--warmup-lr", str(args.warmup_lr)]
     log("$ " + " ".join(cmd))
     t0 = time.perf_counter()
     res = subprocess.run(cmd, capture_output=True, text=True, check=False)

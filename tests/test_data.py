@@ -273,6 +273,48 @@ def test_jsonl_round_trip_property(data, seed, ending):
         assert again.content_keys.tolist() == [int(m.content_keys[i]) for i in indices]
 
 
+def test_json_subset_copies_each_record_byte_for_byte(tmp_path):
+    """A JSON list's records are written as the file has them (key order, spacing, escapes),
+    not re-serialised."""
+    texts = ['{"id": "a", "conversations": [{"from": "human", "value": "caf\\u00e9 \\/ [x]"}]}',
+             '{ "conversations":[ {"value":"q\\"}{", "from":"human"} ],"id":"b" }',
+             '{"id":"c","conversations":[{"from":"human","value":"\\\\"}]}']
+    src = tmp_path / "m.json"
+    src.write_bytes(("\ufeff[\n  " + " ,\n\t".join(texts) + "\n]").encode("utf-8"))
+    m = load_mixture(src)
+    assert [m.raw(i)["id"] for i in range(3)] == ["a", "b", "c"]
+    out = m.write_subset([2, 0, 2, 1], tmp_path / "sub.json")
+    assert out.read_text() == "[\n" + ",\n".join(texts[i] for i in [2, 0, 2, 1]) + "\n]\n"
+
+
+def test_json_subset_without_spans_is_written_from_the_parsed_records(tmp_path, monkeypatch):
+    monkeypatch.setattr(tdata, "record_spans", lambda source, count: None)
+    src = write_json(tmp_path / "m.json", LLAVA_RECORDS, indent=1)
+    m = load_mixture(src)
+    assert m.spans is None
+    out = m.write_subset([4, 0], tmp_path / "sub.json")
+    assert json.loads(out.read_text()) == [LLAVA_RECORDS[4], LLAVA_RECORDS[0]]
+
+
+JSON_TEXT = st.text(alphabet=st.sampled_from(list('ab"\\[]{},: \n\u00e9\u2028/')), max_size=12)
+JSON_VALUE = st.recursive(st.none() | st.booleans() | st.integers() | JSON_TEXT,
+                          lambda inner: st.lists(inner, max_size=3)
+                          | st.dictionaries(JSON_TEXT, inner, max_size=3), max_leaves=8)
+
+
+@FAST
+@given(records=st.lists(st.dictionaries(JSON_TEXT, JSON_VALUE, max_size=4), max_size=6),
+       indent=st.none() | st.integers(0, 2), ascii_=st.booleans())
+def test_record_spans_are_the_records(records, indent, ascii_):
+    """Spans found by scanning bytes parse back to exactly the records, whatever quotes,
+    backslashes and brackets their strings hold; a count that does not match gives None."""
+    source = json.dumps(records, indent=indent, ensure_ascii=ascii_).encode("utf-8")
+    spans = tdata.record_spans(source, len(records))
+    assert spans is not None and spans.shape == (len(records), 2)
+    assert [json.loads(source[a:b]) for a, b in spans] == records
+    assert tdata.record_spans(source, len(records) + 1) is None
+
+
 @pytest.mark.parametrize("name", ["mix.json", "mix.jsonl"])
 def test_lone_surrogate_escape(tmp_path, name):
     line = '{"id": "s1", "conversations": [{"from": "human", "value": "bad \\ud800 text"}]}'
@@ -827,6 +869,7 @@ def test_unreadable_file(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied", str(self))
 
     monkeypatch.setattr(Path, "read_text", deny)
+    monkeypatch.setattr(Path, "read_bytes", deny)
     msg = raises_data_error(src)
     assert "cannot read" in msg and "Permission denied" in msg
 
@@ -857,32 +900,45 @@ def test_write_into_a_file_parent_fails_cleanly(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "m.json"]
 
 
-def test_json_dump_failing_midway_leaves_nothing(tmp_path, monkeypatch):
+def break_json_writer(m, monkeypatch, writer, partial, error):
+    """Make the JSON writer ``writer`` ("spans": records copied from the file's bytes;
+    "parsed": ``json.dump`` of the parsed records) write ``partial`` and fail."""
+    if writer == "parsed":
+        m._rows.spans = None
+
+        def broken_dump(obj, f, **kw):
+            f.write(partial)
+            raise RuntimeError(error)
+
+        monkeypatch.setattr(tdata.json, "dump", broken_dump)
+    else:
+        assert m.spans is not None
+
+        def broken_spans(source, spans, indices, path):
+            Path(path).write_text(partial)
+            raise RuntimeError(error)
+
+        monkeypatch.setattr(tdata, "_write_spans", broken_spans)
+
+
+@pytest.mark.parametrize("writer", ["spans", "parsed"])
+def test_json_dump_failing_midway_leaves_nothing(tmp_path, monkeypatch, writer):
     m = load_mixture(write_json(tmp_path / "m.json", LLAVA_RECORDS))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     (out_dir / "keep.txt").write_text("x")
-
-    def broken_dump(obj, f, **kw):
-        f.write('[{"partial": ')
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(tdata.json, "dump", broken_dump)
+    break_json_writer(m, monkeypatch, writer, '[{"partial": ', "disk full")
     with pytest.raises(RuntimeError, match="disk full"):
         m.write_subset([0, 1], out_dir / "sub.json")
     assert sorted(os.listdir(out_dir)) == ["keep.txt"]
 
 
-def test_json_failure_keeps_previous_target(tmp_path, monkeypatch):
+@pytest.mark.parametrize("writer", ["spans", "parsed"])
+def test_json_failure_keeps_previous_target(tmp_path, monkeypatch, writer):
     m = load_mixture(write_json(tmp_path / "m.json", LLAVA_RECORDS))
     target = tmp_path / "sub.json"
     target.write_text("previous")
-
-    def broken_dump(obj, f, **kw):
-        f.write("[")
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(tdata.json, "dump", broken_dump)
+    break_json_writer(m, monkeypatch, writer, "[", "boom")
     with pytest.raises(RuntimeError):
         m.write_subset([0], target)
     assert target.read_text() == "previous"

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tive.data import Record, Turn, load_mixture
 from tive.tasks import TaskLabels, infer_task, label_tasks
@@ -348,3 +350,16 @@ def test_665k_like_mixture(tmp_path):
 def test_urls_and_inline_images_have_no_folder_task(image):
     record = Record(0, "0", (Turn("user", "<image>\nq"), Turn("assistant", "a")), (image,), None)
     assert infer_task(record) == "unknown"
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.sampled_from(["vqa", "gqa", "Gqa", "ocr_vqa", "é", "日本", "", None, 3]),
+                max_size=30))
+def test_factorize_is_numpy_unique(labels):
+    from tive.tasks import factorize
+
+    tasks = np.array(labels, dtype=object)
+    names, codes = factorize(tasks)
+    want_names, want_codes = np.unique(tasks.astype(str), return_inverse=True)
+    assert names == [str(t) for t in want_names]
+    assert codes.tolist() == want_codes.reshape(-1).tolist()

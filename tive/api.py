@@ -19,7 +19,7 @@ from tive.errors import ConfigError, DataError
 from tive.mixture_cache import load_labelled
 from tive.report import Report
 from tive.store import SKIP_REASONS, Store
-from tive.tasks import label_tasks
+from tive.tasks import factorize, label_tasks
 
 DataArg = str | os.PathLike | Mixture | None
 
@@ -265,7 +265,7 @@ def _report(arrays: dict[str, Any], tasks: np.ndarray, keys: np.ndarray,
     """
     features, norms = arrays["features"], arrays["norms"]
     left_out["non-finite-norm"] = ~np.isfinite(norms)
-    names, codes = np.unique(tasks.astype(str), return_inverse=True)
+    names, codes = factorize(tasks)
     valid = ~np.any(list(left_out.values()), axis=0)
     folder, identity = cache if cache is not None else (None, None)
     iv, finite = vc.cached_instance_values(folder, identity, val.instance_values, features,

@@ -114,6 +114,11 @@ class Mixture:
     def explicit_tasks(self) -> list[str | None]:
         return [r.task for r in self._records]
 
+    @property
+    def spans(self) -> np.ndarray | None:
+        """``(N, 2)`` byte spans of a JSON list's records in the file, else None."""
+        return getattr(self._rows, "spans", None)
+
     def raw(self, index: int) -> Any:
         """The record as stored in the input: a dict (json, parquet, hf-disk) or the line (jsonl)."""
         return self._rows[index]
@@ -125,15 +130,20 @@ class Mixture:
     def write_subset(self, indices: Sequence[int], target: str | os.PathLike) -> Path:
         """Write the records at ``indices`` (repeats allowed) to ``target`` in the input's format.
 
-        Records are written verbatim: JSONL lines byte for byte, JSON dicts as parsed, dataset
-        rows by ``Dataset.select``. The file appears only when complete (temporary name, rename).
+        Records are written verbatim: a JSON list's records and JSONL lines byte for byte as
+        they are in the input (a JSON list as ``[``, the records joined by ``,`` and new lines,
+        ``]``), dataset rows by ``Dataset.select``. The file appears only when complete (temporary name, rename).
         """
         target = Path(target)
-        indices = [int(i) for i in indices]
-        bad = [i for i in indices if not 0 <= i < len(self)]
-        if bad:
+        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        bad = rows[(rows < 0) | (rows >= len(self))]
+        if len(bad):
             raise IndexError(f"write_subset: row {bad[0]} is outside 0..{len(self) - 1}")
-        if self.container == "json":
+        indices = rows.tolist()
+        if self.container == "json" and self.spans is not None:
+            with atomic_path(target) as tmp:
+                _write_spans(self._rows.source, self._rows.spans, indices, tmp)
+        elif self.container == "json":
             chosen = [self._rows[i] for i in indices]
             with atomic_path(target) as tmp:
                 try:
@@ -188,6 +198,17 @@ class Mixture:
                             f"do not exist under {root} (first: {'; '.join(first)}); fix: pass "
                             f"--image-root DIR, or --skip-missing-images to leave them out")
         return missing
+
+
+def _write_spans(source: bytes, spans: np.ndarray, indices: Sequence[int], path: Path) -> None:
+    """Write the records at ``indices`` as a JSON list, each copied from ``source`` byte for
+    byte (``spans``: ``(N, 2)`` byte offsets of each record in ``source``)."""
+    view = memoryview(source)
+    chosen = spans[np.asarray(indices, dtype=np.int64).reshape(-1)].tolist()
+    with open(path, "wb") as f:
+        f.write(b"[\n")
+        f.write(b",\n".join(view[start:stop] for start, stop in chosen))
+        f.write(b"\n]\n")
 
 
 def _dump_json(records: list[dict], path: Path, ensure_ascii: bool) -> None:
@@ -258,11 +279,13 @@ def _read_container(path: Path) -> tuple[str, Any, Iterable[dict]]:
     if suffix == ".parquet":
         ds = _load_parquet([path])
         return "parquet", ds, _iter_rows(ds)
-    text = _read_text(path)
+    source, text = _read_text(path)
     if suffix == ".jsonl" or _looks_like_jsonl(suffix, text):
         lines = _jsonl_lines(path, text)
         return "jsonl", lines, (_parse_line(path, n, line) for n, line in lines.numbered)
-    records = _parse_json_list(path, text)
+    records = JsonRows(_parse_json_list(path, text))
+    records.source = source
+    records.spans = record_spans(source, len(records))
     return "json", records, records
 
 
@@ -294,9 +317,11 @@ def _binary_kind(path: Path) -> str | None:
     return next((kind for magic, kind in MAGIC if head.startswith(magic)), None)
 
 
-def _read_text(path: Path) -> str:
+def _read_text(path: Path) -> tuple[bytes, str]:
+    """The file's bytes, and its text (UTF-8, a leading byte-order mark dropped)."""
     try:
-        return path.read_text(encoding="utf-8-sig")
+        source = path.read_bytes()
+        return source, source.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         kind = _binary_kind(path)
         if kind:
@@ -324,6 +349,60 @@ def _parse_json_list(path: Path, text: str) -> list[dict]:
             raise DataError(f"{path}: record {i} is a {type(raw).__name__}; expected a JSON "
                             f"object per record")
     return data
+
+
+class JsonRows(list):
+    """The records of a JSON list as parsed, with the file's bytes (``source``) and each
+    record's ``(N, 2)`` byte span in them (``spans``; None where they could not be found), from
+    which :meth:`Mixture.write_subset` copies records verbatim."""
+
+    source: bytes
+    spans: np.ndarray | None
+
+
+class SpanRows(Sequence):
+    """A JSON list's records parsed one at a time from their byte spans (``source``,
+    ``spans`` as in :class:`JsonRows`): a cached mixture reads no record it does not need."""
+
+    def __init__(self, source: bytes, spans: np.ndarray) -> None:
+        self.source, self.spans = source, spans
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __getitem__(self, index: int) -> dict:  # type: ignore[override]
+        start, stop = self.spans[index]
+        return _loads(self.source[start:stop].decode("utf-8"))
+
+
+def record_spans(source: bytes, count: int) -> np.ndarray | None:
+    """``(count, 2)`` int64 byte offsets ``[start, stop)`` of each top-level record of the JSON
+    list in ``source``, found without parsing: quotes not escaped by an odd run of backslashes
+    delimit strings; outside them, ``{``/``[`` open and ``}``/``]`` close; a record is an object
+    opened at depth 1. None when the scan does not find exactly ``count`` records (the caller
+    then writes subsets from the parsed records)."""
+    data = np.frombuffer(source, dtype=np.uint8)
+    quotes = np.flatnonzero(data == ord('"'))
+    after = np.flatnonzero(data[np.maximum(quotes - 1, 0)] == ord("\\"))  # rare: check each
+    quotes = np.delete(quotes, np.array([i for i in after if _escaped(data, int(quotes[i]))],
+                                        dtype=np.int64))
+    marks = np.flatnonzero(np.isin(data, np.frombuffer(b"[]{}", dtype=np.uint8)))
+    marks = marks[np.searchsorted(quotes, marks) % 2 == 0]  # outside strings
+    opens = np.isin(data[marks], np.frombuffer(b"[{", dtype=np.uint8))
+    depth = np.cumsum(np.where(opens, 1, -1))  # depth after each mark
+    starts = marks[opens & (depth == 2) & (data[marks] == ord("{"))]
+    stops = marks[~opens & (depth == 1)] + 1
+    if len(starts) != count or len(stops) != count or not (starts < stops).all():
+        return None
+    return np.stack([starts, stops], axis=1).astype(np.int64)
+
+
+def _escaped(data: np.ndarray, q: int) -> bool:
+    """Whether the quote at ``q`` follows an odd run of backslashes."""
+    run = 0
+    while q - run - 1 >= 0 and data[q - run - 1] == ord("\\"):
+        run += 1
+    return run % 2 == 1
 
 
 class _Lines(list):

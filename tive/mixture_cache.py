@@ -6,10 +6,10 @@ Reading LLaVA-665K for ``tive select`` costs about 27 s on a 2-core CPU, most of
 (per row: content key, task, whether it was inferred; and the file's container and schema)
 depends only on the file and ``--task-field``. The first call writes it to
 ``RUN/cache/mixture-<key>.npz``; ``key`` is a digest of the file's resolved path, size and
-modification time, the task field and :data:`VERSION`. A later call builds the
-:class:`~tive.data.Mixture` from it with its rows parsed as a whole (the subset is written from
-them, verbatim) but its records normalised only when one is asked for (the HTML report's
-examples, ``--method length``). Only JSON and JSONL files are cached; parquet and datasets
+modification time, the task field and :data:`VERSION`. With them it keeps each record's byte
+span in a JSON list. A later call builds the :class:`~tive.data.Mixture` from it without parsing
+the file: the subset is copied from the spans, verbatim, and a record is parsed and normalised
+only when one is asked for (the HTML report's examples, ``--method length``). Only JSON and JSONL files are cached; parquet and datasets
 folders are read as always.
 """
 
@@ -28,7 +28,7 @@ from tive.errors import OutputError
 from tive.fileio import atomic_path
 from tive.tasks import TaskLabels, label_tasks
 
-VERSION = 1  # bump when records are normalised or labelled differently
+VERSION = 2  # bump when records are normalised or labelled differently
 
 
 def load_labelled(path: str | os.PathLike, task_field: str | None,
@@ -64,7 +64,7 @@ def _key(path: Path, task_field: str | None) -> str:
 def _read(file: Path) -> dict[str, Any] | None:
     try:
         with np.load(file, allow_pickle=False) as z:
-            found = {k: z[k] for k in ("keys", "names", "codes", "inferred", "format")}
+            found = {k: z[k] for k in ("keys", "names", "codes", "inferred", "format", "spans")}
     except (OSError, KeyError, ValueError):
         return None
     found["tasks"] = found["names"].astype(object)[found["codes"]]
@@ -78,14 +78,25 @@ def _write(file: Path, mixture: dt.Mixture, labels: TaskLabels) -> None:
         with atomic_path(file) as tmp, open(tmp, "wb") as f:
             np.savez(f, keys=mixture.content_keys, names=names, codes=codes,
                      inferred=labels.inferred,
-                     format=np.array([mixture.container, mixture.schema]))
+                     format=np.array([mixture.container, mixture.schema]),
+                     spans=_spans(mixture))
     except OutputError:
         return
 
 
+def _spans(mixture: dt.Mixture) -> np.ndarray:
+    """The JSON list's record spans, or ``(0, 2)`` where there are none (JSONL, or not found)."""
+    spans = mixture.spans
+    return spans if spans is not None else np.zeros((0, 2), dtype=np.int64)
+
+
 def _lazy_mixture(path: Path, task_field: str | None, found: dict[str, Any]) -> dt.Mixture:
     container, schema = (str(x) for x in found["format"])
-    _, rows, _ = dt._read_container(path)  # the rows as stored: written back verbatim
+    spans = found["spans"]
+    if container == "json" and len(spans) == len(found["keys"]):
+        rows: Any = dt.SpanRows(path.read_bytes(), spans)  # parsed one by one, when asked
+    else:
+        _, rows, _ = dt._read_container(path)  # the rows as stored: written back verbatim
     records = _LazyRecords(rows, container, schema, path, task_field)
     return dt.Mixture(path, container, schema, rows, records, found["keys"])
 

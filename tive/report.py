@@ -23,6 +23,7 @@ from tive.config import AUTHORS_EXCLUDE, Budget, Method, QuotaBy, SelectConfig, 
 from tive.data import Mixture
 from tive.errors import ConfigError, OutputError
 from tive.fileio import atomic_path, write_json
+from tive.tasks import factorize
 
 BY_TASK = (Method.TIVE, Method.RANDOM_PER_TASK, Method.BALANCED, Method.KMEANS)  # quota methods
 
@@ -66,11 +67,10 @@ class Report:
     chunk_rows: int | None = None
 
     def __post_init__(self) -> None:
-        names, codes = np.unique(self.tasks.astype(str), return_inverse=True)
+        self._names, codes = factorize(self.tasks)
         self._codes = codes  # (N,) index into self._names
-        self._names = [str(t) for t in names]
-        self._sizes = np.bincount(codes, minlength=len(names))
-        self._valid_sizes = np.bincount(codes[self.valid], minlength=len(names))
+        self._sizes = np.bincount(codes, minlength=len(self._names))
+        self._valid_sizes = np.bincount(codes[self.valid], minlength=len(self._names))
 
     @property
     def task_names(self) -> list[str]:
@@ -274,8 +274,9 @@ class Selection:
         """The JSON report: settings, totals, and per task its size, value, quota, selection."""
         r = self.report
         sizes, valid, chosen = r.sizes, r.valid_sizes(), self.selected()
-        unique_rows = np.unique(self.indices)
-        unique = np.bincount(r._codes[unique_rows], minlength=len(r._names))
+        seen = np.zeros(len(r.tasks), dtype=bool)
+        seen[self.indices] = True  # rows chosen at least once
+        unique = np.bincount(r._codes[seen], minlength=len(r._names))
         tasks = {t: {"records": sizes[t], "valid": valid[t],
                      "value": json_float(r.task_values.get(t, math.nan)),
                      "excluded": t in self.config.exclude,
@@ -285,7 +286,7 @@ class Selection:
         inferred = None if r.inferred is None else int(r.inferred.sum())
         return {"settings": self.config.to_dict(), "budget_kind": self.config.budget.to_dict()["kind"],
                 "records": len(r.tasks), "budget": self.budget,
-                "selected": int(len(self.indices)), "unique": int(len(unique_rows)),
+                "selected": int(len(self.indices)), "unique": int(seen.sum()),
                 "left_out": dict(r.invalid), "inferred_task_labels": inferred,
                 "source": r.source, "tasks": tasks}
 
@@ -386,10 +387,9 @@ def chart_png(selection: Selection) -> bytes:
     and labelled "(excluded)"."""
     import io
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import PercentFormatter
 
     d = selection.to_dict()["tasks"]
     names = list(d)
@@ -398,7 +398,9 @@ def chart_png(selection: Selection) -> bytes:
     after = [d[t]["selected"] / b for t in names]
     excluded = [d[t]["excluded"] for t in names]
     y = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.5))
+    fig = Figure(figsize=(7, 0.45 * len(names) + 1.5))  # no pyplot: no global state, faster
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     bars = ax.barh(y - 0.2, before, 0.4, label="mixture")
     ax.barh(y + 0.2, after, 0.4, label=f"subset ({selection.config.method}, {b:,})")
     for bar, out in zip(bars, excluded):
@@ -410,14 +412,13 @@ def chart_png(selection: Selection) -> bytes:
             label.set_color("grey")
     ax.invert_yaxis()
     ax.set_xlabel("share of records")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.legend(loc="best")
     ax.set_title("Task shares: mixture and subset" + (" (grey: excluded tasks)"
                                                       if any(excluded) else ""))
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
     return buffer.getvalue()
 
 

@@ -99,3 +99,16 @@ def _top_folder(path: str) -> str:
     folders = [p.lower() for p in path.replace("\\", "/").split("/") if p not in ("", ".")][:-1]
     known = [f for f in folders if f in FOLDER_TASKS or f == "coco"]
     return known[0] if known else (folders[0] if folders else "")
+
+
+def factorize(tasks: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """Task names and each row's code: ``np.unique(tasks.astype(str), return_inverse=True)``
+    by a hash table instead of a sort (a few times faster on 665K labels).
+
+    Returns:
+        the sorted distinct names, and ``(N,)`` int64 codes indexing them.
+    """
+    labels = [str(t) for t in np.asarray(tasks).tolist()]
+    names = sorted(set(labels))
+    index = {t: i for i, t in enumerate(names)}
+    return names, np.fromiter((index[t] for t in labels), dtype=np.int64, count=len(labels))
