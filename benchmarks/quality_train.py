@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from tive.encode import IGNORE, Encoded
+from tive.models.load import quiet_peft
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,8 @@ def with_lora(base: Any, recipe: Recipe, seed: int) -> Any:
     config = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha,
                         lora_dropout=recipe.lora_dropout, target_modules=recipe.target,
                         task_type="CAUSAL_LM")
-    return get_peft_model(copy.deepcopy(base), config)
+    with quiet_peft():
+        return get_peft_model(copy.deepcopy(base), config)
 
 
 def train(base: Any, records: list[Encoded], recipe: Recipe, seed: int, pad: int,
