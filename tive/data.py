@@ -385,7 +385,7 @@ def record_spans(source: bytes) -> np.ndarray | None:
     """``(N, 2)`` int64 byte offsets ``[start, stop)`` of each top-level object of the JSON
     list in ``source``, found without parsing: quotes not escaped by an odd run of backslashes
     delimit strings; outside them, ``{``/``[`` open and ``}``/``]`` close; a record is an object
-    opened at depth 1. None when the brackets do not pair up as a list of objects (the caller
+    opened at depth 1. None when the brackets do not make one list of objects (the caller
     also checks that there are as many spans as parsed records, and otherwise writes subsets
     from the parsed records). Scratch memory: about 2.5 bytes per byte of ``source``."""
     data = np.frombuffer(source, dtype=np.uint8)
@@ -401,8 +401,10 @@ def record_spans(source: bytes) -> np.ndarray | None:
     depth = np.cumsum(np.where(opens, 1, -1))  # depth after each mark
     starts = marks[opens & (depth == 2)]
     stops = marks[~opens & (depth == 1)] + 1
-    if (len(starts) != len(stops) or (kinds[opens & (depth == 2)] != ord("{")).any()
-            or not (starts < stops).all()):
+    one_list = (len(kinds) >= 2 and kinds[0] == ord("[") and kinds[-1] == ord("]")
+                and depth[-1] == 0 and bool((depth[:-1] > 0).all()))
+    if (not one_list or len(starts) != len(stops)
+            or (kinds[opens & (depth == 2)] != ord("{")).any()):
         return None
     return np.stack([starts, stops], axis=1).astype(np.int64)
 
