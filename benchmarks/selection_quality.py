@@ -47,6 +47,7 @@ METHODS: dict[str, tuple[dict[str, Any], bool]] = {
     "length": ({"method": "length"}, False),
 }
 FULL, BASE = "full", "base (no fine-tune)"
+QUICK_METHODS = "tive,random,balanced,kmeans,full"  # --quick fine-tunes these (time)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -66,11 +67,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                     help="warm-up learning rate (0 = tive's default, the authors' 2e-5)")
     ap.add_argument("--budgets", default="0.15", help="comma-separated, e.g. 0.15,0.075")
     ap.add_argument("--seeds", type=int, help="seeds per method (default 2; 1 with --quick)")
-    ap.add_argument("--methods", default=",".join([*METHODS, FULL]),
-                    help=f"comma-separated subset of {', '.join([*METHODS, FULL])}")
+    ap.add_argument("--methods", help=f"comma-separated subset of {', '.join([*METHODS, FULL])} "
+                                      f"(default: all; with --quick: {QUICK_METHODS})")
     ap.add_argument("--epochs", type=int, help="epochs of the fine-tune (default: the recipe's)")
     ap.add_argument("--quick", action="store_true",
-                    help="a small mixture (101 records), one seed (< 5 min on 2 free cores)")
+                    help="a small mixture (101 records), one seed, four methods and the full "
+                         "mixture (< 5 min on 2 free cores)")
     ap.add_argument("--shard", default="0/1", metavar="I/N",
                     help="train only runs I, I+N, I+2N, … of the plan (start N processes with "
                          "I = 0 … N-1 on one --out; each keeps its own runs-I.json)")
@@ -87,6 +89,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--shard {args.shard!r}: expected I/N, e.g. 0/2")
     if not 0 <= args.shard_index < args.shard_count:
         ap.error(f"--shard {args.shard}: expected 0 <= I < N")
+    if args.methods is None:
+        args.methods = QUICK_METHODS if args.quick else ",".join([*METHODS, FULL])
     unknown = set(args.methods.split(",")) - {*METHODS, FULL}
     if unknown:
         ap.error(f"--methods: unknown {', '.join(sorted(unknown))}; choose from "
