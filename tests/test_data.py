@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tive.data as tdata
+import tive.readers
 from tive.data import EMBEDDED, Turn, load_mixture
 from tive.errors import DataError, TiveError
 
@@ -288,7 +289,7 @@ def test_json_subset_copies_each_record_byte_for_byte(tmp_path):
 
 
 def test_json_subset_without_spans_is_written_from_the_parsed_records(tmp_path, monkeypatch):
-    monkeypatch.setattr(tdata, "record_spans", lambda source: None)
+    monkeypatch.setattr(tive.readers, "record_spans", lambda source: None)
     src = write_json(tmp_path / "m.json", LLAVA_RECORDS, indent=1)
     m = load_mixture(src)
     assert m.spans is None

@@ -126,7 +126,7 @@ def test_a_cached_mixture_is_the_mixture(store_run, tmp_path, jsonl):
     second, labels2 = load_labelled(data, None, cache)
     fresh = load_mixture(data)
     assert type(second._records).__name__ == "_LazyRecords"  # read back from the cache
-    assert type(second._rows).__name__ == ("_Lines" if jsonl else "SpanRows")  # nothing parsed
+    assert type(second._rows).__name__ == ("Lines" if jsonl else "SpanRows")  # nothing parsed
     assert np.array_equal(labels2.tasks, label_tasks(fresh).tasks)
     assert np.array_equal(labels2.inferred, label_tasks(fresh).inferred)
     assert second.fingerprint == fresh.fingerprint and np.array_equal(second.keys, fresh.keys)

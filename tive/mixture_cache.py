@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from tive import data as dt
+from tive import readers, schemas
 from tive.errors import OutputError
 from tive.fileio import atomic_path
 from tive.tasks import TaskLabels, label_tasks
@@ -94,9 +95,9 @@ def _lazy_mixture(path: Path, task_field: str | None, found: dict[str, Any]) -> 
     container, schema = (str(x) for x in found["format"])
     spans = found["spans"]
     if container == "json" and len(spans) == len(found["keys"]):
-        rows: Any = dt.SpanRows(path.read_bytes(), spans)  # parsed one by one, when asked
+        rows: Any = readers.SpanRows(path.read_bytes(), spans)  # parsed one by one, when asked
     else:
-        _, rows, _ = dt._read_container(path)  # the rows as stored: written back verbatim
+        _, rows, _ = readers.read_container(path)  # the rows as stored: written back verbatim
     records = _LazyRecords(rows, container, schema, path, task_field)
     return dt.Mixture(path, container, schema, rows, records, found["keys"])
 
@@ -120,9 +121,9 @@ class _LazyRecords(Sequence):
         if index not in self._done:
             raw = self._rows[index]
             if self._container == "jsonl":
-                raw = dt._loads(raw)
-            self._done[index] = dt._normalize(raw, index, self._schema, self._path,
-                                              self._task_field)
+                raw = readers.loads(raw)
+            self._done[index] = schemas.normalize(raw, index, self._schema, self._path,
+                                                  self._task_field)
         return self._done[index]
 
     def __iter__(self) -> Iterator[dt.Record]:
