@@ -45,6 +45,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))  # zoo.train_tokenizer: a tokenizer, no download
+sys.path.insert(0, str(HERE))  # throughput.keys_only
 
 K = 8192
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0,
@@ -256,12 +257,9 @@ def authors(model, items: list, pad: int, keys: list, device: torch.device,
     from tive.encode import collate
     from tive.projection import _fast_jl
 
-    params = dict(model.named_parameters())
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for k in keys:
-        params[k.name].requires_grad_(True)
-    model.eval()
+    from throughput import keys_only
+
+    params = keys_only(model, keys)
     singles = [to(collate([item], pad), device, dtype) for item in items]
     projector = None
     if device.type == "cuda" and _fast_jl():

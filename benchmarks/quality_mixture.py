@@ -12,6 +12,7 @@ Every answer is short and checked exactly.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import unicodedata
@@ -63,45 +64,35 @@ def arithmetic(rng: np.random.Generator, n: int = 2000) -> list[QA]:
             for x, y, p in zip(a.tolist(), b.tolist(), plus.tolist())]
 
 
-def _table(loader: Callable, columns: list[str], text: Callable[[dict], str],
-           answer: Callable[[int, list[str]], str], rng: np.random.Generator) -> list[QA]:
-    data = loader()
-    names = list(data.feature_names)
-    out = []
-    for row, target in zip(data.data, data.target):
-        values = {c: row[names.index(c)] for c in columns}
-        out.append((text(values), answer(int(target), list(data.target_names))))
+# scikit-learn table → (loader, four columns, question with {0}…{3} their values, answer from
+# the target's index and the class names)
+TABLES: dict[str, tuple[str, list[str], str, Callable[[int, list[str]], str]]] = {
+    "iris": ("load_iris",
+             ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)"],
+             "An iris has sepal length {0:.1f} cm, sepal width {1:.1f} cm, petal length {2:.1f} "
+             "cm and petal width {3:.1f} cm. Which species is it: setosa, versicolor or "
+             "virginica?", lambda t, names: names[t]),
+    "wine": ("load_wine", ["alcohol", "flavanoids", "color_intensity", "proline"],
+             "A wine has alcohol {0:.1f}%, flavanoids {1:.2f}, colour intensity {2:.1f} and "
+             "proline {3:.0f}. Which cultivar is it: 1, 2 or 3?", lambda t, names: str(t + 1)),
+    "breast_cancer": ("load_breast_cancer",
+                      ["mean radius", "mean texture", "mean concavity", "worst area"],
+                      "A tumour has mean radius {0:.1f}, mean texture {1:.1f}, mean concavity "
+                      "{2:.3f} and worst area {3:.0f}. Is it malignant or benign?",
+                      lambda t, names: names[t]),
+}
+
+
+def table(name: str, rng: np.random.Generator) -> list[QA]:
+    """A classification question per row of one of scikit-learn's tables (:data:`TABLES`)."""
+    import sklearn.datasets
+
+    loader, columns, question, answer = TABLES[name]
+    data = getattr(sklearn.datasets, loader)()
+    at = [list(data.feature_names).index(c) for c in columns]
+    out = [(question.format(*(row[i] for i in at)), answer(int(target), list(data.target_names)))
+           for row, target in zip(data.data, data.target)]
     return [out[i] for i in rng.permutation(len(out))]
-
-
-def iris(rng: np.random.Generator) -> list[QA]:
-    from sklearn.datasets import load_iris
-
-    cols = ["sepal length (cm)", "sepal width (cm)", "petal length (cm)", "petal width (cm)"]
-    return _table(load_iris, cols, lambda v: (
-        f"An iris has sepal length {v[cols[0]]:.1f} cm, sepal width {v[cols[1]]:.1f} cm, petal "
-        f"length {v[cols[2]]:.1f} cm and petal width {v[cols[3]]:.1f} cm. Which species is it: "
-        f"setosa, versicolor or virginica?"), lambda t, names: names[t], rng)
-
-
-def wine(rng: np.random.Generator) -> list[QA]:
-    from sklearn.datasets import load_wine
-
-    cols = ["alcohol", "flavanoids", "color_intensity", "proline"]
-    return _table(load_wine, cols, lambda v: (
-        f"A wine has alcohol {v['alcohol']:.1f}%, flavanoids {v['flavanoids']:.2f}, colour "
-        f"intensity {v['color_intensity']:.1f} and proline {v['proline']:.0f}. Which cultivar "
-        f"is it: 1, 2 or 3?"), lambda t, names: str(t + 1), rng)
-
-
-def breast_cancer(rng: np.random.Generator) -> list[QA]:
-    from sklearn.datasets import load_breast_cancer
-
-    cols = ["mean radius", "mean texture", "mean concavity", "worst area"]
-    return _table(load_breast_cancer, cols, lambda v: (
-        f"A tumour has mean radius {v['mean radius']:.1f}, mean texture "
-        f"{v['mean texture']:.1f}, mean concavity {v['mean concavity']:.3f} and worst area "
-        f"{v['worst area']:.0f}. Is it malignant or benign?"), lambda t, names: names[t], rng)
 
 
 def digits(rng: np.random.Generator) -> list[QA]:
@@ -148,9 +139,10 @@ def reverse(rng: np.random.Generator, n: int = 1000) -> list[QA]:
     return out
 
 
-GENERATORS = {"greek": greek, "arithmetic": arithmetic, "breast_cancer": breast_cancer,
+GENERATORS = {"greek": greek, "arithmetic": arithmetic,
+              "breast_cancer": functools.partial(table, "breast_cancer"),
               "timezone": timezone, "digits": digits, "sort": sort_numbers, "reverse": reverse,
-              "iris": iris, "wine": wine}
+              "iris": functools.partial(table, "iris"), "wine": functools.partial(table, "wine")}
 
 
 def record(task: str, j: int, split: str, qa: QA) -> dict:

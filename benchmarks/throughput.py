@@ -133,6 +133,21 @@ def tive_step(gf, writer, batch: dict, row: int) -> float:
     return time.perf_counter() - start
 
 
+def keys_only(model, keys: list) -> dict:
+    """Only the key LoRA matrices require gradients (the authors' setting); eval mode.
+
+    Returns:
+        the model's parameters by name.
+    """
+    params = dict(model.named_parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for k in keys:
+        params[k.name].requires_grad_(True)
+    model.eval()
+    return params
+
+
 def authors(model, items: list, pad: int, keys: list, records: int,
             max_entries: float) -> tuple[float, int, str]:
     """(c): one backward per record, flatten, TRAK CPU projection 16 at a time.
@@ -149,12 +164,7 @@ def authors(model, items: list, pad: int, keys: list, records: int,
 
     from tive.encode import collate
 
-    params = dict(model.named_parameters())
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for k in keys:
-        params[k.name].requires_grad_(True)
-    model.eval()
+    params = keys_only(model, keys)
     dim = sum(k.numel for k in keys)
     blocks = K // 128
     run_blocks = max(1, min(blocks, int(max_entries // (dim * 128))))
