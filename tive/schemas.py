@@ -89,36 +89,40 @@ def normalize(raw: dict, index: int, schema: str, path: Path, task_field: str | 
 
 
 def _llava_turns(raw: dict, where: str) -> tuple[Turn, ...]:
-    conv = raw.get("conversations")
-    if not isinstance(conv, list) or not conv:
-        raise DataError(f"{where}: `conversations` is {_describe(conv)}; expected a non-empty "
-                        f"list of {{from, value}} turns; fix or remove the record")
     turns = []
-    for j, turn in enumerate(conv):
+    for j, turn in enumerate(_nonempty(raw, "conversations", "{from, value} turns", where)):
         if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
             raise DataError(f"{where}: turn {j} is {_describe(turn)}; expected "
                             f"{{\"from\": ..., \"value\": \"text\"}}")
-        role = LLAVA_ROLES.get(str(turn.get("from")).lower())
-        if role is None:
-            raise DataError(f"{where}: turn {j} has unknown role {turn.get('from')!r}; expected "
-                            f"one of {sorted(LLAVA_ROLES)}; fix the `from` field")
+        role = _role(LLAVA_ROLES, turn.get("from"), f"{where}: turn {j}", "from")
         turns.append(Turn(role, turn["value"]))
     return tuple(turns)
 
 
+def _nonempty(raw: dict, field: str, items: str, where: str) -> list:
+    """The record's ``field``: a non-empty list (of ``items``, for the message)."""
+    value = raw.get(field)
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: `{field}` is {_describe(value)}; expected a non-empty list "
+                        f"of {items}; fix or remove the record")
+    return value
+
+
+def _role(roles: dict[str, str], value: Any, where: str, field: str) -> str:
+    """The normalised role for ``value`` in ``roles`` (``where``: the turn, for the message)."""
+    role = roles.get(str(value).lower())
+    if role is None:
+        raise DataError(f"{where} has unknown role {value!r}; expected one of {sorted(roles)}; "
+                        f"fix the `{field}` field")
+    return role
+
+
 def _openai_turns(raw: dict, where: str) -> tuple[Turn, ...]:
-    msgs = raw.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise DataError(f"{where}: `messages` is {_describe(msgs)}; expected a non-empty list "
-                        f"of {{role, content}} messages; fix or remove the record")
     turns = []
-    for j, msg in enumerate(msgs):
+    for j, msg in enumerate(_nonempty(raw, "messages", "{role, content} messages", where)):
         if not isinstance(msg, dict):
             raise DataError(f"{where}: message {j} is {_describe(msg)}; expected {{role, content}}")
-        role = OPENAI_ROLES.get(str(msg.get("role")).lower())
-        if role is None:
-            raise DataError(f"{where}: message {j} has unknown role {msg.get('role')!r}; "
-                            f"expected one of {sorted(OPENAI_ROLES)}")
+        role = _role(OPENAI_ROLES, msg.get("role"), f"{where}: message {j}", "role")
         content = msg.get("content")
         if isinstance(content, str):
             text = content
