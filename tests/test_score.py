@@ -20,7 +20,8 @@ from test_warmup import image_mixture
 from zoo import save_llava_folder
 
 from tive.cli import main
-from tive.store import SKIP_REASONS, Store
+from tive.skips import BY_CODE as SKIP_REASONS
+from tive.store import Store
 
 ARRAYS = ("features", "norms", "loss", "ntokens", "done", "skipped")
 SMALL = ["--lora-r", "4", "--lora-alpha", "8", "--warmup-fraction", "1", "--max-length", "256",

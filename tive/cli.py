@@ -15,6 +15,7 @@ from tive import __version__
 from tive.config import SelectConfig
 from tive.errors import TiveError
 from tive.fileio import run_lock
+from tive.models.registry import ALIASES
 
 DEFAULT_RUN = "tive-out"
 
@@ -429,9 +430,8 @@ def _model_options(f: Callable) -> Callable:
                      default="auto", show_default=True,
                      help="Weights' type (auto: bf16 on a GPU that has it, else fp32).")(f)
     return click.option("--model", "model_spec", required=True, metavar="MODEL",
-                        help="Alias (bunny-3b, llava-1.5-7b, llava-1.5-13b, qwen2-vl-2b, "
-                             "qwen2-vl-7b, smollm2-135m), hub id in the local cache, folder, "
-                             "or .gguf file.")(f)
+                        help=f"Alias ({', '.join(ALIASES)}), hub id in the local cache, "
+                             f"folder, or .gguf file.")(f)
 
 
 @main.command()

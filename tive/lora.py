@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from tive.errors import ConfigError
+from tive.models.family import Family
 
 
 @dataclass(frozen=True)
@@ -166,23 +167,21 @@ def expected_gradient_dim(model: nn.Module, r: int) -> int:
                for n in attention_projections(model))
 
 
-# The multimodal projector of each family's transformers class, and whether the TIVE authors'
-# recipe trains it (LLaVA's mm_projector; Qwen2-VL's merger is trained only when asked).
-PROJECTORS = {"llava": ("multi_modal_projector", True), "bunny": ("multi_modal_projector", True),
-              "qwen2-vl": ("visual.merger", False)}
-
-
-def trained_projector(model: nn.Module, family: str, train: bool | None) -> str | None:
+def trained_projector(model: nn.Module, family: Family | str, train: bool | None) -> str | None:
     """Qualified name of the multimodal projector the warm-up trains, or None.
 
     Args:
-        family: the model's family (``llava``, ``bunny``, ``qwen2-vl``, ``causal-lm``).
-        train: True/False as asked, None for the family's default (:data:`PROJECTORS`).
+        family: the model's family (or its name): its ``projector`` and whether the TIVE
+            authors' recipe trains it (LLaVA's mm_projector; Qwen2-VL's merger only when asked).
+        train: True/False as asked, None for the family's default.
 
     Raises:
         ConfigError: ``train`` is True for a model without a multimodal projector.
     """
-    suffix, default = PROJECTORS.get(family, (None, False))
+    from tive.models.registry import family as family_named
+
+    kind = family_named(family) if isinstance(family, str) else family
+    family, suffix, default = kind.name, kind.projector, kind.trains_projector
     name = None
     if suffix is not None:
         name = next((n for n, _ in model.named_modules()

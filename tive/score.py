@@ -27,9 +27,10 @@ from tive import __version__
 from tive.data import Mixture
 from tive.dist import Dist
 from tive.errors import ConfigError, DataError, OutputError, StoreError
+from tive.models.family import IMAGE_TOKENS
 from tive.progress import TokenBar
+from tive.skips import SkipReason
 from tive.store import (
-    SKIP_CODES,
     STORE_DIR,
     IndexEntry,
     RowWriter,
@@ -43,7 +44,6 @@ from tive.store import (
 FEATURE_DTYPES = ("float16", "float32")
 GROUP_WINDOW = 64  # batches per window of length grouping
 TURN_TOKENS = 4  # template tokens around a turn, for the length estimate of grouping
-IMAGE_TOKENS = 256  # tokens per image where the encoder has no fixed count (qwen2-vl)
 DEFAULT_BATCH = 8  # records per batch on a CPU (on a GPU: auto)
 REPLACED_DIR = ".store.replaced"  # the store --force replaces, kept until the new one is done
 
@@ -252,7 +252,7 @@ def record_lengths(mixture: Mixture, encoder: Any, rows: np.ndarray | None = Non
     """
     out = np.zeros(len(mixture), dtype=np.int64)
     rows = np.arange(len(mixture)) if rows is None else np.asarray(rows, dtype=np.int64)
-    per_image = getattr(encoder, "image_tokens", None) or IMAGE_TOKENS
+    per_image = getattr(encoder, "image_tokens", None) or IMAGE_TOKENS  # fixed, or estimated
     for start in range(0, len(rows), chunk):
         records = [mixture[int(i)] for i in rows[start:start + chunk]]
         # a lone surrogate (which JSON can hold) becomes "?": no tokenizer takes it, and the
@@ -499,16 +499,15 @@ def _score_one(gf: Any, prepared: Any, writer: RowWriter) -> None:
     norms = np.full(n, np.nan)
     loss = np.full(n, np.nan)
     ntokens = np.full(n, -1, dtype=np.int64)
-    skipped = np.array([SKIP_CODES.get(r, SKIP_CODES["error"]) if r else 0
-                        for r in prepared.reasons], dtype=np.int8)
+    skipped = np.array([0 if r is None else r.code for r in prepared.reasons], dtype=np.int8)
     if prepared.inputs is not None:
         result = gf(prepared.inputs)
         features[at] = unit_rows(result.features)
         norms[at], loss[at] = result.norms, result.loss
         ntokens[at] = result.ntokens
         bad = ~result.finite
-        skipped[at[bad]] = SKIP_CODES["non-finite"]
-        skipped[at[result.ntokens == 0]] = SKIP_CODES["no-supervised-token"]
+        skipped[at[bad]] = SkipReason.NON_FINITE.code
+        skipped[at[result.ntokens == 0]] = SkipReason.NO_SUPERVISED_TOKEN.code
     writer.write(rows, features, norms, loss, ntokens, skipped)
 
 
@@ -535,13 +534,12 @@ def unit_rows(features: np.ndarray) -> np.ndarray:
 
 
 def summarize(store: Store, computed: int, seconds: float, warmup: str) -> Summary:
-    from tive.store import SKIP_REASONS
-
     done, codes = store.array("done"), store.array("skipped")
     counts = Counter(codes[done & (codes > 0)].tolist())
     return Summary(store=store.root, records=store.n_records,
                    scored=int((done & (codes == 0)).sum()),
-                   skipped={SKIP_REASONS[c]: int(n) for c, n in sorted(counts.items())},
+                   skipped={str(SkipReason.from_code(c)): int(n)
+                            for c, n in sorted(counts.items())},
                    computed=computed, seconds=seconds, warmup=warmup)
 
 
@@ -717,7 +715,7 @@ def _score(peft_model: Any, loaded: Any, source: Any, adapter: Path, mixture: Mi
     dist.barrier()
     summary = summarize(Store.open(root), sum(len(rows) for rows in work), seconds, how)
     ignored = sum(1 for r in mixture if r.images and not has_placeholder(r)) \
-        if source.family in ("llava", "bunny") else 0
+        if loaded.kind.ignores_unplaced_images else 0
     return replace(summary, rank=dist.rank, images_ignored=ignored, batch=feed.describe())
 
 

@@ -9,7 +9,7 @@ Layout of ``RUN/store/``::
     loss.npy       (N,) float64 each record's mean token loss (NaN when unknown)
     ntokens.npy    (N,) int64 supervised tokens (-1 when unknown)
     done.npy       (N,) bool, rows written
-    skipped.npy    (N,) int8 reason a row could not be scored (0: not skipped; see SKIP_REASONS)
+    skipped.npy    (N,) int8 reason a row could not be scored (0: not skipped; tive.skips.CODES)
     index.jsonl    one line per row: {"id", "task", "key"}
     parts/rank-R/  while ``tive score`` runs in several processes: each rank's own rows
 
@@ -41,10 +41,6 @@ from tive.fileio import NPY_HEADER_ERRORS, atomic_path, check_space, preallocate
 
 FORMAT_VERSION = 1
 STORE_DIR = "store"
-SKIP_REASONS = {1: "missing-image", 2: "no-supervised-token", 3: "non-finite", 4: "error",
-                5: "image-count-mismatch", 6: "image-outside-user-turn",
-                7: "too-long-for-image", 8: "image-in-text-model"}
-SKIP_CODES = {reason: code for code, reason in SKIP_REASONS.items()}
 PARTS_DIR = "parts"
 COMMIT_SECONDS = 1.0  # at most this much finished work is lost when a run is killed
 ARRAYS = ("norms", "loss", "ntokens", "done", "skipped")

@@ -25,7 +25,8 @@ import torch
 from tive import selection as sel
 from tive.data import Mixture
 from tive.dist import Dist
-from tive.encode import IGNORE, Encoded
+from tive.segments import IGNORE, Encoded
+from tive.skips import SkipReason
 from tive.errors import ConfigError, DataError
 from tive.fileio import atomic_path
 from tive.warmup_config import AUTHORS, WarmupConfig  # noqa: F401  (re-exported)
@@ -61,15 +62,21 @@ def warmup_sample(tasks: np.ndarray, keys: np.ndarray, fraction: float, seed: in
 def usable_rows(mixture: Mixture, missing: np.ndarray, family: str) -> np.ndarray:
     """Rows the warm-up can sample: images present, and no images for a text-only model.
 
+    Args:
+        family: the model's family name.
+
     Raises:
         DataError: when no record is left.
     """
+    from tive.models.registry import family as family_named
+
+    text_only = family_named(family).text_only
     usable = ~missing
-    if family == "causal-lm":
+    if text_only:
         usable &= np.array([not r.images for r in mixture])
     if not usable.any():
         why = "all have missing images" if missing.all() else (
-            "a text-only model cannot use records with images" if family == "causal-lm"
+            "a text-only model cannot use records with images" if text_only
             else "their images are missing")
         raise DataError(f"{mixture.path}: none of the {len(mixture):,} records can be used for "
                         f"warm-up ({why}); fix: --image-root, or another --model or --data")
@@ -86,8 +93,8 @@ def encoded_items(loaded: Any, mixture: Mixture, rows: np.ndarray, max_length: i
     encoder = loaded.encoder(max_length)
     for row in rows:
         item = encode_row(encoder, mixture, int(row), image_root)
-        if isinstance(item, str):
-            _count(skipped, item)
+        if isinstance(item, SkipReason):
+            _count(skipped, str(item))
             continue
         if used is not None:
             used.append(int(row))
@@ -164,7 +171,7 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
     dist = Dist() if dist is None else dist
     torch.manual_seed(config.seed)
     targets = warmup_targets(loaded.model, tuple(config.targets))
-    projector = trained_projector(loaded.model, loaded.family, config.train_projector)
+    projector = trained_projector(loaded.model, loaded.kind, config.train_projector)
     recipe = plan_recipe(config, len(rows), dist.world, projector)
     notice = recipe.notice(len(rows), config)
     if notice and echo is not None:
