@@ -18,6 +18,7 @@ from tive.data import Mixture, load_mixture
 from tive.errors import ConfigError, DataError
 from tive.mixture_cache import load_labelled
 from tive.report import Report
+from tive.settings import python_api
 from tive.skips import BY_CODE
 from tive.store import Store
 from tive.tasks import label_tasks
@@ -25,6 +26,7 @@ from tive.tasks import label_tasks
 DataArg = str | os.PathLike | Mixture | None
 
 
+@python_api
 def value_estimate(
     *,
     store: str | os.PathLike | Store | None = None,

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import MISSING, fields
-from enum import Enum
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 
 from tive import __version__
+from tive.cli_options import option_flag, settings_options
 from tive.config import SelectConfig
 from tive.errors import TiveError
 from tive.fileio import run_lock
 from tive.models.registry import ALIASES
+from tive.score_config import ScoreConfig
+from tive.settings import cli_names
+from tive.warmup_config import WarmupConfig
 
 DEFAULT_RUN = "tive-out"
 
@@ -43,7 +45,8 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with cli_names():
+                return super().invoke(ctx)
         except TiveError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
@@ -68,21 +71,6 @@ def _data_options(f: Callable, missing_help: str = "Leave records whose images a
                      help="Folder that relative image paths resolve against  [default: the "
                           "data file's folder]")(f)
     return _task_option(f)
-
-
-def _config_options(f: Callable) -> Callable:
-    """Add one option per :class:`SelectConfig` field, from the field's type and metadata."""
-    for fd in reversed(fields(SelectConfig)):
-        meta = {k: v for k, v in fd.metadata.items() if k != "default_text"}
-        flag = meta.pop("flag", f"--{fd.name.replace('_', '-')}")
-        if isinstance(meta.get("choices"), type):
-            meta["type"] = click.Choice([m.value for m in meta.pop("choices")])
-        if fd.default is not MISSING:
-            meta["default"] = fd.default.value if isinstance(fd.default, Enum) else fd.default
-            if isinstance(fd.default, Enum):
-                meta["type"] = click.Choice([m.value for m in type(fd.default)])
-        f = click.option(flag, fd.name, **meta)(f)
-    return f
 
 
 @main.command()
@@ -232,7 +220,7 @@ def import_(data: Path, features: Path | None, norms: Path | None, loss: Path | 
 @main.command()
 @click.option("--run", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RUN,
               show_default=True, help="Run folder holding store/ (from tive score or import).")
-@_config_options
+@settings_options(SelectConfig)
 @click.option("--output", "-o", type=click.Path(path_type=Path),
               help="Subset file  [default: RUN/subset-METHOD-BUDGET in the data's format]")
 @click.option("--data", type=click.Path(path_type=Path),
@@ -289,6 +277,7 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
            output: Path | None) -> None:
     """Print the task values of a run and the selections made from it (or write a page)."""
     from tive.api import value_estimate
+    from tive.methods import method_named
     from tive.report import format_table, json_float
     from tive.store import Store
 
@@ -324,9 +313,10 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
                    f"records ({d['unique']:,} distinct)"
                    + (f", seed {s['seed']}" if s.get("seed") is not None else ""))
         columns = ["task", "value", "quota", "selected"]
-        if not (s["method"] == "tive" or (s["method"] == "kmeans" and s.get("quota") == "value")):
+        method = method_named(s["method"])
+        if not method.weighs_by_value(s.get("quota")):
             columns.remove("value")  # a baseline whose quotas do not follow the task values
-        if s["method"] not in ("tive", "random-per-task", "balanced", "kmeans"):
+        if not method.by_task:
             columns.remove("quota")  # chosen over the whole mixture: no per-task quota
         rows = []
         for t, e in d["tasks"].items():
@@ -351,78 +341,6 @@ def _reasons(invalid: dict[str, int]) -> str:
     return ", ".join(f"{n:,} {r}" for r, n in invalid.items())
 
 
-WARMUP_HELP = {
-    "fraction": "Share of the mixture in the warm-up sample (equal count per task).",
-    "seed": "Seed of the sample and of training.",
-    "r": "LoRA rank.", "alpha": "LoRA alpha.", "dropout": "LoRA dropout.",
-    "lr": "Learning rate of the LoRA matrices (AdamW, weight decay 0, cosine schedule after a "
-          "3% linear warm-up).",
-    "projector_lr": "Learning rate of the multimodal projector.",
-    "train_projector": "Train the multimodal projector too  [default: yes for LLaVA and Bunny, "
-                       "no for Qwen2-VL's merger]",
-    "epochs": "Passes over the sample.",
-    "global_batch": "Records per optimizer step, however many processes share it.",
-    "batch_size": "Records per forward/backward on one device (memory only; reached by "
-                  "gradient accumulation).",
-    "bf16": "Train under bfloat16 autocast.",
-    "max_length": "Tokens per record at most (longer records are truncated).",
-    "targets": "LoRA on these linear layers of the language model, comma-separated (e.g. "
-               "q_proj,v_proj); default: every linear layer (the authors').",
-    "gradient_checkpointing": "Recompute activations in the backward pass: less memory, "
-                              "one more forward pass per layer."}
-PAPER_HELP = {
-    "warmup": "The TIVE authors' run exactly: refuses warm-up settings other than theirs and "
-              "trains under bfloat16 autocast.",
-    "score": "The TIVE authors' run exactly: their warm-up recipe, TRAK's projector (seed 0, "
-             "8192 dims, float16 features; its CUDA kernel on a GPU).",
-    "select": "The TIVE authors' selection exactly: soft draw at τ=1000, oversampling, "
-              "quotas truncated to integers as their int(), textcaps excluded when present."}
-
-
-def _warmup_option_name(name: str, prefixed: bool) -> str:
-    if name in ("r", "alpha", "dropout", "targets"):
-        return f"--lora-{name}"
-    return f"--{'warmup-' if prefixed else ''}{name.replace('_', '-')}"
-
-
-def _warmup_options(prefixed: bool = False) -> Callable[[Callable], Callable]:
-    """One option per :class:`tive.warmup.WarmupConfig` field (LoRA ones as --lora-*).
-
-    Args:
-        prefixed: name the others --warmup-* (for ``tive score``, whose own --seed and
-            --batch-size mean scoring settings); ``max_length`` is then the scoring one.
-    """
-    from tive.warmup_config import WarmupConfig
-
-    def decorate(f: Callable) -> Callable:
-        for fd in reversed(fields(WarmupConfig)):
-            if (prefixed and fd.name in ("max_length", "gradient_checkpointing")) or \
-                    fd.name == "paper":
-                continue
-            name = _warmup_option_name(fd.name, prefixed)
-            dest = f"warmup_{fd.name}" if prefixed else fd.name
-            if fd.name == "targets":
-                f = click.option(name, dest, default="", metavar="NAMES",
-                                 callback=lambda ctx, p, v: tuple(x for x in v.split(",") if x),
-                                 help=WARMUP_HELP["targets"])(f)
-                continue
-            if fd.name == "train_projector":
-                flag = name.replace("--", "")
-                f = click.option(f"--{flag}/--no-{flag}", dest, default=None,
-                                 help=WARMUP_HELP[fd.name])(f)
-                continue
-            kwargs: dict[str, Any] = {"default": fd.default, "show_default": True,
-                                      "help": WARMUP_HELP[fd.name]}
-            if isinstance(fd.default, bool):
-                kwargs["is_flag"] = True
-            else:
-                kwargs["type"] = type(fd.default)
-            f = click.option(name, dest, **kwargs)(f)
-        return f
-
-    return decorate
-
-
 def _model_options(f: Callable) -> Callable:
     f = click.option("--device", default="auto", show_default=True,
                      help="auto (CUDA when available), cpu or cuda[:N].")(f)
@@ -439,8 +357,8 @@ def _model_options(f: Callable) -> Callable:
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="The mixture.")
 @click.option("--run", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RUN,
               show_default=True, help="Run folder; the adapter goes to RUN/reference.")
-@_warmup_options()
-@click.option("--paper", is_flag=True, help=PAPER_HELP["warmup"])
+@settings_options(WarmupConfig, skip=("paper",))
+@settings_options(WarmupConfig, only=("paper",))
 @click.option("--force", is_flag=True, help="Retrain even if RUN/reference exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_data_options
@@ -455,7 +373,7 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
     from tive.models.registry import resolve
     from tive.tasks import label_tasks
 
-    config = wu.WarmupConfig(**settings)
+    config = WarmupConfig(**settings)
     source = resolve(model_spec)
     mixture = load_mixture(data, task_field=task_field)
     dist = Dist.from_env(device)  # under torchrun: data-parallel, rank 0 saves
@@ -481,37 +399,10 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
               show_default=True, help="Run folder: reference/ (warm-up adapter) and store/.")
 @click.option("--reference", type=click.Path(file_okay=False, path_type=Path),
               help="Score with this peft adapter folder instead of warming up.")
-@click.option("--batch-size", metavar="N|auto",
-              help="Records per forward/backward (results depend on it only by float "
-                   "rounding); auto halves a batch that does not fit in GPU memory and goes on "
-                   "with the size that fits.  [default: auto on a GPU, 8 on a CPU]")
-@click.option("--workers", type=click.IntRange(min=0),
-              help="Processes encoding batches (images, tokens) ahead of the model; 0: in this "
-                   "process.  [default: from the CPU count on a GPU, 0 on a CPU]")
-@click.option("--gradient-checkpointing", is_flag=True,
-              help="Recompute activations in the backward pass, in warm-up and scoring: less "
-                   "memory, one more forward pass per layer, the same features.")
-@click.option("--key-layers", metavar="last:N",
-              help="Key parameters of the last N decoder layers only: the backward stops "
-                   "there (faster; beyond the paper, which uses every layer).")
-@click.option("--max-length", default=2048, show_default=True, type=int,
-              help="Tokens per record at most, for warm-up and scoring (longer records are "
-                   "truncated).")
-@click.option("--projector", type=click.Choice(["sparse-jl", "trak", "none"]),
-              help="sparse-jl: seeded sparse Johnson-Lindenstrauss, the same on every device; "
-                   "trak: TRAK's Rademacher projector, as the TIVE authors used it; none: the "
-                   "whole gradient (small models only).  [default: sparse-jl]")
-@click.option("--proj-dim", type=int, help="Features per record  [default: 8192]")
-@click.option("--seed", type=int, help="Seed of the projection  [default: 0]")
-@click.option("--jl-nnz", type=int,
-              help="Non-zeros per gradient coordinate of the sparse JL map  [default: 1]")
-@click.option("--feature-dtype", type=click.Choice(["float16", "float32"]),
-              help="Storage type of the features.  [default: float16]")
-@click.option("--group-by-length/--no-group-by-length", default=True, show_default=True,
-              help="Batch records of similar length together (less padding; the features do "
-                   "not depend on it beyond float rounding).")
-@_warmup_options(prefixed=True)
-@click.option("--paper", is_flag=True, help=PAPER_HELP["score"])
+@settings_options(ScoreConfig, skip=("paper",))
+@settings_options(WarmupConfig, prefix="warmup-", dest="warmup_",
+                  skip=("max_length", "gradient_checkpointing", "paper"))
+@settings_options(ScoreConfig, only=("paper",))
 @click.option("--force", is_flag=True,
               help="Replace a store or reference made with other settings instead of refusing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -520,13 +411,8 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
                             "image is missing the image root is likely wrong, which stops the "
                             "run without this flag).")
 def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
-          reference: Path | None, batch_size: str | None, workers: int | None,
-          gradient_checkpointing: bool, key_layers: str | None, max_length: int,
-          projector: str,
-          proj_dim: int | None, seed: int | None, jl_nnz: int | None,
-          feature_dtype: str | None, group_by_length: bool, paper: bool, force: bool,
-          quiet: bool, task_field: str | None,
-          image_root: Path | None, skip_missing_images: bool, **warmup: Any) -> None:
+          reference: Path | None, force: bool, quiet: bool, task_field: str | None,
+          image_root: Path | None, skip_missing_images: bool, **settings: Any) -> None:
     """Per-record gradient features of the reference model, written to RUN/store.
 
     Trains the warm-up reference first (unless --reference is given or RUN/reference was
@@ -534,22 +420,18 @@ def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
     --nproc-per-node N --no-python -- tive score ...` the records are shared among the
     processes (the `--` keeps torchrun from reading tive's --run).
     """
-    from tive.score import ScoreConfig, run_score
-    from tive.warmup_config import WarmupConfig
+    from tive.score import run_score
 
-    config = ScoreConfig(batch_size=batch_size, max_length=max_length, projector=projector,
-                         proj_dim=proj_dim, seed=seed, jl_nnz=jl_nnz,
-                         feature_dtype=feature_dtype, group_by_length=group_by_length,
-                         paper=paper, workers=workers,
-                         gradient_checkpointing=gradient_checkpointing, key_layers=key_layers)
-    given = [k for k, v in warmup.items() if v != _default_warmup(k)]
+    warmup = {k[len("warmup_"):]: settings.pop(k) for k in list(settings)
+              if k.startswith("warmup_")}
+    config = ScoreConfig(**settings)
+    given = [k for k, v in warmup.items() if v != getattr(WarmupConfig(), k)]
     if reference is not None and given:
-        names = ", ".join(_warmup_option_name(g[len("warmup_"):], True) for g in given)
+        names = ", ".join(option_flag(WarmupConfig, g, prefix="warmup-") for g in given)
         raise click.UsageError(f"--reference is a trained adapter; leave out the warm-up "
                                f"options ({names})")
-    warm = WarmupConfig(max_length=max_length, paper=paper,
-                        gradient_checkpointing=gradient_checkpointing,
-                        **{k[7:]: v for k, v in warmup.items()})
+    warm = WarmupConfig(max_length=config.max_length, paper=config.paper,
+                        gradient_checkpointing=config.gradient_checkpointing, **warmup)
     summary = run_score(model_spec, data, run, reference=reference, config=config, warmup=warm,
                         dtype=dtype, device=device, task_field=task_field,
                         image_root=image_root, skip_missing_images=skip_missing_images,
@@ -557,12 +439,6 @@ def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
     if summary.rank == 0:
         for line in summary.lines():
             click.echo(line)
-
-
-def _default_warmup(dest: str) -> Any:
-    from tive.warmup_config import WarmupConfig
-
-    return getattr(WarmupConfig(), dest[len("warmup_"):])
 
 
 @main.command()

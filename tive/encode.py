@@ -33,6 +33,7 @@ from tive.segments import (  # noqa: F401  (IGNORE, IMAGE, has_placeholder: thei
 )
 from tive.skips import SkipReason
 
+
 def make_encoder(family: str, tokenizer: Any, *, image_processor: Any = None,
                  image_tokens: int | None = None, max_length: int = 2048,
                  **family_options: Any) -> Encoder:
@@ -107,7 +108,7 @@ def encode_row(encoder: Encoder, mixture: Any, row: int,
         item = encoder.encode(record, images)
     except UnusableImage:  # the image processor refusing an image (e.g. a 1×1 pixel image)
         return SkipReason.ERROR
-    return item.reason if isinstance(item, Skipped) else item
+    return SkipReason(item.reason) if isinstance(item, Skipped) else item
 
 
 def _encodable(record: Any) -> bool:

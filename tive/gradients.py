@@ -31,7 +31,6 @@ from tive.projection import Projector
 from tive.segments import IGNORE
 
 
-
 @dataclass
 class BatchFeatures:
     """Per-record results of one batch (numpy, on the CPU).

@@ -21,6 +21,7 @@ from torch import nn
 
 from tive.errors import ConfigError
 from tive.models.family import Family
+from tive.settings import named
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,8 @@ def parse_key_layers(text: str | None) -> int | None:
         return None
     head, _, count = str(text).partition(":")
     if head != "last" or not count.isdigit() or int(count) < 1:
-        raise ConfigError(f"--key-layers {text!r}: expected last:N with N ≥ 1 (e.g. last:8), "
-                          f"the key parameters of the last N decoder layers")
+        raise ConfigError(f"{named('key_layers', repr(text))}: expected last:N with N ≥ 1 (e.g. "
+                          f"last:8), the key parameters of the last N decoder layers")
     return int(count)
 
 
@@ -139,7 +140,7 @@ def key_parameters(peft_model: nn.Module, adapter: str = "default",
     if last_layers is not None:
         layers = list(dict.fromkeys(n.rsplit(".self_attn.", 1)[0] for n in names))
         if last_layers > len(layers):
-            raise ConfigError(f"--key-layers last:{last_layers}: the model has "
+            raise ConfigError(f"{named('key_layers', f'last:{last_layers}')}: the model has "
                               f"{len(layers)} decoder layers; fix: at most last:{len(layers)}")
         keep = set(layers[-last_layers:])
         names = [n for n in names if n.rsplit(".self_attn.", 1)[0] in keep]

@@ -25,10 +25,10 @@ import torch
 from tive import selection as sel
 from tive.data import Mixture
 from tive.dist import Dist
-from tive.segments import IGNORE, Encoded
-from tive.skips import SkipReason
 from tive.errors import ConfigError, DataError
 from tive.fileio import atomic_path
+from tive.segments import IGNORE, Encoded
+from tive.skips import SkipReason
 from tive.warmup_config import AUTHORS, WarmupConfig  # noqa: F401  (re-exported)
 
 REFERENCE_DIR = "reference"

@@ -13,6 +13,7 @@ from tive.errors import ConfigError, TiveError
 from tive.models.family import LoadedModel
 from tive.models.llava import pad_to_square  # noqa: F401  (its old home; benchmarks import it)
 from tive.models.registry import ModelSource, family
+from tive.settings import named
 
 PEFT_NOISE = "`is_gradient_checkpointing` is deprecated"
 
@@ -34,10 +35,10 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA "
-                          f"device; fix: --device cpu, or install a CUDA build of torch")
+        raise ConfigError(f"{named('device', device)}: this torch ({torch.__version__}) sees no "
+                          f"CUDA device; fix: --device cpu, or install a CUDA build of torch")
     if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(f"--device {device!r}: expected auto, cpu or cuda[:N]")
+        raise ConfigError(f"{named('device', repr(device))}: expected auto, cpu or cuda[:N]")
     return torch.device(device)
 
 
@@ -47,7 +48,8 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if cuda_bf16 else torch.float32
     if dtype not in DTYPES:
-        raise ConfigError(f"--dtype {dtype!r}: expected one of auto, {', '.join(DTYPES)}")
+        raise ConfigError(f"{named('dtype', repr(dtype))}: expected one of auto, "
+                          f"{', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 

