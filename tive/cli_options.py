@@ -1,14 +1,20 @@
-"""Command-line options built from a settings dataclass's fields (:func:`tive.settings.setting`),
-the one way every command (select, warmup, score) gets its settings' options."""
+"""What the commands share: options built from a settings dataclass's fields
+(:func:`tive.settings.setting`, the one way select, warmup and score get their settings'
+options), the data and model options, and small helpers."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import MISSING, fields
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
 import click
+
+from tive.models.registry import ALIASES
+
+DEFAULT_RUN = "tive-out"
 
 
 def settings_options(cls: type, *, prefix: str = "", dest: str = "",
@@ -70,3 +76,43 @@ def option_flag(cls: type, name: str, *, prefix: str = "") -> str:
     """The flag :func:`settings_options` gives field ``name`` of ``cls`` (first form)."""
     meta = next(fd.metadata for fd in fields(cls) if fd.name == name)
     return (meta.get("flag") or f"--{prefix}{name.replace('_', '-')}").split("/")[0]
+
+
+def task_option(f: Callable) -> Callable:
+    return click.option("--task-field", metavar="NAME",
+                        help="Record field naming the task  [default: task, dataset or source; "
+                             "else the LLaVA-1.5 665K rules]")(f)
+
+
+def data_options(f: Callable, missing_help: str = "Leave records whose images are missing out "
+                  "(counted in the report) instead of stopping.") -> Callable:
+    f = click.option("--skip-missing-images", is_flag=True, help=missing_help)(f)
+    f = click.option("--image-root", type=click.Path(file_okay=False, path_type=Path),
+                     help="Folder that relative image paths resolve against  [default: the "
+                          "data file's folder]")(f)
+    return task_option(f)
+
+
+def removed_temps(folder: Path) -> None:
+    """Remove what killed runs left in ``folder`` (temporary names), and say so."""
+    from tive.fileio import remove_stale_temps
+
+    removed = remove_stale_temps(folder)
+    if removed:
+        click.echo(f"removed {len(removed)} temporary file(s) left by killed runs: "
+                   f"{', '.join(p.name for p in removed)}")
+
+
+def reasons(invalid: dict[str, int]) -> str:
+    return ", ".join(f"{n:,} {r}" for r, n in invalid.items())
+
+
+def model_options(f: Callable) -> Callable:
+    f = click.option("--device", default="auto", show_default=True,
+                     help="auto (CUDA when available), cpu or cuda[:N].")(f)
+    f = click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
+                     default="auto", show_default=True,
+                     help="Weights' type (auto: bf16 on a GPU that has it, else fp32).")(f)
+    return click.option("--model", "model_spec", required=True, metavar="MODEL",
+                        help=f"Alias ({', '.join(ALIASES)}), hub id in the local cache, "
+                             f"folder, or .gguf file.")(f)

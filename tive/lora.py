@@ -3,7 +3,7 @@
 * Warm-up targets (the authors' recipe, LLaVA's LoRA): every ``nn.Linear`` of the language
   model except the output head; never the vision tower. The multimodal projector is trained
   whole beside the adapter (peft's ``modules_to_save``), as LLaVA's ``non_lora_trainables``.
-* Key parameters (README, "The method and its options"): the LoRA ``A`` and ``B`` matrices of
+* Key parameters (docs/design.md, "The method in brief"): the LoRA ``A`` and ``B`` matrices of
   the language model's *self-attention* projections — q,k,v,o for Llama/Qwen2, q,k,v,dense for Phi,
   qkv_proj,o_proj for Phi-3. They are found from the module structure (LoRA layers whose parent
   is the attention module of a decoder layer of the language model), not from name substrings,

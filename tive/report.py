@@ -18,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tive import selection as sel
+from tive.chart import chart_png
 from tive.config import AUTHORS_EXCLUDE, Budget, SelectConfig
 from tive.data import Mixture
 from tive.errors import ConfigError, OutputError
@@ -347,46 +348,6 @@ def write_chart(selection: Selection, path: Path) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(png)
     return path
-
-
-def chart_png(selection: Selection) -> bytes:
-    """The bar chart of :func:`write_chart` as PNG bytes; excluded tasks are greyed, hatched
-    and labelled "(excluded)"."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    d = selection.to_dict()["tasks"]
-    names = list(d)
-    n, b = sum(e["records"] for e in d.values()), max(len(selection.indices), 1)
-    before = [d[t]["records"] / n for t in names]
-    after = [d[t]["selected"] / b for t in names]
-    excluded = [d[t]["excluded"] for t in names]
-    y = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 1.5))
-    bars = ax.barh(y - 0.2, before, 0.4, label="mixture")
-    ax.barh(y + 0.2, after, 0.4, label=f"subset ({selection.config.method}, {b:,})")
-    for bar, out in zip(bars, excluded):
-        if out:
-            bar.set(color="lightgrey", hatch="//", edgecolor="grey")
-    ax.set_yticks(y, [f"{t} (excluded)" if out else t for t, out in zip(names, excluded)])
-    for label, out in zip(ax.get_yticklabels(), excluded):
-        if out:
-            label.set_color("grey")
-    ax.invert_yaxis()
-    ax.set_xlabel("share of records")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
-    ax.legend(loc="best")
-    ax.set_title("Task shares: mixture and subset" + (" (grey: excluded tasks)"
-                                                      if any(excluded) else ""))
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

@@ -42,6 +42,7 @@ from tive.score_config import DEFAULT_BATCH, ScoreConfig
 from tive.scoring import Feeding, score_batches
 from tive.skips import SkipReason
 from tive.store import STORE_DIR, RowWriter, Store, create_part, fold_parts, mark_complete
+from tive.warmup_config import WarmupConfig
 
 
 @dataclass
@@ -158,9 +159,9 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
     Returns:
         the :class:`Summary` (on every rank; rank 0's has the totals).
     """
-    from tive import warmup as wu
     from tive.data import load_mixture
     from tive.models.registry import resolve
+    from tive.reference import REFERENCE_DIR, ensure_reference
     from tive.tasks import label_tasks
 
     dist = Dist.from_env(device)
@@ -186,20 +187,20 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
                 _clean_temps(run, echo)
             if not force and (ctx.root / "meta.json").exists():  # refuse before loading
                 check_identity(Store.open(ctx.root), ctx.identity)
-            warm = (wu.WarmupConfig(max_length=config.max_length, paper=config.paper)
+            warm = (WarmupConfig(max_length=config.max_length, paper=config.paper)
                     if warmup is None else warmup)
             if warm.paper != config.paper:
                 raise ConfigError("paper: the warm-up and the scoring settings disagree; fix: "
                                   "paper=True for both, or for neither")
             if reference is None:  # under torchrun, every rank trains its share
-                ref = wu.ensure_reference(run, source, mixture, labels, warm, dtype=dtype,
-                                          device=device, image_root=image_root, missing=missing,
-                                          replace=force, progress=progress, dist=dist, echo=echo)
+                ref = ensure_reference(run, source, mixture, labels, warm, dtype=dtype,
+                                       device=device, image_root=image_root, missing=missing,
+                                       replace=force, progress=progress, dist=dist, echo=echo)
                 echo(ref.message)
                 how = "trained" if ref.model is not None else "reused"
             else:
                 ref, how = None, "given"
-            adapter = Path(reference) if reference is not None else run / wu.REFERENCE_DIR
+            adapter = Path(reference) if reference is not None else run / REFERENCE_DIR
             peft_model, loaded = _reference_model(source, adapter, ref, dtype, device)
             return _score(ctx, peft_model, loaded, adapter, how)
     finally:
