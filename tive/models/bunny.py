@@ -19,7 +19,7 @@ from tive.models.family import Parts, PrefixFamily
 from tive.models.llava import VicunaFormat, vicuna_encoder
 
 if TYPE_CHECKING:
-    from tive.models.registry import ModelSource
+    from tive.models.family import ModelSource
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant "
           "gives helpful, detailed, and polite answers to the user's questions.")

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     import PIL.Image
 
     from tive.data import Record
-    from tive.models.registry import ModelSource
+    from tive.models.family import ModelSource
 
 
 class ChatTemplateEncoder:

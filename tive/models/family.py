@@ -12,15 +12,38 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tive.errors import ConfigError
 
 if TYPE_CHECKING:
-    from tive.models.registry import ModelSource
     from tive.segments import Encoder
 
 IMAGE_TOKENS = 256  # tokens per image in length estimates, where an encoder has no fixed count
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model found on this machine.
+
+    Attributes:
+        spec: what the user asked for (alias, hub id, folder or file).
+        path: the folder holding the weights (for GGUF: the file's folder).
+        family: a family's name (:data:`tive.models.registry.FAMILIES`).
+        gguf_file: the GGUF file name inside ``path``, for GGUF models.
+        hub_id: the hub id the weights came from, when known.
+    """
+
+    spec: str
+    path: Path
+    family: str
+    gguf_file: str | None = None
+    hub_id: str | None = None
+
+    def describe(self) -> dict[str, str | None]:
+        return {"spec": self.spec, "path": str(self.path), "family": self.family,
+                "gguf_file": self.gguf_file, "hub_id": self.hub_id}
 
 
 @dataclass(frozen=True)

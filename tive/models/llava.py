@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import torch
 
     from tive.data import Record, Turn
-    from tive.models.registry import ModelSource
+    from tive.models.family import ModelSource
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import PIL.Image
 
     from tive.data import Record, Turn
-    from tive.models.registry import ModelSource
+    from tive.models.family import ModelSource
 
 
 class QwenVLEncoder:

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from tive.errors import ConfigError
 from tive.models import bunny, causal_lm, llava, qwen2_vl
-from tive.models.family import Family
+from tive.models.family import Family, ModelSource
 from tive.settings import named
 
 # Every family tive knows, in the order aliases are listed; the last takes every model folder
@@ -60,29 +59,6 @@ def family_of(model_type: str) -> Family:
 def derives_positions(model_type: str) -> bool:
     """True when a model of ``model_type`` computes its position ids itself."""
     return any(model_type in f.own_positions for f in FAMILIES.values())
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A model found on this machine.
-
-    Attributes:
-        spec: what the user asked for (alias, hub id, folder or file).
-        path: the folder holding the weights (for GGUF: the file's folder).
-        family: a name in :data:`FAMILIES`.
-        gguf_file: the GGUF file name inside ``path``, for GGUF models.
-        hub_id: the hub id the weights came from, when known.
-    """
-
-    spec: str
-    path: Path
-    family: str
-    gguf_file: str | None = None
-    hub_id: str | None = None
-
-    def describe(self) -> dict[str, str | None]:
-        return {"spec": self.spec, "path": str(self.path), "family": self.family,
-                "gguf_file": self.gguf_file, "hub_id": self.hub_id}
 
 
 def resolve(spec: str, cache_dir: str | Path | None = None) -> ModelSource:
