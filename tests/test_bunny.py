@@ -27,15 +27,10 @@ from transformers import (
 
 from tests.conftest import TOL32
 from tive.errors import ConfigError, DataError
-from tive.models.bunny import (
+from tive.models.bunny import SEP, SEP2, SYSTEM
+from tive.models.bunny_port import (
     IMAGE_TOKEN,
-    PAD_COLOR,
-    SEP,
-    SEP2,
     SIGLIP_SO400M_384,
-    SYSTEM,
-    bunny_pixel_values,
-    expand2square,
     fit_vision_tower,
     is_bunny_checkpoint,
     llava_config_from_bunny,
@@ -43,6 +38,7 @@ from tive.models.bunny import (
     text_vocab_size,
     vision_config_from_bunny,
 )
+from tive.models.images import PAD_COLOR, bunny_pixel_values, expand2square
 
 EOT = "<|endoftext|>"
 TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
@@ -370,7 +366,7 @@ def test_bunny_pixel_values_match_manual_pil_bicubic():
 def test_the_towers_own_preprocessor_config_is_read(tmp_path):
     import json
 
-    from tive.models.bunny import ImageSettings, image_settings
+    from tive.models.images import ImageSettings, image_settings
 
     parts = write_bunny(tmp_path / "b")
     assert image_settings(parts["folder"], 28) == ImageSettings(28)  # none shipped: defaults

@@ -9,8 +9,8 @@ from pathlib import Path
 from tive import warmup as wu
 from tive.config import AUTHORS as SELECT_AUTHORS
 from tive.config import AUTHORS_EXCLUDE, DEFAULTS
-from tive.score import AUTHORS as SCORE_AUTHORS
-from tive.score import ScoreConfig
+from tive.score_config import AUTHORS as SCORE_AUTHORS
+from tive.score_config import ScoreConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -16,15 +16,15 @@ from transformers import CLIPImageProcessorPil, PreTrainedTokenizerFast, Qwen2VL
 
 from tive.data import Record, Turn
 from tive.encode import (
-    BUNNY,
     IGNORE,
-    LLAVA,
     Encoded,
     Skipped,
     collate,
     make_encoder,
 )
 from tive.errors import ConfigError
+from tive.models.bunny import BUNNY
+from tive.models.llava import LLAVA
 
 QWEN_SYSTEM = "You are a helpful assistant."
 CHATML = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n"
@@ -381,3 +381,29 @@ def test_make_encoder_refuses_bad_settings():
                           image_token_id=5)
     enc = custom.encode(record(*ONE, images=1), [picture()])
     assert enc.input_ids.count(5) == 2
+
+
+def test_a_bug_in_an_encoder_raises_while_a_refused_image_is_a_skip(tmp_path):
+    import json
+
+    from tive.data import load_mixture
+    from tive.encode import encode_row
+    from tive.segments import UnusableImage
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    (tmp_path / "mix.json").write_text(json.dumps([{"id": "a", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "A"}]}]))
+    mixture = load_mixture(tmp_path / "mix.json")
+
+    class Buggy:
+        def __init__(self, error: Exception) -> None:
+            self.error = error
+
+        def encode(self, record, images):
+            raise self.error
+
+    with pytest.raises(KeyError):
+        encode_row(Buggy(KeyError("a bug")), mixture, 0)
+    with pytest.raises(ValueError):
+        encode_row(Buggy(ValueError("a bug too")), mixture, 0)
+    assert encode_row(Buggy(UnusableImage("refused")), mixture, 0) == "error"

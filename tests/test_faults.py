@@ -210,7 +210,7 @@ def test_a_lone_surrogate_does_not_stop_the_length_estimate(tmp_path):
 
     from tive.models.load import load_model
     from tive.models.registry import resolve
-    from tive.score import record_lengths
+    from tive.plan import record_lengths
 
     data = tmp_path / "mix.json"
     data.write_text('[{"id": "a", "conversations": [{"from": "human", "value": "bad \\ud800"},'
@@ -438,7 +438,7 @@ def test_ranks_of_one_job_share_the_lock(tmp_path):
 
 
 def test_adapter_identity_does_not_depend_on_the_order_of_names(tmp_path):
-    from tive.score import adapter_sha256
+    from tive.identity import adapter_sha256
 
     for name, targets in (("a", ["q_proj", "v_proj", "k_proj"]), ("b", ["k_proj", "q_proj",
                                                                       "v_proj"])):
@@ -456,7 +456,7 @@ def test_adapter_identity_does_not_depend_on_the_order_of_names(tmp_path):
 # --- (6) replace windows and stale temporaries ----------------------------------------------------
 
 def test_force_keeps_the_old_store_until_the_new_one_is_complete(mixture_run, monkeypatch):
-    from tive import score
+    from tive import identity as score
 
     run = imported(mixture_run)
     old = tree(run / "store")

@@ -19,7 +19,7 @@ import tive
 from tive.cli import main
 from tive.config import SelectConfig
 from tive.errors import ConfigError
-from tive.score import ScoreConfig
+from tive.score_config import ScoreConfig
 from tive.warmup import WarmupConfig
 
 # task -> (records, exact gradient norm of each): N = 40, textcaps excluded from valuation

@@ -20,7 +20,8 @@ from test_warmup import image_mixture
 from zoo import save_llava_folder
 
 from tive.cli import main
-from tive.store import SKIP_REASONS, Store
+from tive.skips import BY_CODE as SKIP_REASONS
+from tive.store import Store
 
 ARRAYS = ("features", "norms", "loss", "ntokens", "done", "skipped")
 SMALL = ["--lora-r", "4", "--lora-alpha", "8", "--warmup-fraction", "1", "--max-length", "256",
@@ -377,7 +378,7 @@ def test_rows_written_out_of_order_land_where_they_belong_and_bad_ones_are_named
        seed=st.integers(0, 2**32 - 1))
 def test_batch_plan_covers_every_row_once_and_groups_lengths_within_windows(n, batch_size,
                                                                            grouped, seed):
-    from tive.score import GROUP_WINDOW, plan_batches
+    from tive.plan import GROUP_WINDOW, plan_batches
 
     lengths = np.random.default_rng(seed).integers(0, 6, size=n)  # many ties
     plan = plan_batches(n, batch_size, lengths if grouped else None)
@@ -399,7 +400,7 @@ def test_batch_plan_covers_every_row_once_and_groups_lengths_within_windows(n, b
 
 
 def test_pending_batches_are_those_of_the_plan_not_yet_done():
-    from tive.score import pending_batches, plan_batches
+    from tive.plan import pending_batches, plan_batches
 
     plan = plan_batches(10, 3, np.array([1, 9, 2, 8, 3, 7, 4, 6, 5, 0]))
     assert [b.tolist() for b in plan] == [[1, 3, 5], [7, 8, 6], [4, 2, 0], [9]]
@@ -419,7 +420,7 @@ def test_length_estimate_orders_records_as_their_encoded_lengths(family):
     from scipy.stats import spearmanr
     from test_encode import encoder, picture, record
 
-    from tive.score import record_lengths
+    from tive.plan import record_lengths
 
     enc = encoder(family, max_length=10_000)
     rng = np.random.default_rng(0)
@@ -445,7 +446,7 @@ def test_length_estimate_orders_records_as_their_encoded_lengths(family):
 
 
 def test_only_windows_with_a_pending_row_are_measured():
-    from tive.score import GROUP_WINDOW, open_window_rows
+    from tive.plan import GROUP_WINDOW, open_window_rows
 
     window = GROUP_WINDOW * 2
     done = np.ones(3 * window + 5, dtype=bool)
@@ -457,7 +458,7 @@ def test_only_windows_with_a_pending_row_are_measured():
 
 
 def test_unit_rows_keep_tiny_gradients_in_float16():
-    from tive.score import unit_rows
+    from tive.scoring import unit_rows
     from tive.store import _cast_rows
 
     tiny = np.random.default_rng(0).normal(size=(3, 8192)) * 1e-9  # ‖g‖ ≈ 1e-7
@@ -491,7 +492,8 @@ def test_rows_that_cannot_be_scored_keep_their_reason_and_the_run_goes_on(tmp_pa
     from tive.data import load_mixture
     from tive.encode import Encoded, Skipped
     from tive.gradients import BatchFeatures
-    from tive.score import ScoreConfig, score_batches
+    from tive.score_config import ScoreConfig
+    from tive.scoring import score_batches
     from tive.store import IndexEntry, RowWriter, create_store
 
     mixture = load_mixture(text_mixture(tmp_path / "data", 8))

@@ -130,7 +130,8 @@ def test_reloaded_adapter_gives_identical_outputs(tmp_path):
     from tive.encode import collate, pad_id
     from tive.models.load import load_model
     from tive.models.registry import resolve
-    from tive.warmup import item_batches, save_reference, train
+    from tive.reference import save_reference
+    from tive.warmup import item_batches, train
 
     save_llava_folder(tmp_path / "model")
     mixture = load_mixture(image_mixture(tmp_path / "data", n_per_task=2))
@@ -170,7 +171,7 @@ def test_text_only_batches_of_a_visual_model_train(tmp_path):
 
 def test_interrupted_save_leaves_no_reference_that_looks_complete(tmp_path):
     from tive.errors import TiveError
-    from tive.warmup import save_reference
+    from tive.reference import save_reference
 
     class Dying:
         def save_pretrained(self, path):
@@ -336,7 +337,7 @@ def test_projector_is_trained_saved_and_restored_for_scoring(tmp_path):
 
     from tive.models.load import load_model
     from tive.models.registry import resolve
-    from tive.warmup import recipe_info, save_reference
+    from tive.reference import recipe_info, save_reference
 
     result, original, _, config = _trained(tmp_path, 3)
     assert result["recipe"].projector == "model.multi_modal_projector"

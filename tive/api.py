@@ -18,12 +18,15 @@ from tive.data import Mixture, load_mixture
 from tive.errors import ConfigError, DataError
 from tive.mixture_cache import load_labelled
 from tive.report import Report
-from tive.store import SKIP_REASONS, Store
+from tive.settings import python_api
+from tive.skips import BY_CODE
+from tive.store import Store
 from tive.tasks import factorize, label_tasks
 
 DataArg = str | os.PathLike | Mixture | None
 
 
+@python_api
 def value_estimate(
     *,
     store: str | os.PathLike | Store | None = None,
@@ -289,8 +292,8 @@ def _report(arrays: dict[str, Any], tasks: np.ndarray, keys: np.ndarray,
 def _store_arrays(st: Store) -> dict[str, Any]:
     done, skipped = st.array("done"), st.array("skipped")
     left_out = {"not-scored": ~done}
-    for code, reason in SKIP_REASONS.items():
-        left_out[reason] = skipped == code
+    for code, reason in BY_CODE.items():
+        left_out[str(reason)] = skipped == code
     return {"features": st.features, "norms": st.array("norms"), "loss": st.array("loss"),
             "ntokens": st.array("ntokens"), "left_out": left_out}
 

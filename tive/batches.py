@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from tive.skips import SkipReason
+
 AUTO_START = 64  # records per planned batch with --batch-size auto (halved until it fits)
 
 
@@ -33,13 +35,13 @@ class Prepared:
     Attributes:
         rows: ``(B,)`` store rows of the batch, scored or skipped.
         at: ``(b,)`` positions in ``rows`` of the records that were encoded.
-        reasons: per row, why it could not be encoded ('' when it was).
+        reasons: per row, why it could not be encoded (None when it was).
         inputs: the collated model inputs of the ``b`` encoded records (None when b = 0).
     """
 
     rows: np.ndarray
     at: np.ndarray
-    reasons: list[str]
+    reasons: list[SkipReason | None]
     inputs: dict[str, torch.Tensor] | None
 
 
@@ -61,12 +63,12 @@ class EncodedBatches(torch.utils.data.Dataset):
         items, at, reasons = [], [], []
         for k, row in enumerate(rows.tolist()):
             item = encode_row(self.encoder, self.mixture, row, self.image_root)
-            if isinstance(item, str):
+            if isinstance(item, SkipReason):
                 reasons.append(item)
             else:
                 items.append(item)
                 at.append(k)
-                reasons.append("")
+                reasons.append(None)
         inputs = ({k: v for k, v in collate(items, self.pad, self.padding_side).items()
                    if v is not None} if items else None)
         return Prepared(rows, np.asarray(at, dtype=np.int64), reasons, inputs)

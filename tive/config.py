@@ -9,42 +9,35 @@ from enum import Enum
 from typing import Any
 
 from tive.errors import ConfigError
+from tive.methods import METHODS, method_help
+from tive.settings import named, setting, settle
 
 
-class Method(str, Enum):
-    """How records are valued. ``tive`` is the paper's method; the others are baselines."""
-
-    TIVE = "tive"  # task quotas from gradient norms, instance values from gradient cosines
-    RANDOM = "random"  # uniform over the whole mixture
-    RANDOM_PER_TASK = "random-per-task"  # stratified: each task keeps its share, uniform within
-    GRADNORM = "gradnorm"  # largest exact gradient norms
-    LOSS = "loss"  # largest warm-up losses
-    LENGTH = "length"  # most supervised tokens
-    BALANCED = "balanced"  # an equal count per task, uniform within
-    KMEANS = "kmeans"  # per task, the records nearest k-means centroids of the features
+class _Named(str, Enum):
+    """A choice that prints as its value."""
 
     def __str__(self) -> str:
         return self.value
 
 
-class Strategy(str, Enum):
+# How records are valued: one member per method of :data:`tive.methods.METHODS` (``tive``, the
+# paper's method, is TIVE; ``random-per-task`` is RANDOM_PER_TASK; …).
+Method = _Named("Method", {name.upper().replace("-", "_"): name for name in METHODS})
+Method.__doc__ = "How records are valued; ``tive`` is the paper's method, the others baselines."
+
+
+class Strategy(_Named):
     """Within-task choice for ``--method tive``."""
 
     SOFT = "soft"  # draw without replacement with probability ∝ exp(v / τ) (the authors')
     TOP = "top"  # the n_t records of highest instance value (deterministic)
 
-    def __str__(self) -> str:
-        return self.value
 
-
-class QuotaBy(str, Enum):
+class QuotaBy(_Named):
     """Per-task quotas for ``--method kmeans``."""
 
     SIZE = "size"  # each task keeps its share of the mixture (as random-per-task)
     VALUE = "value"  # TIVE's quotas, n_t ∝ V(t)
-
-    def __str__(self) -> str:
-        return self.value
 
 
 BUDGET_FORMS = ("a fraction below 1 (0.075), a percent (7.5%), or a record count, a plain "
@@ -75,7 +68,7 @@ class Budget:
         if isinstance(given, Budget):
             return given
         if isinstance(given, bool) or not isinstance(given, (str, int, float)):
-            raise ConfigError(f"--budget {given!r}: expected {BUDGET_FORMS}")
+            raise ConfigError(f"{named('budget', repr(given))}: expected {BUDGET_FORMS}")
         raw = repr(given) if isinstance(given, float) else str(given).strip()
         try:
             if isinstance(given, int) or re.fullmatch(r"[+-]?\d+", raw):
@@ -85,19 +78,21 @@ class Budget:
             else:
                 budget = cls(float(raw), True, raw)
         except ValueError:
-            raise ConfigError(f"--budget {raw!r}: not a number; expected {BUDGET_FORMS}") from None
+            raise ConfigError(f"{named('budget', repr(raw))}: not a number; expected "
+                              f"{BUDGET_FORMS}") from None
         budget._check()
         return budget
 
     def _check(self) -> None:
         if not math.isfinite(self.value):
-            raise ConfigError(f"--budget {self.text}: not a finite number; expected "
+            raise ConfigError(f"{named('budget', self.text)}: not a finite number; expected "
                               f"{BUDGET_FORMS}")
         if self.value <= 0:
-            raise ConfigError(f"--budget {self.text}: must be positive; expected {BUDGET_FORMS}")
+            raise ConfigError(f"{named('budget', self.text)}: must be positive; expected "
+                              f"{BUDGET_FORMS}")
         if self.text.endswith("%"):
             if self.value > 1:
-                raise ConfigError(f"--budget {self.text}: a percent is at most 100%; fix: "
+                raise ConfigError(f"{named('budget', self.text)}: a percent is at most 100%; fix: "
                                   f"100% for the whole mixture, or a record count (an integer)")
             return
         if self.is_fraction and self.value >= 1:
@@ -108,19 +103,20 @@ class Budget:
                              if self.value <= 100 else "",
                              f"{n} for {n:,} records" if self.value.is_integer() else ""])
             hint = ", ".join(a for a in alternatives if a)
-            raise ConfigError(f"--budget {self.text}: a fraction is below 1 (0.075 is 7.5%); "
-                              f"fix: write {hint or 'a fraction below 1, a percent or a count'}")
+            raise ConfigError(f"{named('budget', self.text)}: a fraction is below 1 (0.075 is "
+                              f"7.5%); fix: write "
+                              f"{hint or 'a fraction below 1, a percent or a count'}")
 
     def resolve(self, n_records: int) -> int:
         """Number of records to select, out of ``n_records`` (B = round(p·N) for a fraction)."""
         if self.is_fraction:
             count = int(math.floor(self.value * n_records + 0.5))
             if count < 1:
-                raise ConfigError(f"--budget {self.text}: selects no record of {n_records:,}; "
-                                  f"fix: a larger fraction or a count")
+                raise ConfigError(f"{named('budget', self.text)}: selects no record of "
+                                  f"{n_records:,}; fix: a larger fraction or a count")
             return count
         if self.value > n_records:
-            raise ConfigError(f"--budget {self.text}: more than the {n_records:,} records "
+            raise ConfigError(f"{named('budget', self.text)}: more than the {n_records:,} records "
                               f"of the mixture; fix: at most {n_records}, or a fraction")
         return int(self.value)
 
@@ -143,23 +139,6 @@ def _pct(value: float) -> str:
     return f"{value:g}"
 
 
-def _help(text: str, default: str | None = None, **cli: Any) -> dict[str, Any]:
-    if default is not None:
-        text = f"{text}  [default: {default}]"
-    return {"help": text, "default_text": default, **cli}
-
-
-# The options that take part in each method; giving another one is refused, not ignored.
-APPLIES = {
-    Method.TIVE: {"strategy", "temperature", "seed", "oversample"},
-    Method.RANDOM: {"seed"},
-    Method.RANDOM_PER_TASK: {"seed", "oversample"},
-    Method.GRADNORM: set(),
-    Method.LOSS: set(),
-    Method.LENGTH: set(),
-    Method.BALANCED: {"seed", "oversample"},
-    Method.KMEANS: {"seed", "oversample", "clusters", "quota"},
-}
 # The TIVE authors' select_data_TIVE.py: soft draw with q = 0.001 (τ = 1000), oversampling,
 # quotas int(B·V(t)/ΣV), textcaps left out of LLaVA-665K.
 AUTHORS = {"method": Method.TIVE, "strategy": Strategy.SOFT, "temperature": 1000.0,
@@ -179,84 +158,81 @@ class SelectConfig:
     ``--method gradnorm``, …) raises :class:`ConfigError`.
     """
 
-    budget: Budget = field(metadata=_help(
+    budget: Budget = field(metadata=setting(
         "Subset size: a fraction below 1 (0.075), a percent (7.5%), or a record count, a "
         "plain integer (50000).", required=True, metavar="P|N|P%"))
-    method: Method = field(default=Method.TIVE, metadata=_help(
-        "tive (the paper's method) or a baseline: random, random-per-task (stratified), "
-        "balanced (equal count per task), gradnorm, loss, length (largest values first), "
-        "kmeans (per task, the records nearest k-means centroids of the features).",
-        show_default=True))
-    strategy: Strategy | None = field(default=None, metadata=_help(
+    method: Method = field(default=Method.TIVE, metadata=setting(method_help(),
+                                                                  show_default=True))
+    strategy: Strategy | None = field(default=None, metadata=setting(
         "Within-task choice for tive: soft (draw ∝ exp(v/τ), the authors') or top "
         "(highest instance values).", "soft", choices=Strategy))
-    temperature: float | None = field(default=None, metadata=_help(
+    temperature: float | None = field(default=None, metadata=setting(
         "τ of the soft draw. 1000 is the authors' q=0.001 (almost uniform); smaller favours "
         "representative records; inf is uniform.", "1000", type=float))
-    seed: int | None = field(default=None, metadata=_help(
+    seed: int | None = field(default=None, metadata=setting(
         "Seed of the random draws (soft, random, random-per-task).", "0", type=int))
-    exclude: tuple[str, ...] = field(default=(), metadata=_help(
+    exclude: tuple[str, ...] = field(default=(), metadata=setting(
         "Task to leave out of valuation and selection (repeatable), e.g. textcaps as the "
         "authors did.", flag="--exclude-task", multiple=True))
-    oversample: bool | None = field(default=None, metadata=_help(
+    oversample: bool | None = field(default=None, metadata=setting(
         "A quota above its task's size repeats the task (the authors'); --no-oversample caps it "
         "and gives the surplus to the other tasks in proportion to their value.", "oversample",
-        flag="--oversample/--no-oversample"))
-    paper: bool = field(default=False, metadata=_help(
+        flag="--oversample", negatable=True))
+    paper: bool = field(default=False, metadata=setting(
         "The TIVE authors' selection exactly: soft draw at τ=1000 with oversampling, quotas "
         "truncated to integers as their int() (the subset may fall a few records short of the "
         "budget), textcaps excluded when present.", is_flag=True))
-    clusters: int | None = field(default=None, metadata=_help(
+    clusters: int | None = field(default=None, metadata=setting(
         "k-means clusters per task for kmeans: the task's quota is shared among its clusters "
         "in proportion to their size, nearest records first.", "the task's quota "
         "(one record per centroid)", type=int))
-    quota: QuotaBy | None = field(default=None, metadata=_help(
+    quota: QuotaBy | None = field(default=None, metadata=setting(
         "Per-task quotas for kmeans: size (each task keeps its share, as random-per-task) or "
         "value (TIVE's, ∝ task value).", "size", choices=QuotaBy))
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         set_("budget", Budget.parse(self.budget))
-        set_("method", _enum(Method, self.method, "--method"))
+        set_("method", _enum(Method, self.method, "method"))
         if self.strategy is not None:
-            set_("strategy", _enum(Strategy, self.strategy, "--strategy"))
+            set_("strategy", _enum(Strategy, self.strategy, "strategy"))
         if self.paper:
             self._paper()
         if self.quota is not None:
-            set_("quota", _enum(QuotaBy, self.quota, "--quota"))
+            set_("quota", _enum(QuotaBy, self.quota, "quota"))
         set_("exclude", tuple(dict.fromkeys(self.exclude)))
-        applies = set(APPLIES[self.method])
+        applies = set(METHODS[self.method.value].options)
         if self.method is Method.TIVE and self.strategy is Strategy.TOP:
             applies -= {"temperature", "seed"}
-        for name in DEFAULTS:
-            given = getattr(self, name)
-            if given is not None and name not in applies:
-                what = (f"--strategy {self.strategy}" if name in APPLIES[self.method]
-                        else f"--method {self.method}")
-                raise ConfigError(f"--{name} does not apply to {what}, which does not use it; "
-                                  f"fix: leave it out")
-            set_(name, DEFAULTS[name] if given is None and name in applies else given)
+        settle(self, DEFAULTS, applies, self._refused)
         if self.temperature is not None:
             t = float(self.temperature)
             if math.isnan(t) or t <= 0:
-                raise ConfigError(f"--temperature {self.temperature}: must be positive (inf "
-                                  f"allowed)")
+                raise ConfigError(f"{named('temperature', self.temperature)}: must be positive "
+                                  f"(inf allowed)")
             set_("temperature", t)
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise ConfigError(f"--seed {self.seed!r}: expected a non-negative integer")
+            raise ConfigError(f"{named('seed', repr(self.seed))}: expected a non-negative integer")
         if self.clusters is not None and (isinstance(self.clusters, bool)
                                           or not isinstance(self.clusters, int)
                                           or self.clusters < 1):
-            raise ConfigError(f"--clusters {self.clusters!r}: expected a positive integer")
+            raise ConfigError(f"{named('clusters', repr(self.clusters))}: expected a positive "
+                              f"integer")
+
+    def _refused(self, name: str) -> str:
+        """Why setting ``name`` may not be given with this method (or strategy)."""
+        what = (named("strategy", self.strategy) if name in METHODS[self.method.value].options
+                else named("method", self.method))
+        return f"{named(name)} does not apply to {what}, which does not use it; fix: leave it out"
 
     def _paper(self) -> None:
         """Refuse settings other than the authors'; set theirs."""
         for name, value in AUTHORS.items():
             given = getattr(self, name)
             if given is not None and given != value:
-                raise ConfigError(f"--{name} {_plain(given)}: --paper selects as the authors "
-                                  f"did ({name} {_plain(value)}); fix: leave out --{name} or "
-                                  f"--paper")
+                raise ConfigError(f"{named(name, _plain(given))}: {named('paper')} selects as "
+                                  f"the authors did ({name} {_plain(value)}); fix: leave out "
+                                  f"{named(name)} or {named('paper')}")
             object.__setattr__(self, name, value)
 
     def to_dict(self) -> dict[str, Any]:
@@ -268,7 +244,8 @@ def _enum(kind: type[Enum], value: Any, option: str) -> Any:
         return kind(value)
     except ValueError:
         choices = ", ".join(m.value for m in kind)
-        raise ConfigError(f"{option} {value!r}: unknown; choose one of {choices}") from None
+        raise ConfigError(f"{named(option, repr(value))}: unknown; choose one of "
+                          f"{choices}") from None
 
 
 def _plain(value: Any) -> Any:

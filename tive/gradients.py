@@ -1,6 +1,6 @@
 """Stage 4a — per-sample gradients of the key LoRA parameters, a whole batch per backward.
 
-DESIGN.md, method item 4 and "Speed". For a batch of B records the loss is
+docs/design.md, "Gradient features". For a batch of B records the loss is
 ``Σ_i mean-token-loss_i`` (not the model's own ``labels=`` loss, a token mean over the whole
 batch), so ∂loss/∂θ restricted to record i's graph is exactly record i's own gradient. Forward
 hooks on each key ``lora_A``/``lora_B`` ``nn.Linear`` keep its input ``x`` ``(B, T, in)`` and
@@ -26,11 +26,9 @@ from torch import nn
 
 from tive.errors import ConfigError, TiveError
 from tive.lora import KeyParameter, key_parameters
+from tive.models.registry import derives_positions
 from tive.projection import Projector
-
-IGNORE = -100
-# families whose position ids the model derives itself (multimodal RoPE from the mask)
-OWN_POSITIONS = ("qwen2_vl", "qwen2_5_vl")
+from tive.segments import IGNORE
 
 
 @dataclass
@@ -99,7 +97,7 @@ class GradientFeatures:
             raise ConfigError(f"{type(self.hf_model).__name__}: expected a transformers model "
                               f"with .model (backbone) and an output head")
         self._checkpointed = _checkpointed_layers(peft_model) if checkpointing else []
-        self._own_positions = getattr(self.hf_model.config, "model_type", "") in OWN_POSITIONS
+        self._own_positions = derives_positions(getattr(self.hf_model.config, "model_type", ""))
         self._vocab = text_vocab(self.hf_model.config)
         _check_plain_head(self.hf_model.config)
         self._active = False

@@ -60,7 +60,7 @@ def write_html(report: Report, selection: Selection | None, path: str | os.PathL
         image_root: folder relative image paths resolve against (default: the report's
             recorded image root, else the data file's folder).
         chart: the selection's bar chart as PNG bytes, when already drawn (default: drawn
-            here by :func:`tive.report.chart_png`).
+            here by :func:`tive.chart.chart_png`).
 
     Returns:
         ``path``.
@@ -73,7 +73,7 @@ def write_html(report: Report, selection: Selection | None, path: str | os.PathL
              f"<h1>{_e(_title(report, selection))}</h1>", _summary(report, selection, root),
              _task_table(report, selection)]
     if selection is not None:
-        from tive.report import chart_png
+        from tive.chart import chart_png
 
         png = base64.b64encode(chart if chart is not None else chart_png(selection)).decode()
         parts.append(f"<h2>Task shares</h2><img alt='task shares of the mixture and the subset' "

@@ -3,7 +3,7 @@
 * Warm-up targets (the authors' recipe, LLaVA's LoRA): every ``nn.Linear`` of the language
   model except the output head; never the vision tower. The multimodal projector is trained
   whole beside the adapter (peft's ``modules_to_save``), as LLaVA's ``non_lora_trainables``.
-* Key parameters (README, "The method and its options"): the LoRA ``A`` and ``B`` matrices of
+* Key parameters (docs/design.md, "The method in brief"): the LoRA ``A`` and ``B`` matrices of
   the language model's *self-attention* projections — q,k,v,o for Llama/Qwen2, q,k,v,dense for Phi,
   qkv_proj,o_proj for Phi-3. They are found from the module structure (LoRA layers whose parent
   is the attention module of a decoder layer of the language model), not from name substrings,
@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from tive.errors import ConfigError
+from tive.models.family import Family
+from tive.settings import named
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,8 @@ def parse_key_layers(text: str | None) -> int | None:
         return None
     head, _, count = str(text).partition(":")
     if head != "last" or not count.isdigit() or int(count) < 1:
-        raise ConfigError(f"--key-layers {text!r}: expected last:N with N ≥ 1 (e.g. last:8), "
-                          f"the key parameters of the last N decoder layers")
+        raise ConfigError(f"{named('key_layers', repr(text))}: expected last:N with N ≥ 1 (e.g. "
+                          f"last:8), the key parameters of the last N decoder layers")
     return int(count)
 
 
@@ -138,7 +140,7 @@ def key_parameters(peft_model: nn.Module, adapter: str = "default",
     if last_layers is not None:
         layers = list(dict.fromkeys(n.rsplit(".self_attn.", 1)[0] for n in names))
         if last_layers > len(layers):
-            raise ConfigError(f"--key-layers last:{last_layers}: the model has "
+            raise ConfigError(f"{named('key_layers', f'last:{last_layers}')}: the model has "
                               f"{len(layers)} decoder layers; fix: at most last:{len(layers)}")
         keep = set(layers[-last_layers:])
         names = [n for n in names if n.rsplit(".self_attn.", 1)[0] in keep]
@@ -166,23 +168,21 @@ def expected_gradient_dim(model: nn.Module, r: int) -> int:
                for n in attention_projections(model))
 
 
-# The multimodal projector of each family's transformers class, and whether the TIVE authors'
-# recipe trains it (LLaVA's mm_projector; Qwen2-VL's merger is trained only when asked).
-PROJECTORS = {"llava": ("multi_modal_projector", True), "bunny": ("multi_modal_projector", True),
-              "qwen2-vl": ("visual.merger", False)}
-
-
-def trained_projector(model: nn.Module, family: str, train: bool | None) -> str | None:
+def trained_projector(model: nn.Module, family: Family | str, train: bool | None) -> str | None:
     """Qualified name of the multimodal projector the warm-up trains, or None.
 
     Args:
-        family: the model's family (``llava``, ``bunny``, ``qwen2-vl``, ``causal-lm``).
-        train: True/False as asked, None for the family's default (:data:`PROJECTORS`).
+        family: the model's family (or its name): its ``projector`` and whether the TIVE
+            authors' recipe trains it (LLaVA's mm_projector; Qwen2-VL's merger only when asked).
+        train: True/False as asked, None for the family's default.
 
     Raises:
         ConfigError: ``train`` is True for a model without a multimodal projector.
     """
-    suffix, default = PROJECTORS.get(family, (None, False))
+    from tive.models.registry import family as family_named
+
+    kind = family_named(family) if isinstance(family, str) else family
+    family, suffix, default = kind.name, kind.projector, kind.trains_projector
     name = None
     if suffix is not None:
         name = next((n for n, _ in model.named_modules()

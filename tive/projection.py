@@ -1,4 +1,4 @@
-"""Stage 4b — random projections of per-sample gradients (DESIGN.md, method item 5; "Speed").
+"""Stage 4b — random projections of per-sample gradients (docs/design.md, "Gradient features").
 
 A per-sample gradient is a list of blocks, one per key LoRA matrix. A projector receives the
 blocks of a batch one at a time, as the backward pass produces them, and returns ``(B, k)``
@@ -28,7 +28,6 @@ import torch
 from tive.errors import ConfigError
 from tive.hashing import splitmix64
 
-KINDS = ("sparse-jl", "trak", "none")
 TRAK_BLOCK = 128  # the TIVE authors' TRAK settings
 TRAK_MAX_BATCH = 16
 SLOW_CPU_TRAK = 10**9  # D·k above which TRAK's CPU projector takes minutes per batch
@@ -227,14 +226,11 @@ class TrakProjector(_Concatenating):
 
 def make_projector(kind: str, dims: Sequence[int], k: int = 8192, seed: int = 0,
                    nnz: int = 1, device: torch.device | str = "cpu") -> Projector:
-    """The projector named ``kind`` (one of :data:`KINDS`) for gradient blocks of ``dims``."""
-    if kind == "sparse-jl":
-        return SparseJL(dims, k, seed, nnz)
-    if kind == "trak":
-        return TrakProjector(dims, k, seed, device)
-    if kind == "none":
-        return Identity(dims)
-    raise ConfigError(f"--projector {kind!r}: expected one of {', '.join(KINDS)}")
+    """The projector named ``kind`` (a name in :data:`tive.projectors.PROJECTORS`) for
+    gradient blocks of ``dims``."""
+    from tive.projectors import projector_named
+
+    return projector_named(kind).build(dims, k=k, seed=seed, nnz=nnz, device=device)
 
 
 def project_rows(projector: Projector, rows: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:

@@ -17,15 +17,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tive import kmeans as km
 from tive import selection as sel
-from tive.config import AUTHORS_EXCLUDE, Budget, Method, QuotaBy, SelectConfig, Strategy
+from tive.chart import chart_png
+from tive.config import AUTHORS_EXCLUDE, Budget, SelectConfig
 from tive.data import Mixture
 from tive.errors import ConfigError, OutputError
 from tive.fileio import atomic_path, write_json
+from tive.methods import MethodSpec, method_named
+from tive.settings import named, python_api
 from tive.tasks import factorize
-
-BY_TASK = (Method.TIVE, Method.RANDOM_PER_TASK, Method.BALANCED, Method.KMEANS)  # quota methods
 
 
 @dataclass
@@ -92,6 +92,7 @@ class Report:
         """Rows of the valid records of ``task``, increasing."""
         return np.flatnonzero(self.valid & (self._codes == self._names.index(task)))
 
+    @python_api
     def select(
         self,
         budget: str | float | int | Budget,
@@ -126,7 +127,8 @@ class Report:
         """:meth:`select` with a ready :class:`SelectConfig`."""
         unknown = sorted(set(config.exclude) - set(self.sizes))
         if unknown:
-            raise ConfigError(f"--exclude-task {unknown[0]!r}: no such task; tasks are "
+            raise ConfigError(f"{named('exclude', repr(unknown[0]), option='--exclude-task')}: "
+                              f"no such task; tasks are "
                               f"{', '.join(self.task_names)}")
         notes = []
         if AUTHORS_EXCLUDE in self.sizes and AUTHORS_EXCLUDE not in config.exclude:
@@ -140,14 +142,15 @@ class Report:
         names = [t for t in self.task_names if t not in config.exclude]
         # seeded draws for the random parts; a fixed tie-break for the deterministic ones
         noise = sel.uniforms(self.keys, 0 if config.seed is None else config.seed)
-        if config.method is Method.KMEANS and self.features is None:
-            raise ConfigError("--method kmeans: this report has no features to cluster (built "
-                              "without a store or features=); fix: value_estimate(store=...) "
-                              "or features=..., or another method")
-        if config.method in BY_TASK:
-            indices, quotas = self._by_task(config, names, budget, noise)
+        method = method_named(config.method)
+        if method.needs_features and self.features is None:
+            raise ConfigError(f"{named('method', method.name)}: this report has no features to "
+                              f"cluster (built without a store or features=); fix: "
+                              f"value_estimate(store=...) or features=..., or another method")
+        if method.by_task:
+            indices, quotas = self._by_task(config, method, names, budget, noise)
         else:
-            indices = self._global(config, budget, noise)
+            indices = self._global(config, method, budget, noise)
             counts = np.bincount(self._codes[indices], minlength=len(self._names))
             quotas = {t: int(counts[self._names.index(t)]) for t in names}
         repeats = len(indices) - len(np.unique(indices))
@@ -160,18 +163,19 @@ class Report:
                          f"the budget: --paper truncates each quota as the authors' int() did")
         return Selection(np.sort(indices), quotas, config, budget, self, notes)
 
-    def _by_task(self, config: SelectConfig, names: list[str], budget: int,
+    def _by_task(self, config: SelectConfig, method: MethodSpec, names: list[str], budget: int,
                  noise: np.ndarray) -> tuple[np.ndarray, dict[str, int]]:
+        """Quotas per task (∝ the method's weights), then the method's choice in each."""
         sizes = self.valid_sizes()
         names = [t for t in names if sizes[t] > 0]
         if not names:
-            raise ConfigError("no valid record is left to select from (all tasks excluded or "
-                              "invalid); fix: check --exclude-task and the store")
+            raise ConfigError(f"no valid record is left to select from (all tasks excluded or "
+                              f"invalid); fix: check "
+                              f"{named('exclude', option='--exclude-task')} and the store")
         counts = np.array([sizes[t] for t in names])
-        by_value = config.method is Method.TIVE or config.quota is QuotaBy.VALUE
-        if by_value:
+        if method.weighs_by_value(config.quota):
             weights = np.array([self.task_values[t] for t in names])
-        elif config.method is Method.BALANCED:
+        elif method.quotas == "equal":
             weights = np.ones(len(names))
         else:
             weights = counts.astype(float)
@@ -179,57 +183,23 @@ class Report:
             quota = sel.truncated_quotas(weights, config.budget.exact(len(self.tasks)))
         else:
             quota = sel.quotas(weights, counts, budget, config.oversample)
-        chosen = [self._in_task(config, self.members(t), int(n), noise)
+        choose = method.chooser()
+        chosen = [choose(self, config, self.members(t), int(n), noise)
                   for t, n in zip(names, quota)]
         return np.concatenate(chosen), {t: int(n) for t, n in zip(names, quota)}
 
-    def _in_task(self, config: SelectConfig, members: np.ndarray, n: int,
-                 noise: np.ndarray) -> np.ndarray:
-        """Rows chosen from one task's ``members`` for its quota ``n`` (repeats when ``n``
-        exceeds the task's size: the whole task ⌊n/m⌋ times, the rest chosen)."""
-        if config.method is Method.KMEANS:
-            whole, rest = divmod(n, len(members))
-            args = (self.features, members, rest)
-            if config.clusters is None:
-                picked = km.kmeans_pick(*args, noise[members], config.seed, self.chunk_rows)[0]
-            else:
-                picked = km.cluster_pick(*args, config.clusters, noise[members], config.seed,
-                                         self.chunk_rows)
-            return np.concatenate([np.tile(members, whole), picked])
-        soft = config.method is not Method.TIVE or config.strategy is Strategy.SOFT
-        temperature = math.inf if config.temperature is None else config.temperature
-        return sel.choose_in_task(members, n, self.instance_values[members], noise[members],
-                                  temperature, soft)
-
-    def _global(self, config: SelectConfig, budget: int, noise: np.ndarray) -> np.ndarray:
+    def _global(self, config: SelectConfig, method: MethodSpec, budget: int,
+                noise: np.ndarray) -> np.ndarray:
+        """The ``budget`` rows of largest finite metric over the mixture (ties: ``noise``)."""
         excluded = [self._names.index(t) for t in config.exclude]
-        pool = self.valid & ~np.isin(self._codes, excluded)
-        if config.method is Method.RANDOM:
-            metric = noise
-        else:
-            metric = self._metric(config.method)
-            pool &= np.isfinite(metric)
+        metric = method.chooser()(self, noise)
+        pool = self.valid & ~np.isin(self._codes, excluded) & np.isfinite(metric)
         rows = np.flatnonzero(pool)
         if budget > len(rows):
-            raise ConfigError(f"--budget {budget:,} is more than the {len(rows):,} records "
-                              f"--method {config.method} can choose from; fix: a smaller budget")
+            raise ConfigError(f"{named('budget', f'{budget:,}')} is more than the "
+                              f"{len(rows):,} records {named('method', config.method)} can "
+                              f"choose from; fix: a smaller budget")
         return rows[sel.top_n(metric[rows], budget, noise[rows])]
-
-    def _metric(self, method: Method) -> np.ndarray:
-        if method is Method.GRADNORM:
-            return self.norms.astype(np.float64)
-        if method is Method.LOSS:
-            if not np.isfinite(self.loss[self.valid]).any():
-                raise ConfigError("--method loss: this store has no per-record losses (imported "
-                                  "without them); fix: import with --loss, or another method")
-            return self.loss.astype(np.float64)
-        if (self.ntokens[self.valid] >= 0).any():
-            return np.where(self.ntokens >= 0, self.ntokens, np.nan).astype(np.float64)
-        if self.mixture is None:
-            raise ConfigError("--method length: the store has no token counts and no data was "
-                              "given; fix: pass the data")
-        return np.array([sum(len(t.text) for t in r.turns if t.role == "assistant")
-                         for r in self.mixture], dtype=np.float64)
 
     def table(self) -> str:
         """Plain-text table of tasks: records, valid, share, value."""
@@ -297,7 +267,7 @@ class Selection:
         columns = ["task", "records", "value", "quota", "selected", "share"]
         if not self.uses_values():
             columns.remove("value")
-        if self.config.method not in BY_TASK:
+        if not method_named(self.config.method).by_task:
             columns.remove("quota")
         rows = []
         for t, e in d["tasks"].items():
@@ -311,8 +281,7 @@ class Selection:
 
     def uses_values(self) -> bool:
         """Whether the task values set the quotas (``tive``, ``kmeans --quota value``)."""
-        c = self.config
-        return c.method is Method.TIVE or (c.method is Method.KMEANS and c.quota is QuotaBy.VALUE)
+        return method_named(self.config.method).weighs_by_value(self.config.quota)
 
     def save(self, path: str | Path,
              inputs: Sequence[str | Path] = ()) -> dict[str, Path]:
@@ -380,46 +349,6 @@ def write_chart(selection: Selection, path: Path) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(png)
     return path
-
-
-def chart_png(selection: Selection) -> bytes:
-    """The bar chart of :func:`write_chart` as PNG bytes; excluded tasks are greyed, hatched
-    and labelled "(excluded)"."""
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import PercentFormatter
-
-    d = selection.to_dict()["tasks"]
-    names = list(d)
-    n, b = sum(e["records"] for e in d.values()), max(len(selection.indices), 1)
-    before = [d[t]["records"] / n for t in names]
-    after = [d[t]["selected"] / b for t in names]
-    excluded = [d[t]["excluded"] for t in names]
-    y = np.arange(len(names))
-    fig = Figure(figsize=(7, 0.45 * len(names) + 1.5))  # no pyplot: no global state, faster
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    bars = ax.barh(y - 0.2, before, 0.4, label="mixture")
-    ax.barh(y + 0.2, after, 0.4, label=f"subset ({selection.config.method}, {b:,})")
-    for bar, out in zip(bars, excluded):
-        if out:
-            bar.set(color="lightgrey", hatch="//", edgecolor="grey")
-    ax.set_yticks(y, [f"{t} (excluded)" if out else t for t, out in zip(names, excluded)])
-    for label, out in zip(ax.get_yticklabels(), excluded):
-        if out:
-            label.set_color("grey")
-    ax.invert_yaxis()
-    ax.set_xlabel("share of records")
-    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.legend(loc="best")
-    ax.set_title("Task shares: mixture and subset" + (" (grey: excluded tasks)"
-                                                      if any(excluded) else ""))
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    return buffer.getvalue()
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

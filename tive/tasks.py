@@ -1,8 +1,9 @@
 """Stage 2 — label every record with its task (source dataset).
 
 An explicit field (``task``, ``dataset``, ``source`` or ``--task-field``) always wins. Records
-without one are labelled by the rules for LLaVA-1.5's ``llava_v1_5_mix665k.json`` (DESIGN.md),
-first match wins, on the first user turn (lower-cased, curly quotes straightened):
+without one are labelled by the rules for LLaVA-1.5's ``llava_v1_5_mix665k.json``
+(docs/design.md, "Task inference"), first match wins, on the first user turn (lower-cased,
+curly quotes straightened):
 
 ==========================================================  ==================
 no image                                                    ``sharegpt``

@@ -1,22 +1,19 @@
 """Stage 3 — the warm-up reference model: LoRA trained briefly on an equal-per-task sample.
 
-The method (README, "Warm-up recipe"): sample 8% of the mixture with an equal count per task
-(a task smaller than its share gives all it has, the rest is shared among the others), then
+The method (docs/design.md, "The method in brief"): sample 8% of the mixture with an equal
+count per task (a task smaller than its share gives all it has, the rest is shared among the
+others), then
 train as the TIVE authors did (their ``finetune_lora.sh``): LoRA r=128, alpha=256, dropout
 0.05 on every linear layer of the language model, the multimodal projector trained too,
 AdamW at 2e-5 with weight decay 0, a cosine schedule after a 3% linear warm-up, one epoch, a
-global batch of 128 records per optimizer step. The adapter (with the projector, as peft's
-``modules_to_save``) is saved in standard peft format to ``RUN/reference/``, with
-``reference.json`` saying what it was trained on and with which recipe. The folder appears
-only when complete.
+global batch of 128 records per optimizer step. :mod:`tive.reference` saves the adapter and
+decides when an earlier one can be reused.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -25,16 +22,14 @@ import torch
 from tive import selection as sel
 from tive.data import Mixture
 from tive.dist import Dist
-from tive.encode import IGNORE, Encoded
-from tive.errors import ConfigError, DataError
-from tive.fileio import atomic_path
+from tive.errors import DataError
+from tive.segments import IGNORE, Encoded
+from tive.skips import SkipReason
 from tive.warmup_config import AUTHORS, WarmupConfig  # noqa: F401  (re-exported)
 
-REFERENCE_DIR = "reference"
 WARMUP_RATIO = 0.03  # share of the optimizer steps in the linear warm-up (HF's ceil rule)
 WEIGHT_DECAY = 0.0
 SCHEDULE = "cosine"
-MEMORY_ONLY = ("gradient_checkpointing",)  # settings that do not change the adapter
 
 
 def warmup_sample(tasks: np.ndarray, keys: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -61,15 +56,21 @@ def warmup_sample(tasks: np.ndarray, keys: np.ndarray, fraction: float, seed: in
 def usable_rows(mixture: Mixture, missing: np.ndarray, family: str) -> np.ndarray:
     """Rows the warm-up can sample: images present, and no images for a text-only model.
 
+    Args:
+        family: the model's family name.
+
     Raises:
         DataError: when no record is left.
     """
+    from tive.models.registry import family as family_named
+
+    text_only = family_named(family).text_only
     usable = ~missing
-    if family == "causal-lm":
+    if text_only:
         usable &= np.array([not r.images for r in mixture])
     if not usable.any():
         why = "all have missing images" if missing.all() else (
-            "a text-only model cannot use records with images" if family == "causal-lm"
+            "a text-only model cannot use records with images" if text_only
             else "their images are missing")
         raise DataError(f"{mixture.path}: none of the {len(mixture):,} records can be used for "
                         f"warm-up ({why}); fix: --image-root, or another --model or --data")
@@ -86,8 +87,8 @@ def encoded_items(loaded: Any, mixture: Mixture, rows: np.ndarray, max_length: i
     encoder = loaded.encoder(max_length)
     for row in rows:
         item = encode_row(encoder, mixture, int(row), image_root)
-        if isinstance(item, str):
-            _count(skipped, item)
+        if isinstance(item, SkipReason):
+            _count(skipped, str(item))
             continue
         if used is not None:
             used.append(int(row))
@@ -164,7 +165,7 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
     dist = Dist() if dist is None else dist
     torch.manual_seed(config.seed)
     targets = warmup_targets(loaded.model, tuple(config.targets))
-    projector = trained_projector(loaded.model, loaded.family, config.train_projector)
+    projector = trained_projector(loaded.model, loaded.kind, config.train_projector)
     recipe = plan_recipe(config, len(rows), dist.world, projector)
     notice = recipe.notice(len(rows), config)
     if notice and echo is not None:
@@ -332,154 +333,6 @@ def _chunks(items: Iterator[Any], size: int) -> Iterator[list[Any]]:
             chunk = []
     if chunk:
         yield chunk
-
-
-def save_reference(run: str | Path, model: Any, info: dict[str, Any]) -> Path:
-    """Save the adapter (peft format) and ``reference.json`` to ``run/reference`` atomically."""
-    target = Path(run) / REFERENCE_DIR
-    with atomic_path(target, directory=True) as tmp:
-        model.save_pretrained(str(tmp))
-        (tmp / "reference.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    return target
-
-
-def reference_info(mixture: Mixture, tasks: np.ndarray, rows: np.ndarray,
-                   config: WarmupConfig, source: dict[str, Any],
-                   result: dict[str, Any]) -> dict[str, Any]:
-    """What the adapter was trained on, for ``reference.json``."""
-    from tive.lora import gradient_dim, key_parameters
-
-    names, counts = np.unique(tasks[result["used"]].astype(str), return_counts=True)
-    losses = result["losses"]
-    keys = key_parameters(result["model"])
-    return {
-        "model": source,
-        "data": {"path": str(mixture.path.resolve()), "fingerprint": mixture.fingerprint,
-                 "records": len(mixture)},
-        "settings": asdict(config),
-        "recipe": recipe_info(config, result["recipe"], result["processes"],
-                              result["model"]),
-        "sample": {"rows": [int(r) for r in rows], "trained": len(result["used"]),
-                   "per_task": {str(n): int(c) for n, c in zip(names, counts)}},
-        "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None,
-                 "steps": len(losses)},
-        "skipped": result["skipped"],
-        "processes": result["processes"],
-        "records_per_process": result["records_per_process"],  # forward passes, all epochs
-        "key_parameters": {"gradient_dim": gradient_dim(keys),
-                           "matrices": [{"name": k.name, "shape": list(k.shape)} for k in keys]},
-    }
-
-
-def recipe_info(config: WarmupConfig, recipe: Recipe, processes: int,
-                model: Any) -> dict[str, Any]:
-    """Every training setting actually used, for ``reference.json``."""
-    lora = model.peft_config["default"]
-    return {"optimizer": "AdamW", "lr": config.lr, "projector_lr": config.projector_lr,
-            "weight_decay": WEIGHT_DECAY, "schedule": SCHEDULE, "warmup_ratio": WARMUP_RATIO,
-            "warmup_steps": recipe.warmup_steps, "steps": recipe.steps,
-            "epochs": config.epochs, "global_batch": config.global_batch,
-            "per_device_batch": config.batch_size, "accumulation": recipe.accumulation,
-            "processes": processes, "bf16": config.bf16, "paper": config.paper,
-            "lora": {"r": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout,
-                     "layers": len(lora.target_modules)},
-            "projector": recipe.projector}
-
-
-@dataclass
-class Reference:
-    """The warm-up reference of a run.
-
-    Attributes:
-        path: the adapter folder (``RUN/reference``).
-        info: its ``reference.json``.
-        model: the peft model when trained just now (None when an earlier one was reused).
-        loaded: the loaded base model and its encoding pieces, with ``model``.
-        message: one line saying what happened.
-    """
-
-    path: Path
-    info: dict[str, Any]
-    model: Any = None
-    loaded: Any = None
-    message: str = ""
-
-
-def model_key(source: Any) -> str:
-    """The model as a reference records it: a folder or file given by path is resolved (so
-    ``examples/m`` from the CLI and ``/abs/examples/m`` from a notebook agree); an alias or
-    hub id stays as written."""
-    return _resolved(source.spec)
-
-
-def _resolved(spec: str) -> str:
-    """``spec`` resolved when it names an existing path, else as written."""
-    given = Path(spec)
-    return str(given.resolve()) if given.exists() else spec
-
-
-def ensure_reference(run: str | Path, source: Any, mixture: Mixture, labels: Any,
-                     config: WarmupConfig, *, dtype: str = "auto", device: str = "auto",
-                     image_root: Any = None, missing: np.ndarray | None = None,
-                     retrain: bool = False, replace: bool = False,
-                     progress: bool = True, dist: Dist | None = None,
-                     echo: Callable[[str], None] | None = None) -> Reference:
-    """Reuse ``run/reference`` when it was trained with these settings, else train it (under
-    ``torchrun``, on every rank of ``dist`` together; rank 0 saves it).
-
-    Args:
-        source: the resolved model (:func:`tive.models.registry.resolve`).
-        labels: the mixture's task labels.
-        missing: ``(N,)`` records whose images are missing (left out of the sample).
-        retrain: train again even when the settings match.
-        echo: called with a line worth saying before training (rank 0 only).
-        replace: replace a reference trained with other settings instead of refusing.
-
-    Raises:
-        ConfigError: a reference with other settings is there (and neither flag is given).
-    """
-    from tive.models.load import load_model
-
-    missing = np.zeros(len(mixture), dtype=bool) if missing is None else missing
-    usable = usable_rows(mixture, missing, source.family)
-    rows = usable[warmup_sample(labels.tasks[usable], mixture.keys[usable], config.fraction,
-                                config.seed)]
-    settings = {k: v for k, v in asdict(config).items() if k not in MEMORY_ONLY}
-    identity = {"model": model_key(source), "dtype": dtype, "data": mixture.fingerprint,
-                "settings": json.loads(json.dumps(settings)),
-                "rows": [int(r) for r in rows], "tasks": sorted(set(labels.tasks[rows]))}
-    existing = Path(run) / REFERENCE_DIR / "reference.json"
-    if existing.exists() and not retrain:
-        done = json.loads(existing.read_text(encoding="utf-8"))
-        saved = dict(done.get("identity") or {})
-        if "model" in saved:  # a path saved as written (before model_key) resolves the same
-            saved["model"] = _resolved(saved["model"])
-        if saved == identity:
-            return Reference(existing.parent, done, message=(
-                f"{existing.parent}: reference already trained with these settings "
-                f"({done['sample']['trained']:,} records, loss {done['loss']['first']:.4g} "
-                f"→ {done['loss']['last']:.4g})"))
-        if not replace:
-            raise ConfigError(f"{existing.parent}: a reference trained on "
-                              f"{done['data']['path']} with model {done['model']['spec']} and "
-                              f"other settings or sample is there; fix: --force to replace "
-                              f"it, or another --run")
-    loaded = load_model(source, dtype=dtype, device=device)
-    dist = Dist() if dist is None else dist
-    result = train(loaded, mixture, rows, config, image_root, progress=progress, dist=dist,
-                   echo=echo if dist.rank == 0 else None)
-    info = reference_info(mixture, labels.tasks, rows, config, source.describe(), result)
-    path = Path(run) / REFERENCE_DIR
-    if dist.rank == 0:
-        path = save_reference(run, result["model"], {**info, "identity": identity})
-    dist.barrier()
-    loss, per_task = info["loss"], info["sample"]["per_task"]
-    skipped = ", ".join(f"{n:,} {r}" for r, n in result["skipped"].items())
-    message = (f"trained on {info['sample']['trained']:,} records "
-               f"({', '.join(f'{t} {n}' for t, n in per_task.items())}); "
-               f"loss {loss['first']:.4g} → {loss['last']:.4g}; adapter in {path}"
-               + (f"; skipped {skipped}" if skipped else ""))
-    return Reference(path, info, result["model"], loaded, message)
 
 
 def _step(optimizer: torch.optim.Optimizer, schedule: Any, params: list, dist: Dist) -> None:

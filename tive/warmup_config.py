@@ -3,20 +3,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tive.errors import ConfigError
+from tive.settings import named, setting
 
 # The TIVE authors' warm-up (their finetune_lora.sh: 16 records per device × 8 GPUs, bf16).
 # tive's defaults equal these; --paper refuses any other value of them.
 AUTHORS = {"fraction": 0.08, "r": 128, "alpha": 256, "dropout": 0.05, "lr": 2e-5,
            "projector_lr": 2e-5, "epochs": 1, "global_batch": 128, "targets": (),
            "train_projector": None, "bf16": True}
+_SHOWN = {"show_default": True}  # --help shows these defaults as they are
 
 
 @dataclass(frozen=True)
 class WarmupConfig:
-    """Warm-up settings; the defaults are the TIVE authors' recipe (see :data:`AUTHORS`).
+    """Warm-up settings; the defaults are the TIVE authors' recipe (see :data:`AUTHORS`). Each
+    field carries its ``--help`` (the CLI builds its options from them).
 
     Attributes:
         fraction: share of the mixture in the sample (equal count per task).
@@ -41,39 +44,62 @@ class WarmupConfig:
             authors trained with it; not part of the reference's identity).
     """
 
-    fraction: float = 0.08
-    seed: int = 0
-    r: int = 128
-    alpha: int = 256
-    dropout: float = 0.05
-    lr: float = 2e-5
-    projector_lr: float = 2e-5
-    train_projector: bool | None = None
-    epochs: int = 1
-    global_batch: int = 128
-    batch_size: int = 4
-    bf16: bool = False
-    max_length: int = 2048
-    targets: tuple[str, ...] = ()
-    paper: bool = False
-    gradient_checkpointing: bool = False
+    fraction: float = field(default=0.08, metadata=setting(
+        "Share of the mixture in the warm-up sample (equal count per task).", **_SHOWN, type=float))
+    seed: int = field(default=0, metadata=setting(
+        "Seed of the sample and of training.", **_SHOWN, type=int))
+    r: int = field(default=128, metadata=setting(
+        "LoRA rank.", flag="--lora-r", **_SHOWN, type=int))
+    alpha: int = field(default=256, metadata=setting(
+        "LoRA alpha.", flag="--lora-alpha", **_SHOWN, type=int))
+    dropout: float = field(default=0.05, metadata=setting(
+        "LoRA dropout.", flag="--lora-dropout", **_SHOWN, type=float))
+    lr: float = field(default=2e-5, metadata=setting(
+        "Learning rate of the LoRA matrices (AdamW, weight decay 0, cosine schedule after a 3% "
+        "linear warm-up).", **_SHOWN, type=float))
+    projector_lr: float = field(default=2e-5, metadata=setting(
+        "Learning rate of the multimodal projector.", **_SHOWN, type=float))
+    train_projector: bool | None = field(default=None, metadata=setting(
+        "Train the multimodal projector too  [default: yes for LLaVA and Bunny, no for "
+        "Qwen2-VL's merger]", negatable=True))
+    epochs: int = field(default=1, metadata=setting(
+        "Passes over the sample.", **_SHOWN, type=int))
+    global_batch: int = field(default=128, metadata=setting(
+        "Records per optimizer step, however many processes share it.", **_SHOWN, type=int))
+    batch_size: int = field(default=4, metadata=setting(
+        "Records per forward/backward on one device (memory only; reached by gradient "
+        "accumulation).", **_SHOWN, type=int))
+    bf16: bool = field(default=False, metadata=setting(
+        "Train under bfloat16 autocast.", **_SHOWN, is_flag=True))
+    max_length: int = field(default=2048, metadata=setting(
+        "Tokens per record at most (longer records are truncated).", **_SHOWN, type=int))
+    targets: tuple[str, ...] = field(default=(), metadata=setting(
+        "LoRA on these linear layers of the language model, comma-separated (e.g. "
+        "q_proj,v_proj); default: every linear layer (the authors').", flag="--lora-targets",
+        option_default="", metavar="NAMES", split=","))
+    paper: bool = field(default=False, metadata=setting(
+        "The TIVE authors' run exactly: refuses warm-up settings other than theirs and trains "
+        "under bfloat16 autocast.", is_flag=True))
+    gradient_checkpointing: bool = field(default=False, metadata=setting(
+        "Recompute activations in the backward pass: less memory, one more forward pass per "
+        "layer.", **_SHOWN, is_flag=True))
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction <= 1:
-            raise ConfigError(f"--fraction {self.fraction}: expected a fraction in (0, 1]")
+            raise ConfigError(f"{named('fraction', self.fraction)}: expected a fraction in (0, 1]")
         for name in ("epochs", "global_batch", "batch_size", "max_length"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected ≥ 1")
+                raise ConfigError(f"{named(name, getattr(self, name))}: expected ≥ 1")
         for name in ("lr", "projector_lr"):
             if not getattr(self, name) > 0:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected "
-                                  f"a positive learning rate")
+                raise ConfigError(f"{named(name, getattr(self, name))}: expected a positive "
+                                  f"learning rate")
         object.__setattr__(self, "targets", tuple(self.targets))
         if self.paper:
             for name, value in AUTHORS.items():
                 if name != "bf16" and getattr(self, name) != value:
-                    raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: "
-                                      f"--paper trains with the authors' value "
+                    raise ConfigError(f"{named(name, getattr(self, name))}: {named('paper')} "
+                                      f"trains with the authors' value "
                                       f"({value if value != () else 'every linear layer'}); "
-                                      f"fix: leave it out, or leave out --paper")
+                                      f"fix: leave it out, or leave out {named('paper')}")
             object.__setattr__(self, "bf16", True)

