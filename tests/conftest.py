@@ -79,6 +79,21 @@ def mixture_run(tmp_path: Path) -> dict:
             "norms": norms, "dir": tmp_path, "run": tmp_path / "run"}
 
 
+@pytest.fixture
+def imported(mixture_run: dict) -> dict:
+    """:func:`mixture_run` with its features imported into ``RUN`` by ``tive import``."""
+    from click.testing import CliRunner
+
+    from tive.cli import main
+
+    d = mixture_run["dir"]
+    args = ["import", "--data", mixture_run["data"], "--features", d / "features.npy",
+            "--norms", d / "norms.npy", "--run", mixture_run["run"]]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output + str(result.exception)
+    return mixture_run
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``slow`` run only when asked for (``-m slow``)."""
     if "slow" in (config.getoption("-m") or ""):

@@ -33,14 +33,6 @@ def assert_one_line_error(result, *fragments):
         assert f in err, err
 
 
-@pytest.fixture
-def imported(mixture_run):
-    d = mixture_run["dir"]
-    run("import", "--data", mixture_run["data"], "--features", d / "features.npy",
-        "--norms", d / "norms.npy", "--run", mixture_run["run"])
-    return mixture_run
-
-
 def test_tasks_table_and_json(mixture_run):
     out = run("tasks", mixture_run["data"]).output
     assert "llava_instruct" in out and "inferred" in out and "36" in out

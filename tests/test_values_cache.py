@@ -23,11 +23,8 @@ def cli(*args):
 
 
 @pytest.fixture
-def store_run(mixture_run):
-    d = mixture_run["dir"]
-    cli("import", "--data", mixture_run["data"], "--features", d / "features.npy",
-        "--norms", d / "norms.npy", "--run", mixture_run["run"])
-    return mixture_run
+def store_run(imported):
+    return imported
 
 
 def uncached(run):
