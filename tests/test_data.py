@@ -297,6 +297,25 @@ def test_json_subset_without_spans_is_written_from_the_parsed_records(tmp_path, 
     assert json.loads(out.read_text()) == [LLAVA_RECORDS[4], LLAVA_RECORDS[0]]
 
 
+def test_json_subset_after_the_file_changed_is_the_records_as_read(tmp_path):
+    """Spans are only used on the bytes they were found in: a file changed between reading and
+    writing gives the records as they were read, not bytes of the new file."""
+    src = write_json(tmp_path / "m.json", LLAVA_RECORDS, indent=1)
+    m = load_mixture(src)
+    assert m.spans is not None
+    src.write_text(json.dumps([{"id": "other"}] * 9))
+    out = m.write_subset([1, 0], tmp_path / "sub.json")
+    assert json.loads(out.read_text()) == [LLAVA_RECORDS[1], LLAVA_RECORDS[0]]
+
+
+def test_record_spans_with_many_escaped_quotes_and_backslashes():
+    records = [{"code": 'print("a\\\\") \\" ' * (i + 1), "q": '\\"' * i, "b": "\\" * i}
+               for i in range(40)]
+    source = json.dumps(records).encode()
+    spans = tdata.record_spans(source)
+    assert [json.loads(source[a:b]) for a, b in spans] == records
+
+
 JSON_TEXT = st.text(alphabet=st.sampled_from(list('ab"\\[]{},: \n\u00e9\u2028/')), max_size=12)
 JSON_VALUE = st.recursive(st.none() | st.booleans() | st.integers() | JSON_TEXT,
                           lambda inner: st.lists(inner, max_size=3)

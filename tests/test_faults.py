@@ -27,9 +27,7 @@ from hypothesis import strategies as st
 from tive import fileio
 from tive.cli import main
 from tive.data import load_mixture
-from tive.errors import ConfigError, DataError, OutputError, StoreError, TiveError
-from tive.importers import import_store
-from tive.store import Store
+from tive.errors import ConfigError, DataError, OutputError, TiveError
 from tive.tasks import label_tasks
 
 FAST = settings(max_examples=30, deadline=None,

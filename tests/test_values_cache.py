@@ -143,6 +143,37 @@ def test_a_cached_mixture_is_the_mixture(store_run, tmp_path, jsonl):
     assert type(third._records).__name__ == "list" and third.fingerprint != fresh.fingerprint
 
 
+@pytest.mark.parametrize("jsonl", [False, True])
+def test_a_file_changed_without_a_new_size_or_time_is_read_afresh(store_run, tmp_path, jsonl):
+    """``cp -p`` or ``rsync -a`` can change a file and keep its size and modification time:
+    the cached labels, keys and spans must not be used for the new bytes."""
+    import json
+
+    from tive.data import load_mixture
+    from tive.mixture_cache import load_labelled
+
+    records = json.loads(store_run["data"].read_text())
+    data = tmp_path / ("m.jsonl" if jsonl else "m.json")
+    dump = (lambda rs: "\n".join(json.dumps(r) for r in rs) + "\n") if jsonl else json.dumps
+    data.write_text(dump(records))
+    cache = tmp_path / "cache"
+    load_labelled(data, None, cache)
+    stat = data.stat()
+    records[0]["conversations"][1]["value"] = records[0]["conversations"][1]["value"][::-1] + "!"
+    records[1]["conversations"][1]["value"] = records[1]["conversations"][1]["value"][:-1]
+    data.write_text(dump(records))  # the same length: one character more, one fewer
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert data.stat().st_size == stat.st_size and data.stat().st_mtime_ns == stat.st_mtime_ns
+    second, _ = load_labelled(data, None, cache)
+    fresh = load_mixture(data)
+    assert type(second._records).__name__ == "list"  # read afresh, not from the cache
+    assert second.fingerprint == fresh.fingerprint
+    out = second.write_subset([0, 1], tmp_path / f"sub{data.suffix}")
+    written = ([json.loads(line) for line in out.read_text().splitlines()] if jsonl
+               else json.loads(out.read_text()))
+    assert written == records[:2]
+
+
 def test_select_from_cache_writes_the_same_subset(store_run):
     first = cli("select", "--run", store_run["run"], "--budget", "0.4", "-o",
                 store_run["run"] / "a.json").output

@@ -31,7 +31,7 @@ import numpy as np
 from tive.errors import DataError
 from tive.fileio import atomic_path
 from tive.hashing import distinct_keys
-from tive.readers import CONTAINERS, quiet_datasets, read_container, record_spans
+from tive.readers import CONTAINERS, SpanRows, quiet_datasets, read_container, record_spans
 from tive.schemas import (EMBEDDED, SCHEMAS, TASK_FIELDS, Record, Turn, content_key,
                           detect_schema, normalize)
 
@@ -89,6 +89,12 @@ class Mixture:
         """``(N, 2)`` byte spans of a JSON list's records in the file, else None."""
         return getattr(self._rows, "spans", None)
 
+    @property
+    def digest(self) -> str | None:
+        """Checksum of the JSON or JSONL file's bytes as read (:func:`tive.readers.source_digest`),
+        else None."""
+        return getattr(self._rows, "digest", None)
+
     def raw(self, index: int) -> Any:
         """The record as stored in the input: a dict (json, parquet, hf-disk) or the line (jsonl)."""
         return self._rows[index]
@@ -105,15 +111,20 @@ class Mixture:
         ``]``), dataset rows by ``Dataset.select``. The file appears only when complete (temporary name, rename).
         """
         target = Path(target)
-        rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        rows = np.fromiter(indices, dtype=np.int64) if not isinstance(indices, np.ndarray) \
+            else indices.astype(np.int64).reshape(-1)
         bad = rows[(rows < 0) | (rows >= len(self))]
         if len(bad):
             raise IndexError(f"write_subset: row {bad[0]} is outside 0..{len(self) - 1}")
         indices = rows.tolist()
-        if self.container == "json" and self.spans is not None:
+        source = self._rows.source() if self.container == "json" and self.spans is not None \
+            else None
+        if source is not None:
             with atomic_path(target) as tmp:
-                _write_spans(self._rows.source, self._rows.spans, indices, tmp)
-        elif self.container == "json":
+                _write_spans(source, self.spans, indices, tmp)
+        elif isinstance(self._rows, SpanRows):  # cannot happen: its bytes are held
+            raise AssertionError("a cached mixture without its bytes")
+        elif self.container == "json":  # no spans, or the file changed since it was read
             chosen = [self._rows[i] for i in indices]
             with atomic_path(target) as tmp:
                 try:
@@ -177,7 +188,10 @@ def _write_spans(source: bytes, spans: np.ndarray, indices: Sequence[int], path:
     chosen = spans[np.asarray(indices, dtype=np.int64).reshape(-1)].tolist()
     with open(path, "wb") as f:
         f.write(b"[\n")
-        f.write(b",\n".join(view[start:stop] for start, stop in chosen))
+        for n, (start, stop) in enumerate(chosen):
+            if n:
+                f.write(b",\n")
+            f.write(view[start:stop])
         f.write(b"\n]\n")
 
 

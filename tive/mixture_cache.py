@@ -29,7 +29,7 @@ from tive.errors import OutputError
 from tive.fileio import atomic_path
 from tive.tasks import TaskLabels, label_tasks
 
-VERSION = 2  # bump when records are normalised or labelled differently
+VERSION = 3  # bump when records are normalised or labelled differently
 
 
 def load_labelled(path: str | os.PathLike, task_field: str | None,
@@ -45,12 +45,12 @@ def load_labelled(path: str | os.PathLike, task_field: str | None,
         return mixture, label_tasks(mixture)
     file = cache / f"mixture-{_key(path, task_field)}.npz"
     found = _read(file)
-    if found is not None:
-        return _lazy_mixture(path, task_field, found), TaskLabels(found["tasks"],
-                                                                  found["inferred"])
+    lazy = _lazy_mixture(path, task_field, found) if found is not None else None
+    if lazy is not None:  # the file's bytes are those cached (else: read it afresh)
+        return lazy, TaskLabels(found["tasks"], found["inferred"])
     mixture = dt.load_mixture(path, task_field=task_field)
     labels = label_tasks(mixture)
-    if mixture.container in ("json", "jsonl"):
+    if mixture.container in ("json", "jsonl") and mixture.digest is not None:
         _write(file, mixture, labels)
     return mixture, labels
 
@@ -65,7 +65,8 @@ def _key(path: Path, task_field: str | None) -> str:
 def _read(file: Path) -> dict[str, Any] | None:
     try:
         with np.load(file, allow_pickle=False) as z:
-            found = {k: z[k] for k in ("keys", "names", "codes", "inferred", "format", "spans")}
+            found = {k: z[k] for k in ("keys", "names", "codes", "inferred", "format", "spans",
+                                       "digest")}
     except (OSError, KeyError, ValueError):
         return None
     found["tasks"] = found["names"].astype(object)[found["codes"]]
@@ -80,7 +81,7 @@ def _write(file: Path, mixture: dt.Mixture, labels: TaskLabels) -> None:
             np.savez(f, keys=mixture.content_keys, names=names, codes=codes,
                      inferred=labels.inferred,
                      format=np.array([mixture.container, mixture.schema]),
-                     spans=_spans(mixture))
+                     spans=_spans(mixture), digest=np.array(mixture.digest))
     except OutputError:
         return
 
@@ -91,13 +92,21 @@ def _spans(mixture: dt.Mixture) -> np.ndarray:
     return spans if spans is not None else np.zeros((0, 2), dtype=np.int64)
 
 
-def _lazy_mixture(path: Path, task_field: str | None, found: dict[str, Any]) -> dt.Mixture:
+def _lazy_mixture(path: Path, task_field: str | None,
+                  found: dict[str, Any]) -> dt.Mixture | None:
+    """The mixture from the cache, or None when the file's bytes are not those cached (a file
+    changed without a new size or modification time: ``cp -p``, ``rsync -a``)."""
     container, schema = (str(x) for x in found["format"])
     spans = found["spans"]
     if container == "json" and len(spans) == len(found["keys"]):
-        rows: Any = readers.SpanRows(path.read_bytes(), spans)  # parsed one by one, when asked
+        try:
+            rows: Any = readers.SpanRows(path.read_bytes(), spans)  # parsed when asked
+        except OSError:
+            return None
     else:
         _, rows, _ = readers.read_container(path)  # the rows as stored: written back verbatim
+    if rows.digest != str(found["digest"]):
+        return None
     records = _LazyRecords(rows, container, schema, path, task_field)
     return dt.Mixture(path, container, schema, rows, records, found["keys"])
 
