@@ -31,7 +31,7 @@ import numpy as np
 from tive.errors import DataError
 from tive.fileio import atomic_path
 from tive.hashing import distinct_keys
-from tive.readers import CONTAINERS, SpanRows, quiet_datasets, read_container, record_spans
+from tive.readers import CONTAINERS, quiet_datasets, read_container, record_spans
 from tive.schemas import (EMBEDDED, SCHEMAS, TASK_FIELDS, Record, Turn, content_key,
                           detect_schema, normalize)
 
@@ -122,8 +122,6 @@ class Mixture:
         if source is not None:
             with atomic_path(target) as tmp:
                 _write_spans(source, self.spans, indices, tmp)
-        elif isinstance(self._rows, SpanRows):  # cannot happen: its bytes are held
-            raise AssertionError("a cached mixture without its bytes")
         elif self.container == "json":  # no spans, or the file changed since it was read
             chosen = [self._rows[i] for i in indices]
             with atomic_path(target) as tmp:
