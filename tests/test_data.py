@@ -935,7 +935,7 @@ def break_json_writer(m, monkeypatch, writer, partial, error):
     else:
         assert m.spans is not None
 
-        def broken_spans(source, spans, indices, path):
+        def broken_spans(source, chosen, path):
             Path(path).write_text(partial)
             raise RuntimeError(error)
 

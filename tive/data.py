@@ -121,7 +121,7 @@ class Mixture:
             else None
         if source is not None:
             with atomic_path(target) as tmp:
-                _write_spans(source, self.spans, indices, tmp)
+                _write_spans(source, self.spans[rows], tmp)
         elif self.container == "json":  # no spans, or the file changed since it was read
             chosen = [self._rows[i] for i in indices]
             with atomic_path(target) as tmp:
@@ -179,14 +179,13 @@ class Mixture:
         return missing
 
 
-def _write_spans(source: bytes, spans: np.ndarray, indices: Sequence[int], path: Path) -> None:
-    """Write the records at ``indices`` as a JSON list, each copied from ``source`` byte for
-    byte (``spans``: ``(N, 2)`` byte offsets of each record in ``source``)."""
+def _write_spans(source: bytes, chosen: np.ndarray, path: Path) -> None:
+    """Write a JSON list of records, each copied from ``source`` byte for byte (``chosen``:
+    ``(n, 2)`` byte offsets ``[start, stop)`` of each record to write, in order)."""
     view = memoryview(source)
-    chosen = spans[np.asarray(indices, dtype=np.int64).reshape(-1)].tolist()
     with open(path, "wb") as f:
         f.write(b"[\n")
-        for n, (start, stop) in enumerate(chosen):
+        for n, (start, stop) in enumerate(chosen.tolist()):
             if n:
                 f.write(b",\n")
             f.write(view[start:stop])
