@@ -201,6 +201,96 @@ def test_key_layers_option_is_checked_and_reaches_the_store(scored, tmp_path):
     assert 0 < k.meta["key_parameters"]["gradient_dim"] < a.meta["key_parameters"]["gradient_dim"]
 
 
+def _half(family: str, dtype: torch.dtype = torch.bfloat16):
+    """A tiny peft model in ``dtype`` whose LoRA matrices are float32, as peft loads an
+    adapter onto a 16-bit model."""
+    model = peft_model(family).to(dtype)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    return model
+
+
+def _features(model, records, dtype) -> np.ndarray:
+    out = []
+    with GradientFeatures(model, Identity([k.numel for k in key_parameters(model)])) as gf:
+        for start in range(0, len(records), 3):
+            batch = collate(records[start:start + 3], 0)
+            out.append(gf({k: v.to(dtype) if v is not None and v.is_floating_point() else v
+                           for k, v in batch.items()}).features.astype(np.float64))
+    return np.concatenate(out)
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_adapter_dtype_model_casts_every_lora_matrix_and_nothing_else():
+    from tive.lora import adapters_to_model_dtype
+
+    model = _half("llava")
+    before = {n: p.dtype for n, p in model.named_parameters()}
+    assert adapters_to_model_dtype(model) == torch.bfloat16
+    for name, p in model.named_parameters():
+        want = torch.bfloat16 if "lora_" in name else before[name]
+        assert p.dtype == want, name
+    exact = peft_model("llava")  # a float64 model: its adapters are already of its type
+    state = {k: v.clone() for k, v in exact.state_dict().items()}
+    assert adapters_to_model_dtype(exact) == torch.float64
+    assert all(torch.equal(v, exact.state_dict()[k]) for k, v in state.items())
+
+
+@pytest.mark.parametrize("family", ["llava", "llama", "qwen2-vl"])
+def test_bfloat16_adapters_give_features_near_the_float32_adapters_ones(family):
+    from tive.lora import adapters_to_model_dtype
+
+    records = items(family)
+    exact = reference(peft_model(family), records)["grads"]
+    model = _half(family)
+    f32 = _features(model, records, torch.bfloat16)
+    adapters_to_model_dtype(model)
+    b16 = _features(model, records, torch.bfloat16)
+    assert not np.array_equal(b16, f32)  # the adapters' path did change type
+    # tiny random models (widths 16-64) round worst; benchmarks/fidelity.py --precision
+    # measures a real one
+    assert _cosines(b16, f32).min() > 0.99
+    assert _cosines(b16, exact).min() > 0.99 and _cosines(f32, exact).min() > 0.99
+
+
+def test_adapter_dtype_reaches_the_store_identity(scored, tmp_path):
+    plain = score(scored, tmp_path / "fp32", "--batch-size", 8)
+    model = score(scored, tmp_path / "fp32-model", "--batch-size", 8, "--adapter-dtype", "model")
+    assert plain.exit_code == 0 and model.exit_code == 0, plain.output + model.output
+    assert arrays(tmp_path / "fp32-model") == arrays(tmp_path / "fp32")  # float32 weights
+    a = Store.open(tmp_path / "fp32")
+    assert a.meta["identity"]["adapter_dtype"] == "float32"
+    half = score(scored, tmp_path / "bf16", "--batch-size", 8, "--dtype", "bf16",
+                 "--adapter-dtype", "model")
+    assert half.exit_code == 0, half.output
+    b = Store.open(tmp_path / "bf16")
+    assert b.meta["identity"]["adapter_dtype"] == "bfloat16"
+    assert b.meta["settings"]["adapter_dtype"] == "model"
+    cos = _cosines(np.asarray(b.features, dtype=np.float64), np.asarray(a.features, np.float64))
+    assert np.median(cos) > 0.9
+    again = score(scored, tmp_path / "bf16", "--batch-size", 8, "--dtype", "bf16")
+    assert again.exit_code == 2
+    last = again.stderr.strip().splitlines()[-1]
+    assert "adapter_dtype: bfloat16 → float32" in last and "fix:" in last, last
+
+
+def test_a_store_from_before_adapter_dtype_continues_as_float32(scored, tmp_path):
+    assert score(scored, tmp_path / "old", "--batch-size", 8).exit_code == 0
+    meta = tmp_path / "old" / "store" / "meta.json"
+    m = json.loads(meta.read_text())
+    del m["identity"]["adapter_dtype"]  # as every store before the setting
+    m["complete"] = False
+    meta.write_text(json.dumps(m))
+    assert score(scored, tmp_path / "old", "--batch-size", 8).exit_code == 0
+    res = score(scored, tmp_path / "old", "--batch-size", 8, "--dtype", "bf16",
+                "--adapter-dtype", "model")
+    assert res.exit_code == 2 and "adapter_dtype: float32 → bfloat16" in res.stderr
+
+
 def test_gpu_throughput_tiny_runs_the_same_code_on_a_cpu():
     import subprocess
     import sys
@@ -211,9 +301,15 @@ def test_gpu_throughput_tiny_runs_the_same_code_on_a_cpu():
                           "--shapes", "llava-7b,bunny-3b"], capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = [line for line in res.stdout.splitlines() if line.startswith("| llava-7b")
+    first, _, second = res.stdout.partition("| shape | setting |")
+    rows = [line for line in first.splitlines() if line.startswith("| llava-7b")
             or line.startswith("| bunny-3b")]
     assert len(rows) == 2, res.stdout
+    variants = [line.split("|")[1:-1] for line in second.splitlines()
+                if line.startswith("| llava-7b") or line.startswith("| bunny-3b")]
+    assert len(variants) == 2 * 5, res.stdout  # 3 variants of (b), (f) twice, per shape
+    assert all(float(v[2]) > 0 for v in variants)  # each ran, tive score too
+    assert sum("batch size 8" in v[1] for v in variants) == 4  # defaults on a CPU: 8
     for line in rows:
         cells = [c.strip() for c in line.strip("|").split("|")]
         a, b, c_prime, e = (float(cells[i]) for i in (4, 5, 6, 8))

@@ -24,6 +24,8 @@ from tive.errors import ConfigError, StoreError
 from tive.score_config import ScoreConfig
 from tive.store import IndexEntry, Store, create_store, fold_parts
 
+# Identity keys that stores of earlier versions lack, and the value they were scored with.
+LEGACY = {"adapter_dtype": "float32"}
 REPLACED_DIR = ".store.replaced"  # the store --force replaces, kept until the new one is done
 
 
@@ -81,9 +83,13 @@ def run_identity(source: Any, mixture: Mixture, config: ScoreConfig, task_field:
 
 
 def store_meta(known: dict[str, Any], *, source: dict, dtype: Any, adapter: Path, keys: list,
-               projector: Any, mixture: Mixture, config: ScoreConfig) -> dict[str, Any]:
+               projector: Any, mixture: Mixture, config: ScoreConfig,
+               adapter_dtype: Any = None) -> dict[str, Any]:
     """meta.json of a scored store: :func:`run_identity`'s ``known`` completed with what the
-    loaded model tells; its ``identity`` must match for a run to be continued."""
+    loaded model tells; its ``identity`` must match for a run to be continued.
+
+    ``adapter_dtype``: the key LoRA matrices' type (float32 unless ``--adapter-dtype model``
+    cast them to a 16-bit model's type)."""
     from tive.lora import gradient_dim
 
     first, digest = known["identity"], adapter_sha256(adapter)
@@ -92,6 +98,8 @@ def store_meta(known: dict[str, Any], *, source: dict, dtype: Any, adapter: Path
     identity = {"model": first["model"], "dtype": str(dtype).replace("torch.", ""),
                 "adapter": digest[:16], "gradient_dim": key_info["gradient_dim"],
                 **{k: v for k, v in first.items() if k != "model"}}
+    if adapter_dtype is not None:
+        identity["adapter_dtype"] = str(adapter_dtype).replace("torch.", "")
     identity["projector"] = projector.describe()  # the full description, in the same place
     settings = {k: first[k] for k in ("max_length", "task_field", "image_root")}
     return {"tive_version": __version__, "source": "tive score", "model": source,
@@ -101,7 +109,8 @@ def store_meta(known: dict[str, Any], *, source: dict, dtype: Any, adapter: Path
                      "schema": mixture.schema, "fingerprint": mixture.fingerprint},
             "settings": {**settings, "batch_size": config.batch_size,
                          "padding_side": config.padding_side,
-                         "group_by_length": config.group_by_length, "paper": config.paper},
+                         "group_by_length": config.group_by_length, "paper": config.paper,
+                         "adapter_dtype": config.adapter_dtype},
             "identity": identity}
 
 
@@ -115,6 +124,8 @@ def check_identity(store: Store, meta: dict[str, Any]) -> None:
         StoreError: naming each difference (stored → asked) and the remedy.
     """
     have, want = store.meta.get("identity"), meta["identity"]
+    if have is not None:  # what a store written before a key existed was scored with
+        have = {**{k: v for k, v in LEGACY.items() if k in want}, **have}
     if have is not None and "projector" in want and "projector" in have:  # a partial identity
         have = {**have, "projector": {k: v for k, v in have["projector"].items()
                                       if k in want["projector"]}}

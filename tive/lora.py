@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from tive.errors import ConfigError
@@ -214,6 +215,29 @@ def lora_config(model: nn.Module, r: int = 128, alpha: int = 256, dropout: float
     return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
                       target_modules=list(targets if targets is not None else warmup_targets(model)),
                       modules_to_save=modules_to_save, bias="none")
+
+
+def adapters_to_model_dtype(peft_model: nn.Module, adapter: str = "default") -> torch.dtype:
+    """Cast every LoRA ``A``/``B`` matrix of ``adapter`` to its base layer's weight type, in
+    place, and return the key parameters' type (``--adapter-dtype model``).
+
+    peft keeps adapters in float32 on a 16-bit model, so each LoRA layer casts its input to
+    float32 (an extra copy that the backward pass keeps for the trainable ``A``) and runs its
+    two matmuls in float32. In the model's type the adapter's path runs as the model does (as
+    the TIVE authors' peft did); the per-sample gradients are still accumulated in float32
+    (docs/design.md, "Gradient features").
+    """
+    for module in peft_model.modules():
+        if not _is_lora_layer(module) or adapter not in module.lora_A:
+            continue
+        base = getattr(module.get_base_layer(), "weight", None)
+        if base is None or not base.dtype.is_floating_point:
+            continue
+        for part in (module.lora_A[adapter], module.lora_B[adapter]):
+            part.weight.data = part.weight.data.to(base.dtype)
+    keys = key_parameters(peft_model, adapter)
+    params = dict(peft_model.named_parameters())
+    return params[keys[0].name].dtype if keys else torch.float32
 
 
 def _under(name: str, prefix: str) -> bool:

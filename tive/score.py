@@ -247,11 +247,13 @@ def _score(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path, how: str)
     """Score the pending batches of ``ctx``'s store with ``peft_model``; fold and finish it."""
     from tive.encode import has_placeholder, pad_id
     from tive.gradients import GradientFeatures
-    from tive.lora import key_parameters, parse_key_layers
+    from tive.lora import adapters_to_model_dtype, key_parameters, parse_key_layers
     from tive.projection import make_projector
 
     config, dist = ctx.config, ctx.dist
     last = parse_key_layers(config.key_layers)
+    if config.adapter_dtype == "model":
+        adapters_to_model_dtype(peft_model)
     keys = key_parameters(peft_model, last_layers=last)
     device = next(peft_model.parameters()).device
     config = replace(config, batch_size=config.batch_size or (
@@ -260,7 +262,8 @@ def _score(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path, how: str)
                                config.seed or 0, config.jl_nnz or 1, device)
     meta = store_meta(ctx.identity, source=ctx.source.describe(),
                       dtype=next(peft_model.parameters()).dtype, adapter=adapter, keys=keys,
-                      projector=projector, mixture=ctx.mixture, config=config)
+                      projector=projector, mixture=ctx.mixture, config=config,
+                      adapter_dtype=dict(peft_model.named_parameters())[keys[0].name].dtype)
     if dist.rank == 0:
         open_or_create(ctx.root, meta, ctx.mixture, ctx.tasks, projector.dim,
                        config.feature_dtype, ctx.force)

@@ -11,6 +11,7 @@ from tive.projectors import DEFAULT, PROJECTORS, SETTINGS, projector_named
 from tive.settings import named, setting, settle
 
 FEATURE_DTYPES = ("float16", "float32")
+ADAPTER_DTYPES = ("float32", "model")
 DEFAULT_BATCH = 8  # records per batch on a CPU (on a GPU: auto)
 
 
@@ -57,6 +58,10 @@ class ScoreConfig:
             same features up to float rounding).
         key_layers: ``last:N``, the key parameters of the last N decoder layers only (the
             backward stops there: faster; beyond the paper, never the default).
+        adapter_dtype: ``float32`` (peft's default: LoRA matrices in float32 on a 16-bit
+            model) or ``model`` (in the model's weight type, e.g. bfloat16 on a GPU: less
+            activation memory; the features differ by that type's rounding, measured in
+            benchmarks/README.md). The same on a float32 model.
     """
 
     batch_size: int | str | None = field(default=None, metadata=setting(
@@ -72,6 +77,10 @@ class ScoreConfig:
     key_layers: str | None = field(default=None, metadata=setting(
         "Key parameters of the last N decoder layers only: the backward stops there (faster; "
         "beyond the paper, which uses every layer).", metavar="last:N"))
+    adapter_dtype: str = field(default="float32", metadata=setting(
+        "Type of the LoRA matrices while scoring: float32, or the model's weight type (on a "
+        "16-bit model: less activation memory, features within that type's rounding).",
+        show_default=True, choices=ADAPTER_DTYPES))
     max_length: int = field(default=2048, metadata=setting(
         "Tokens per record at most, for warm-up and scoring (longer records are truncated).",
         show_default=True, type=int))
@@ -132,5 +141,8 @@ class ScoreConfig:
         if self.feature_dtype not in FEATURE_DTYPES:
             raise ConfigError(f"{named('feature_dtype', repr(self.feature_dtype))}: expected one "
                               f"of {', '.join(FEATURE_DTYPES)}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            raise ConfigError(f"{named('adapter_dtype', repr(self.adapter_dtype))}: expected "
+                              f"one of {', '.join(ADAPTER_DTYPES)}")
         if self.padding_side not in ("left", "right"):
             raise ConfigError(f"padding_side={self.padding_side!r}: expected left or right")
