@@ -19,6 +19,13 @@ bf16 peak (model FLOPs ≈ 6 · language-model parameters · tokens, as a traini
 table of known GPUs gives the peak). (a) and (b) alternate batch by batch; the first batch of
 each warms up and is not timed.
 
+A second table gives, per shape, variants of (b) on the same batches, each against (b): with
+``--gradient-checkpointing``, with ``--adapter-dtype model`` (LoRA matrices in bf16), and
+both (records/s, ×(b), peak GB); and (f) ``tive score`` with its default settings (batch size
+auto, workers from the CPU count) in a process held to ``--cap-gb`` of GPU memory (80: the
+GPUs most users have), with and without ``--adapter-dtype model``: records/s and the batch
+size auto reached.
+
 ``--tiny`` runs the same code on the CPU with tiny shapes (a test runs it). The Bunny shape
 is SigLIP-so400m/384 + Phi-2 in transformers' LLaVA classes (as tive loads Bunny), saved as a
 LLaVA folder for (e): the prompt format differs from Bunny's, the compute does not.
@@ -26,6 +33,7 @@ LLaVA folder for (e): the prompt format differs from Bunny's, the compute does n
     python benchmarks/gpu_throughput.py                 # on a GPU, both shapes (~8 min, H200)
     python benchmarks/gpu_throughput.py --shapes llava-7b --batch-size 4
     python benchmarks/gpu_throughput.py --tiny          # CPU, tiny shapes (< 2 min)
+    python benchmarks/gpu_throughput.py --no-variants   # the first table only
 """
 
 from __future__ import annotations
@@ -175,7 +183,10 @@ def phase_peak(device: torch.device, fn) -> tuple[float, float]:
 
 
 def measure(name: str, shape: dict, device: torch.device, dtype: torch.dtype, records: int,
-            batch_size: int, authors_records: int, work: Path) -> dict:
+            batch_size: int, authors_records: int, work: Path,
+            variants: list | None = None, cap_gb: float = 80.0) -> dict:
+    """The first table's row for shape ``name``; with ``variants`` (a list), the second
+    table's rows are appended to it."""
     from tive.encode import collate, encode_row, make_encoder
     from tive.gradients import GradientFeatures
     from tive.lora import key_parameters
@@ -237,9 +248,23 @@ def measure(name: str, shape: dict, device: torch.device, dtype: torch.dtype, re
     writer.close()
     gf.close()
     timed = n - len(batches[0]["input_ids"])
+    if variants is not None:
+        b_rate = timed / sum(tb)
+        variants += [{"shape": name, "setting": setting, "records/s": rate,
+                      "×(b)": rate / b_rate, "peak GB": peak_gb}
+                     for setting, rate, peak_gb in b_variants(model, keys, batches, device)]
     tokens = sum(int(b["attention_mask"].sum()) for b in batches[1:])
     c_prime, c = authors(model, items[:authors_records], pad, keys, device, dtype)
-    e = end_to_end(folder, data, batch_size)
+    e = end_to_end(folder, data, ["--batch-size", str(batch_size)])[0]
+    if variants is not None:
+        cap = f"{cap_gb:g} GB" if device.type == "cuda" else "a CPU"
+        for extra in ([], ["--adapter-dtype", "model"]):
+            rate, batch = end_to_end(folder, data, extra, cap_gb if device.type == "cuda"
+                                     else None)
+            variants.append({"shape": name, "records/s": rate, "×(b)": rate / (timed / sum(tb)),
+                             "peak GB": float("nan"), "setting": f"(f) tive score, defaults"
+                             f"{' --adapter-dtype model' if extra else ''}, within {cap}: "
+                             f"batch size {batch}"})
     b_rate = timed / sum(tb)
     peak = device_peak(device)
     flops = 6.0 * lm_params * tokens / sum(tb)
@@ -248,6 +273,36 @@ def measure(name: str, shape: dict, device: torch.device, dtype: torch.dtype, re
             "e": e, "e/b": e / b_rate if e == e else float("nan"),
             "peak a": max(pa), "peak b": max(pb), "tokens/s": tokens / sum(tb),
             "share of bf16 peak": flops / (peak * 1e12) if peak else float("nan")}
+
+
+def b_variants(model, keys: list, batches: list, device: torch.device) -> list[tuple]:
+    """(setting, records/s, peak GB) of (b) with gradient checkpointing, with the LoRA
+    matrices cast to the model's type, and both; one pass each over ``batches``, the first
+    batch not timed. Casts ``model``'s adapters in place (the last use of the model)."""
+    from tive.gradients import GradientFeatures
+    from tive.lora import adapters_to_model_dtype
+    from tive.projection import SparseJL
+
+    hf = model.get_base_model()
+    out = []
+    for setting in ("--gradient-checkpointing", "--adapter-dtype model",
+                    "--adapter-dtype model --gradient-checkpointing"):
+        if "model" in setting:
+            adapters_to_model_dtype(model)
+        checkpointing = "checkpointing" in setting
+        seconds, peaks, timed = 0.0, [], 0
+        with GradientFeatures(model, SparseJL([k.numel for k in keys], K, seed=0),
+                              checkpointing=checkpointing) as gf:
+            for i, batch in enumerate(batches):
+                took, peak = phase_peak(device, lambda: gf(batch))
+                peaks.append(peak)
+                if i > 0:
+                    seconds += took
+                    timed += len(batch["input_ids"])
+        if checkpointing:
+            hf.gradient_checkpointing_disable()
+        out.append((setting, timed / seconds, max(peaks)))
+    return out
 
 
 def authors(model, items: list, pad: int, keys: list, device: torch.device,
@@ -288,19 +343,26 @@ def authors(model, items: list, pad: int, keys: list, device: torch.device,
     return n / backward, (n / (backward + project) if projector is not None else float("nan"))
 
 
-def end_to_end(folder: Path, data: Path, batch_size: int) -> float:
-    """(e): records/s that ``tive score`` reports, run as a user runs it (its own process)."""
-    exe = Path(sys.executable).with_name("tive")
-    cmd = [str(exe), "score", "--model", str(folder / "model"), "--data", str(data),
-           "--reference", str(folder / "adapter"), "--run", str(folder / "run"),
-           "--batch-size", str(batch_size), "--quiet"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800,
-                         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+def end_to_end(folder: Path, data: Path, extra: list[str],
+               cap_gb: float | None = None) -> tuple[float, str]:
+    """(e), (f): records/s that ``tive score`` reports, run as a user runs it (its own
+    process), and the batch size it reports; with ``cap_gb``, the process may allocate at most
+    that much GPU memory (``torch.cuda.set_per_process_memory_fraction``)."""
+    args = ["score", "--model", str(folder / "model"), "--data", str(data),
+            "--reference", str(folder / "adapter"), "--run",
+            str(folder / "-".join(["run", *(x.strip("-") for x in extra)])), *extra]
+    cap = (f"t.cuda.set_per_process_memory_fraction(min(1.0, {cap_gb} * 2**30 / "
+           f"t.cuda.get_device_properties(0).total_memory)); " if cap_gb else "")
+    code = f"import sys, torch as t; {cap}from tive.cli import main; main(sys.argv[1:])"
+    res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                         timeout=1800, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if res.returncode != 0:
         print(f"tive score failed: {res.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
-        return float("nan")
+        return float("nan"), "—"
     found = re.search(r"([\d.]+) records/s", res.stdout)
-    return float(found.group(1)) if found else float("nan")
+    batch = re.search(r"batch size: (auto → \d+|\d+)", res.stdout)
+    return (float(found.group(1)) if found else float("nan"),
+            batch.group(1) if batch else "?")
 
 
 def device_peak(device: torch.device) -> float | None:
@@ -319,6 +381,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="records per batch (default: 4 on a GPU, 4 with --tiny)")
     parser.add_argument("--authors-records", type=int, default=16)
+    parser.add_argument("--no-variants", action="store_true",
+                        help="leave out the second table (variants of (b), and (f))")
+    parser.add_argument("--cap-gb", type=float, default=80.0,
+                        help="GPU memory (f)'s process may use [default: 80]")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -332,10 +398,17 @@ def main() -> None:
             "peak a", "peak b", "tokens/s", "share of bf16 peak"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
+    variants: list | None = None if args.no_variants else []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.shapes.split(","):
             row = measure(name, shapes[name], device, dtype, records, batch,
-                          min(args.authors_records, records), Path(tmp))
+                          min(args.authors_records, records), Path(tmp), variants, args.cap_gb)
+            print("| " + " | ".join(_fmt(c, row[c]) for c in cols) + " |", flush=True)
+    if variants:
+        cols = ["shape", "setting", "records/s", "×(b)", "peak GB"]
+        print("\n| " + " | ".join(cols) + " |")
+        print("|" + "---|" * len(cols))
+        for row in variants:
             print("| " + " | ".join(_fmt(c, row[c]) for c in cols) + " |", flush=True)
 
 
