@@ -257,6 +257,61 @@ def test_bfloat16_adapters_give_features_near_the_float32_adapters_ones(family):
     assert _cosines(b16, exact).min() > 0.99 and _cosines(f32, exact).min() > 0.99
 
 
+def _fake_mixed_bmm(monkeypatch, calls: list, fail: bool = False) -> None:
+    """Pretend this CPU has PyTorch's CUDA-only ``bmm(..., out_dtype=float32)``: the float32
+    product of the upcast 16-bit inputs (what the kernel computes), or an error (``fail``)."""
+    import tive.gradients as gradients
+
+    real = torch.bmm
+
+    def bmm(a, b, *, out_dtype=None):
+        if out_dtype is None:
+            return real(a, b)
+        calls.append((a.dtype, b.dtype, out_dtype))
+        if fail:
+            raise RuntimeError("bmm.dtype: not implemented for this device")
+        return real(a.float(), b.float())
+
+    monkeypatch.setattr(gradients, "_mixed_bmm", lambda device: True)
+    monkeypatch.setattr(torch, "bmm", bmm)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_sixteen_bit_products_accumulate_in_float32_as_the_einsum_does(monkeypatch, fail):
+    from tive.gradients import per_sample_products
+
+    rng = torch.Generator().manual_seed(0)
+    delta = torch.randn(3, 7, 5, generator=rng).to(torch.bfloat16)
+    x = torch.randn(3, 7, 4, generator=rng).to(torch.bfloat16)
+    plain = per_sample_products(delta, x, torch.float32)  # a CPU: upcast, then the einsum
+    calls: list = []
+    _fake_mixed_bmm(monkeypatch, calls, fail)
+    mixed = per_sample_products(delta, x, torch.float32)
+    assert calls == [(torch.bfloat16, torch.bfloat16, torch.float32)]
+    assert mixed.dtype == torch.float32 and mixed.shape == (3, 5 * 4)
+    torch.testing.assert_close(mixed, plain, rtol=1e-6, atol=1e-6)
+    exact = torch.stack([d.double().T @ xi.double() for d, xi in zip(delta, x)]).flatten(1)
+    torch.testing.assert_close(mixed.double(), exact, rtol=1e-6, atol=1e-6)
+    calls.clear()
+    per_sample_products(delta.float(), x.float(), torch.float32)  # float32: never the bmm
+    per_sample_products(delta, x.float(), torch.float32)
+    assert calls == []
+
+
+def test_bf16_adapters_take_the_mixed_products_in_the_hooks(monkeypatch):
+    from tive.lora import adapters_to_model_dtype
+
+    records = items("llava")
+    model = _half("llava")
+    adapters_to_model_dtype(model)
+    plain = _features(model, records, torch.bfloat16)
+    calls: list = []
+    _fake_mixed_bmm(monkeypatch, calls)
+    mixed = _features(model, records, torch.bfloat16)
+    assert len(calls) == 2 * len(key_parameters(model))  # every key matrix, both batches
+    assert rel(mixed, plain) < 1e-5
+
+
 def test_adapter_dtype_reaches_the_store_identity(scored, tmp_path):
     plain = score(scored, tmp_path / "fp32", "--batch-size", 8)
     model = score(scored, tmp_path / "fp32-model", "--batch-size", 8, "--adapter-dtype", "model")

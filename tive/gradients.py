@@ -208,13 +208,39 @@ class GradientFeatures:
         return hook
 
     def _on_grad(self, block: int, x: torch.Tensor, delta: torch.Tensor) -> None:
-        x = x.to(self.dtype)
         if self._mask is not None and x.shape[:2] == self._mask.shape:
             x = torch.where(self._mask[..., None].bool(), x, 0)  # pads: no NaN from masked rows
-        grads = torch.einsum("bto,bti->boi", delta.to(self.dtype), x).flatten(1)
+        grads = per_sample_products(delta, x, self.dtype)
         self._sq += torch.linalg.vector_norm(grads, dim=1).double() ** 2
         self.projector.add(block, grads)
         self._fired[block] += 1
+
+
+def per_sample_products(delta: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, out·in)`` each record's ``Σ_t δ_bt x_btᵀ``, accumulated in ``dtype``.
+
+    ``delta`` ``(B, T, out)`` and ``x`` ``(B, T, in)``. When both are 16-bit of one type (LoRA
+    matrices in a bf16 model's type, ``--adapter-dtype model``) on a GPU, one ``bmm`` reads
+    them as they are and accumulates and writes in float32: a product of two 16-bit numbers is
+    exact in float32, so this is the float32 einsum of the upcast inputs, up to the order of
+    the sums, without the float32 copies. Elsewhere both are upcast and multiplied in ``dtype``.
+    """
+    if (dtype == torch.float32 and delta.dtype == x.dtype
+            and delta.dtype in (torch.bfloat16, torch.float16) and _mixed_bmm(delta.device)):
+        try:
+            return torch.bmm(delta.transpose(1, 2), x, out_dtype=torch.float32).flatten(1)
+        except (RuntimeError, TypeError):  # a PyTorch or GPU without the mixed kernel
+            _NO_MIXED_BMM.add(delta.device.type)
+    return torch.einsum("bto,bti->boi", delta.to(dtype), x.to(dtype)).flatten(1)
+
+
+_NO_MIXED_BMM: set[str] = set()
+
+
+def _mixed_bmm(device: torch.device) -> bool:
+    """Whether ``torch.bmm(..., out_dtype=torch.float32)`` on 16-bit inputs is tried here
+    (PyTorch has it for CUDA only)."""
+    return device.type == "cuda" and "cuda" not in _NO_MIXED_BMM
 
 
 def _checkpointed_layers(peft_model: nn.Module) -> list[nn.Module]:
