@@ -15,14 +15,22 @@ Target (issue "Benchmarks"): ρ ≥ 0.98 at k = 8192.
 With ``--key-layers last:8,...`` it also compares the features of the last N layers' key
 parameters with those of every layer (``tive score --key-layers``), and times both.
 
+With ``--precision`` it compares the exact gradients of the same reference in bfloat16 weights
+(``--precision bfloat16,float16``: also float16, the TIVE authors'), with float32 LoRA matrices
+(peft's default, ``--adapter-dtype float32``) and with LoRA matrices of the weights' type
+(``--adapter-dtype model``), against float32 weights: per-record cosine and relative error,
+and how the instance and task values rank.
+
     python examples/build_model.py          # once
     python benchmarks/fidelity.py
     python benchmarks/fidelity.py --dims "" --trak-dims "" --key-layers last:4,last:8,last:16
+    python benchmarks/fidelity.py --dims "" --trak-dims "" --key-layers "" --precision
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -59,6 +67,13 @@ def reference_model(r: int):
 def exact_gradients(model, loaded, mixture,
                     batch_size: int = 8) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """``(N, D)`` exact gradients (float32), ``(N,)`` norms, and the block lengths."""
+    grads, norms, dims, _ = _exact(model, loaded, mixture, batch_size)
+    return grads, norms, dims
+
+
+def _exact(model, loaded, mixture, batch_size: int = 8, dtype: torch.dtype = torch.float32):
+    """:func:`exact_gradients` with the images in ``dtype`` (the model's), and the seconds
+    the extraction took (encoding excluded)."""
     from tive.encode import collate, encode_row, pad_id
     from tive.gradients import GradientFeatures
     from tive.lora import key_parameters
@@ -67,14 +82,18 @@ def exact_gradients(model, loaded, mixture,
     encoder = loaded.encoder(512)
     items = [encode_row(encoder, mixture, i) for i in range(len(mixture))]
     assert not any(isinstance(x, str) for x in items), "every example record encodes"
+    batches = [{k: v.to(dtype) if v is not None and v.is_floating_point() else v
+                for k, v in collate(items[i:i + batch_size], pad_id(loaded.tokenizer)).items()}
+               for i in range(0, len(items), batch_size)]
     dims = [k.numel for k in key_parameters(model)]
     rows, norms = [], []
+    start = time.perf_counter()
     with GradientFeatures(model, Identity(dims)) as gf:
-        for i in range(0, len(items), batch_size):
-            res = gf(collate(items[i:i + batch_size], pad_id(loaded.tokenizer)))
+        for batch in batches:
+            res = gf(batch)
             rows.append(res.features.astype(np.float32))
             norms.append(res.norms)
-    return np.concatenate(rows), np.concatenate(norms), dims
+    return np.concatenate(rows), np.concatenate(norms), dims, time.perf_counter() - start
 
 
 def project(kind: str, k: int, grads: np.ndarray, dims: list[int]) -> np.ndarray:
@@ -99,9 +118,17 @@ def main() -> None:
                         help="k for TRAK's CPU projector (minutes each; empty: none)")
     parser.add_argument("--key-layers", default="last:8,last:16",
                         help="--key-layers settings to compare with every layer (empty: none)")
+    parser.add_argument("--precision", nargs="?", const="bfloat16", default="",
+                        help="compare 16-bit weights (bfloat16, float16 or both, comma-separated; "
+                             "default bfloat16) with float32 LoRA matrices or LoRA matrices of "
+                             "their type (--adapter-dtype) against float32 weights; float16 "
+                             "matmuls are slow on most CPUs")
     args = parser.parse_args()
     model, loaded, mixture, tasks = reference_model(args.r)
     names, codes = np.unique(tasks.astype(str), return_inverse=True)
+    if args.precision:
+        precision(model, loaded, mixture, codes, names,
+                  [getattr(torch, d) for d in args.precision.split(",") if d])
     if args.key_layers:
         key_layers(model, loaded, mixture, codes, names,
                    [s for s in args.key_layers.split(",") if s])
@@ -189,6 +216,51 @@ def key_layers(model, loaded, mixture, codes, names, settings) -> None:
         print(f"| {setting} | {sum(dims):,} | {min(rho):.4f} | {float(np.median(rho)):.4f} | "
               f"{spearmanr(values, truth).statistic:.4f} | "
               f"{spearmanr(tv, exact_tv).statistic:.4f} | {every_seconds / seconds:.2f}× |")
+
+
+def precision(model, loaded, mixture, codes, names, dtypes: list[torch.dtype]) -> None:
+    """Exact gradients in 16-bit weights (``dtypes``), each with float32 LoRA matrices
+    (peft's default on a 16-bit model) and with LoRA matrices of the weights' type
+    (``--adapter-dtype model``), against float32 weights: cosine and relative error per
+    record, Spearman ρ of the instance values per task and of the task values, and the
+    extraction's seconds (on this machine's CPU, not a GPU's)."""
+    from tive.lora import adapters_to_model_dtype
+    from tive.values import instance_values, task_values
+
+    exact, exact_norms, dims, exact_seconds = _exact(model, loaded, mixture)
+    valid = np.ones(len(exact), dtype=bool)
+    truth, _ = instance_values(exact, codes, len(names), valid)
+    exact_tv = task_values(exact_norms, codes, len(names), valid)
+    print(f"\n16-bit weights against float32 weights, exact gradients (D = {sum(dims):,}), "
+          f"{len(exact)} records; seconds: one extraction pass on this CPU\n")
+    print("| weights | LoRA matrices | cosine to float32: median | min | relative error: median "
+          "| max | instance values ρ: min over tasks | median | all records | task values ρ | "
+          "max rel. error | seconds |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| float32 | float32 | 1 | 1 | 0 | 0 | 1 | 1 | 1 | 1 | 0 | {exact_seconds:.1f} |")
+    for dtype in dtypes:
+        half = copy.deepcopy(model).to(dtype)
+        for name, p in half.named_parameters():  # as peft loads an adapter onto the model
+            if "lora_" in name:
+                p.data = p.data.float()
+        for adapters in ("float32", "model"):
+            if adapters == "model":
+                assert adapters_to_model_dtype(half) == dtype
+            grads, norms, _, seconds = _exact(half, loaded, mixture, dtype=dtype)
+            cos = (grads * exact).sum(1) / (np.linalg.norm(grads, axis=1)
+                                            * np.linalg.norm(exact, axis=1))
+            err = np.linalg.norm(grads - exact, axis=1) / np.linalg.norm(exact, axis=1)
+            values, _ = instance_values(grads, codes, len(names), valid)
+            rho = [spearmanr(values[codes == t], truth[codes == t]).statistic
+                   for t in range(len(names))]
+            tv = task_values(norms, codes, len(names), valid)
+            print(f"| {str(dtype)[6:]} | {str(dtype)[6:] if adapters == 'model' else adapters} "
+                  f"| {np.median(cos):.6f} | {cos.min():.6f} | {np.median(err):.4f} | "
+                  f"{err.max():.4f} | {min(rho):.4f} | {float(np.median(rho)):.4f} | "
+                  f"{spearmanr(values, truth).statistic:.4f} | "
+                  f"{spearmanr(tv, exact_tv).statistic:.4f} | "
+                  f"{float(np.max(np.abs(tv - exact_tv) / exact_tv)):.2%} | {seconds:.1f} |",
+                  flush=True)
 
 
 K_KEY = 8192
