@@ -22,9 +22,11 @@ each warms up and is not timed.
 A second table gives, per shape, variants of (b) on the same batches, each against (b): with
 ``--gradient-checkpointing``, with ``--adapter-dtype model`` (LoRA matrices in bf16), and
 both (records/s, ×(b), peak GB); and (f) ``tive score`` with its default settings (batch size
-auto, workers from the CPU count) in a process held to ``--cap-gb`` of GPU memory (80: the
-GPUs most users have), with and without ``--adapter-dtype model``: records/s and the batch
-size auto reached.
+auto, workers from the CPU count) on ``--f-records`` records in a process held to ``--cap-gb``
+of GPU memory (80: the GPUs most users have), with and without ``--adapter-dtype model``:
+records/s as ``tive score`` reports it (its scoring loop, out-of-memory retries included) and
+the batch size auto reached. (e) and (f) run after this process has released the model and its cached
+memory; the GPU memory free then is shown.
 
 ``--tiny`` runs the same code on the CPU with tiny shapes (a test runs it). The Bunny shape
 is SigLIP-so400m/384 + Phi-2 in transformers' LLaVA classes (as tive loads Bunny), saved as a
@@ -184,7 +186,7 @@ def phase_peak(device: torch.device, fn) -> tuple[float, float]:
 
 def measure(name: str, shape: dict, device: torch.device, dtype: torch.dtype, records: int,
             batch_size: int, authors_records: int, work: Path,
-            variants: list | None = None, cap_gb: float = 80.0) -> dict:
+            variants: list | None = None, cap_gb: float = 80.0, f_records: int = 256) -> dict:
     """The first table's row for shape ``name``; with ``variants`` (a list), the second
     table's rows are appended to it."""
     from tive.encode import collate, encode_row, make_encoder
@@ -248,23 +250,28 @@ def measure(name: str, shape: dict, device: torch.device, dtype: torch.dtype, re
     writer.close()
     gf.close()
     timed = n - len(batches[0]["input_ids"])
-    if variants is not None:
-        b_rate = timed / sum(tb)
+    b_rate = timed / sum(tb)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches[1:])
+    c_prime, c = authors(model, items[:authors_records], pad, keys, device, dtype)
+    if variants is not None:  # after (c'), (c): this casts the model's adapters
         variants += [{"shape": name, "setting": setting, "records/s": rate,
                       "×(b)": rate / b_rate, "peak GB": peak_gb}
                      for setting, rate, peak_gb in b_variants(model, keys, batches, device)]
-    tokens = sum(int(b["attention_mask"].sum()) for b in batches[1:])
-    c_prime, c = authors(model, items[:authors_records], pad, keys, device, dtype)
+    del model, gf, batches
+    release(device)  # what this process holds is not the child's to use
     e = end_to_end(folder, data, ["--batch-size", str(batch_size)])[0]
     if variants is not None:
         cap = f"{cap_gb:g} GB" if device.type == "cuda" else "a CPU"
+        free = (f", {torch.cuda.mem_get_info(device)[0] / 2**30:.0f} GB free"
+                if device.type == "cuda" else "")
+        more = mixture(folder / "data-f", f_records, shape["vision"][5])
         for extra in ([], ["--adapter-dtype", "model"]):
-            rate, batch = end_to_end(folder, data, extra, cap_gb if device.type == "cuda"
+            rate, batch = end_to_end(folder, more, extra, cap_gb if device.type == "cuda"
                                      else None)
-            variants.append({"shape": name, "records/s": rate, "×(b)": rate / (timed / sum(tb)),
+            variants.append({"shape": name, "records/s": rate, "×(b)": rate / b_rate,
                              "peak GB": float("nan"), "setting": f"(f) tive score, defaults"
-                             f"{' --adapter-dtype model' if extra else ''}, within {cap}: "
-                             f"batch size {batch}"})
+                             f"{' --adapter-dtype model' if extra else ''}, {f_records} "
+                             f"records, within {cap}{free}: batch size {batch}"})
     b_rate = timed / sum(tb)
     peak = device_peak(device)
     flops = 6.0 * lm_params * tokens / sum(tb)
@@ -275,18 +282,32 @@ def measure(name: str, shape: dict, device: torch.device, dtype: torch.dtype, re
             "share of bf16 peak": flops / (peak * 1e12) if peak else float("nan")}
 
 
-def b_variants(model, keys: list, batches: list, device: torch.device) -> list[tuple]:
+VARIANTS = ("--gradient-checkpointing", "--adapter-dtype model",
+            "--adapter-dtype model --gradient-checkpointing")
+
+
+def release(device: torch.device) -> None:
+    """Return this process's cached GPU memory to the device."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def b_variants(model, keys: list, batches: list, device: torch.device,
+               settings: tuple[str, ...] = VARIANTS) -> list[tuple]:
     """(setting, records/s, peak GB) of (b) with gradient checkpointing, with the LoRA
-    matrices cast to the model's type, and both; one pass each over ``batches``, the first
-    batch not timed. Casts ``model``'s adapters in place (the last use of the model)."""
-    from tive.gradients import GradientFeatures
+    matrices cast to the model's type, and both (``settings``); one pass each over
+    ``batches``, the first batch not timed. Casts ``model``'s adapters in place (the last use
+    of the model)."""
+    from tive.gradients import GradientFeatures, disable_checkpointing
     from tive.lora import adapters_to_model_dtype
     from tive.projection import SparseJL
 
     hf = model.get_base_model()
     out = []
-    for setting in ("--gradient-checkpointing", "--adapter-dtype model",
-                    "--adapter-dtype model --gradient-checkpointing"):
+    for setting in settings:
         if "model" in setting:
             adapters_to_model_dtype(model)
         checkpointing = "checkpointing" in setting
@@ -300,7 +321,7 @@ def b_variants(model, keys: list, batches: list, device: torch.device) -> list[t
                     seconds += took
                     timed += len(batch["input_ids"])
         if checkpointing:
-            hf.gradient_checkpointing_disable()
+            disable_checkpointing(hf)
         out.append((setting, timed / seconds, max(peaks)))
     return out
 
@@ -385,6 +406,9 @@ def main() -> None:
                         help="leave out the second table (variants of (b), and (f))")
     parser.add_argument("--cap-gb", type=float, default=80.0,
                         help="GPU memory (f)'s process may use [default: 80]")
+    parser.add_argument("--f-records", type=int, default=None,
+                        help="records for (f) (default: 256 on a GPU, 4 batches of auto's "
+                             "first 64; as --records with --tiny)")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -402,7 +426,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.shapes.split(","):
             row = measure(name, shapes[name], device, dtype, records, batch,
-                          min(args.authors_records, records), Path(tmp), variants, args.cap_gb)
+                          min(args.authors_records, records), Path(tmp), variants, args.cap_gb,
+                          args.f_records or (records if args.tiny else 256))
             print("| " + " | ".join(_fmt(c, row[c]) for c in cols) + " |", flush=True)
     if variants:
         cols = ["shape", "setting", "records/s", "×(b)", "peak GB"]

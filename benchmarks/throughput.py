@@ -14,6 +14,7 @@ On the same model and the same batches (the example mixture, encoded once), reco
 
 (a) and (b) alternate batch by batch so that machine noise hits both alike; the first batch
 of each is a warm-up and not timed. Ratios are the figures to compare across machines.
+``--checkpointing`` adds (b) with ``--gradient-checkpointing``, one pass after the others.
 (d), another public tool on the same work (EleutherAI's bergson), is
 ``bergson_throughput.py``: it needs bergson installed beside tive.
 
@@ -190,7 +191,7 @@ def authors(model, items: list, pad: int, keys: list, records: int,
 
 
 def measure(name: str, model, items: list, pad: int, batch_size: int,
-            authors_records: int, max_entries: float) -> dict:
+            authors_records: int, max_entries: float, checkpointing: bool = False) -> dict:
     from tive.encode import collate
     from tive.gradients import GradientFeatures
     from tive.lora import key_parameters
@@ -219,12 +220,19 @@ def measure(name: str, model, items: list, pad: int, batch_size: int,
     writer.close()
     gf.close()
     timed = n - int(batch_list[0]["input_ids"].shape[0])
+    ckpt = float("nan")
+    if checkpointing:
+        from gpu_throughput import b_variants
+
+        ckpt = b_variants(model, keys, batch_list, torch.device("cpu"),
+                          ("--gradient-checkpointing",))[0][1]
     c_seconds, c_n, c_note, c_backward = authors(model, items, pad, keys, authors_records,
                                                  max_entries)
     tokens = sum(int(b["attention_mask"].sum()) for b in batch_list)
     return {"model": name, "records": n, "tokens/record": tokens / n, "D": sum(dims),
             "a": timed / sum(times_a), "b": timed / sum(times_b), "c": c_n / c_seconds,
-            "c_records": c_n, "c_note": c_note, "c_backward": c_n / c_backward}
+            "c_records": c_n, "c_note": c_note, "c_backward": c_n / c_backward,
+            "b_ckpt": ckpt}
 
 
 def main() -> None:
@@ -236,6 +244,8 @@ def main() -> None:
     parser.add_argument("--trak-max-entries", type=float, default=8e9,
                         help="above D·k of this, (c)'s projection is timed on some of its "
                              "blocks and scaled")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="also (b) with --gradient-checkpointing")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     names = args.models.split(",")
@@ -254,7 +264,7 @@ def main() -> None:
         else:
             sys.exit(f"unknown model {name}")
         rows.append(measure(name, model, encoded(encoder, text_only), pad, args.batch_size,
-                            args.authors_records, args.trak_max_entries))
+                            args.authors_records, args.trak_max_entries, args.checkpointing))
     print(f"\nthroughput, records/s (CPU, {torch.get_num_threads()} threads, batch "
           f"{args.batch_size}, k = {K}, LoRA r = 128)\n")
     print("| model | records | tokens/record | key-gradient dim D | (a) plain LoRA step | "
@@ -266,6 +276,11 @@ def main() -> None:
               f"{r['a']:.2f} | {r['b']:.2f} | {r['c']:.4f} ({r['c_records']} rec{r['c_note']}) | "
               f"{r['c_backward']:.2f} | {r['b'] / r['a']:.2f} | {r['b'] / r['c']:.0f} | "
               f"{r['b'] / r['c_backward']:.1f} |")
+    if args.checkpointing:
+        print("\n| model | (b) tive | (b) --gradient-checkpointing | ratio |\n|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['model']} | {r['b']:.2f} | {r['b_ckpt']:.2f} | "
+                  f"{r['b_ckpt'] / r['b']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -273,6 +273,7 @@ def _fake_mixed_bmm(monkeypatch, calls: list, fail: bool = False) -> None:
         return real(a.float(), b.float())
 
     monkeypatch.setattr(gradients, "_mixed_bmm", lambda device: True)
+    monkeypatch.setattr(gradients, "_NO_MIXED_BMM", set())
     monkeypatch.setattr(torch, "bmm", bmm)
 
 
@@ -286,7 +287,11 @@ def test_sixteen_bit_products_accumulate_in_float32_as_the_einsum_does(monkeypat
     plain = per_sample_products(delta, x, torch.float32)  # a CPU: upcast, then the einsum
     calls: list = []
     _fake_mixed_bmm(monkeypatch, calls, fail)
-    mixed = per_sample_products(delta, x, torch.float32)
+    if fail:
+        with pytest.warns(UserWarning, match="per-sample products run in float32"):
+            mixed = per_sample_products(delta, x, torch.float32)
+    else:
+        mixed = per_sample_products(delta, x, torch.float32)
     assert calls == [(torch.bfloat16, torch.bfloat16, torch.float32)]
     assert mixed.dtype == torch.float32 and mixed.shape == (3, 5 * 4)
     torch.testing.assert_close(mixed, plain, rtol=1e-6, atol=1e-6)
@@ -296,6 +301,44 @@ def test_sixteen_bit_products_accumulate_in_float32_as_the_einsum_does(monkeypat
     per_sample_products(delta.float(), x.float(), torch.float32)  # float32: never the bmm
     per_sample_products(delta, x.float(), torch.float32)
     assert calls == []
+
+
+def test_out_of_memory_in_the_mixed_products_is_raised_not_taken_for_a_missing_kernel(
+        monkeypatch):
+    import tive.gradients as gradients
+
+    def bmm(a, b, *, out_dtype=None):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(gradients, "_mixed_bmm", lambda device: True)
+    monkeypatch.setattr(gradients, "_NO_MIXED_BMM", set())
+    monkeypatch.setattr(torch, "bmm", bmm)
+    half = torch.ones(1, 2, 3, dtype=torch.bfloat16)
+    with pytest.raises(torch.OutOfMemoryError):  # for --batch-size auto to halve the batch
+        gradients.per_sample_products(half, half, torch.float32)
+    assert gradients._NO_MIXED_BMM == set()  # the fast path stays on
+
+
+@pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed")
+def test_adapter_dtype_model_casts_a_lora_bias_too():
+    from peft import LoraConfig, get_peft_model
+
+    from tive.lora import adapters_to_model_dtype, warmup_targets
+    from zoo import text_llama
+
+    base = text_llama()
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_bias=True,
+                                            init_lora_weights=False,
+                                            target_modules=warmup_targets(base)))
+    model = model.to(torch.bfloat16)
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()
+    assert any("lora_B" in n and n.endswith("bias") for n, _ in model.named_parameters())
+    adapters_to_model_dtype(model)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    ids = torch.tensor([[3, 4, 5, 6]])
+    model(input_ids=ids)  # one type throughout: the forward runs
 
 
 def test_bf16_adapters_take_the_mixed_products_in_the_hooks(monkeypatch):

@@ -6,7 +6,7 @@ batch), so ∂loss/∂θ restricted to record i's graph is exactly record i's ow
 hooks on each key ``lora_A``/``lora_B`` ``nn.Linear`` keep its input ``x`` ``(B, T, in)`` and
 register a hook on its output; in the backward pass that hook receives the output gradient
 ``δ`` ``(B, T, out)``, and record i's gradient of the weight is ``Σ_t δ_it x_itᵀ``
-``(out, in)`` — one batched ``einsum``. Each block is squared into the exact norm and handed
+``(out, in)`` — one batched product (:func:`per_sample_products`). Each block is squared into the exact norm and handed
 to the projector at once, then dropped.
 
 The model is in eval mode (no dropout). Only the key LoRA weights require gradients, and the
@@ -17,6 +17,7 @@ than those few is ever computed. A check that every hook fired once guards this.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,8 +230,13 @@ def per_sample_products(delta: torch.Tensor, x: torch.Tensor, dtype: torch.dtype
             and delta.dtype in (torch.bfloat16, torch.float16) and _mixed_bmm(delta.device)):
         try:
             return torch.bmm(delta.transpose(1, 2), x, out_dtype=torch.float32).flatten(1)
-        except (RuntimeError, TypeError):  # a PyTorch or GPU without the mixed kernel
+        except torch.OutOfMemoryError:
+            raise  # for --batch-size auto to halve the batch; the kernel is fine
+        except (RuntimeError, TypeError) as e:  # a PyTorch or GPU without the mixed kernel
             _NO_MIXED_BMM.add(delta.device.type)
+            warnings.warn(f"torch.bmm(out_dtype=float32) failed on 16-bit inputs "
+                          f"({type(e).__name__}: {str(e)[:120]}); per-sample products run in "
+                          f"float32 from now on (the same results, slower)", stacklevel=2)
     return torch.einsum("bto,bti->boi", delta.to(dtype), x.to(dtype)).flatten(1)
 
 
@@ -273,6 +279,14 @@ def enable_checkpointing(model: nn.Module) -> None:
     else:
         model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def disable_checkpointing(model: nn.Module) -> None:
+    """Undo :func:`enable_checkpointing` (the name of the call changed in transformers 5)."""
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
 
 
 def text_vocab(config: Any) -> int | None:

@@ -78,13 +78,15 @@ def run_identity(source: Any, mixture: Mixture, config: ScoreConfig, task_field:
         "feature_dtype": config.feature_dtype,
         "data": mixture.fingerprint, "records": len(mixture), "max_length": config.max_length,
         "task_field": task_field,
-        "image_root": image_root_setting(mixture, image_root)},
+        "image_root": image_root_setting(mixture, image_root),
+        # known now only for float32: "model" gives the weights' type, known once loaded
+        **({"adapter_dtype": "float32"} if config.adapter_dtype == "float32" else {})},
         "data": {"path": str(mixture.path)}}
 
 
 def store_meta(known: dict[str, Any], *, source: dict, dtype: Any, adapter: Path, keys: list,
                projector: Any, mixture: Mixture, config: ScoreConfig,
-               adapter_dtype: Any = None) -> dict[str, Any]:
+               adapter_dtype: Any) -> dict[str, Any]:
     """meta.json of a scored store: :func:`run_identity`'s ``known`` completed with what the
     loaded model tells; its ``identity`` must match for a run to be continued.
 
@@ -98,8 +100,7 @@ def store_meta(known: dict[str, Any], *, source: dict, dtype: Any, adapter: Path
     identity = {"model": first["model"], "dtype": str(dtype).replace("torch.", ""),
                 "adapter": digest[:16], "gradient_dim": key_info["gradient_dim"],
                 **{k: v for k, v in first.items() if k != "model"}}
-    if adapter_dtype is not None:
-        identity["adapter_dtype"] = str(adapter_dtype).replace("torch.", "")
+    identity["adapter_dtype"] = str(adapter_dtype).replace("torch.", "")
     identity["projector"] = projector.describe()  # the full description, in the same place
     settings = {k: first[k] for k in ("max_length", "task_field", "image_root")}
     return {"tive_version": __version__, "source": "tive score", "model": source,

@@ -234,7 +234,7 @@ def adapters_to_model_dtype(peft_model: nn.Module, adapter: str = "default") -> 
         if base is None or not base.dtype.is_floating_point:
             continue
         for part in (module.lora_A[adapter], module.lora_B[adapter]):
-            part.weight.data = part.weight.data.to(base.dtype)
+            part.to(dtype=base.dtype)  # weight, and a bias (peft's lora_bias) alike
     keys = key_parameters(peft_model, adapter)
     params = dict(peft_model.named_parameters())
     return params[keys[0].name].dtype if keys else torch.float32
