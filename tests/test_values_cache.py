@@ -98,10 +98,12 @@ def test_a_damaged_cache_file_is_computed_again(store_run, calls):
     assert calls["n"] == 2 and np.isfinite(again.instance_values[again.valid]).all()
 
 
-def test_only_the_newest_files_are_kept(tmp_path):
-    for i in range(vc.KEEP + 3):
-        vc._write(tmp_path / f"values-{i:02d}.npz", np.zeros(3), np.ones(3, dtype=bool))
-    assert len(list(tmp_path.glob("values-*.npz"))) == vc.KEEP
+def test_only_the_newest_files_are_kept_per_prefix(tmp_path):
+    for i in range(vc.KEEP["values"] + 3):
+        vc._write(tmp_path / f"values-{i:02d}.npz", {"values": np.zeros(3)})
+    vc._write(tmp_path / "kmeans-00.npz", {"rows": np.zeros(3)})
+    assert len(list(tmp_path.glob("values-*.npz"))) == vc.KEEP["values"]
+    assert len(list(tmp_path.glob("kmeans-*.npz"))) == 1  # another prefix, counted apart
 
 
 @pytest.mark.parametrize("jsonl", [False, True])
@@ -182,3 +184,30 @@ def test_select_from_cache_writes_the_same_subset(store_run):
     assert len(list((store_run["run"] / "cache").glob("mixture-*.npz"))) == 1
     assert first.replace("a.", "b.") == second
     assert (store_run["run"] / "a.json").read_bytes() == (store_run["run"] / "b.json").read_bytes()
+
+
+def test_a_clusters_sweep_fits_once_and_equals_uncached_selections(store_run, monkeypatch):
+    from tive import kmeans as km
+
+    fits = {"n": 0}
+    real = km.fit_centers
+
+    def counted(*args, **kwargs):
+        fits["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(km, "fit_centers", counted)
+    pick = {"method": "kmeans", "clusters": 2}
+    first = value_estimate(store=store_run["run"]).select(budget=0.3, **pick)
+    fitted = fits["n"]
+    assert fitted > 0 and list((store_run["run"] / "cache").glob("kmeans-*.npz"))
+    second = value_estimate(store=store_run["run"]).select(budget=0.5, **pick)
+    assert fits["n"] == fitted  # every task's assignment read back: no fit
+    fresh = uncached(store_run)  # features given: no cache
+    assert fresh.cache is None
+    for budget, got in ((0.3, first), (0.5, second)):
+        assert got.indices.tolist() == fresh.select(budget=budget, **pick).indices.tolist()
+    for other in ({"method": "kmeans", "clusters": 3}, {"seed": 1, **pick}):
+        fits["n"] = 0
+        value_estimate(store=store_run["run"]).select(budget=0.5, **other)
+        assert fits["n"] > 0  # other clusters, another seed: other keys, fitted afresh

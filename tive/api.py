@@ -286,7 +286,8 @@ def _report(arrays: dict[str, Any], tasks: np.ndarray, keys: np.ndarray,
                   instance_values=iv, valid=valid, invalid=invalid,
                   norms=np.asarray(norms, dtype=np.float64), loss=arrays["loss"],
                   ntokens=arrays["ntokens"], keys=keys, mixture=mixture, inferred=inferred,
-                  source=source, features=features, chunk_rows=chunk_rows)
+                  source=source, features=features, chunk_rows=chunk_rows,
+                  cache=(folder, identity) if folder is not None else None)
 
 
 def _store_arrays(st: Store) -> dict[str, Any]:

@@ -20,6 +20,7 @@ mini-batch, the k-means++ sample and the task's centroids (k × dim float32).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -33,6 +34,7 @@ INIT_FACTOR = 3  # k-means++ on 3·max(k, BATCH) rows (sklearn's default init_si
 INIT_BYTES = 1 << 28  # ... unless the sample's float64 rows would pass 256 MiB (then ≥ k rows)
 DIST_DECIMALS = 9  # distances between unit rows are in [0, 4]; float64 error ~1e-15
 CANDIDATES = 16  # nearest free records kept per unmatched centroid in a matching pass
+VERSION = 1  # of the cached --clusters assignments: bump when they are computed otherwise
 
 
 def kmeans_pick(features: np.ndarray, members: np.ndarray, k: int, noise: np.ndarray,
@@ -70,35 +72,69 @@ def in_draw_order(members: np.ndarray, noise: np.ndarray) -> np.ndarray:
     return members[np.lexsort((members, -noise))]
 
 
-def cluster_pick(features: np.ndarray, members: np.ndarray, n: int, clusters: int,
-                 noise: np.ndarray, seed: int, chunk_rows: int | None = None) -> np.ndarray:
-    """``n`` distinct rows of a task clustered into a fixed number of clusters (``--clusters``):
-    the quota is shared among the clusters in proportion to their size (largest remainder),
-    and each cluster gives its records nearest its centroid first.
+@dataclass(frozen=True)
+class Clusters:
+    """A task's rows clustered into a fixed number of clusters (``--clusters``); nothing here
+    depends on the budget, so a sweep keeps it (:func:`tive.values_cache.cached_arrays`).
+
+    Attributes:
+        rows: ``(m,)`` the task's rows in draw order (:func:`in_draw_order`).
+        nearest: ``(m,)`` int64 nearest centroid of each (ties: the lower centroid).
+        dist: ``(m,)`` float64 squared distance to it.
+        k: ``()`` int64 number of clusters.
+    """
+
+    rows: np.ndarray
+    nearest: np.ndarray
+    dist: np.ndarray
+    k: np.ndarray
+
+
+def cluster_assign(features: np.ndarray, members: np.ndarray, clusters: int, noise: np.ndarray,
+                   seed: int, chunk_rows: int | None = None) -> Clusters:
+    """Fit ``clusters`` centroids to a task's unit rows (each row its own cluster when the task
+    has no more rows) and assign every row to its nearest.
 
     Args:
         features, members, noise, seed, chunk_rows: as for :func:`kmeans_pick`.
-        n: records to pick, ``0 <= n <= m``.
         clusters: clusters to fit (at most ``m``).
-
-    Returns:
-        ``(n,)`` rows, increasing.
     """
     m = len(members)
-    if n <= 0:
-        return np.empty(0, dtype=np.int64)
     k = min(clusters, m)
     members = in_draw_order(members, noise)
     centers = fit_centers(features, members, k, seed) if k < m else unit_rows(features, members)
     chunk = chunk_rows or default_chunk_rows(features.shape[1])
     nearest, dist = assign(features, members, centers, chunk)
+    return Clusters(members, nearest, dist, np.int64(k))
+
+
+def cluster_share(clusters: Clusters, n: int) -> np.ndarray:
+    """``(n,)`` distinct rows, increasing: the quota ``n`` shared among the clusters in
+    proportion to their size (largest remainder), each cluster giving its records nearest its
+    centroid first."""
+    if n <= 0:
+        return np.empty(0, dtype=np.int64)
+    m, k, nearest = len(clusters.rows), int(clusters.k), clusters.nearest
     sizes = np.bincount(nearest, minlength=k)
     share = largest_remainder(n * sizes / m, n)
-    order = np.lexsort((np.arange(m), dist, nearest))  # by cluster, then nearest first
+    order = np.lexsort((np.arange(m), clusters.dist, nearest))  # by cluster, then nearest first
     rank = np.empty(m, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     rank[order] = np.arange(m) - np.repeat(starts, sizes)
-    return np.sort(members[rank < share[nearest]])
+    return np.sort(clusters.rows[rank < share[nearest]])
+
+
+def cluster_pick(features: np.ndarray, members: np.ndarray, n: int, clusters: int,
+                 noise: np.ndarray, seed: int, chunk_rows: int | None = None) -> np.ndarray:
+    """``n`` distinct rows of a task clustered into a fixed number of clusters (``--clusters``):
+    :func:`cluster_share` of :func:`cluster_assign`.
+
+    Returns:
+        ``(n,)`` rows, increasing.
+    """
+    if n <= 0:
+        return np.empty(0, dtype=np.int64)
+    return cluster_share(cluster_assign(features, members, clusters, noise, seed, chunk_rows), n)
 
 
 def assign(features: np.ndarray, members: np.ndarray, centers: np.ndarray,

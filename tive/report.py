@@ -48,6 +48,8 @@ class Report:
         features: ``(N, k)`` projected gradients (a store's memmap or the array given), read
             in chunks by ``--method kmeans``; None when the report was built without them.
         chunk_rows: feature rows read at a time (None: about 64 MiB).
+        cache: ``(RUN/cache, store identity)`` when the report comes from a store: what a
+            selection computes that the next one can reuse is kept there.
     """
 
     tasks: np.ndarray
@@ -65,6 +67,7 @@ class Report:
     paper: bool = False
     features: np.ndarray | None = None
     chunk_rows: int | None = None
+    cache: tuple[Path, str] | None = None
 
     def __post_init__(self) -> None:
         self._names, codes = factorize(self.tasks)

@@ -15,6 +15,7 @@ import numpy as np
 
 from tive import kmeans as km
 from tive import selection as sel
+from tive import values_cache as vc
 from tive.config import Strategy
 from tive.errors import ConfigError
 from tive.settings import named
@@ -34,13 +35,33 @@ def nearest_centroids(report: Any, config: Any, members: np.ndarray, n: int,
     """The records nearest k-means centroids of the task's features (the whole task
     ⌊n/m⌋ times first, when the quota exceeds its size)."""
     whole, rest = divmod(n, len(members))
-    args = (report.features, members, rest)
     if config.clusters is None:
-        picked = km.kmeans_pick(*args, noise[members], config.seed, report.chunk_rows)[0]
+        picked = km.kmeans_pick(report.features, members, rest, noise[members], config.seed,
+                                report.chunk_rows)[0]
+    elif rest > 0:
+        picked = km.cluster_share(clusters(report, config, members, noise), rest)
     else:
-        picked = km.cluster_pick(*args, config.clusters, noise[members], config.seed,
-                                 report.chunk_rows)
+        picked = np.empty(0, dtype=np.int64)
     return np.concatenate([np.tile(members, whole), picked])
+
+
+def clusters(report: Any, config: Any, members: np.ndarray, noise: np.ndarray) -> km.Clusters:
+    """A task's ``--clusters`` assignment (:func:`tive.kmeans.cluster_assign`), kept in the run
+    folder's cache for the next selection when the report comes from a store."""
+    def compute() -> dict[str, np.ndarray]:
+        return vars(km.cluster_assign(report.features, members, config.clusters,
+                                      noise[members], config.seed, report.chunk_rows))
+
+    if report.cache is None:
+        return km.Clusters(**compute())
+    folder, identity = report.cache
+    key = vc.digest(km.VERSION, identity, config.clusters, config.seed, report.chunk_rows,
+                    members, noise[members])
+    m = len(members)
+    return km.Clusters(**vc.cached_arrays(
+        folder, "kmeans", key, compute,
+        lambda a: all(a.get(f, np.empty(0)).shape == (m,) for f in ("rows", "nearest", "dist"))
+        and "k" in a))
 
 
 def uniform(report: Any, noise: np.ndarray) -> np.ndarray:

@@ -15,12 +15,18 @@ tasks (an excluded task is left out after valuation). So they are computed once 
 
 A cached result is bit-identical to a fresh one. Files are written atomically; a run folder
 that cannot be written to is simply not cached. At most :data:`KEEP` files are kept.
+
+The same mechanism (:func:`cached_arrays`) keeps ``--method kmeans --clusters C``'s
+assignment of each task's rows to its clusters (``kmeans-<key>.npz``, keyed by the store's
+identity, the task's rows, their seeded uniforms, C, the seed and ``chunk_rows``): only the
+share of each cluster depends on the budget.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +36,8 @@ from tive.errors import OutputError
 from tive.fileio import atomic_path
 
 CACHE_DIR = "cache"
-KEEP = 8  # value files kept per run folder (the newest)
+KEEP = {"values": 8, "kmeans": 512}  # files kept per run folder and prefix (the newest used):
+#     instance values, and one task's --clusters assignment (tive.kmeans.Clusters)
 VERSION = 1  # bump when instance values are computed differently
 
 
@@ -78,39 +85,68 @@ def cached_instance_values(
     """
     if folder is None or identity is None:
         return compute(features, codes, len(names), valid, chunk_rows)
-    path = folder / f"values-{cache_key(identity, codes, names, valid, chunk_rows)}.npz"
-    found = _read(path, len(codes))
-    if found is not None:
+    n = len(codes)
+    found = cached_arrays(
+        folder, "values", cache_key(identity, codes, names, valid, chunk_rows),
+        lambda: dict(zip(("values", "finite"),
+                         compute(features, codes, len(names), valid, chunk_rows))),
+        lambda a: a.get("values", ()).shape == (n,) and a.get("finite", ()).shape == (n,))
+    return found["values"], found["finite"]
+
+
+def digest(*parts: Any) -> str:
+    """Digest of strings, numbers and arrays (their type, shape and bytes), in order."""
+    h = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            a = np.ascontiguousarray(part)
+            h.update(f"{a.dtype.str}{a.shape};".encode())
+            h.update(a.tobytes())
+        else:
+            h.update(f"{part!r};".encode())
+    return h.hexdigest()
+
+
+def cached_arrays(folder: Path, prefix: str, key: str, compute: Callable[[], dict[str, Any]],
+                  check: Callable[[dict[str, np.ndarray]], bool] | None = None
+                  ) -> dict[str, np.ndarray]:
+    """The arrays ``compute()`` returns, kept in ``folder/<prefix>-<key>.npz``: read back when
+    the file is there, readable and passes ``check``, else computed and written (atomically;
+    an unwritable folder is skipped). At most :data:`KEEP` ``[prefix]`` files are kept, the
+    newest used."""
+    path = folder / f"{prefix}-{key}.npz"
+    found = _read(path)
+    if found is not None and (check is None or check(found)):
         return found
-    values, finite = compute(features, codes, len(names), valid, chunk_rows)
-    _write(path, values, finite)
-    return values, finite
+    arrays = {name: np.asarray(value) for name, value in compute().items()}
+    _write(path, arrays)
+    return arrays
 
 
-def _read(path: Path, n: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """The cached ``(values, finite)``, or None when absent or unreadable."""
+def _read(path: Path) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None when absent or unreadable."""
     try:
         with np.load(path) as z:
-            values, finite = z["values"], z["finite"]
-    except (OSError, KeyError, ValueError):
-        return None
-    if values.shape != (n,) or finite.shape != (n,):
+            arrays = {name: z[name] for name in z.files}
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         return None
     try:
         os.utime(path)  # the newest-used files are the ones kept
     except OSError:
         pass
-    return values, finite
+    return arrays
 
 
-def _write(path: Path, values: np.ndarray, finite: np.ndarray) -> None:
-    """Write atomically and keep the :data:`KEEP` newest files; an unwritable folder is skipped."""
+def _write(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write atomically and keep the newest files of the same prefix; an unwritable folder is
+    skipped."""
+    prefix = path.name.split("-", 1)[0]
     try:
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, values=values, finite=finite)
+                np.savez(f, **arrays)
     except OutputError:
         return
-    old = sorted(path.parent.glob("values-*.npz"), key=lambda p: p.stat().st_mtime_ns)
-    for stale in old[:-KEEP]:
+    old = sorted(path.parent.glob(f"{prefix}-*.npz"), key=lambda p: p.stat().st_mtime_ns)
+    for stale in old[:-KEEP.get(prefix, 8)]:
         stale.unlink(missing_ok=True)
