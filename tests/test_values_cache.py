@@ -211,3 +211,33 @@ def test_a_clusters_sweep_fits_once_and_equals_uncached_selections(store_run, mo
         fits["n"] = 0
         value_estimate(store=store_run["run"]).select(budget=0.5, **other)
         assert fits["n"] > 0  # other clusters, another seed: other keys, fitted afresh
+
+
+@pytest.mark.parametrize("damage", [b"", b"PK\x03\x04 truncated", None])
+def test_a_damaged_or_empty_cache_file_is_computed_again(store_run, calls, damage):
+    pick = {"method": "kmeans", "clusters": 2}
+    first = value_estimate(store=store_run["run"]).select(budget=0.3, **pick)
+    folder = store_run["run"] / "cache"
+    for path in [*folder.glob("kmeans-*.npz"), *folder.glob("values-*.npz")]:
+        if damage is None:  # readable, but without the arrays it should hold
+            with open(path, "wb") as f:
+                np.savez(f, other=np.zeros(2))
+        else:
+            path.write_bytes(damage)
+    again = value_estimate(store=store_run["run"]).select(budget=0.3, **pick)
+    assert calls["n"] == 2  # the instance values computed again, not read
+    assert again.indices.tolist() == first.indices.tolist()
+
+
+def test_pruning_while_another_selection_prunes_does_not_fail(tmp_path, monkeypatch):
+    real_glob = type(tmp_path).glob
+
+    def glob_with_a_vanished_file(self, pattern):
+        yield from real_glob(self, pattern)
+        yield self / "values-gone.npz"  # listed, then removed by another process
+
+    monkeypatch.setattr(type(tmp_path), "glob", glob_with_a_vanished_file)
+    for i in range(vc.KEEP["values"] + 2):
+        vc._write(tmp_path / f"values-{i:02d}.npz", {"values": np.zeros(3)})
+    monkeypatch.undo()
+    assert len(list(tmp_path.glob("values-*.npz"))) == vc.KEEP["values"]

@@ -37,6 +37,15 @@ CANDIDATES = 16  # nearest free records kept per unmatched centroid in a matchin
 VERSION = 1  # of the cached --clusters assignments: bump when they are computed otherwise
 
 
+def code() -> str:
+    """What the cached assignments also depend on: the libraries that compute them and the
+    settings above (scikit-learn imported only when asked, as for the clustering itself)."""
+    import sklearn
+
+    return (f"sklearn {sklearn.__version__}, numpy {np.__version__}, batch {BATCH}, passes "
+            f"{PASSES}, init {INIT_FACTOR}/{INIT_BYTES}")
+
+
 def kmeans_pick(features: np.ndarray, members: np.ndarray, k: int, noise: np.ndarray,
                 seed: int, chunk_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Cluster one task's rows into ``k`` clusters and take the distinct record nearest each

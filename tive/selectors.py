@@ -55,8 +55,10 @@ def clusters(report: Any, config: Any, members: np.ndarray, noise: np.ndarray) -
     if report.cache is None:
         return km.Clusters(**compute())
     folder, identity = report.cache
-    key = vc.digest(km.VERSION, identity, config.clusters, config.seed, report.chunk_rows,
-                    members, noise[members])
+    features = report.features
+    key = vc.digest(km.VERSION, km.code(), identity, features.shape, features.dtype.str,
+                    getattr(features, "filename", None), config.clusters, config.seed,
+                    report.chunk_rows, members, noise[members])
     m = len(members)
     return km.Clusters(**vc.cached_arrays(
         folder, "kmeans", key, compute,

@@ -90,7 +90,7 @@ def cached_instance_values(
         folder, "values", cache_key(identity, codes, names, valid, chunk_rows),
         lambda: dict(zip(("values", "finite"),
                          compute(features, codes, len(names), valid, chunk_rows))),
-        lambda a: a.get("values", ()).shape == (n,) and a.get("finite", ()).shape == (n,))
+        lambda a: all(a.get(name, np.empty(0)).shape == (n,) for name in ("values", "finite")))
     return found["values"], found["finite"]
 
 
@@ -128,8 +128,8 @@ def _read(path: Path) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path) as z:
             arrays = {name: z[name] for name in z.files}
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
-        return None
+    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
+        return None  # absent, empty, truncated or damaged: computed again
     try:
         os.utime(path)  # the newest-used files are the ones kept
     except OSError:
@@ -147,6 +147,17 @@ def _write(path: Path, arrays: dict[str, np.ndarray]) -> None:
                 np.savez(f, **arrays)
     except OutputError:
         return
-    old = sorted(path.parent.glob(f"{prefix}-*.npz"), key=lambda p: p.stat().st_mtime_ns)
-    for stale in old[:-KEEP.get(prefix, 8)]:
-        stale.unlink(missing_ok=True)
+    try:  # another selection may prune the same folder: never fail for it
+        old = sorted((_mtime(p), p) for p in path.parent.glob(f"{prefix}-*.npz"))
+        for _, stale in old[:-KEEP.get(prefix, 8)]:
+            stale.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _mtime(path: Path) -> int:
+    """Modification time in ns; 0 for a file removed meanwhile (pruned first)."""
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return 0
