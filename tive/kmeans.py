@@ -39,11 +39,11 @@ VERSION = 1  # of the cached --clusters assignments: bump when they are computed
 
 def code() -> str:
     """What the cached assignments also depend on: the libraries that compute them and the
-    settings above (scikit-learn imported only when asked, as for the clustering itself)."""
-    import sklearn
+    settings above (scikit-learn's version read from its metadata: no import)."""
+    from importlib.metadata import version
 
-    return (f"sklearn {sklearn.__version__}, numpy {np.__version__}, batch {BATCH}, passes "
-            f"{PASSES}, init {INIT_FACTOR}/{INIT_BYTES}")
+    return (f"scikit-learn {version('scikit-learn')}, numpy {np.__version__}, batch {BATCH}, "
+            f"passes {PASSES}, init {INIT_FACTOR}/{INIT_BYTES}")
 
 
 def kmeans_pick(features: np.ndarray, members: np.ndarray, k: int, noise: np.ndarray,
