@@ -64,16 +64,11 @@ def reference_model(r: int):
     return model, loaded, mixture, tasks
 
 
-def exact_gradients(model, loaded, mixture,
-                    batch_size: int = 8) -> tuple[np.ndarray, np.ndarray, list[int]]:
-    """``(N, D)`` exact gradients (float32), ``(N,)`` norms, and the block lengths."""
-    grads, norms, dims, _ = _exact(model, loaded, mixture, batch_size)
-    return grads, norms, dims
-
-
-def _exact(model, loaded, mixture, batch_size: int = 8, dtype: torch.dtype = torch.float32):
-    """:func:`exact_gradients` with the images in ``dtype`` (the model's), and the seconds
-    the extraction took (encoding excluded)."""
+def exact_gradients(model, loaded, mixture, batch_size: int = 8,
+                    dtype: torch.dtype = torch.float32
+                    ) -> tuple[np.ndarray, np.ndarray, list[int], float]:
+    """``(N, D)`` exact gradients (float32), ``(N,)`` norms, the block lengths and the seconds
+    the extraction took (encoding excluded); images in ``dtype`` (the model's)."""
     from tive.encode import collate, encode_row, pad_id
     from tive.gradients import GradientFeatures
     from tive.lora import key_parameters
@@ -96,6 +91,22 @@ def _exact(model, loaded, mixture, batch_size: int = 8, dtype: torch.dtype = tor
     return np.concatenate(rows), np.concatenate(norms), dims, time.perf_counter() - start
 
 
+def values(feats: np.ndarray, norms: np.ndarray, codes: np.ndarray,
+           n_tasks: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(N,)`` instance values of ``feats`` and ``(T,)`` task values of ``norms``, every row
+    valid."""
+    from tive.values import instance_values, task_values
+
+    valid = np.ones(len(feats), dtype=bool)
+    return (instance_values(feats, codes, n_tasks, valid)[0],
+            task_values(norms, codes, n_tasks, valid))
+
+
+def task_rhos(got: np.ndarray, truth: np.ndarray, codes: np.ndarray, n_tasks: int) -> list[float]:
+    """Spearman ρ of ``got`` against ``truth`` within each task."""
+    return [spearmanr(got[codes == t], truth[codes == t]).statistic for t in range(n_tasks)]
+
+
 def project(kind: str, k: int, grads: np.ndarray, dims: list[int]) -> np.ndarray:
     """Features of ``grads`` with projector ``kind`` at ``k``, as float16 (the store's)."""
     from tive.projection import make_projector, project_rows
@@ -108,8 +119,6 @@ def project(kind: str, k: int, grads: np.ndarray, dims: list[int]) -> np.ndarray
 
 
 def main() -> None:
-    from tive.values import instance_values, task_values
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--r", type=int, default=8, help="LoRA rank of the warm-up")
     parser.add_argument("--dims", default="1024,4096,8192,16384",
@@ -126,18 +135,18 @@ def main() -> None:
     args = parser.parse_args()
     model, loaded, mixture, tasks = reference_model(args.r)
     names, codes = np.unique(tasks.astype(str), return_inverse=True)
+    needed = args.precision or args.dims or args.trak_dims  # computed once for both uses
+    exact = exact_gradients(model, loaded, mixture) if needed else None
     if args.precision:
         precision(model, loaded, mixture, codes, names,
-                  [getattr(torch, d) for d in args.precision.split(",") if d])
+                  [getattr(torch, d) for d in args.precision.split(",") if d], exact)
     if args.key_layers:
         key_layers(model, loaded, mixture, codes, names,
                    [s for s in args.key_layers.split(",") if s])
     if not (args.dims or args.trak_dims):
         return
-    grads, norms, dims = exact_gradients(model, loaded, mixture)
-    valid = np.ones(len(grads), dtype=bool)
-    truth, _ = instance_values(grads, codes, len(names), valid)
-    exact_tv = task_values(norms, codes, len(names), valid)
+    grads, norms, dims, _ = exact
+    truth, exact_tv = values(grads, norms, codes, len(names))
     print(f"\nfidelity on {len(grads)} records, {len(names)} tasks, D = {grads.shape[1]:,} "
           f"(LoRA r = {args.r}), features stored as float16\n")
     print("per task: records, and spread (std) of the exact instance values — rankings are "
@@ -155,15 +164,13 @@ def main() -> None:
         start = time.perf_counter()
         feats = project(kind, k, grads, dims)
         seconds = time.perf_counter() - start
-        values, _ = instance_values(feats, codes, len(names), valid)
-        rho = {str(n): spearmanr(values[codes == t], truth[codes == t]).statistic
-               for t, n in enumerate(names)}
         pn = np.linalg.norm(feats.astype(np.float64), axis=1)
-        tv = task_values(pn, codes, len(names), valid)
+        iv, tv = values(feats, pn, codes, len(names))
+        rho = dict(zip((str(n) for n in names), task_rhos(iv, truth, codes, len(names))))
         tv_err = float(np.max(np.abs(tv - exact_tv) / exact_tv))
         per_task = ", ".join(f"{n} {v:.3f}" for n, v in rho.items())
         good = sum(v >= 0.98 for v in rho.values())
-        pooled = spearmanr(values, truth).statistic
+        pooled = spearmanr(iv, truth).statistic
         print(f"| {kind} | {k} | {min(rho.values()):.4f} | "
               f"{float(np.median(list(rho.values()))):.4f} | {good} of {len(rho)} | "
               f"{pooled:.4f} | {per_task} | {tv_err:.2%} | {seconds:.1f} |")
@@ -178,12 +185,10 @@ def key_layers(model, loaded, mixture, codes, names, settings) -> None:
     from tive.gradients import GradientFeatures
     from tive.lora import key_parameters, parse_key_layers
     from tive.projection import SparseJL
-    from tive.values import instance_values, task_values
 
     encoder = loaded.encoder(512)
     items = [encode_row(encoder, mixture, i) for i in range(len(mixture))]
     batches = [collate(items[i:i + 8], pad_id(loaded.tokenizer)) for i in range(0, len(items), 8)]
-    valid = np.ones(len(items), dtype=bool)
 
     def run(last):
         dims = [k.numel for k in key_parameters(model, last_layers=last)]
@@ -199,8 +204,7 @@ def key_layers(model, loaded, mixture, codes, names, settings) -> None:
         return np.concatenate(feats).astype(np.float16), np.concatenate(norms), seconds, dims
 
     every, every_norms, every_seconds, every_dims = run(None)
-    truth, _ = instance_values(every, codes, len(names), valid)
-    exact_tv = task_values(every_norms, codes, len(names), valid)
+    truth, exact_tv = values(every, every_norms, codes, len(names))
     layers = len({k.name.split(".self_attn.")[0] for k in key_parameters(model)})
     print(f"\n--key-layers against all {layers} layers (D = {sum(every_dims):,}), sparse JL "
           f"k = {K_KEY}, float16; one extraction pass over the {len(items)} records:\n")
@@ -209,28 +213,25 @@ def key_layers(model, loaded, mixture, codes, names, settings) -> None:
     print("|---|---|---|---|---|---|---|")
     for setting in settings:
         feats, norms, seconds, dims = run(parse_key_layers(setting))
-        values, _ = instance_values(feats, codes, len(names), valid)
-        rho = [spearmanr(values[codes == t], truth[codes == t]).statistic
-               for t in range(len(names))]
-        tv = task_values(norms, codes, len(names), valid)
+        iv, tv = values(feats, norms, codes, len(names))
+        rho = task_rhos(iv, truth, codes, len(names))
         print(f"| {setting} | {sum(dims):,} | {min(rho):.4f} | {float(np.median(rho)):.4f} | "
-              f"{spearmanr(values, truth).statistic:.4f} | "
+              f"{spearmanr(iv, truth).statistic:.4f} | "
               f"{spearmanr(tv, exact_tv).statistic:.4f} | {every_seconds / seconds:.2f}× |")
 
 
-def precision(model, loaded, mixture, codes, names, dtypes: list[torch.dtype]) -> None:
+def precision(model, loaded, mixture, codes, names, dtypes: list[torch.dtype],
+              exact: tuple) -> None:
     """Exact gradients in 16-bit weights (``dtypes``), each with float32 LoRA matrices
     (peft's default on a 16-bit model) and with LoRA matrices of the weights' type
     (``--adapter-dtype model``), against float32 weights: cosine and relative error per
     record, Spearman ρ of the instance values per task and of the task values, and the
-    extraction's seconds (on this machine's CPU, not a GPU's)."""
+    extraction's seconds (on this machine's CPU, not a GPU's). ``exact``:
+    :func:`exact_gradients` of the float32 model."""
     from tive.lora import adapters_to_model_dtype
-    from tive.values import instance_values, task_values
 
-    exact, exact_norms, dims, exact_seconds = _exact(model, loaded, mixture)
-    valid = np.ones(len(exact), dtype=bool)
-    truth, _ = instance_values(exact, codes, len(names), valid)
-    exact_tv = task_values(exact_norms, codes, len(names), valid)
+    exact, exact_norms, dims, exact_seconds = exact
+    truth, exact_tv = values(exact, exact_norms, codes, len(names))
     print(f"\n16-bit weights against float32 weights, exact gradients (D = {sum(dims):,}), "
           f"{len(exact)} records; seconds: one extraction pass on this CPU\n")
     print("| weights | LoRA matrices | cosine to float32: median | min | relative error: median "
@@ -246,18 +247,16 @@ def precision(model, loaded, mixture, codes, names, dtypes: list[torch.dtype]) -
         for adapters in ("float32", "model"):
             if adapters == "model":
                 assert adapters_to_model_dtype(half) == dtype
-            grads, norms, _, seconds = _exact(half, loaded, mixture, dtype=dtype)
+            grads, norms, _, seconds = exact_gradients(half, loaded, mixture, dtype=dtype)
             cos = (grads * exact).sum(1) / (np.linalg.norm(grads, axis=1)
                                             * np.linalg.norm(exact, axis=1))
             err = np.linalg.norm(grads - exact, axis=1) / np.linalg.norm(exact, axis=1)
-            values, _ = instance_values(grads, codes, len(names), valid)
-            rho = [spearmanr(values[codes == t], truth[codes == t]).statistic
-                   for t in range(len(names))]
-            tv = task_values(norms, codes, len(names), valid)
+            iv, tv = values(grads, norms, codes, len(names))
+            rho = task_rhos(iv, truth, codes, len(names))
             print(f"| {str(dtype)[6:]} | {str(dtype)[6:] if adapters == 'model' else adapters} "
                   f"| {np.median(cos):.6f} | {cos.min():.6f} | {np.median(err):.4f} | "
                   f"{err.max():.4f} | {min(rho):.4f} | {float(np.median(rho)):.4f} | "
-                  f"{spearmanr(values, truth).statistic:.4f} | "
+                  f"{spearmanr(iv, truth).statistic:.4f} | "
                   f"{spearmanr(tv, exact_tv).statistic:.4f} | "
                   f"{float(np.max(np.abs(tv - exact_tv) / exact_tv)):.2%} | {seconds:.1f} |",
                   flush=True)

@@ -25,8 +25,8 @@ both (records/s, ×(b), peak GB); and (f) ``tive score`` with its default settin
 auto, workers from the CPU count) on ``--f-records`` records in a process held to ``--cap-gb``
 of GPU memory (80: the GPUs most users have), with and without ``--adapter-dtype model``:
 records/s as ``tive score`` reports it (its scoring loop, out-of-memory retries included) and
-the batch size auto reached. (e) and (f) run after this process has released the model and its cached
-memory; the GPU memory free then is shown.
+the batch size auto reached. (e) and (f) run after this process has released the model and its
+cached memory; the GPU memory free then is shown.
 
 ``--tiny`` runs the same code on the CPU with tiny shapes (a test runs it). The Bunny shape
 is SigLIP-so400m/384 + Phi-2 in transformers' LLaVA classes (as tive loads Bunny), saved as a

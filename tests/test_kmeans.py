@@ -86,12 +86,13 @@ def test_matching_with_short_candidate_lists_needs_more_passes(monkeypatch):
     assert picked.tolist() == km.greedy_match(x, centers).tolist() and len(calls) > 1
 
 
-def test_cluster_pick_shares_the_quota_by_cluster_size_nearest_first():
+def test_clusters_share_the_quota_by_cluster_size_nearest_first():
     rng = np.random.default_rng(0)
     big, small = rng.normal(size=(1, 6)), rng.normal(size=(1, 6))
     x = np.concatenate([big + 0.05 * rng.normal(size=(30, 6)),
                         small + 0.05 * rng.normal(size=(10, 6))]).astype(np.float32)
-    picked = km.cluster_pick(x, np.arange(40), 8, 2, rng.uniform(size=40), 0, 16)
+    picked = km.cluster_share(km.cluster_assign(x, np.arange(40), 2, rng.uniform(size=40), 0,
+                                                16), 8)
     assert (picked < 30).sum() == 6 and (picked >= 30).sum() == 2
     centers = np.stack([unit(x[:30]).mean(0), unit(x[30:]).mean(0)])
     nearest, _ = km.assign(x, np.arange(40), centers, 16)

@@ -34,18 +34,23 @@ def uncached(run):
                           data=run["data"], check_images=False)
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """Counts the passes over the features (calls of ``values.instance_values``)."""
+def count_calls(monkeypatch, module, name: str) -> dict[str, int]:
+    """Replace ``module.name`` by a wrapper counting its calls in the returned ``{"n": …}``."""
     counter = {"n": 0}
-    real = val.instance_values
+    real = getattr(module, name)
 
     def counted(*args, **kwargs):
         counter["n"] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(val, "instance_values", counted)
+    monkeypatch.setattr(module, name, counted)
     return counter
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the passes over the features (calls of ``values.instance_values``)."""
+    return count_calls(monkeypatch, val, "instance_values")
 
 
 def test_second_report_reads_the_cache_and_equals_an_uncached_one(store_run, calls):
@@ -189,14 +194,7 @@ def test_select_from_cache_writes_the_same_subset(store_run):
 def test_a_clusters_sweep_fits_once_and_equals_uncached_selections(store_run, monkeypatch):
     from tive import kmeans as km
 
-    fits = {"n": 0}
-    real = km.fit_centers
-
-    def counted(*args, **kwargs):
-        fits["n"] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(km, "fit_centers", counted)
+    fits = count_calls(monkeypatch, km, "fit_centers")
     pick = {"method": "kmeans", "clusters": 2}
     first = value_estimate(store=store_run["run"]).select(budget=0.3, **pick)
     fitted = fits["n"]

@@ -6,8 +6,8 @@ batch), so ∂loss/∂θ restricted to record i's graph is exactly record i's ow
 hooks on each key ``lora_A``/``lora_B`` ``nn.Linear`` keep its input ``x`` ``(B, T, in)`` and
 register a hook on its output; in the backward pass that hook receives the output gradient
 ``δ`` ``(B, T, out)``, and record i's gradient of the weight is ``Σ_t δ_it x_itᵀ``
-``(out, in)`` — one batched product (:func:`per_sample_products`). Each block is squared into the exact norm and handed
-to the projector at once, then dropped.
+``(out, in)`` — one batched product (:func:`per_sample_products`). Each block is squared into
+the exact norm and handed to the projector at once, then dropped.
 
 The model is in eval mode (no dropout). Only the key LoRA weights require gradients, and the
 backward pass is asked (``inputs=``) only for the weights of the *first* attention module:

@@ -133,19 +133,6 @@ def cluster_share(clusters: Clusters, n: int) -> np.ndarray:
     return np.sort(clusters.rows[rank < share[nearest]])
 
 
-def cluster_pick(features: np.ndarray, members: np.ndarray, n: int, clusters: int,
-                 noise: np.ndarray, seed: int, chunk_rows: int | None = None) -> np.ndarray:
-    """``n`` distinct rows of a task clustered into a fixed number of clusters (``--clusters``):
-    :func:`cluster_share` of :func:`cluster_assign`.
-
-    Returns:
-        ``(n,)`` rows, increasing.
-    """
-    if n <= 0:
-        return np.empty(0, dtype=np.int64)
-    return cluster_share(cluster_assign(features, members, clusters, noise, seed, chunk_rows), n)
-
-
 def assign(features: np.ndarray, members: np.ndarray, centers: np.ndarray,
            chunk_rows: int) -> tuple[np.ndarray, np.ndarray]:
     """``(m,)`` nearest centroid of each of the task's rows (ties: the lower centroid) and
