@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from tive.store import Store
+    from tive.store.format import Store
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput  # noqa: E402
@@ -146,7 +146,8 @@ def bergson_step(model, data, processor, targets: list[str], batches: list[list[
 def tive_pass(gf, batch_list: list[dict], n: int) -> tuple[float, Store]:
     """(b) over every batch, into a fresh store, as throughput.measure times it; seconds and
     the store."""
-    from tive.store import IndexEntry, RowWriter, Store, create_store
+    from tive.store.format import IndexEntry, Store
+    from tive.store.writers import RowWriter, create_store
 
     meta = {"projector": {"type": "sparse-jl"}, "data": {"path": "-", "fingerprint": "-"}}
     store = create_store(Path(tempfile.mkdtemp()) / "store", n=n, k=K, meta=meta,
@@ -165,8 +166,8 @@ def check_same_gradients(model, items: list, pad: int, batch_size: int, keys: li
     """bergson's unprojected per-sample gradients against tive's, on the first batch."""
     from bergson import CollectorComputer, GradientProcessor, InMemoryCollector
 
-    from tive.encode import collate
-    from tive.gradients import GradientFeatures
+    from tive.models.encoding import collate
+    from tive.scoring.gradients import GradientFeatures
 
     first = items[:batch_size]
     with GradientFeatures(model, FullBlocks([k.numel for k in keys])) as gf:
@@ -216,10 +217,10 @@ def main() -> None:
     import bergson
     from bergson import GradientProcessor
 
-    from tive.encode import collate
-    from tive.gradients import GradientFeatures
-    from tive.lora import key_parameters
-    from tive.projection import SparseJL
+    from tive.models.encoding import collate
+    from tive.projection.projectors import SparseJL
+    from tive.scoring.gradients import GradientFeatures
+    from tive.warmup.lora import key_parameters
 
     logging.disable(logging.INFO)  # bergson logs its 240 module names on every call
     warnings.filterwarnings("ignore", message="Full backward hook is firing")  # layer 0's A

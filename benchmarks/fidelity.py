@@ -46,11 +46,12 @@ EXAMPLE_MODEL = ROOT / "examples" / "llava-smollm2"
 
 def reference_model(r: int):
     """The example model with a freshly trained warm-up adapter, and the mixture."""
-    from tive.data import load_mixture
+    from tive.data.mixture import load_mixture
+    from tive.data.tasks import label_tasks
     from tive.models.load import load_model
     from tive.models.registry import resolve
-    from tive.tasks import label_tasks
-    from tive.warmup import WarmupConfig, train, warmup_sample
+    from tive.warmup.settings import WarmupConfig
+    from tive.warmup.training import train, warmup_sample
 
     if not (EXAMPLE_MODEL / "config.json").exists():
         sys.exit(f"{EXAMPLE_MODEL}: missing; run `python examples/build_model.py` first")
@@ -69,10 +70,10 @@ def exact_gradients(model, loaded, mixture, batch_size: int = 8,
                     ) -> tuple[np.ndarray, np.ndarray, list[int], float]:
     """``(N, D)`` exact gradients (float32), ``(N,)`` norms, the block lengths and the seconds
     the extraction took (encoding excluded); images in ``dtype`` (the model's)."""
-    from tive.encode import collate, encode_row, pad_id
-    from tive.gradients import GradientFeatures
-    from tive.lora import key_parameters
-    from tive.projection import Identity
+    from tive.models.encoding import collate, encode_row, pad_id
+    from tive.projection.projectors import Identity
+    from tive.scoring.gradients import GradientFeatures
+    from tive.warmup.lora import key_parameters
 
     encoder = loaded.encoder(512)
     items = [encode_row(encoder, mixture, i) for i in range(len(mixture))]
@@ -95,7 +96,7 @@ def values(feats: np.ndarray, norms: np.ndarray, codes: np.ndarray,
            n_tasks: int) -> tuple[np.ndarray, np.ndarray]:
     """``(N,)`` instance values of ``feats`` and ``(T,)`` task values of ``norms``, every row
     valid."""
-    from tive.values import instance_values, task_values
+    from tive.selection.values import instance_values, task_values
 
     valid = np.ones(len(feats), dtype=bool)
     return (instance_values(feats, codes, n_tasks, valid)[0],
@@ -109,7 +110,7 @@ def task_rhos(got: np.ndarray, truth: np.ndarray, codes: np.ndarray, n_tasks: in
 
 def project(kind: str, k: int, grads: np.ndarray, dims: list[int]) -> np.ndarray:
     """Features of ``grads`` with projector ``kind`` at ``k``, as float16 (the store's)."""
-    from tive.projection import make_projector, project_rows
+    from tive.projection.projectors import make_projector, project_rows
 
     out = project_rows(make_projector(kind, dims, k, seed=0), torch.from_numpy(grads),
                        dims).numpy()
@@ -181,10 +182,10 @@ def key_layers(model, loaded, mixture, codes, names, settings) -> None:
     (sparse JL, k = 8192, float16 rows): Spearman ρ of the instance values per task and over
     all records, Spearman ρ of the task values (exact norms of each), and the speed-up of the
     extraction (one timed pass each over the same batches, after a warm-up batch)."""
-    from tive.encode import collate, encode_row, pad_id
-    from tive.gradients import GradientFeatures
-    from tive.lora import key_parameters, parse_key_layers
-    from tive.projection import SparseJL
+    from tive.models.encoding import collate, encode_row, pad_id
+    from tive.projection.projectors import SparseJL
+    from tive.scoring.gradients import GradientFeatures
+    from tive.warmup.lora import key_parameters, parse_key_layers
 
     encoder = loaded.encoder(512)
     items = [encode_row(encoder, mixture, i) for i in range(len(mixture))]
@@ -228,7 +229,7 @@ def precision(model, loaded, mixture, codes, names, dtypes: list[torch.dtype],
     record, Spearman ρ of the instance values per task and of the task values, and the
     extraction's seconds (on this machine's CPU, not a GPU's). ``exact``:
     :func:`exact_gradients` of the float32 model."""
-    from tive.lora import adapters_to_model_dtype
+    from tive.warmup.lora import adapters_to_model_dtype
 
     exact, exact_norms, dims, exact_seconds = exact
     truth, exact_tv = values(exact, exact_norms, codes, len(names))

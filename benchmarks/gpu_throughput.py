@@ -153,7 +153,7 @@ def mixture(folder: Path, n: int, image: int, seed: int = 0) -> Path:
 def lora(model):
     from peft import LoraConfig, get_peft_model
 
-    from tive.lora import warmup_targets
+    from tive.warmup.lora import warmup_targets
 
     torch.manual_seed(0)  # B ≠ 0, as after a warm-up: every gradient is non-zero
     return get_peft_model(model, LoraConfig(r=128, lora_alpha=256, lora_dropout=0.05,
@@ -189,12 +189,13 @@ def measure(name: str, shape: dict, device: torch.device, dtype: torch.dtype, re
             variants: list | None = None, cap_gb: float = 80.0, f_records: int = 256) -> dict:
     """The first table's row for shape ``name``; with ``variants`` (a list), the second
     table's rows are appended to it."""
-    from tive.encode import collate, encode_row, make_encoder
-    from tive.gradients import GradientFeatures
-    from tive.lora import key_parameters
-    from tive.models.load import pad_to_square
-    from tive.projection import SparseJL
-    from tive.store import IndexEntry, RowWriter, create_store
+    from tive.models.encoding import collate, encode_row, make_encoder
+    from tive.models.llava import pad_to_square
+    from tive.projection.projectors import SparseJL
+    from tive.scoring.gradients import GradientFeatures
+    from tive.store.format import IndexEntry
+    from tive.store.writers import RowWriter, create_store
+    from tive.warmup.lora import key_parameters
 
     model, tok, processor = build(shape, device, dtype)
     folder = work / name
@@ -202,7 +203,7 @@ def measure(name: str, shape: dict, device: torch.device, dtype: torch.dtype, re
     image = shape["vision"][5]
     encoder = make_encoder("llava", tok, image_processor=pad_to_square(processor),
                            image_tokens=(image // 14) ** 2, max_length=2048)
-    from tive.data import load_mixture
+    from tive.data.mixture import load_mixture
 
     mix = load_mixture(data)
     items = [encode_row(encoder, mix, i) for i in range(len(mix))]
@@ -301,9 +302,9 @@ def b_variants(model, keys: list, batches: list, device: torch.device,
     matrices cast to the model's type, and both (``settings``); one pass each over
     ``batches``, the first batch not timed. Casts ``model``'s adapters in place (the last use
     of the model)."""
-    from tive.gradients import GradientFeatures, disable_checkpointing
-    from tive.lora import adapters_to_model_dtype
-    from tive.projection import SparseJL
+    from tive.projection.projectors import SparseJL
+    from tive.scoring.gradients import GradientFeatures, disable_checkpointing
+    from tive.warmup.lora import adapters_to_model_dtype
 
     hf = model.get_base_model()
     out = []
@@ -330,8 +331,8 @@ def authors(model, items: list, pad: int, keys: list, device: torch.device,
             dtype: torch.dtype) -> tuple[float, float]:
     """(c'), (c): records/s of one backward per record, without and with TRAK's CUDA
     projection (NaN when fast_jl does not import or on a CPU)."""
-    from tive.encode import collate
-    from tive.projection import _fast_jl
+    from tive.models.encoding import collate
+    from tive.projection.projectors import _fast_jl
 
     from throughput import keys_only
 
@@ -374,7 +375,7 @@ def end_to_end(folder: Path, data: Path, extra: list[str],
             str(folder / "-".join(["run", *(x.strip("-") for x in extra)])), *extra]
     cap = (f"t.cuda.set_per_process_memory_fraction(min(1.0, {cap_gb} * 2**30 / "
            f"t.cuda.get_device_properties(0).total_memory)); " if cap_gb else "")
-    code = f"import sys, torch as t; {cap}from tive.cli import main; main(sys.argv[1:])"
+    code = f"import sys, torch as t; {cap}from tive.cli.commands import main; main(sys.argv[1:])"
     res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
                          timeout=1800, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if res.returncode != 0:

@@ -40,8 +40,8 @@ def mixture_and_items(encoder, text_only: bool, spread: int) -> tuple:
     """The example mixture (images dropped for a text model; with ``spread`` > 1, each
     record's conversation repeated a seeded 1..spread times) and its records encoded once,
     row for row."""
-    from tive.data import load_mixture
-    from tive.encode import encode_row
+    from tive.data.mixture import load_mixture
+    from tive.models.encoding import encode_row
 
     records = json.loads(EXAMPLE.read_text())
     rng = np.random.default_rng(0)
@@ -64,7 +64,7 @@ def mixture_and_items(encoder, text_only: bool, spread: int) -> tuple:
 
 def one_pass(gf, writer, items: list, plan: list, pad: int) -> tuple[float, int]:
     """Extract and write every batch of ``plan``; seconds, and tokens computed (padded)."""
-    from tive.encode import collate
+    from tive.models.encoding import collate
 
     seconds, padded = 0.0, 0
     for rows in plan:
@@ -80,11 +80,12 @@ def one_pass(gf, writer, items: list, plan: list, pad: int) -> tuple[float, int]
 
 def measure(name: str, model, encoder, pad: int, text_only: bool, batch_size: int,
             rounds: int, spread: int) -> dict:
-    from tive.gradients import GradientFeatures
-    from tive.lora import key_parameters
-    from tive.projection import SparseJL
-    from tive.score import plan_batches, record_lengths
-    from tive.store import IndexEntry, RowWriter, create_store
+    from tive.projection.projectors import SparseJL
+    from tive.scoring.gradients import GradientFeatures
+    from tive.scoring.plan import plan_batches, record_lengths
+    from tive.store.format import IndexEntry
+    from tive.store.writers import RowWriter, create_store
+    from tive.warmup.lora import key_parameters
 
     mixture, items = mixture_and_items(encoder, text_only, spread)
     n = len(items)

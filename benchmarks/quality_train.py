@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tive.encode import IGNORE, Encoded
 from tive.models.load import quiet_peft
+from tive.models.segments import IGNORE, Encoded
 
 
 @dataclass(frozen=True)

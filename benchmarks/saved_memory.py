@@ -5,7 +5,7 @@ for the backward pass. Their count does not depend on the device, so it is measu
 CPU: decoder layers at the real widths of LLaVA-1.5-7B's Llama (4096 / 11008, 32 heads) and
 Bunny-3B's Phi-2 (2560 / 10240, 32 heads), in bfloat16, LoRA r = 128 on every linear layer (the
 warm-up's), and one record of ``--tokens`` tokens (``--answer`` of them supervised) through
-tive's own extraction (:class:`tive.gradients.GradientFeatures`, only the key LoRA matrices
+tive's own extraction (:class:`tive.scoring.gradients.GradientFeatures`, only the key LoRA matrices
 requiring gradients, as ``tive score`` runs). Every tensor saved for the backward pass is
 counted once (by its storage; weights excluded), with 3 and with 2 decoder layers: the
 difference is one layer's share.
@@ -47,7 +47,7 @@ def build(family: str, hidden: int, inter: int, heads: int, layers: int):
     from peft import get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
 
-    from tive.lora import lora_config, warmup_targets
+    from tive.warmup.lora import lora_config, warmup_targets
 
     common = {"hidden_size": hidden, "intermediate_size": inter, "num_attention_heads": heads,
               "num_hidden_layers": layers, "vocab_size": 512, "max_position_embeddings": 4096}
@@ -71,9 +71,9 @@ def build(family: str, hidden: int, inter: int, heads: int, layers: int):
 
 def saved_bytes(peft_model, tokens: int, answer: int) -> int:
     """Bytes of the tensors saved for the backward pass of one record's extraction."""
-    from tive.gradients import GradientFeatures
-    from tive.lora import key_parameters
-    from tive.projection import SparseJL
+    from tive.projection.projectors import SparseJL
+    from tive.scoring.gradients import GradientFeatures
+    from tive.warmup.lora import key_parameters
 
     weights = {p.untyped_storage().data_ptr() for p in peft_model.parameters()}
     seen: dict[int, int] = {}
@@ -96,7 +96,7 @@ def saved_bytes(peft_model, tokens: int, answer: int) -> int:
 
 
 def main() -> None:
-    from tive.lora import adapters_to_model_dtype
+    from tive.warmup.lora import adapters_to_model_dtype
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=890,

@@ -42,9 +42,10 @@ TASKS = [
 
 def build(workdir: Path, records: int, dim: int) -> None:
     """Write ``mix.json`` and ``run/store`` unless they are there already."""
-    from tive.data import load_mixture
-    from tive.store import IndexEntry, write_store
-    from tive.tasks import label_tasks
+    from tive.data.mixture import load_mixture
+    from tive.data.tasks import label_tasks
+    from tive.store.format import IndexEntry
+    from tive.store.writers import write_store
 
     scale = records / sum(n for _, n, _, _ in TASKS)
     counts = [max(1, round(n * scale)) for _, n, _, _ in TASKS]
@@ -140,7 +141,7 @@ def timed(cmd: list[str]) -> tuple[float, float]:
                 f"            open({str(report)!r}, 'w').write(line.split()[1])\n"
                 "atexit.register(peak)\n"
                 f"sys.argv = {['tive', *cmd[1:]]!r}\n"
-                "from tive.cli import main\n"
+                "from tive.cli.commands import main\n"
                 "main()\n")
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.DEVNULL)

@@ -207,11 +207,11 @@ def _train_all(args: argparse.Namespace, report: Any, held: Path,
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from tive.data import load_mixture
-    from tive.encode import encode_row, pad_id
+    from tive.data.mixture import load_mixture
+    from tive.data.tasks import label_tasks
+    from tive.models.encoding import encode_row, pad_id
     from tive.models.load import load_model
     from tive.models.registry import resolve
-    from tive.tasks import label_tasks
 
     done_path = args.out / f"runs-{args.shard_index}.json"
     done = json.loads(done_path.read_text()) if done_path.exists() else {}

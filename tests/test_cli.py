@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tive.cli import main
+from tive.cli.commands import main
 
 
 def run(*args, ok=True):

@@ -1,4 +1,4 @@
-"""Stage 1 (tive.data): reading every container x schema, verbatim subsets, keys, images, errors."""
+"""Stage 1 (tive.data.mixture): reading every container x schema, verbatim subsets, keys, images, errors."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import tive.data as tdata
-import tive.readers
-from tive.data import EMBEDDED, Turn, load_mixture
+import tive.data.mixture as tdata
+import tive.data.readers
+from tive.data.mixture import load_mixture
+from tive.data.schemas import EMBEDDED, Turn
 from tive.errors import DataError, TiveError
 
 datasets = pytest.importorskip("datasets")
@@ -289,7 +290,7 @@ def test_json_subset_copies_each_record_byte_for_byte(tmp_path):
 
 
 def test_json_subset_without_spans_is_written_from_the_parsed_records(tmp_path, monkeypatch):
-    monkeypatch.setattr(tive.readers, "record_spans", lambda source: None)
+    monkeypatch.setattr(tive.data.readers, "record_spans", lambda source: None)
     src = write_json(tmp_path / "m.json", LLAVA_RECORDS, indent=1)
     m = load_mixture(src)
     assert m.spans is None

@@ -6,11 +6,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tive import warmup as wu
-from tive.config import AUTHORS as SELECT_AUTHORS
-from tive.config import AUTHORS_EXCLUDE, DEFAULTS
-from tive.score_config import AUTHORS as SCORE_AUTHORS
-from tive.score_config import ScoreConfig
+from tive.scoring.settings import AUTHORS as SCORE_AUTHORS, ScoreConfig
+from tive.selection.settings import AUTHORS_EXCLUDE, DEFAULTS, AUTHORS as SELECT_AUTHORS
+from tive.warmup import training as wu
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -14,17 +14,12 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import CLIPImageProcessorPil, PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
 
-from tive.data import Record, Turn
-from tive.encode import (
-    IGNORE,
-    Encoded,
-    Skipped,
-    collate,
-    make_encoder,
-)
+from tive.data.schemas import Record, Turn
 from tive.errors import ConfigError
 from tive.models.bunny import BUNNY
+from tive.models.encoding import collate, make_encoder
 from tive.models.llava import LLAVA
+from tive.models.segments import IGNORE, Encoded, Skipped
 
 QWEN_SYSTEM = "You are a helpful assistant."
 CHATML = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n"
@@ -386,9 +381,9 @@ def test_make_encoder_refuses_bad_settings():
 def test_a_bug_in_an_encoder_raises_while_a_refused_image_is_a_skip(tmp_path):
     import json
 
-    from tive.data import load_mixture
-    from tive.encode import encode_row
-    from tive.segments import UnusableImage
+    from tive.data.mixture import load_mixture
+    from tive.models.encoding import encode_row
+    from tive.models.segments import UnusableImage
 
     Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
     (tmp_path / "mix.json").write_text(json.dumps([{"id": "a", "image": "a.png", "conversations": [

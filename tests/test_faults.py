@@ -24,11 +24,11 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tive import fileio
-from tive.cli import main
-from tive.data import load_mixture
+from tive.cli.commands import main
+from tive.data.mixture import load_mixture
+from tive.data.tasks import label_tasks
 from tive.errors import ConfigError, DataError, OutputError, TiveError
-from tive.tasks import label_tasks
+from tive.util import files as fileio
 
 FAST = settings(max_examples=30, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -178,7 +178,7 @@ def test_select_refuses_to_write_onto_the_input_mixture(mixture_run):
 
 def test_outputs_of_one_selection_are_replaced_together_or_not_at_all(mixture_run,
                                                                      monkeypatch):
-    from tive import report as rep
+    from tive.selection import report as rep
 
     run = imported(mixture_run)
     assert invoke("select", "--run", run, "--budget", "0.25").exit_code == 0
@@ -208,7 +208,7 @@ def test_a_lone_surrogate_does_not_stop_the_length_estimate(tmp_path):
 
     from tive.models.load import load_model
     from tive.models.registry import resolve
-    from tive.plan import record_lengths
+    from tive.scoring.plan import record_lengths
 
     data = tmp_path / "mix.json"
     data.write_text('[{"id": "a", "conversations": [{"from": "human", "value": "bad \\ud800"},'
@@ -219,7 +219,7 @@ def test_a_lone_surrogate_does_not_stop_the_length_estimate(tmp_path):
     encoder = load_model(resolve(str(tmp_path / "model")), "fp32", "cpu").encoder(512)
     lengths = record_lengths(mixture, encoder)
     assert (lengths > 0).all()
-    from tive.encode import encode_row
+    from tive.models.encoding import encode_row
 
     assert encode_row(encoder, mixture, 0) == "error"  # skipped and counted when scored
     assert not isinstance(encode_row(encoder, mixture, 1), str)
@@ -404,7 +404,7 @@ def test_random_parquet_columns_give_a_data_error_or_a_mixture(tmp_path, cells):
 def test_a_second_writer_is_refused_naming_the_holder_and_readers_do_not_block(mixture_run):
     run = imported(mixture_run)
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from tive.fileio import run_lock\n"
+        [sys.executable, "-c", "import sys, time; from tive.util.files import run_lock\n"
          f"with run_lock({str(run)!r}, 'tive score'):\n"
          "    print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
     try:
@@ -425,7 +425,7 @@ def test_a_second_writer_is_refused_naming_the_holder_and_readers_do_not_block(m
 
 
 def test_ranks_of_one_job_share_the_lock(tmp_path):
-    from tive.dist import Dist
+    from tive.util.dist import Dist
 
     with Dist(rank=0, world=1).exclusive(tmp_path / "run", "tive score"):
         with pytest.raises(ConfigError, match="in use by `tive score`"):
@@ -436,7 +436,7 @@ def test_ranks_of_one_job_share_the_lock(tmp_path):
 
 
 def test_adapter_identity_does_not_depend_on_the_order_of_names(tmp_path):
-    from tive.identity import adapter_sha256
+    from tive.scoring.identity import adapter_sha256
 
     for name, targets in (("a", ["q_proj", "v_proj", "k_proj"]), ("b", ["k_proj", "q_proj",
                                                                       "v_proj"])):
@@ -454,7 +454,7 @@ def test_adapter_identity_does_not_depend_on_the_order_of_names(tmp_path):
 # --- (6) replace windows and stale temporaries ----------------------------------------------------
 
 def test_force_keeps_the_old_store_until_the_new_one_is_complete(mixture_run, monkeypatch):
-    from tive import identity as score
+    from tive.scoring import identity as score
 
     run = imported(mixture_run)
     old = tree(run / "store")

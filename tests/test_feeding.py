@@ -13,12 +13,12 @@ from test_gradients import batched, collate, items, peft_model, reference, rel
 from test_warmup import image_mixture
 from zoo import save_llava_folder
 
-from tive.cli import main
+from tive.cli.commands import main
 from tive.errors import ConfigError
-from tive.gradients import GradientFeatures
-from tive.lora import key_parameters, parse_key_layers
-from tive.projection import Identity
-from tive.store import ARRAYS, Store
+from tive.projection.projectors import Identity
+from tive.scoring.gradients import GradientFeatures
+from tive.store.format import ARRAYS, Store
+from tive.warmup.lora import key_parameters, parse_key_layers
 
 SMALL = ["--proj-dim", "64", "--max-length", "256", "--device", "cpu", "--quiet",
          "--feature-dtype", "float32"]
@@ -148,10 +148,11 @@ def test_checkpointed_gradients_equal_the_plain_ones(family):
 def test_checkpointed_warmup_trains_the_same_adapter(tmp_path):
     from test_warmup import _trained
 
-    from tive.data import load_mixture
+    from tive.data.mixture import load_mixture
     from tive.models.load import load_model
     from tive.models.registry import resolve
-    from tive.warmup import WarmupConfig, train
+    from tive.warmup.settings import WarmupConfig
+    from tive.warmup.training import train
 
     plain = _trained(tmp_path, 3)[0]
     loaded = load_model(resolve(str(tmp_path / "model")), dtype="fp32", device="cpu")
@@ -226,7 +227,7 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def test_adapter_dtype_model_casts_every_lora_matrix_and_nothing_else():
-    from tive.lora import adapters_to_model_dtype
+    from tive.warmup.lora import adapters_to_model_dtype
 
     model = _half("llava")
     before = {n: p.dtype for n, p in model.named_parameters()}
@@ -242,7 +243,7 @@ def test_adapter_dtype_model_casts_every_lora_matrix_and_nothing_else():
 
 @pytest.mark.parametrize("family", ["llava", "llama", "qwen2-vl"])
 def test_bfloat16_adapters_give_features_near_the_float32_adapters_ones(family):
-    from tive.lora import adapters_to_model_dtype
+    from tive.warmup.lora import adapters_to_model_dtype
 
     records = items(family)
     exact = reference(peft_model(family), records)["grads"]
@@ -260,7 +261,7 @@ def test_bfloat16_adapters_give_features_near_the_float32_adapters_ones(family):
 def _fake_mixed_bmm(monkeypatch, calls: list, fail: bool = False) -> None:
     """Pretend this CPU has PyTorch's CUDA-only ``bmm(..., out_dtype=float32)``: the float32
     product of the upcast 16-bit inputs (what the kernel computes), or an error (``fail``)."""
-    import tive.gradients as gradients
+    import tive.scoring.gradients as gradients
 
     real = torch.bmm
 
@@ -279,7 +280,7 @@ def _fake_mixed_bmm(monkeypatch, calls: list, fail: bool = False) -> None:
 
 @pytest.mark.parametrize("fail", [False, True])
 def test_sixteen_bit_products_accumulate_in_float32_as_the_einsum_does(monkeypatch, fail):
-    from tive.gradients import per_sample_products
+    from tive.scoring.gradients import per_sample_products
 
     rng = torch.Generator().manual_seed(0)
     delta = torch.randn(3, 7, 5, generator=rng).to(torch.bfloat16)
@@ -305,7 +306,7 @@ def test_sixteen_bit_products_accumulate_in_float32_as_the_einsum_does(monkeypat
 
 def test_out_of_memory_in_the_mixed_products_is_raised_not_taken_for_a_missing_kernel(
         monkeypatch):
-    import tive.gradients as gradients
+    import tive.scoring.gradients as gradients
 
     def bmm(a, b, *, out_dtype=None):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -323,7 +324,7 @@ def test_out_of_memory_in_the_mixed_products_is_raised_not_taken_for_a_missing_k
 def test_adapter_dtype_model_casts_a_lora_bias_too():
     from peft import LoraConfig, get_peft_model
 
-    from tive.lora import adapters_to_model_dtype, warmup_targets
+    from tive.warmup.lora import adapters_to_model_dtype, warmup_targets
     from zoo import text_llama
 
     base = text_llama()
@@ -342,7 +343,7 @@ def test_adapter_dtype_model_casts_a_lora_bias_too():
 
 
 def test_bf16_adapters_take_the_mixed_products_in_the_hooks(monkeypatch):
-    from tive.lora import adapters_to_model_dtype
+    from tive.warmup.lora import adapters_to_model_dtype
 
     records = items("llava")
     model = _half("llava")

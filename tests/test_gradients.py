@@ -8,10 +8,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from zoo import FAMILIES, VOCAB
 
-from tive.encode import Encoded, collate
-from tive.gradients import GradientFeatures
-from tive.lora import key_parameters, warmup_targets
-from tive.projection import Identity, SparseJL
+from tive.models.encoding import collate
+from tive.models.segments import Encoded
+from tive.projection.projectors import Identity, SparseJL
+from tive.scoring.gradients import GradientFeatures
+from tive.warmup.lora import key_parameters, warmup_targets
 
 REL = 1e-10  # issue: ≤ 1e-6; float64 gives ~1e-15, float32 anywhere ~1e-7
 IMAGE_FAMILIES = ("llava", "bunny", "qwen2-vl")

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tive.cli import main
-from tive.html_report import EXAMPLES, write_html
+from tive.cli.commands import main
+from tive.output.page import EXAMPLES, write_html
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                   "--no-first-run", "--disable-background-networking",

@@ -9,11 +9,11 @@ from conftest import write_mixture
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tive import kmeans as km
 from tive import value_estimate
-from tive.config import SelectConfig
 from tive.errors import ConfigError
-from tive.report import Report
+from tive.selection import kmeans as km
+from tive.selection.report import Report
+from tive.selection.settings import SelectConfig
 
 # ---------------------------------------------------------------------------- balanced
 
@@ -233,7 +233,7 @@ def test_kmeans_refuses_without_features_and_options_elsewhere(kreport):
 def test_kmeans_from_a_store_through_the_cli(mixture_run):
     from click.testing import CliRunner
 
-    from tive.cli import main
+    from tive.cli.commands import main
 
     d = mixture_run["dir"]
     runner = CliRunner()

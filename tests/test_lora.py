@@ -10,8 +10,8 @@ from peft import get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM, PhiConfig, PhiForCausalLM
 from zoo import ATTENTION, FAMILIES
 
-from tive import lora
 from tive.errors import ConfigError
+from tive.warmup import lora
 
 VISION = re.compile(r"vision|visual|multi_modal_projector|merger")
 

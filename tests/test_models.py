@@ -91,7 +91,7 @@ def test_device_and_dtype_choices():
 def test_doctor_reports_versions_kernel_and_aliases():
     from click.testing import CliRunner
 
-    from tive.cli import main
+    from tive.cli.commands import main
 
     res = CliRunner().invoke(main, ["doctor"])
     assert res.exit_code == 0, res.output

@@ -9,9 +9,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from tive.cli import WORKFLOW, main
-from tive.config import Budget
+from tive.cli.commands import WORKFLOW, main
 from tive.errors import ConfigError, DataError
+from tive.selection.settings import Budget
 
 
 def run(*args, ok=True):
@@ -82,7 +82,7 @@ def test_random_table_has_no_value_or_quota_columns(mixture_run):
 
 
 def test_an_image_given_as_data_is_named(tmp_path):
-    from tive.data import load_mixture
+    from tive.data.mixture import load_mixture
 
     jpeg = tmp_path / "photo.jpg"
     jpeg.write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(128, 256)) * 4)
@@ -124,16 +124,16 @@ def _modules_after(code: str) -> set[str]:
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["select", "--help"],
                                   ["score", "--help"]])
 def test_help_and_version_do_not_import_torch_or_numpy(argv):
-    loaded = _modules_after("from tive.cli import main\n"
+    loaded = _modules_after("from tive.cli.commands import main\n"
                             f"try:\n    main({argv!r})\nexcept SystemExit:\n    pass")
     assert not {"torch", "numpy", "transformers"} & loaded
 
 
 def test_tasks_does_not_import_torch(mixture_run):
-    loaded = _modules_after("from tive.cli import main\n"
+    loaded = _modules_after("from tive.cli.commands import main\n"
                             f"try:\n    main(['tasks', {str(mixture_run['data'])!r}])\n"
                             "except SystemExit:\n    pass")
-    assert "tive.data" in loaded and "torch" not in loaded
+    assert "tive.data.mixture" in loaded and "torch" not in loaded
 
 
 def test_import_tive_is_light_and_still_exports():
@@ -186,7 +186,7 @@ def test_scoring_bar_counts_estimated_tokens_so_longest_first_batches_do_not_ske
 
     import numpy as np
 
-    from tive.progress import TokenBar
+    from tive.util.progress import TokenBar
 
     lengths = np.array([500, 480, 20, 10, 12, 8])
     batches = [np.array([0, 1]), np.array([2, 3]), np.array([4, 5])]  # longest first

@@ -16,11 +16,11 @@ import torch
 from click.testing import CliRunner
 
 import tive
-from tive.cli import main
-from tive.config import SelectConfig
+from tive.cli.commands import main
 from tive.errors import ConfigError
-from tive.score_config import ScoreConfig
-from tive.warmup import WarmupConfig
+from tive.scoring.settings import ScoreConfig
+from tive.selection.settings import SelectConfig
+from tive.warmup.settings import WarmupConfig
 
 # task -> (records, exact gradient norm of each): N = 40, textcaps excluded from valuation
 SIZES = {"a": (10, 1.0), "b": (10, 2.0), "c": (3, 3.0), "textcaps": (17, 9.0)}
@@ -126,7 +126,7 @@ def test_paper_settings_of_scoring_and_warmup():
 
 
 def test_paper_on_a_gpu_without_trak_kernel_is_refused_with_the_install_command(monkeypatch):
-    from tive import projection
+    from tive.projection import projectors as projection
 
     monkeypatch.setattr(projection, "_fast_jl", lambda: False)
     with pytest.raises(ConfigError, match="TORCH_CUDA_ARCH_LIST=.*pip install "

@@ -17,12 +17,19 @@ from peft import LoraConfig, get_peft_model
 from scipy.stats import spearmanr
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tive.encode import Encoded, collate
 from tive.errors import ConfigError
-from tive.gradients import GradientFeatures
-from tive.lora import key_parameters
-from tive.projection import Identity, SparseJL, TrakProjector, make_projector, project_rows
-from tive.values import instance_values
+from tive.models.encoding import collate
+from tive.models.segments import Encoded
+from tive.projection.projectors import (
+    Identity,
+    SparseJL,
+    TrakProjector,
+    make_projector,
+    project_rows,
+)
+from tive.scoring.gradients import GradientFeatures
+from tive.selection.values import instance_values
+from tive.warmup.lora import key_parameters
 
 DELTA = 1e-6  # failure rate of each bound below
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 import tive
-from tive.config import Method, SelectConfig
 from tive.errors import ConfigError
-from tive.methods import METHODS, method_named
 from tive.models import registry
-from tive.projectors import PROJECTORS, SETTINGS
-from tive.score_config import ScoreConfig
-from tive.skips import BY_CODE, CODES, SkipReason
-from tive.warmup_config import WarmupConfig
+from tive.models.skips import BY_CODE, CODES, SkipReason
+from tive.projection.registry import PROJECTORS, SETTINGS
+from tive.scoring.settings import ScoreConfig
+from tive.selection.methods import METHODS, method_named
+from tive.selection.settings import Method, SelectConfig
+from tive.warmup.settings import WarmupConfig
 
 
 def test_every_family_is_found_by_its_model_types_and_aliases_are_unique():

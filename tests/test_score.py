@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from test_warmup import image_mixture
 from zoo import save_llava_folder
 
-from tive.cli import main
-from tive.skips import BY_CODE as SKIP_REASONS
-from tive.store import Store
+from tive.cli.commands import main
+from tive.models.skips import BY_CODE as SKIP_REASONS
+from tive.store.format import Store
 
 ARRAYS = ("features", "norms", "loss", "ntokens", "done", "skipped")
 SMALL = ["--lora-r", "4", "--lora-alpha", "8", "--warmup-fraction", "1", "--max-length", "256",
@@ -329,7 +329,8 @@ def test_score_then_select_on_the_shipped_example_from_a_fresh_shell(tmp_path, m
 
 
 def test_parts_left_by_a_crash_are_folded_in_and_half_made_parts_ignored(tmp_path):
-    from tive.store import IndexEntry, create_part, create_store, fold_parts
+    from tive.store.format import IndexEntry
+    from tive.store.writers import create_part, create_store, fold_parts
 
     meta = {"projector": {"type": "sparse-jl"}, "data": {"path": "-", "fingerprint": "-"}}
     store = create_store(tmp_path / "store", n=10, k=4, meta=meta,
@@ -353,7 +354,8 @@ def test_parts_left_by_a_crash_are_folded_in_and_half_made_parts_ignored(tmp_pat
 
 def test_rows_written_out_of_order_land_where_they_belong_and_bad_ones_are_named(tmp_path):
     from tive.errors import StoreError
-    from tive.store import IndexEntry, RowWriter, create_store
+    from tive.store.format import IndexEntry
+    from tive.store.writers import RowWriter, create_store
 
     meta = {"projector": {"type": "sparse-jl"}, "data": {"path": "-", "fingerprint": "-"}}
     store = create_store(tmp_path / "store", n=10, k=4, meta=meta,
@@ -378,7 +380,7 @@ def test_rows_written_out_of_order_land_where_they_belong_and_bad_ones_are_named
        seed=st.integers(0, 2**32 - 1))
 def test_batch_plan_covers_every_row_once_and_groups_lengths_within_windows(n, batch_size,
                                                                            grouped, seed):
-    from tive.plan import GROUP_WINDOW, plan_batches
+    from tive.scoring.plan import GROUP_WINDOW, plan_batches
 
     lengths = np.random.default_rng(seed).integers(0, 6, size=n)  # many ties
     plan = plan_batches(n, batch_size, lengths if grouped else None)
@@ -400,7 +402,7 @@ def test_batch_plan_covers_every_row_once_and_groups_lengths_within_windows(n, b
 
 
 def test_pending_batches_are_those_of_the_plan_not_yet_done():
-    from tive.plan import pending_batches, plan_batches
+    from tive.scoring.plan import pending_batches, plan_batches
 
     plan = plan_batches(10, 3, np.array([1, 9, 2, 8, 3, 7, 4, 6, 5, 0]))
     assert [b.tolist() for b in plan] == [[1, 3, 5], [7, 8, 6], [4, 2, 0], [9]]
@@ -420,7 +422,7 @@ def test_length_estimate_orders_records_as_their_encoded_lengths(family):
     from scipy.stats import spearmanr
     from test_encode import encoder, picture, record
 
-    from tive.plan import record_lengths
+    from tive.scoring.plan import record_lengths
 
     enc = encoder(family, max_length=10_000)
     rng = np.random.default_rng(0)
@@ -446,7 +448,7 @@ def test_length_estimate_orders_records_as_their_encoded_lengths(family):
 
 
 def test_only_windows_with_a_pending_row_are_measured():
-    from tive.plan import GROUP_WINDOW, open_window_rows
+    from tive.scoring.plan import GROUP_WINDOW, open_window_rows
 
     window = GROUP_WINDOW * 2
     done = np.ones(3 * window + 5, dtype=bool)
@@ -458,8 +460,8 @@ def test_only_windows_with_a_pending_row_are_measured():
 
 
 def test_unit_rows_keep_tiny_gradients_in_float16():
-    from tive.scoring import unit_rows
-    from tive.store import _cast_rows
+    from tive.scoring.loop import unit_rows
+    from tive.store.writers import _cast_rows
 
     tiny = np.random.default_rng(0).normal(size=(3, 8192)) * 1e-9  # ‖g‖ ≈ 1e-7
     tiny[1] = 0
@@ -489,12 +491,13 @@ def test_rows_that_cannot_be_scored_keep_their_reason_and_the_run_goes_on(tmp_pa
     their reason, and the other records of their batches are written."""
     from types import SimpleNamespace
 
-    from tive.data import load_mixture
-    from tive.encode import Encoded, Skipped
-    from tive.gradients import BatchFeatures
-    from tive.score_config import ScoreConfig
-    from tive.scoring import score_batches
-    from tive.store import IndexEntry, RowWriter, create_store
+    from tive.data.mixture import load_mixture
+    from tive.models.segments import Encoded, Skipped
+    from tive.scoring.gradients import BatchFeatures
+    from tive.scoring.loop import score_batches
+    from tive.scoring.settings import ScoreConfig
+    from tive.store.format import IndexEntry
+    from tive.store.writers import RowWriter, create_store
 
     mixture = load_mixture(text_mixture(tmp_path / "data", 8))
     index = {mixture[i].id: i for i in range(len(mixture))}
@@ -543,7 +546,7 @@ def test_trak_projector_through_tive_score(tmp_path, model_dir, monkeypatch):
     `--projector none`), and warns when its CPU projector will be slow."""
     import torch
 
-    import tive.projection as projection
+    import tive.projection.projectors as projection
 
     data = text_mixture(tmp_path / "data", 10)
     ref = reference(model_dir, data, tmp_path / "ref", 0.5)

@@ -11,9 +11,9 @@ from conftest import task_features, write_mixture
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from tive import selection as sel
 from tive import value_estimate
 from tive.errors import ConfigError
+from tive.selection import quotas as sel
 
 # ---------------------------------------------------------------------------- quotas
 
@@ -288,9 +288,9 @@ def test_value_estimate_refuses_arguments_it_would_ignore(mixture_run, given, fr
 
 
 def test_value_estimate_from_a_store_refuses_arrays(mixture_run):
-    from tive.data import load_mixture
-    from tive.importers import import_store
-    from tive.tasks import label_tasks
+    from tive.data.mixture import load_mixture
+    from tive.data.tasks import label_tasks
+    from tive.store.external import import_store
     m = load_mixture(mixture_run["data"])
     import_store(mixture_run["run"], m, label_tasks(m), {"features": mixture_run["features"],
                  "norms": mixture_run["norms"]}, source="t", settings={})

@@ -22,8 +22,8 @@ import selection_quality as sq  # noqa: E402
 
 
 def test_mixture_has_tasks_of_unequal_size_and_disjoint_held_out_questions(tmp_path):
-    from tive.data import load_mixture
-    from tive.tasks import label_tasks
+    from tive.data.mixture import load_mixture
+    from tive.data.tasks import label_tasks
 
     mix, ev = qm.build(tmp_path / "a", qm.SIZES)
     train, held = json.loads(mix.read_text()), json.loads(ev.read_text())
@@ -64,7 +64,7 @@ def tiny_model(folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from tive.encode import pad_id
+    from tive.models.encoding import pad_id
     from tive.models.load import load_model
     from tive.models.registry import resolve
 
@@ -120,7 +120,7 @@ def test_training_lowers_the_loss_and_leaves_the_base_model_alone(tiny):
 
 
 def test_methods_cover_tive_and_every_baseline():
-    from tive.config import Method
+    from tive.selection.settings import Method
 
     assert {kw["method"] for kw, _ in sq.METHODS.values()} == {m.value for m in Method}
     assert "tive-top" in sq.METHODS and sq.FULL not in sq.METHODS

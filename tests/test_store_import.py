@@ -10,11 +10,11 @@ import torch
 from conftest import write_mixture
 
 from tive import value_estimate
-from tive.data import load_mixture
+from tive.data.mixture import load_mixture
+from tive.data.tasks import label_tasks
 from tive.errors import DataError, OutputError, StoreError
-from tive.importers import import_store, read_authors_outputs, reorder_by_ids
-from tive.store import Store
-from tive.tasks import label_tasks
+from tive.store.external import import_store, read_authors_outputs, reorder_by_ids
+from tive.store.format import Store
 
 
 def _import(mixture_run, **kw):
@@ -172,7 +172,7 @@ def test_float16_store_refuses_features_it_cannot_hold(mixture_run, scale):
 
 
 def test_ids_file_errors_are_data_errors(mixture_run, tmp_path):
-    from tive.importers import read_ids
+    from tive.store.external import read_ids
     bad = tmp_path / "ids.json"
     bad.write_text("[1, 2")
     with pytest.raises(DataError, match="ids.json:1:"):

@@ -1,4 +1,4 @@
-"""Stage 2 (tive.tasks): LLaVA-1.5 665K task inference, explicit fields, counts."""
+"""Stage 2 (tive.data.tasks): LLaVA-1.5 665K task inference, explicit fields, counts."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tive.data import Record, Turn, load_mixture
-from tive.tasks import TaskLabels, infer_task, label_tasks
+from tive.data.mixture import load_mixture
+from tive.data.schemas import Record, Turn
+from tive.data.tasks import TaskLabels, infer_task, label_tasks
 
 SHORT = "Answer the question using a single word or phrase."
 LETTER = "Answer with the option's letter from the given choices directly."
@@ -356,7 +357,7 @@ def test_urls_and_inline_images_have_no_folder_task(image):
 @given(st.lists(st.sampled_from(["vqa", "gqa", "Gqa", "ocr_vqa", "é", "日本", "", None, 3]),
                 max_size=30))
 def test_factorize_is_numpy_unique(labels):
-    from tive.tasks import factorize
+    from tive.data.tasks import factorize
 
     tasks = np.array(labels, dtype=object)
     names, codes = factorize(tasks)

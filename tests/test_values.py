@@ -10,7 +10,7 @@ from conftest import TOL, TOL32
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tive import values as val
+from tive.selection import values as val
 
 
 def reference_instance_values(features: np.ndarray, tasks: np.ndarray, valid: np.ndarray) -> np.ndarray:

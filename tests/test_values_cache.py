@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from tive import values as val
-from tive import values_cache as vc
 from tive.api import value_estimate
-from tive.cli import main
-from tive.store import Store
+from tive.cli.commands import main
+from tive.selection import value_cache as vc, values as val
+from tive.store.format import Store
 
 
 def cli(*args):
@@ -115,9 +114,9 @@ def test_only_the_newest_files_are_kept_per_prefix(tmp_path):
 def test_a_cached_mixture_is_the_mixture(store_run, tmp_path, jsonl):
     import json
 
-    from tive.data import load_mixture
-    from tive.mixture_cache import load_labelled
-    from tive.tasks import label_tasks
+    from tive.data.cache import load_labelled
+    from tive.data.mixture import load_mixture
+    from tive.data.tasks import label_tasks
 
     data = store_run["data"]
     if jsonl:
@@ -156,8 +155,8 @@ def test_a_file_changed_without_a_new_size_or_time_is_read_afresh(store_run, tmp
     the cached labels, keys and spans must not be used for the new bytes."""
     import json
 
-    from tive.data import load_mixture
-    from tive.mixture_cache import load_labelled
+    from tive.data.cache import load_labelled
+    from tive.data.mixture import load_mixture
 
     records = json.loads(store_run["data"].read_text())
     data = tmp_path / ("m.jsonl" if jsonl else "m.json")
@@ -192,7 +191,7 @@ def test_select_from_cache_writes_the_same_subset(store_run):
 
 
 def test_a_clusters_sweep_fits_once_and_equals_uncached_selections(store_run, monkeypatch):
-    from tive import kmeans as km
+    from tive.selection import kmeans as km
 
     fits = count_calls(monkeypatch, km, "fit_centers")
     pick = {"method": "kmeans", "clusters": 2}

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from tive.errors import ConfigError
-from tive.warmup import WarmupConfig, warmup_sample
+from tive.warmup.settings import WarmupConfig
+from tive.warmup.training import warmup_sample
 
 
 def tasks_of(sizes: dict[str, int]) -> np.ndarray:
@@ -75,12 +76,12 @@ def test_warmup_lowers_the_loss_and_the_saved_adapter_reloads_identically(tmp_pa
     from peft import PeftModel
     from zoo import save_llava_folder
 
-    from tive.cli import main
-    from tive.data import load_mixture
-    from tive.encode import collate, pad_id
+    from tive.cli.commands import main
+    from tive.data.mixture import load_mixture
+    from tive.models.encoding import collate, pad_id
     from tive.models.load import load_model
     from tive.models.registry import resolve
-    from tive.warmup import item_batches
+    from tive.warmup.training import item_batches
 
     model_dir = tmp_path / "model"
     save_llava_folder(model_dir)
@@ -126,12 +127,12 @@ def test_reloaded_adapter_gives_identical_outputs(tmp_path):
     from peft import PeftModel
     from zoo import save_llava_folder
 
-    from tive.data import load_mixture
-    from tive.encode import collate, pad_id
+    from tive.data.mixture import load_mixture
+    from tive.models.encoding import collate, pad_id
     from tive.models.load import load_model
     from tive.models.registry import resolve
-    from tive.reference import save_reference
-    from tive.warmup import item_batches, train
+    from tive.warmup.reference import save_reference
+    from tive.warmup.training import item_batches, train
 
     save_llava_folder(tmp_path / "model")
     mixture = load_mixture(image_mixture(tmp_path / "data", n_per_task=2))
@@ -155,10 +156,10 @@ def test_reloaded_adapter_gives_identical_outputs(tmp_path):
 def test_text_only_batches_of_a_visual_model_train(tmp_path):
     from zoo import save_llava_folder
 
-    from tive.data import load_mixture
+    from tive.data.mixture import load_mixture
     from tive.models.load import load_model
     from tive.models.registry import resolve
-    from tive.warmup import train
+    from tive.warmup.training import train
 
     save_llava_folder(tmp_path / "model")
     mixture = load_mixture(image_mixture(tmp_path / "data", n_per_task=2))
@@ -171,7 +172,7 @@ def test_text_only_batches_of_a_visual_model_train(tmp_path):
 
 def test_interrupted_save_leaves_no_reference_that_looks_complete(tmp_path):
     from tive.errors import TiveError
-    from tive.reference import save_reference
+    from tive.warmup.reference import save_reference
 
     class Dying:
         def save_pretrained(self, path):
@@ -188,7 +189,7 @@ def test_interrupted_save_leaves_no_reference_that_looks_complete(tmp_path):
 def test_lora_targets_option_restricts_layers_and_names_unknown_ones(tmp_path):
     from zoo import llava_clip_llama
 
-    from tive.lora import warmup_targets
+    from tive.warmup.lora import warmup_targets
 
     model = llava_clip_llama()
     chosen = warmup_targets(model, ("q_proj", "v_proj"))
@@ -222,7 +223,7 @@ def test_warmup_runs_for_each_visual_family_from_a_model_folder(tmp_path, family
 
     from click.testing import CliRunner
 
-    from tive.cli import main
+    from tive.cli.commands import main
     from tive.models.registry import resolve
 
     build(tmp_path / "model")
@@ -244,7 +245,7 @@ def test_nothing_encodable_is_an_error_and_nothing_is_saved(tmp_path):
     from click.testing import CliRunner
     from zoo import save_llava_folder
 
-    from tive.cli import main
+    from tive.cli.commands import main
 
     save_llava_folder(tmp_path / "model")
     data = image_mixture(tmp_path / "data", n_per_task=2)
@@ -268,9 +269,9 @@ def test_nothing_encodable_is_an_error_and_nothing_is_saved(tmp_path):
 
 
 def test_a_text_model_samples_only_text_records(tmp_path):
-    from tive.data import load_mixture
+    from tive.data.mixture import load_mixture
     from tive.errors import DataError
-    from tive.warmup import usable_rows
+    from tive.warmup.training import usable_rows
 
     mixture = load_mixture(image_mixture(tmp_path / "data", n_per_task=2))
     none_missing = np.zeros(len(mixture), dtype=bool)
@@ -283,7 +284,7 @@ def test_a_text_model_samples_only_text_records(tmp_path):
 def test_defaults_are_the_authors_recipe():
     """The TIVE authors' finetune_lora.sh: r 128, alpha 256, dropout 0.05, lr 2e-5 (projector
     2e-5), cosine after 3% warm-up, weight decay 0, one epoch, 16 × 8 GPUs = 128 per step."""
-    from tive import warmup as wu
+    from tive.warmup import training as wu
 
     config = WarmupConfig()
     assert (config.r, config.alpha, config.dropout) == (128, 256, 0.05)
@@ -296,7 +297,7 @@ def test_defaults_are_the_authors_recipe():
 
 
 def test_recipe_reaches_the_global_batch_by_accumulation():
-    from tive.warmup import Recipe, plan_recipe
+    from tive.warmup.training import Recipe, plan_recipe
 
     config = WarmupConfig()  # 128 per step, 4 per forward
     assert plan_recipe(config, 53_223, 1, None) == Recipe(416, 13, 32, None)
@@ -311,10 +312,10 @@ def test_recipe_reaches_the_global_batch_by_accumulation():
 def _trained(tmp_path, batch_size):
     from zoo import save_llava_folder
 
-    from tive.data import load_mixture
+    from tive.data.mixture import load_mixture
     from tive.models.load import load_model
     from tive.models.registry import resolve
-    from tive.warmup import train
+    from tive.warmup.training import train
 
     if not (tmp_path / "model").exists():
         save_llava_folder(tmp_path / "model")
@@ -337,7 +338,7 @@ def test_projector_is_trained_saved_and_restored_for_scoring(tmp_path):
 
     from tive.models.load import load_model
     from tive.models.registry import resolve
-    from tive.reference import recipe_info, save_reference
+    from tive.warmup.reference import recipe_info, save_reference
 
     result, original, _, config = _trained(tmp_path, 3)
     assert result["recipe"].projector == "model.multi_modal_projector"
@@ -385,8 +386,8 @@ def test_small_sample_says_it_is_one_step_and_text_models_have_no_projector(tmp_
     from click.testing import CliRunner
     from zoo import save_llava_folder
 
-    from tive.cli import main
-    from tive.lora import trained_projector
+    from tive.cli.commands import main
+    from tive.warmup.lora import trained_projector
 
     save_llava_folder(tmp_path / "model")
     data = image_mixture(tmp_path / "data", n_per_task=2)

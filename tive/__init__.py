@@ -13,14 +13,14 @@ __version__ = "0.1.0"
 
 _WHERE = {
     "value_estimate": "tive.api",
-    "Budget": "tive.config", "Method": "tive.config", "SelectConfig": "tive.config",
-    "Strategy": "tive.config",
-    "Mixture": "tive.data", "Record": "tive.data", "Turn": "tive.data",
-    "load_mixture": "tive.data",
+    "Budget": "tive.selection.settings", "Method": "tive.selection.settings",
+    "SelectConfig": "tive.selection.settings", "Strategy": "tive.selection.settings",
+    "Mixture": "tive.data.mixture", "load_mixture": "tive.data.mixture",
+    "Record": "tive.data.schemas", "Turn": "tive.data.schemas",
     "ConfigError": "tive.errors", "DataError": "tive.errors", "StoreError": "tive.errors",
     "TiveError": "tive.errors",
-    "Report": "tive.report", "Selection": "tive.report",
-    "Store": "tive.store",
+    "Report": "tive.selection.report", "Selection": "tive.selection.report",
+    "Store": "tive.store.format",
 }
 
 __all__ = sorted([*_WHERE, "__version__"])

@@ -1,7 +1,7 @@
-"""The notebook door: ``tive.value_estimate`` builds a :class:`~tive.report.Report`.
+"""The notebook door: ``tive.value_estimate`` builds a :class:`~tive.selection.report.Report`.
 
-It only orchestrates: data (:mod:`tive.data`, :mod:`tive.tasks`) and features
-(:mod:`tive.store` or arrays) in, values (:mod:`tive.values`) out.
+It only orchestrates: data (:mod:`tive.data.mixture`, :mod:`tive.data.tasks`) and features
+(:mod:`tive.store.writers` or arrays) in, values (:mod:`tive.selection.values`) out.
 """
 
 from __future__ import annotations
@@ -12,16 +12,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tive import values as val
-from tive import values_cache as vc
-from tive.data import Mixture, load_mixture
+from tive.data.cache import load_labelled
+from tive.data.mixture import Mixture, load_mixture
+from tive.data.tasks import factorize, label_tasks
 from tive.errors import ConfigError, DataError
-from tive.mixture_cache import load_labelled
-from tive.report import Report
+from tive.models.skips import BY_CODE
+from tive.selection import value_cache as vc, values as val
+from tive.selection.report import Report
 from tive.settings import python_api
-from tive.skips import BY_CODE
-from tive.store import Store
-from tive.tasks import factorize, label_tasks
+from tive.store.format import Store
 
 DataArg = str | os.PathLike | Mixture | None
 
@@ -65,9 +64,9 @@ def value_estimate(
         run: run folder for the reference and the store, with ``model`` (default
             ``tive-out``).
         reference: a peft adapter folder to score with instead of warming up.
-        score: :class:`~tive.score.ScoreConfig` or a dict of its fields (batch size, projector,
+        score: :class:`~tive.scoring.run.ScoreConfig` or a dict of its fields (batch size, projector,
             ...), with ``model``.
-        warmup: :class:`~tive.warmup.WarmupConfig` or a dict of its fields, with ``model``.
+        warmup: :class:`~tive.warmup.training.WarmupConfig` or a dict of its fields, with ``model``.
         dtype, device: how to load the model (default ``auto``: bf16 on a GPU that has it,
             else fp32; the GPU when there is one).
         force: replace a store or reference made with other settings instead of refusing.
@@ -77,7 +76,7 @@ def value_estimate(
         features: ``(N, k)`` projected gradients (array or memmap), instead of a store.
         norms: ``(N,)`` exact gradient norms, with ``features``.
         tasks: ``(N,)`` task names, with ``features`` when no ``data`` is given.
-        data: the mixture (path or :class:`~tive.data.Mixture`): tasks are labelled from it and
+        data: the mixture (path or :class:`~tive.data.mixture.Mixture`): tasks are labelled from it and
             ``Selection.save`` writes records in its format. With a store it defaults to the
             data the store was built from and must match it; ``data=False`` uses the store's
             own index (tasks, keys) and no data (``save`` then writes row indices).
@@ -94,7 +93,7 @@ def value_estimate(
             ``select`` then selects as their script did (see ``tive select --paper``).
 
     Returns:
-        a :class:`~tive.report.Report`; call ``.select(budget=0.075)`` on it.
+        a :class:`~tive.selection.report.Report`; call ``.select(budget=0.075)`` on it.
 
     Raises:
         ConfigError: arguments that contradict each other or would be ignored.
@@ -158,8 +157,9 @@ def _with_model(model: str, data: Any, run: Any, reference: Any, score: Any, war
                 image_root: Any, skip_missing_images: bool, chunk_rows: int | None,
                 paper: bool, given: list[str]) -> Report:
     """Score ``data`` with ``model`` into ``run/store``, then report from that store."""
-    from tive.score import ScoreConfig, run_score
-    from tive.warmup import WarmupConfig
+    from tive.scoring.run import run_score
+    from tive.scoring.settings import ScoreConfig
+    from tive.warmup.settings import WarmupConfig
 
     if given:
         raise ConfigError(f"value_estimate: model= computes the features; leave out "
@@ -245,7 +245,7 @@ def _from_store(st: Store, data: DataArg | bool, task_field: str | None,
     field = task_field or st.meta.get("settings", {}).get("task_field")
     if isinstance(data, Mixture):
         mixture, labels = data, label_tasks(data)
-    else:  # labels and keys kept in RUN/cache for the next selection (tive.mixture_cache)
+    else:  # labels and keys kept in RUN/cache for the next selection (tive.data.cache)
         mixture, labels = load_labelled(data, field, cache[0])
     st.check_data(mixture.fingerprint, len(mixture), mixture.path)
     if check_images:
@@ -264,7 +264,7 @@ def _report(arrays: dict[str, Any], tasks: np.ndarray, keys: np.ndarray,
     """Values of the rows, and the :class:`Report` holding them.
 
     ``cache`` is ``(RUN/cache, store identity)`` for a store: its instance values are kept
-    there for the next call (:mod:`tive.values_cache`).
+    there for the next call (:mod:`tive.selection.value_cache`).
     """
     features, norms = arrays["features"], arrays["norms"]
     left_out["non-finite-norm"] = ~np.isfinite(norms)

@@ -2,10 +2,10 @@
 own help, one rule for which settings apply, and errors that name a setting the way the
 caller wrote it.
 
-Each command's settings are a frozen dataclass (:class:`~tive.config.SelectConfig`,
-:class:`~tive.warmup_config.WarmupConfig`, :class:`~tive.score_config.ScoreConfig`) whose
+Each command's settings are a frozen dataclass (:class:`~tive.selection.settings.SelectConfig`,
+:class:`~tive.warmup.settings.WarmupConfig`, :class:`~tive.scoring.settings.ScoreConfig`) whose
 fields are declared with :func:`setting`; the CLI builds one option per field from that
-metadata (:mod:`tive.cli_options`), so a setting's help and default are written once. Light:
+metadata (:mod:`tive.cli.options`), so a setting's help and default are written once. Light:
 no click, numpy or torch here.
 """
 

@@ -9,8 +9,8 @@ from typing import Any
 import click
 
 from tive import __version__
-from tive.cli_info import doctor, report, tasks
-from tive.cli_options import (
+from tive.cli.inspect import doctor, report, tasks
+from tive.cli.options import (
     DEFAULT_RUN,
     data_options,
     model_options,
@@ -20,12 +20,12 @@ from tive.cli_options import (
     settings_options,
     task_option,
 )
-from tive.config import SelectConfig
 from tive.errors import TiveError
-from tive.fileio import run_lock
-from tive.score_config import ScoreConfig
+from tive.scoring.settings import ScoreConfig
+from tive.selection.settings import SelectConfig
 from tive.settings import cli_names
-from tive.warmup_config import WarmupConfig
+from tive.util.files import run_lock
+from tive.warmup.settings import WarmupConfig
 
 WORKFLOW = ("tasks", "warmup", "score", "import", "select", "report", "doctor")
 
@@ -89,9 +89,9 @@ def import_(data: Path, features: Path | None, norms: Path | None, loss: Path | 
     """Build a store from features computed elsewhere (.npy arrays or the authors' outputs)."""
     import numpy as np
 
-    from tive import importers
-    from tive.data import load_mixture
-    from tive.tasks import label_tasks
+    from tive.data.mixture import load_mixture
+    from tive.data.tasks import label_tasks
+    from tive.store import external as importers
 
     if (tive_outputs is None) == (features is None and norms is None):
         raise click.UsageError("give either --features and --norms, or --tive-outputs")
@@ -147,7 +147,7 @@ def select(run: Path, output: Path | None, data: Path | None, task_field: str | 
     import numpy as np
 
     from tive.api import value_estimate
-    from tive.store import Store
+    from tive.store.format import Store
 
     cfg = SelectConfig(**{**config, "exclude": tuple(config["exclude"])})
     store = Store.open(run)  # the run folder, or the store itself
@@ -185,11 +185,11 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
            skip_missing_images: bool, **settings: Any) -> None:
     """Train the warm-up LoRA reference model on an equal-per-task sample of the mixture
     (the TIVE authors' recipe by default; see the README's table)."""
-    from tive.data import load_mixture
-    from tive.dist import Dist
+    from tive.data.mixture import load_mixture
+    from tive.data.tasks import label_tasks
     from tive.models.registry import resolve
-    from tive.reference import ensure_reference
-    from tive.tasks import label_tasks
+    from tive.util.dist import Dist
+    from tive.warmup.reference import ensure_reference
 
     config = WarmupConfig(**settings)
     source = resolve(model_spec)
@@ -238,7 +238,7 @@ def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
     --nproc-per-node N --no-python -- tive score ...` the records are shared among the
     processes (the `--` keeps torchrun from reading tive's --run).
     """
-    from tive.score import run_score
+    from tive.scoring.run import run_score
 
     warmup = {k[len("warmup_"):]: settings.pop(k) for k in list(settings)
               if k.startswith("warmup_")}

@@ -1,5 +1,5 @@
 """The commands that read and inspect: ``tive tasks``, ``tive report`` and ``tive doctor``
-(registered on :data:`tive.cli.main`)."""
+(registered on :data:`tive.cli.commands.main`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from tive import __version__
-from tive.cli_options import DEFAULT_RUN, reasons, task_option
+from tive.cli.options import DEFAULT_RUN, reasons, task_option
 
 
 @click.command()
@@ -26,9 +26,9 @@ from tive.cli_options import DEFAULT_RUN, reasons, task_option
 def tasks(data: Path, as_json: bool, check_images: bool, image_root: Path | None,
           task_field: str | None) -> None:
     """Show the tasks of a mixture: records, share, and which labels were inferred."""
-    from tive.data import load_mixture
-    from tive.report import format_table
-    from tive.tasks import HEURISTIC_TASKS, label_tasks
+    from tive.data.mixture import load_mixture
+    from tive.data.tasks import HEURISTIC_TASKS, label_tasks
+    from tive.selection.report import format_table
 
     check_images = check_images or image_root is not None
     if as_json and check_images:
@@ -109,9 +109,9 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
            output: Path | None) -> None:
     """Print the task values of a run and the selections made from it (or write a page)."""
     from tive.api import value_estimate
-    from tive.methods import method_named
-    from tive.report import format_table, json_float
-    from tive.store import Store
+    from tive.selection.methods import method_named
+    from tive.selection.report import format_table, json_float
+    from tive.store.format import Store
 
     if not as_html and (selection is not None or output is not None):
         raise click.UsageError("--selection and --output go with --html")
@@ -119,7 +119,7 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
         raise click.UsageError("--json prints the table; --html writes a page: give one")
     store = Store.open(run)  # the run folder, or the store itself
     if as_html:
-        from tive.html_report import write_run_html
+        from tive.output.page import write_run_html
 
         click.echo(f"   html: {write_run_html(run, store, selection, output)}")
         return

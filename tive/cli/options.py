@@ -95,7 +95,7 @@ def data_options(f: Callable, missing_help: str = "Leave records whose images ar
 
 def removed_temps(folder: Path) -> None:
     """Remove what killed runs left in ``folder`` (temporary names), and say so."""
-    from tive.fileio import remove_stale_temps
+    from tive.util.files import remove_stale_temps
 
     removed = remove_stale_temps(folder)
     if removed:

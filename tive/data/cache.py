@@ -2,12 +2,12 @@
 normalise and label every record again.
 
 Reading LLaVA-665K for ``tive select`` costs about 27 s on a 2-core CPU, most of it turning
-665K records into :class:`~tive.data.Record` s and labelling their tasks — work whose result
+665K records into :class:`~tive.data.mixture.Record` s and labelling their tasks — work whose result
 (per row: content key, task, whether it was inferred; and the file's container and schema)
 depends only on the file and ``--task-field``. The first call writes it to
 ``RUN/cache/mixture-<key>.npz``; ``key`` is a digest of the file's resolved path, size and
 modification time, the task field and :data:`VERSION`. With them it keeps each record's byte
-span in a JSON list. A later call builds the :class:`~tive.data.Mixture` from it without parsing
+span in a JSON list. A later call builds the :class:`~tive.data.mixture.Mixture` from it without parsing
 the file: the subset is copied from the spans, verbatim, and a record is parsed and normalised
 only when one is asked for (the HTML report's examples, ``--method length``). Only JSON and JSONL files are cached; parquet and datasets
 folders are read as always.
@@ -23,11 +23,10 @@ from typing import Any
 
 import numpy as np
 
-from tive import data as dt
-from tive import readers, schemas
+from tive.data import mixture as dt, readers, schemas
+from tive.data.tasks import TaskLabels, label_tasks
 from tive.errors import OutputError
-from tive.fileio import atomic_path
-from tive.tasks import TaskLabels, label_tasks
+from tive.util.files import atomic_path
 
 VERSION = 3  # bump when records are normalised or labelled differently
 
@@ -37,7 +36,7 @@ def load_labelled(path: str | os.PathLike, task_field: str | None,
     """The mixture at ``path`` and its task labels, through the cache folder ``cache``.
 
     Returns the same mixture (records, keys, fingerprint, rows) and labels as
-    :func:`tive.data.load_mixture` and :func:`tive.tasks.label_tasks`.
+    :func:`tive.data.mixture.load_mixture` and :func:`tive.data.tasks.label_tasks`.
     """
     path = Path(path)
     if cache is None or not path.is_file():
@@ -112,7 +111,7 @@ def _lazy_mixture(path: Path, task_field: str | None,
 
 
 class _LazyRecords(Sequence):
-    """The mixture's :class:`~tive.data.Record` s, each normalised when first asked for."""
+    """The mixture's :class:`~tive.data.mixture.Record` s, each normalised when first asked for."""
 
     def __init__(self, rows: Any, container: str, schema: str, path: Path,
                  task_field: str | None) -> None:

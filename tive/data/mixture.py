@@ -12,8 +12,8 @@ Each record keeps its original form (the dict of a JSON list, the exact line of 
 the row of a ``datasets`` table) so that :meth:`Mixture.write_subset` writes the chosen records
 back unchanged, in the input's own format.
 
-The stage in three modules: :mod:`tive.readers` (containers: rows as stored, and the byte span
-of each record of a JSON list), :mod:`tive.schemas` (one row into a :class:`Record`), and this
+The stage in three modules: :mod:`tive.data.readers` (containers: rows as stored, and the byte span
+of each record of a JSON list), :mod:`tive.data.schemas` (one row into a :class:`Record`), and this
 one (the :class:`Mixture`, reading it whole, writing subsets). See docs/design.md.
 """
 
@@ -28,15 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from tive.data.readers import CONTAINERS, quiet_datasets, read_container
+from tive.data.schemas import EMBEDDED, SCHEMAS, Record, content_key, detect_schema, normalize
 from tive.errors import DataError
-from tive.fileio import atomic_path
-from tive.hashing import distinct_keys
-from tive.readers import CONTAINERS, quiet_datasets, read_container, record_spans
-from tive.schemas import (EMBEDDED, SCHEMAS, TASK_FIELDS, Record, Turn, content_key,
-                          detect_schema, normalize)
-
-__all__ = ["CONTAINERS", "EMBEDDED", "SCHEMAS", "TASK_FIELDS", "Mixture", "Record", "Turn",
-           "load_mixture", "record_spans"]
+from tive.util.files import atomic_path
+from tive.util.hashing import distinct_keys
 
 
 class Mixture:
@@ -91,7 +87,7 @@ class Mixture:
 
     @property
     def digest(self) -> str | None:
-        """Checksum of the JSON or JSONL file's bytes as read (:func:`tive.readers.source_digest`),
+        """Checksum of the JSON or JSONL file's bytes as read (:func:`tive.data.readers.source_digest`),
         else None."""
         return getattr(self._rows, "digest", None)
 

@@ -125,7 +125,7 @@ class JsonRows(list):
     """The records of a JSON list as parsed, with the file (``path``), the checksum of the
     bytes they were parsed from (``digest``) and each record's ``(N, 2)`` byte span in them
     (``spans``; None where they could not be found). :meth:`source` reads the bytes again for
-    :meth:`~tive.data.Mixture.write_subset` to copy records from, verbatim — only if they are
+    :meth:`~tive.data.mixture.Mixture.write_subset` to copy records from, verbatim — only if they are
     still the bytes parsed; the bytes are not held in between (a real mixture is ~1 GB)."""
 
     path: Path

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tive.data import Mixture, Record
+from tive.data.mixture import Mixture
+from tive.data.schemas import Record
 
 FOLDER_TASKS = {"ocr_vqa": "ocrvqa", "gqa": "gqa", "textvqa": "textcaps", "vg": "vg"}
 REGION_PROMPTS = ("short description for this region", "bounding box coordinate of the region")

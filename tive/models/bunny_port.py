@@ -15,7 +15,7 @@ Differences from Bunny's own code, all invisible in its outputs:
   (embedding rows: zeros, replaced by image features anyway; ``lm_head`` rows: zeros).
   The model's logits then have extra columns from ``V`` on: **drop them**,
   ``logits[..., :text_vocab_size(model)]``, to get Bunny's distribution (the losses of
-  :mod:`tive.gradients` and :mod:`tive.warmup` do). For Phi-2 itself (``V`` = 51200,
+  :mod:`tive.scoring.gradients` and :mod:`tive.warmup.training` do). For Phi-2 itself (``V`` = 51200,
   tokenizer length 50295) ``<image>`` takes an unused padding row and nothing grows; the
   slice is then a no-op.
 * **Output head bias.** Phi-2's weights hold an ``lm_head.bias``, but Bunny's

@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 from tive.errors import ConfigError
 from tive.models.family import Family, Parts
-from tive.segments import Encoded, Skipped, TokenSequence, dialog, skip
-from tive.skips import SkipReason
+from tive.models.segments import Encoded, Skipped, TokenSequence, dialog, skip
+from tive.models.skips import SkipReason
 
 if TYPE_CHECKING:
     import PIL.Image
 
-    from tive.data import Record
+    from tive.data.schemas import Record
     from tive.models.family import ModelSource
 
 

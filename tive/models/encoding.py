@@ -1,7 +1,7 @@
 """Stage 2 — encode: a record becomes model inputs with labels, in its family's training format.
 
 Each family's encoder (in its module of :mod:`tive.models`) builds the sequence from the
-segments of :mod:`tive.segments`: the assistant answers and their end-of-turn token are
+segments of :mod:`tive.models.segments`: the assistant answers and their end-of-turn token are
 supervised; system, instruction, image and padding tokens never are (docs/design.md,
 "Encoding"). This module is the front door: :func:`make_encoder` asks the family,
 :func:`encode_row` loads a record's images and encodes it, :func:`collate` pads a batch.
@@ -10,7 +10,7 @@ Common rules: a system turn of the record replaces the default system prompt; as
 before the first user turn are dropped (as LLaVA's preprocessing does); with images but no
 ``<image>`` placeholder, the images go before the first user turn's text; truncation keeps the
 beginning. Records that cannot be encoded come back as :class:`Skipped` with a
-:class:`~tive.skips.SkipReason`.
+:class:`~tive.models.skips.SkipReason`.
 """
 
 from __future__ import annotations
@@ -22,16 +22,8 @@ import torch
 
 from tive.errors import ConfigError
 from tive.models import registry
-from tive.segments import (  # noqa: F401  (IGNORE, IMAGE, has_placeholder: their old home)
-    IGNORE,
-    IMAGE,
-    Encoded,
-    Encoder,
-    Skipped,
-    UnusableImage,
-    has_placeholder,
-)
-from tive.skips import SkipReason
+from tive.models.segments import IGNORE, Encoded, Encoder, Skipped, UnusableImage
+from tive.models.skips import SkipReason
 
 
 def make_encoder(family: str, tokenizer: Any, *, image_processor: Any = None,
@@ -70,7 +62,7 @@ def load_images(mixture: Any, row: int, image_root: Any = None) -> list[PIL.Imag
     """
     from pathlib import Path
 
-    from tive.data import EMBEDDED
+    from tive.data.schemas import EMBEDDED
 
     root = mixture.image_root(image_root)
     images = []

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from tive.errors import ConfigError
 
 if TYPE_CHECKING:
-    from tive.segments import Encoder
+    from tive.models.segments import Encoder
 
 IMAGE_TOKENS = 256  # tokens per image in length estimates, where an encoder has no fixed count
 
@@ -105,7 +105,7 @@ class Family:
     def make_encoder(self, tokenizer: Any, *, image_processor: Any = None,
                      image_tokens: int | None = None, max_length: int = 2048,
                      **options: Any) -> Encoder:
-        """This family's record encoder (see :func:`tive.encode.make_encoder`)."""
+        """This family's record encoder (see :func:`tive.models.encoding.make_encoder`)."""
         unknown = sorted(set(options) - self.options)
         if unknown:
             raise ConfigError(f"{self.name}: unknown option(s) {unknown}; valid: "

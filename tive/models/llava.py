@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from tive.errors import ConfigError
 from tive.models.family import Family, Parts
-from tive.segments import (
+from tive.models.segments import (
     IMAGE,
     Encoded,
     Skipped,
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     import PIL.Image
     import torch
 
-    from tive.data import Record, Turn
+    from tive.data.schemas import Record, Turn
     from tive.models.family import ModelSource
 
 

@@ -10,9 +10,8 @@ from typing import Iterator
 import torch
 
 from tive.errors import ConfigError, TiveError
-from tive.models.family import LoadedModel
-from tive.models.llava import pad_to_square  # noqa: F401  (its old home; benchmarks import it)
-from tive.models.registry import ModelSource, family
+from tive.models.family import LoadedModel, ModelSource
+from tive.models.registry import family
 from tive.settings import named
 
 PEFT_NOISE = "`is_gradient_checkpointing` is deprecated"

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from tive.models.family import Family, Parts
-from tive.segments import (
+from tive.models.segments import (
     Encoded,
     Skipped,
     TokenSequence,
@@ -23,7 +23,7 @@ from tive.segments import (
 if TYPE_CHECKING:
     import PIL.Image
 
-    from tive.data import Record, Turn
+    from tive.data.schemas import Record, Turn
     from tive.models.family import ModelSource
 
 

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from tive.errors import ConfigError, DataError
-from tive.skips import SkipReason
+from tive.models.skips import SkipReason
 
 if TYPE_CHECKING:
     import PIL.Image
     import torch
 
-    from tive.data import Record, Turn
+    from tive.data.schemas import Record, Turn
 
 IGNORE = -100  # label of tokens without loss
 IMAGE = "<image>"  # image placeholder in record text
@@ -40,7 +40,7 @@ class Encoded:
         pixel_values: the images as the family's vision tower takes them, or None without
             images: ``(images, 3, H, W)`` for llava/bunny, ``(patches, 3·T·P·P)`` for qwen2-vl.
         extras: more per-image model inputs, concatenated along dim 0 by
-            :func:`tive.encode.collate` (qwen2-vl: ``image_grid_thw`` ``(images, 3)``).
+            :func:`tive.models.encoding.collate` (qwen2-vl: ``image_grid_thw`` ``(images, 3)``).
         mm_token_type_ids: ``(tokens,)`` 1 at image tokens, 0 elsewhere (qwen2-vl only, whose
             multimodal RoPE needs it), else None.
     """
@@ -165,7 +165,7 @@ def place_images(turns: list[Turn], n_images: int) -> list[Turn]:
 
 class UnusableImage(DataError):
     """A record's image that cannot be read, decoded or processed (the record is skipped as
-    ``error``; :func:`tive.encode.encode_row` catches this and nothing else)."""
+    ``error``; :func:`tive.models.encoding.encode_row` catches this and nothing else)."""
 
 
 def pixel_values(image_processor: Any, images: list[PIL.Image.Image]) -> Any:

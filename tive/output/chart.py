@@ -8,7 +8,7 @@ import numpy as np
 
 
 def chart_png(selection: Any) -> bytes:
-    """The bar chart of a :class:`~tive.report.Selection` (each task's share of the mixture
+    """The bar chart of a :class:`~tive.selection.report.Selection` (each task's share of the mixture
     and of the subset) as PNG bytes; excluded tasks are greyed, hatched and labelled
     "(excluded)"."""
     import io

@@ -4,7 +4,7 @@ One file, no network: the task table, the bar chart of task shares (PNG, embedde
 histogram of its instance values with the selected records marked (inline SVG), and per task
 the records of highest and lowest value as they would be trained (image thumbnail, the
 conversation, its value, selected or not). It reads only values already in the
-:class:`~tive.report.Report` (never the features) and opens only the images it shows, so it is
+:class:`~tive.selection.report.Report` (never the features) and opens only the images it shows, so it is
 as fast and as small on 665K records as on 200: the histograms count every record, the
 examples are :data:`EXAMPLES` per end of each task.
 """
@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tive.fileio import atomic_path
+from tive.util.files import atomic_path
 
 if TYPE_CHECKING:
-    from tive.report import Report, Selection
+    from tive.selection.report import Report, Selection
 
 EXAMPLES = 5  # records shown at each end (highest, lowest value) of every task
 BINS = 24  # histogram bars per task
@@ -60,7 +60,7 @@ def write_html(report: Report, selection: Selection | None, path: str | os.PathL
         image_root: folder relative image paths resolve against (default: the report's
             recorded image root, else the data file's folder).
         chart: the selection's bar chart as PNG bytes, when already drawn (default: drawn
-            here by :func:`tive.chart.chart_png`).
+            here by :func:`tive.output.chart.chart_png`).
 
     Returns:
         ``path``.
@@ -73,7 +73,7 @@ def write_html(report: Report, selection: Selection | None, path: str | os.PathL
              f"<h1>{_e(_title(report, selection))}</h1>", _summary(report, selection, root),
              _task_table(report, selection)]
     if selection is not None:
-        from tive.chart import chart_png
+        from tive.output.chart import chart_png
 
         png = base64.b64encode(chart if chart is not None else chart_png(selection)).decode()
         parts.append(f"<h2>Task shares</h2><img alt='task shares of the mixture and the subset' "
@@ -279,8 +279,8 @@ def write_run_html(run: Path, store: Any, selection: Path | None = None,
     import json
 
     from tive.api import value_estimate
-    from tive.config import SelectConfig
     from tive.errors import ConfigError
+    from tive.selection.settings import SelectConfig
 
     if selection is None:
         found = sorted(run.glob("*.report.json"), key=lambda p: p.stat().st_mtime_ns)

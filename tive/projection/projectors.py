@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from tive.errors import ConfigError
-from tive.hashing import splitmix64
+from tive.util.hashing import splitmix64
 
 TRAK_BLOCK = 128  # the TIVE authors' TRAK settings
 TRAK_MAX_BATCH = 16
@@ -226,9 +226,9 @@ class TrakProjector(_Concatenating):
 
 def make_projector(kind: str, dims: Sequence[int], k: int = 8192, seed: int = 0,
                    nnz: int = 1, device: torch.device | str = "cpu") -> Projector:
-    """The projector named ``kind`` (a name in :data:`tive.projectors.PROJECTORS`) for
+    """The projector named ``kind`` (a name in :data:`tive.projection.registry.PROJECTORS`) for
     gradient blocks of ``dims``."""
-    from tive.projectors import projector_named
+    from tive.projection.registry import projector_named
 
     return projector_named(kind).build(dims, k=k, seed=seed, nnz=nnz, device=device)
 

@@ -4,7 +4,7 @@
 A spec names its projector, says which scoring settings apply to it, how it is described in
 ``--help`` and in a store's identity, and where its class lives (imported only when a run
 builds one: ``tive --help`` reads this table without torch). The class itself follows
-:class:`tive.projection.Projector`.
+:class:`tive.projection.projectors.Projector`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ class ProjectorSpec:
     Attributes:
         name: its ``--projector`` value, and ``type`` in a store's identity.
         help: one phrase for ``--help``.
-        options: the :class:`~tive.score_config.ScoreConfig` settings it takes (a subset of
+        options: the :class:`~tive.scoring.settings.ScoreConfig` settings it takes (a subset of
             :data:`SETTINGS`); giving another is refused.
         target: ``module:Class`` of the implementation.
         arguments: what its constructor takes after the gradient's block lengths, in order:
@@ -64,12 +64,12 @@ class ProjectorSpec:
 
 PROJECTORS: dict[str, ProjectorSpec] = {p.name: p for p in (
     ProjectorSpec("sparse-jl", "seeded sparse Johnson-Lindenstrauss, the same on every device",
-                  ("proj_dim", "seed", "jl_nnz"), "tive.projection:SparseJL",
+                  ("proj_dim", "seed", "jl_nnz"), "tive.projection.projectors:SparseJL",
                   ("k", "seed", "nnz")),
     ProjectorSpec("trak", "TRAK's Rademacher projector, as the TIVE authors used it",
-                  ("proj_dim", "seed"), "tive.projection:TrakProjector", ("k", "seed", "device")),
+                  ("proj_dim", "seed"), "tive.projection.projectors:TrakProjector", ("k", "seed", "device")),
     ProjectorSpec("none", "the whole gradient (small models only)", (),
-                  "tive.projection:Identity"),
+                  "tive.projection.projectors:Identity"),
 )}
 DEFAULT = "sparse-jl"
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tive.skips import SkipReason
+from tive.models.skips import SkipReason
 
 AUTO_START = 64  # records per planned batch with --batch-size auto (halved until it fits)
 
@@ -57,7 +57,7 @@ class EncodedBatches(torch.utils.data.Dataset):
         return len(self.work)
 
     def __getitem__(self, i: int) -> Prepared:
-        from tive.encode import collate, encode_row
+        from tive.models.encoding import collate, encode_row
 
         rows = self.work[i]
         items, at, reasons = [], [], []

@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from tive.errors import ConfigError, TiveError
-from tive.lora import KeyParameter, key_parameters
 from tive.models.registry import derives_positions
-from tive.projection import Projector
-from tive.segments import IGNORE
+from tive.models.segments import IGNORE
+from tive.projection.projectors import Projector
+from tive.warmup.lora import KeyParameter, key_parameters
 
 
 @dataclass
@@ -126,7 +126,7 @@ class GradientFeatures:
         self._handles = []
 
     def __call__(self, batch: dict[str, Any]) -> BatchFeatures:
-        """Features of one collated batch (:func:`tive.encode.collate`).
+        """Features of one collated batch (:func:`tive.models.encoding.collate`).
 
         Returns:
             :class:`BatchFeatures` with one row per batch row.
@@ -254,7 +254,7 @@ def _checkpointed_layers(peft_model: nn.Module) -> list[nn.Module]:
     and return them; the vision tower is never checkpointed (no gradient flows there)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    from tive.lora import language_model_prefix
+    from tive.warmup.lora import language_model_prefix
 
     hf = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     if not getattr(hf, "supports_gradient_checkpointing", False):

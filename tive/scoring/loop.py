@@ -12,12 +12,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from tive.data import Mixture
-from tive.dist import Dist
+from tive.data.mixture import Mixture
 from tive.errors import OutputError
-from tive.score_config import ScoreConfig
-from tive.skips import SkipReason
-from tive.store import RowWriter, Store
+from tive.models.skips import SkipReason
+from tive.scoring.settings import ScoreConfig
+from tive.store.format import Store
+from tive.store.writers import RowWriter
+from tive.util.dist import Dist
 
 
 def score_batches(gf: Any, encoder: Any, pad: int, mixture: Mixture, work: list[np.ndarray],
@@ -36,7 +37,7 @@ def score_batches(gf: Any, encoder: Any, pad: int, mixture: Mixture, work: list[
         on_limit: called with the new limit when a batch did not fit in GPU memory and was
             halved (``--batch-size auto``); None: out of memory is an error.
     """
-    from tive.batches import EncodedBatches, prepared_batches, split_rows
+    from tive.scoring.batches import EncodedBatches, prepared_batches, split_rows
 
     written = 0
     pending = split_rows(work, limit)
@@ -132,7 +133,7 @@ class Feeding:
     def resolve(cls, config: ScoreConfig, device: torch.device, dist: Dist,
                 store: Store) -> Feeding:
         """The feeding of this run; auto resumes from the size a killed run had reached."""
-        from tive.batches import AUTO_START, default_workers
+        from tive.scoring.batches import AUTO_START, default_workers
 
         auto = config.batch_size == "auto"
         workers = (default_workers(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -145,7 +146,7 @@ class Feeding:
     def record(self, root: Path) -> Any:
         """The ``on_limit`` of :func:`score_batches`: remember the size that fits, in this
         object and (rank 0's) in ``meta.json``, so a resumed run starts from it."""
-        from tive.fileio import write_json
+        from tive.util.files import write_json
 
         def on_limit(limit: int) -> None:
             self.limit, self.halvings = limit, self.halvings + 1

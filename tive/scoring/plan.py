@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from tive.data import Mixture
+from tive.data.mixture import Mixture
 from tive.models.family import IMAGE_TOKENS
 
 GROUP_WINDOW = 64  # batches per window of length grouping

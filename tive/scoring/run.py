@@ -2,8 +2,8 @@
 written to ``RUN/store`` as they are computed; resumable, and data-parallel under torchrun.
 
 This module orchestrates (docs/design.md, "Scoring"): the batches are planned by
-:mod:`tive.plan`, the store's identity is built by :mod:`tive.identity`, and the loop that
-runs them is :mod:`tive.scoring`. A run resumes by computing the batches not yet marked done;
+:mod:`tive.scoring.plan`, the store's identity is built by :mod:`tive.scoring.identity`, and the loop that
+runs them is :mod:`tive.scoring.loop`. A run resumes by computing the batches not yet marked done;
 under ``torchrun`` the pending batches are dealt round-robin to the ranks, which write their
 own part of the store (``store/parts/rank-R``), folded into the store by rank 0 at the end (and
 at the start of the next session, after a crash). One seeded projection everywhere, so the
@@ -21,28 +21,24 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tive.data import Mixture
-from tive.dist import Dist
+from tive.data.mixture import Mixture
 from tive.errors import ConfigError, DataError
-from tive.identity import (
+from tive.models.skips import SkipReason
+from tive.scoring.identity import (
     check_identity,
     finish_replacement,
     open_or_create,
     run_identity,
     store_meta,
 )
-from tive.plan import (  # noqa: F401  (plan_batches, record_lengths: also imported from here)
-    open_window_rows,
-    pending_batches,
-    plan_batches,
-    record_lengths,
-)
-from tive.progress import TokenBar
-from tive.score_config import DEFAULT_BATCH, ScoreConfig
-from tive.scoring import Feeding, score_batches
-from tive.skips import SkipReason
-from tive.store import STORE_DIR, RowWriter, Store, create_part, fold_parts, mark_complete
-from tive.warmup_config import WarmupConfig
+from tive.scoring.loop import Feeding, score_batches
+from tive.scoring.plan import open_window_rows, pending_batches, plan_batches, record_lengths
+from tive.scoring.settings import DEFAULT_BATCH, ScoreConfig
+from tive.store.format import STORE_DIR, Store
+from tive.store.writers import RowWriter, create_part, fold_parts, mark_complete
+from tive.util.dist import Dist
+from tive.util.progress import TokenBar
+from tive.warmup.settings import WarmupConfig
 
 
 @dataclass
@@ -110,7 +106,7 @@ class ScoreRun:
         config: the scoring settings.
         task_field, image_root: as given (recorded in the store's identity).
         identity: the part of the store's identity known before the model is loaded
-            (:func:`tive.identity.run_identity`); :func:`tive.identity.store_meta` completes it.
+            (:func:`tive.scoring.identity.run_identity`); :func:`tive.scoring.identity.store_meta` completes it.
         dist: the processes sharing the work (one without torchrun).
         force: replace a store with another identity instead of refusing.
         progress: show a progress bar (rank 0).
@@ -147,11 +143,11 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
 
     Args:
         model: alias, hub id in the local cache, folder or ``.gguf`` file.
-        data: the mixture (path or :class:`~tive.data.Mixture`).
+        data: the mixture (path or :class:`~tive.data.mixture.Mixture`).
         run: run folder (``reference/``, ``store/``).
         reference: a peft adapter folder to score with instead of warming up.
         config: scoring settings.
-        warmup: :class:`~tive.warmup.WarmupConfig` for the warm-up (default: the authors').
+        warmup: :class:`~tive.warmup.training.WarmupConfig` for the warm-up (default: the authors').
         force: replace an existing store (and retrain an existing reference with other
             settings) instead of refusing.
         echo: called with progress lines (rank 0 only).
@@ -159,10 +155,10 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
     Returns:
         the :class:`Summary` (on every rank; rank 0's has the totals).
     """
-    from tive.data import load_mixture
+    from tive.data.mixture import load_mixture
+    from tive.data.tasks import label_tasks
     from tive.models.registry import resolve
-    from tive.reference import REFERENCE_DIR, ensure_reference
-    from tive.tasks import label_tasks
+    from tive.warmup.reference import REFERENCE_DIR, ensure_reference
 
     dist = Dist.from_env(device)
     try:
@@ -176,7 +172,7 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
         device = dist.device(device)
         if config.paper:
             from tive.models.load import pick_device
-            from tive.projection import require_cuda_kernel
+            from tive.projection.projectors import require_cuda_kernel
 
             require_cuda_kernel(pick_device(device))
         ctx = ScoreRun(source, mixture, labels.tasks, run, config, task_field, image_root,
@@ -209,7 +205,7 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
 
 def _clean_temps(run: Path, echo: Any) -> None:
     """Remove what killed runs left in ``run`` and its store (temporary names), and say so."""
-    from tive.fileio import remove_stale_temps
+    from tive.util.files import remove_stale_temps
 
     removed = remove_stale_temps(run) + remove_stale_temps(run / STORE_DIR)
     if removed:
@@ -245,10 +241,11 @@ def _reference_model(source: Any, adapter: Path, ref: Any, dtype: str,
 
 def _score(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path, how: str) -> Summary:
     """Score the pending batches of ``ctx``'s store with ``peft_model``; fold and finish it."""
-    from tive.encode import has_placeholder, pad_id
-    from tive.gradients import GradientFeatures
-    from tive.lora import adapters_to_model_dtype, key_parameters, parse_key_layers
-    from tive.projection import make_projector
+    from tive.models.encoding import pad_id
+    from tive.models.segments import has_placeholder
+    from tive.projection.projectors import make_projector
+    from tive.scoring.gradients import GradientFeatures
+    from tive.warmup.lora import adapters_to_model_dtype, key_parameters, parse_key_layers
 
     config, dist = ctx.config, ctx.dist
     last = parse_key_layers(config.key_layers)

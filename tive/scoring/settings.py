@@ -1,4 +1,4 @@
-"""Settings of ``tive score``, apart from :mod:`tive.score` so that the CLI can build its options
+"""Settings of ``tive score``, apart from :mod:`tive.scoring.run` so that the CLI can build its options
 (and print ``--help``) without importing torch."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tive.errors import ConfigError
-from tive.projectors import DEFAULT, PROJECTORS, SETTINGS, projector_named
+from tive.projection.registry import DEFAULT, PROJECTORS, SETTINGS, projector_named
 from tive.settings import named, setting, settle
 
 FEATURE_DTYPES = ("float16", "float32")
@@ -106,7 +106,7 @@ class ScoreConfig:
         "Where batches are padded (results do not depend on it).", cli=False))
 
     def __post_init__(self) -> None:
-        from tive.lora import parse_key_layers
+        from tive.warmup.lora import parse_key_layers
 
         object.__setattr__(self, "batch_size", _batch_size(self.batch_size))
         if self.workers is not None and (isinstance(self.workers, bool) or self.workers < 0):

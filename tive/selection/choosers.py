@@ -1,4 +1,4 @@
-"""How each selection method chooses records (:mod:`tive.methods` names them).
+"""How each selection method chooses records (:mod:`tive.selection.methods` names them).
 
 Per-task choosers take ``(report, config, members, n, noise)`` and return ``n`` rows of the
 task's ``members`` (repeats when ``n`` exceeds the task's size); whole-mixture choosers take
@@ -13,11 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from tive import kmeans as km
-from tive import selection as sel
-from tive import values_cache as vc
-from tive.config import Strategy
 from tive.errors import ConfigError
+from tive.selection import kmeans as km, quotas as sel, value_cache as vc
+from tive.selection.settings import Strategy
 from tive.settings import named
 
 
@@ -46,7 +44,7 @@ def nearest_centroids(report: Any, config: Any, members: np.ndarray, n: int,
 
 
 def clusters(report: Any, config: Any, members: np.ndarray, noise: np.ndarray) -> km.Clusters:
-    """A task's ``--clusters`` assignment (:func:`tive.kmeans.cluster_assign`), kept in the run
+    """A task's ``--clusters`` assignment (:func:`tive.selection.kmeans.cluster_assign`), kept in the run
     folder's cache for the next selection when the report comes from a store."""
     def compute() -> dict[str, np.ndarray]:
         return vars(km.cluster_assign(report.features, members, config.clusters,

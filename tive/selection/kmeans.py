@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tive.selection import largest_remainder
-from tive.values import _pager, default_chunk_rows
+from tive.selection.quotas import largest_remainder
+from tive.selection.values import _pager, default_chunk_rows
 
 BATCH = 1024  # task rows per MiniBatchKMeans.partial_fit call (fixed: results do not depend on
 #               how the store is read)
@@ -84,7 +84,7 @@ def in_draw_order(members: np.ndarray, noise: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class Clusters:
     """A task's rows clustered into a fixed number of clusters (``--clusters``); nothing here
-    depends on the budget, so a sweep keeps it (:func:`tive.values_cache.cached_arrays`).
+    depends on the budget, so a sweep keeps it (:func:`tive.selection.value_cache.cached_arrays`).
 
     Attributes:
         rows: ``(m,)`` the task's rows in draw order (:func:`in_draw_order`).
@@ -326,7 +326,7 @@ def unit_rows(features: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 def _unit_blocks(features: np.ndarray, members: np.ndarray, rows: int) -> Iterator[np.ndarray]:
     """Unit float32 blocks of up to ``rows`` of ``members``, in their order; each block's pages
-    are released from this process once read (see :func:`tive.values._pager`)."""
+    are released from this process once read (see :func:`tive.selection.values._pager`)."""
     advise = _pager(features)
     for start in range(0, len(members), rows):
         part = members[start:start + rows]

@@ -3,8 +3,8 @@
 
 A spec names its method, says which selection settings it takes, whether and how it shares
 the budget among tasks, and where the function that chooses records lives (in
-:mod:`tive.selectors`, imported only when a selection runs: ``tive --help`` reads this table
-without numpy). :class:`tive.config.Method` and the ``--method`` choices are made from it.
+:mod:`tive.selection.choosers`, imported only when a selection runs: ``tive --help`` reads this table
+without numpy). :class:`tive.selection.settings.Method` and the ``--method`` choices are made from it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class MethodSpec:
     Attributes:
         name: its ``--method`` value.
         help: a phrase for ``--help`` (empty: the name says it).
-        options: the :class:`~tive.config.SelectConfig` settings it takes; another is refused.
+        options: the :class:`~tive.selection.settings.SelectConfig` settings it takes; another is refused.
         quotas: per-task methods: how the budget is shared among tasks, ∝ ``value`` (the task
             values), ``size`` (the task's records), ``equal``, or as the ``setting`` ``quota``
             says; None: the method chooses over the whole mixture.
@@ -65,7 +65,7 @@ class MethodSpec:
 
 def _spec(name: str, help: str, options: set[str], quotas: str | None, target: str,
           **more: Any) -> MethodSpec:
-    return MethodSpec(name, help, frozenset(options), quotas, f"tive.selectors:{target}", **more)
+    return MethodSpec(name, help, frozenset(options), quotas, f"tive.selection.choosers:{target}", **more)
 
 
 METHODS: dict[str, MethodSpec] = {m.name: m for m in (
@@ -84,7 +84,7 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
 
 
 def method_named(name: Any) -> MethodSpec:
-    """The spec of method ``name`` (a name or a :class:`~tive.config.Method`).
+    """The spec of method ``name`` (a name or a :class:`~tive.selection.settings.Method`).
 
     Raises:
         ConfigError: no such method, with the valid names.

@@ -19,7 +19,7 @@ import math
 import numpy as np
 
 from tive.errors import ConfigError
-from tive.hashing import splitmix64
+from tive.util.hashing import splitmix64
 
 
 def largest_remainder(shares: np.ndarray, total: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """The notebook-facing results: a :class:`Report` of values, and the :class:`Selection` it makes.
 
 ``Report.select`` is where values become a subset: it resolves the budget, sets per-task quotas
-(:mod:`tive.selection`) and picks records; ``Selection.save`` writes the subset in the input's
+(:mod:`tive.selection.quotas`) and picks records; ``Selection.save`` writes the subset in the input's
 own format, a JSON report and a bar chart of task shares before and after.
 """
 
@@ -17,15 +17,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from tive import selection as sel
-from tive.chart import chart_png
-from tive.config import AUTHORS_EXCLUDE, Budget, SelectConfig
-from tive.data import Mixture
+from tive.data.mixture import Mixture
+from tive.data.tasks import factorize
 from tive.errors import ConfigError, OutputError
-from tive.fileio import atomic_path, write_json
-from tive.methods import MethodSpec, method_named
+from tive.output.chart import chart_png
+from tive.selection import quotas as sel
+from tive.selection.methods import MethodSpec, method_named
+from tive.selection.settings import AUTHORS_EXCLUDE, Budget, SelectConfig
 from tive.settings import named, python_api
-from tive.tasks import factorize
+from tive.util.files import atomic_path, write_json
 
 
 @dataclass
@@ -109,7 +109,7 @@ class Report:
         clusters: int | None = None,
         quota: str | None = None,
     ) -> Selection:
-        """Choose a subset; see :class:`tive.config.SelectConfig` for the arguments.
+        """Choose a subset; see :class:`tive.selection.settings.SelectConfig` for the arguments.
 
         Defaults where the method uses them: ``strategy="soft"``, ``temperature=1000``,
         ``seed=0``, ``oversample=True``, and for ``method="kmeans"`` ``clusters=None`` (one
@@ -289,7 +289,7 @@ class Selection:
     def save(self, path: str | Path,
              inputs: Sequence[str | Path] = ()) -> dict[str, Path]:
         """Write the subset, ``<stem>.report.json``, ``<stem>.png`` and ``<stem>.html`` (the
-        page of :mod:`tive.html_report`) beside it, all four or none: each is written under a
+        page of :mod:`tive.output.page`) beside it, all four or none: each is written under a
         temporary name, and they are renamed only once all are written (a full disk while
         drawing the chart leaves the old outputs as they were).
 
@@ -326,7 +326,7 @@ class Selection:
                 write_json(tmp["subset"], [int(i) for i in self.indices], indent=None)
             write_json(tmp["report"], {**self.to_dict(), "output": str(path)})
             write_chart(self, tmp["chart"])
-            from tive.html_report import write_html
+            from tive.output.page import write_html
 
             write_html(self.report, self, tmp["html"], chart=tmp["chart"].read_bytes())
         return targets

@@ -9,7 +9,7 @@ from enum import Enum
 from typing import Any
 
 from tive.errors import ConfigError
-from tive.methods import METHODS, method_help
+from tive.selection.methods import METHODS, method_help
 from tive.settings import named, setting, settle
 
 
@@ -20,7 +20,7 @@ class _Named(str, Enum):
         return self.value
 
 
-# How records are valued: one member per method of :data:`tive.methods.METHODS` (``tive``, the
+# How records are valued: one member per method of :data:`tive.selection.methods.METHODS` (``tive``, the
 # paper's method, is TIVE; ``random-per-task`` is RANDOM_PER_TASK; …).
 Method = _Named("Method", {name.upper().replace("-", "_"): name for name in METHODS})
 Method.__doc__ = "How records are valued; ``tive`` is the paper's method, the others baselines."

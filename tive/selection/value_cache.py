@@ -1,6 +1,6 @@
 """Instance values kept beside a store, so that a sweep of selections does not re-read it.
 
-Instance values (:func:`tive.values.instance_values`) are the only costly part of valuing a
+Instance values (:func:`tive.selection.values.instance_values`) are the only costly part of valuing a
 store: two passes over the ``(N, k)`` features. They depend on the features, the task of each
 row and which rows are valid, never on the budget, strategy, temperature, seed or excluded
 tasks (an excluded task is left out after valuation). So they are computed once and written to
@@ -33,11 +33,11 @@ from typing import Any, Callable
 import numpy as np
 
 from tive.errors import OutputError
-from tive.fileio import atomic_path
+from tive.util.files import atomic_path
 
 CACHE_DIR = "cache"
 KEEP = {"values": 8, "kmeans": 512}  # files kept per run folder and prefix (the newest used):
-#     instance values, and one task's --clusters assignment (tive.kmeans.Clusters)
+#     instance values, and one task's --clusters assignment (tive.selection.kmeans.Clusters)
 VERSION = 1  # bump when instance values are computed differently
 
 
@@ -78,10 +78,10 @@ def cached_instance_values(
     Args:
         folder: ``RUN/cache`` (None: no caching).
         identity: :func:`store_identity` of the store the features come from.
-        compute: :func:`tive.values.instance_values` (a parameter so tests can count calls).
+        compute: :func:`tive.selection.values.instance_values` (a parameter so tests can count calls).
 
     Returns:
-        ``(values, finite)`` as :func:`tive.values.instance_values` returns them.
+        ``(values, finite)`` as :func:`tive.selection.values.instance_values` returns them.
     """
     if folder is None or identity is None:
         return compute(features, codes, len(names), valid, chunk_rows)

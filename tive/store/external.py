@@ -10,7 +10,7 @@ Two sources:
   order, so concatenating chunk 0, 1, … gives the data's row order.
 
 Features are never held whole: ``.npy`` files are memory-mapped, the authors' chunks are loaded
-one at a time, and :func:`tive.store.write_store` copies them into the store block by block.
+one at a time, and :func:`tive.store.writers.write_store` copies them into the store block by block.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ from typing import Any
 import numpy as np
 
 from tive import __version__
-from tive.data import Mixture
+from tive.data.mixture import Mixture
+from tive.data.tasks import TaskLabels
 from tive.errors import DataError
-from tive.fileio import NPY_HEADER_ERRORS
-from tive.store import IndexEntry, Store, write_store
-from tive.tasks import TaskLabels
+from tive.store.format import IndexEntry, Store
+from tive.store.writers import write_store
+from tive.util.files import NPY_HEADER_ERRORS
 
 PER_RECORD = ("norms", "loss", "ntokens")
 

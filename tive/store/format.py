@@ -10,14 +10,14 @@ Layout of ``RUN/store/``::
     loss.npy       (N,) float64 each record's mean token loss (NaN when unknown)
     ntokens.npy    (N,) int64 supervised tokens (-1 when unknown)
     done.npy       (N,) bool, rows written
-    skipped.npy    (N,) int8 reason a row could not be scored (0: not skipped; tive.skips.CODES)
+    skipped.npy    (N,) int8 reason a row could not be scored (0: not skipped; tive.models.skips.CODES)
     index.jsonl    one line per row: {"id", "task", "key"}
     parts/rank-R/  while ``tive score`` runs in several processes: each rank's own rows
 
 A store describes itself: :meth:`Store.check_data` refuses data other than the data it was
 built from, showing both identities and the remedy.
 
-Writing a store is :mod:`tive.store`'s part (which also hands on every name of this module);
+Writing a store is :mod:`tive.store.writers`'s part (which also hands on every name of this module);
 the format is described in docs/design.md, "The store".
 """
 
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from tive.errors import StoreError
-from tive.fileio import NPY_HEADER_ERRORS
+from tive.util.files import NPY_HEADER_ERRORS
 
 FORMAT_VERSION = 1
 STORE_DIR = "store"
@@ -48,7 +48,7 @@ class IndexEntry:
 
     id: str
     task: str
-    key: int  # 64-bit content digest of the record (see tive.data)
+    key: int  # 64-bit content digest of the record (see tive.data.mixture)
 
 
 class Store:

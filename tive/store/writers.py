@@ -1,6 +1,6 @@
 """Stage 5 — the feature store: per-record gradient features on disk, memory-mapped. This
-module writes stores; their format and reading them are :mod:`tive.store_format`, whose names
-it hands on (``from tive.store import Store`` keeps working).
+module writes stores; their format and reading them are :mod:`tive.store.format`, whose names
+it hands on (``from tive.store.writers import Store`` keeps working).
 
 ``tive score`` fills a store as it goes (:func:`create_store`, :class:`RowWriter`): rows are
 written to the memory-mapped arrays, and every :data:`COMMIT_SECONDS` the data arrays are
@@ -22,17 +22,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from tive.errors import StoreError
-from tive.fileio import atomic_path, check_space, preallocate
-from tive.store_format import (  # noqa: F401  (the reading side, handed on)
-    ARRAYS,
-    DTYPES,
-    FORMAT_VERSION,
-    PARTS_DIR,
-    STORE_DIR,
-    IndexEntry,
-    Store,
-    validate_meta,
-)
+from tive.store.format import ARRAYS, DTYPES, FORMAT_VERSION, PARTS_DIR, IndexEntry, Store
+from tive.util.files import atomic_path, check_space, preallocate
 
 COMMIT_SECONDS = 1.0  # at most this much finished work is lost when a run is killed
 
@@ -249,7 +240,7 @@ def fold_parts(store: Store) -> int:
 
 def mark_complete(store: Store, **extra: Any) -> Store:
     """Set ``complete`` in meta.json (atomically) once every row is done."""
-    from tive.fileio import write_json
+    from tive.util.files import write_json
 
     done = store.array("done")
     if not done.all():

@@ -60,14 +60,14 @@ class Dist:
 
     @contextlib.contextmanager
     def exclusive(self, run: str | os.PathLike, command: str) -> Iterator[None]:
-        """Hold ``run/.lock`` for the block (:func:`tive.fileio.run_lock`); the ranks of one job
+        """Hold ``run/.lock`` for the block (:func:`tive.util.files.run_lock`); the ranks of one job
         share rank 0's lock, and all of them stop when it is refused.
 
         Raises:
             ConfigError: another process holds the run folder.
         """
         from tive.errors import ConfigError
-        from tive.fileio import run_lock
+        from tive.util.files import run_lock
 
         with contextlib.ExitStack() as stack:
             refused = None

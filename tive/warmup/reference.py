@@ -1,5 +1,5 @@
 """The warm-up reference of a run: ``RUN/reference/``, reused when it was trained with the same
-settings, trained (:func:`tive.warmup.train`) otherwise.
+settings, trained (:func:`tive.warmup.training.train`) otherwise.
 
 The adapter (with the multimodal projector, as peft's ``modules_to_save``) is saved in standard
 peft format, with ``reference.json`` saying what it was trained on, with which recipe, and its
@@ -15,16 +15,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tive.data import Mixture
-from tive.dist import Dist
+from tive.data.mixture import Mixture
 from tive.errors import ConfigError
-from tive.fileio import atomic_path
-from tive.warmup import (
+from tive.util.dist import Dist
+from tive.util.files import atomic_path
+from tive.warmup.settings import WarmupConfig
+from tive.warmup.training import (
     SCHEDULE,
     WARMUP_RATIO,
     WEIGHT_DECAY,
     Recipe,
-    WarmupConfig,
     train,
     usable_rows,
     warmup_sample,
@@ -47,7 +47,7 @@ def reference_info(mixture: Mixture, tasks: np.ndarray, rows: np.ndarray,
                    config: WarmupConfig, source: dict[str, Any],
                    result: dict[str, Any]) -> dict[str, Any]:
     """What the adapter was trained on, for ``reference.json``."""
-    from tive.lora import gradient_dim, key_parameters
+    from tive.warmup.lora import gradient_dim, key_parameters
 
     names, counts = np.unique(tasks[result["used"]].astype(str), return_counts=True)
     losses = result["losses"]

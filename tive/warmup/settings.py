@@ -1,4 +1,4 @@
-"""Warm-up settings, apart from :mod:`tive.warmup` so that the CLI can build its options
+"""Warm-up settings, apart from :mod:`tive.warmup.training` so that the CLI can build its options
 (and print ``--help``) without importing torch."""
 
 from __future__ import annotations

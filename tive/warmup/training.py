@@ -6,7 +6,7 @@ others), then
 train as the TIVE authors did (their ``finetune_lora.sh``): LoRA r=128, alpha=256, dropout
 0.05 on every linear layer of the language model, the multimodal projector trained too,
 AdamW at 2e-5 with weight decay 0, a cosine schedule after a 3% linear warm-up, one epoch, a
-global batch of 128 records per optimizer step. :mod:`tive.reference` saves the adapter and
+global batch of 128 records per optimizer step. :mod:`tive.warmup.reference` saves the adapter and
 decides when an earlier one can be reused.
 """
 
@@ -19,13 +19,13 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from tive import selection as sel
-from tive.data import Mixture
-from tive.dist import Dist
+from tive.data.mixture import Mixture
 from tive.errors import DataError
-from tive.segments import IGNORE, Encoded
-from tive.skips import SkipReason
-from tive.warmup_config import AUTHORS, WarmupConfig  # noqa: F401  (re-exported)
+from tive.models.segments import IGNORE, Encoded
+from tive.models.skips import SkipReason
+from tive.selection import quotas as sel
+from tive.util.dist import Dist
+from tive.warmup.settings import WarmupConfig
 
 WARMUP_RATIO = 0.03  # share of the optimizer steps in the linear warm-up (HF's ceil rule)
 WEIGHT_DECAY = 0.0
@@ -82,7 +82,7 @@ def encoded_items(loaded: Any, mixture: Mixture, rows: np.ndarray, max_length: i
                   used: list[int] | None = None) -> Iterator[Encoded]:
     """The records at ``rows`` encoded, in order; records that cannot be encoded are counted in
     ``skipped`` (reason → count) and left out, the others' rows appended to ``used``."""
-    from tive.encode import encode_row
+    from tive.models.encoding import encode_row
 
     encoder = loaded.encoder(max_length)
     for row in rows:
@@ -159,8 +159,8 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from tive.encode import pad_id
-    from tive.lora import key_parameters, lora_config, trained_projector, warmup_targets
+    from tive.models.encoding import pad_id
+    from tive.warmup.lora import key_parameters, lora_config, trained_projector, warmup_targets
 
     dist = Dist() if dist is None else dist
     torch.manual_seed(config.seed)
@@ -171,7 +171,7 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
     if notice and echo is not None:
         echo(notice)
     if config.gradient_checkpointing:
-        from tive.gradients import enable_checkpointing
+        from tive.scoring.gradients import enable_checkpointing
 
         enable_checkpointing(loaded.model)
     from tive.models.load import quiet_peft
@@ -227,7 +227,7 @@ class _StepRunner:
     """Forward and backward of this rank's share of one optimizer step's records."""
 
     def __init__(self, model: Any, pad: int, config: WarmupConfig, dist: Dist) -> None:
-        from tive.gradients import text_vocab
+        from tive.scoring.gradients import text_vocab
 
         self.model, self.pad, self.config, self.dist = model, pad, config, dist
         self.device = next(model.parameters()).device
@@ -259,7 +259,7 @@ class _StepRunner:
     def _loss(self, items: list[Encoded]) -> torch.Tensor:
         """Token-mean loss of one batch: the model's own, or over the text vocabulary only when
         the output head has extra columns (a Bunny port's ``<image>`` row)."""
-        from tive.encode import collate
+        from tive.models.encoding import collate
 
         batch = {k: v.to(self.device) for k, v in collate(items, self.pad).items()
                  if v is not None}
