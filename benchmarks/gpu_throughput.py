@@ -303,7 +303,8 @@ def b_variants(model, keys: list, batches: list, device: torch.device,
     ``batches``, the first batch not timed. Casts ``model``'s adapters in place (the last use
     of the model)."""
     from tive.projection.projectors import SparseJL
-    from tive.scoring.gradients import GradientFeatures, disable_checkpointing
+    from tive.models.load import disable_checkpointing
+    from tive.scoring.gradients import GradientFeatures
     from tive.warmup.lora import adapters_to_model_dtype
 
     hf = model.get_base_model()

@@ -215,7 +215,8 @@ def test_losses_take_the_softmax_over_bunnys_own_vocabulary(bunnies):
     from peft import get_peft_model
 
     from tive.projection.projectors import make_projector
-    from tive.scoring.gradients import GradientFeatures, text_vocab
+    from tive.models.load import text_vocab
+    from tive.scoring.gradients import GradientFeatures
     from tive.util.dist import Dist
     from tive.warmup.lora import key_parameters, lora_config
     from tive.warmup.settings import WarmupConfig

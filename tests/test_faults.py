@@ -178,7 +178,7 @@ def test_select_refuses_to_write_onto_the_input_mixture(mixture_run):
 
 def test_outputs_of_one_selection_are_replaced_together_or_not_at_all(mixture_run,
                                                                      monkeypatch):
-    from tive.selection import report as rep
+    from tive.output import saving
 
     run = imported(mixture_run)
     assert invoke("select", "--run", run, "--budget", "0.25").exit_code == 0
@@ -187,7 +187,7 @@ def test_outputs_of_one_selection_are_replaced_together_or_not_at_all(mixture_ru
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(rep, "write_chart", no_space)
+    monkeypatch.setattr(saving, "write_chart", no_space)
     res = invoke("select", "--run", run, "--budget", "0.25", "--seed", "7")
     one_line_error(res, "nothing was written")
     assert tree(run) == before

@@ -1,0 +1,1 @@
+"""The ``tive`` command: its commands and options, built from the stages' settings."""

@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 import click
 
 from tive import __version__
 from tive.cli.options import DEFAULT_RUN, reasons, task_option
+from tive.errors import ConfigError
 
 
 @click.command()
@@ -119,8 +122,6 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
         raise click.UsageError("--json prints the table; --html writes a page: give one")
     store = Store.open(run)  # the run folder, or the store itself
     if as_html:
-        from tive.output.page import write_run_html
-
         click.echo(f"   html: {write_run_html(run, store, selection, output)}")
         return
     r = value_estimate(store=store, data=False)
@@ -203,3 +204,39 @@ def doctor() -> None:
             path = (f"not in that cache; fix: hf download {HUB_ALIASES[alias]} on a machine with "
                     f"internet, then copy its cache here (README: Models, \"Offline\")")
         click.echo(f"  {alias:<14} {path}")
+
+
+def write_run_html(run: Path, store: Any, selection: Path | None = None,
+                   output: Path | None = None) -> Path:
+    """``tive report --html``: the page of a selection made earlier in ``run`` (chosen again
+    from the settings in its ``.report.json``: the same seed gives the same records, and the
+    values come from the run's cache), or of the values alone when there is none.
+
+    Raises:
+        ConfigError: ``selection`` is not a selection report.
+    """
+    from tive.api import value_estimate
+    from tive.output.page import write_html
+    from tive.selection.settings import SelectConfig
+
+    if selection is None:
+        found = sorted(run.glob("*.report.json"), key=lambda p: p.stat().st_mtime_ns)
+        selection = found[-1] if found else None
+    if selection is None:
+        report = value_estimate(store=store)
+        return write_html(report, None, output or run / "values.html")
+    try:
+        saved = json.loads(Path(selection).read_text(encoding="utf-8"))
+        settings = dict(saved["settings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(f"--selection {selection}: not a selection report (a "
+                          f"*.report.json written by tive select); fix: pass one of "
+                          f"{run}/*.report.json") from None
+    data = saved.get("source", {}).get("data")
+    report = value_estimate(store=store, data=data if data else False)
+    settings["exclude"] = tuple(settings.get("exclude") or ())
+    if settings.get("temperature") == "inf":
+        settings["temperature"] = math.inf
+    chosen = report.select_with(SelectConfig(**settings))
+    name = Path(selection).name[: -len(".report.json")]
+    return write_html(report, chosen, output or Path(selection).with_name(f"{name}.html"))

@@ -1,0 +1,1 @@
+"""Stage 1, the data: a mixture file read into records, their task labels, subsets written back."""

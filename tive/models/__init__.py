@@ -1,1 +1,1 @@
-"""Model families tive loads into transformers' native classes."""
+"""Stage 2, the models: families, their registry, loading, and encoding a record into tokens."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -84,3 +84,31 @@ def _quiet_transformers() -> Iterator[None]:
     finally:
         if was:
             hf_logging.enable_progress_bar()
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of a transformers model's layers (the name of
+    the call changed in transformers 5)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def disable_checkpointing(model: nn.Module) -> None:
+    """Undo :func:`enable_checkpointing` (the name of the call changed in transformers 5)."""
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def text_vocab(config: Any) -> int | None:
+    """Columns of the output head that are the model's real vocabulary, when the head has more
+    (a Bunny port whose ``<image>`` row was added past the checkpoint's vocabulary: the
+    softmax must not see it); None when every column is real."""
+    vocab = getattr(config, "bunny_text_vocab_size", None)
+    text = getattr(config, "text_config", config)
+    return int(vocab) if vocab is not None and vocab < text.vocab_size else None

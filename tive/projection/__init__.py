@@ -1,0 +1,1 @@
+"""Stage 5, projection: gradients to k features per record, and the projectors' registry."""

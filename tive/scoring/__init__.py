@@ -1,0 +1,1 @@
+"""Stage 4, scoring: per-record gradients of the key parameters, batch by batch, into the store."""

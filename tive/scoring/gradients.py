@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from tive.errors import ConfigError, TiveError
+from tive.models.load import enable_checkpointing, text_vocab
 from tive.models.registry import derives_positions
 from tive.models.segments import IGNORE
 from tive.projection.projectors import Projector
@@ -268,34 +269,6 @@ def _checkpointed_layers(peft_model: nn.Module) -> list[nn.Module]:
         if isinstance(m, GradientCheckpointingLayer) and not name.startswith(prefix + "."):
             m.gradient_checkpointing = False
     return layers
-
-
-def enable_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation checkpointing of a transformers model's layers (the name of
-    the call changed in transformers 5)."""
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def disable_checkpointing(model: nn.Module) -> None:
-    """Undo :func:`enable_checkpointing` (the name of the call changed in transformers 5)."""
-    if hasattr(model, "activation_checkpointing_disable"):
-        model.activation_checkpointing_disable()
-    else:
-        model.gradient_checkpointing_disable()
-
-
-def text_vocab(config: Any) -> int | None:
-    """Columns of the output head that are the model's real vocabulary, when the head has more
-    (a Bunny port whose ``<image>`` row was added past the checkpoint's vocabulary: the
-    softmax must not see it); None when every column is real."""
-    vocab = getattr(config, "bunny_text_vocab_size", None)
-    text = getattr(config, "text_config", config)
-    return int(vocab) if vocab is not None and vocab < text.vocab_size else None
 
 
 def _check_plain_head(config: Any) -> None:

@@ -1,16 +1,14 @@
 """The notebook-facing results: a :class:`Report` of values, and the :class:`Selection` it makes.
 
 ``Report.select`` is where values become a subset: it resolves the budget, sets per-task quotas
-(:mod:`tive.selection.quotas`) and picks records; ``Selection.save`` writes the subset in the input's
-own format, a JSON report and a bar chart of task shares before and after.
+(:mod:`tive.selection.quotas`) and picks records; ``Selection.save`` hands the subset to
+:mod:`tive.output.saving` (the input's own format, a JSON report, the chart and the page).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,13 +17,12 @@ import numpy as np
 
 from tive.data.mixture import Mixture
 from tive.data.tasks import factorize
-from tive.errors import ConfigError, OutputError
-from tive.output.chart import chart_png
+from tive.errors import ConfigError
+from tive.output.saving import save_selection
 from tive.selection import quotas as sel
 from tive.selection.methods import MethodSpec, method_named
 from tive.selection.settings import AUTHORS_EXCLUDE, Budget, SelectConfig
 from tive.settings import named, python_api
-from tive.util.files import atomic_path, write_json
 
 
 @dataclass
@@ -306,52 +303,11 @@ class Selection:
         Raises:
             OutputError: an output would land on an input, or writing failed (nothing written).
         """
-        path = Path(path)
-        mixture = self.report.mixture
-        suffix = mixture.default_suffix() if mixture is not None else ".json"
-        name = path.name[: -len(suffix)] if suffix and path.name.endswith(suffix) else path.name
-        stem = path.parent / name
-        targets = {"subset": path, "report": Path(f"{stem}.report.json"),
-                   "chart": Path(f"{stem}.png"), "html": Path(f"{stem}.html")}
-        _refuse_inputs(targets.values(),
-                       [*([mixture.path] if mixture is not None else []), *inputs])
-        folder = mixture is not None and mixture.container == "hf-disk"
-        with contextlib.ExitStack() as stack:
-            tmp = {kind: stack.enter_context(atomic_path(target, directory=folder and
-                                                          kind == "subset"))
-                   for kind, target in targets.items()}
-            if mixture is not None:
-                mixture.write_subset(self.indices, tmp["subset"])
-            else:
-                write_json(tmp["subset"], [int(i) for i in self.indices], indent=None)
-            write_json(tmp["report"], {**self.to_dict(), "output": str(path)})
-            write_chart(self, tmp["chart"])
-            from tive.output.page import write_html
-
-            write_html(self.report, self, tmp["html"], chart=tmp["chart"].read_bytes())
-        return targets
+        return save_selection(self, path, inputs)
 
     def __repr__(self) -> str:
         return (f"<tive.Selection: {len(self.indices):,} records "
                 f"({self.config.method}, budget {self.config.budget})>\n{self.table()}")
-
-
-def _refuse_inputs(outputs: Any, inputs: Sequence[str | Path]) -> None:
-    """Refuse an output that is one of the inputs (the same file, by inode)."""
-    for out in outputs:
-        for given in inputs:
-            if Path(out).exists() and Path(given).exists() and os.path.samefile(out, given):
-                raise OutputError(f"{out}: is an input of this selection ({given}); writing "
-                                  f"there would destroy it; nothing was written; fix: choose "
-                                  f"another output path")
-
-
-def write_chart(selection: Selection, path: Path) -> Path:
-    """Bar chart of each task's share of the mixture and of the subset, as PNG."""
-    png = chart_png(selection)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(png)
-    return path
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

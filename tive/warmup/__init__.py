@@ -1,0 +1,1 @@
+"""Stage 3, the warm-up: the LoRA reference model trained briefly on the mixture."""

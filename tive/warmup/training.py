@@ -171,7 +171,7 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
     if notice and echo is not None:
         echo(notice)
     if config.gradient_checkpointing:
-        from tive.scoring.gradients import enable_checkpointing
+        from tive.models.load import enable_checkpointing
 
         enable_checkpointing(loaded.model)
     from tive.models.load import quiet_peft
@@ -227,7 +227,7 @@ class _StepRunner:
     """Forward and backward of this rank's share of one optimizer step's records."""
 
     def __init__(self, model: Any, pad: int, config: WarmupConfig, dist: Dist) -> None:
-        from tive.scoring.gradients import text_vocab
+        from tive.models.load import text_vocab
 
         self.model, self.pad, self.config, self.dist = model, pad, config, dist
         self.device = next(model.parameters()).device
