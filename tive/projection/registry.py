@@ -3,8 +3,8 @@
 
 A spec names its projector, says which scoring settings apply to it, how it is described in
 ``--help`` and in a store's identity, and where its class lives (imported only when a run
-builds one: ``tive --help`` reads this table without torch). The class itself follows
-:class:`tive.projection.projectors.Projector`.
+builds one: ``tive --help`` reads this table without torch). The class itself implements
+:class:`tive.projection.base.Projector`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tive.errors import ConfigError
+from tive.projection.base import Projector
 from tive.settings import named
 
 # scoring setting → (its key in a store's projector description, its default)
@@ -54,7 +55,7 @@ class ProjectorSpec:
                     if getattr(config, o) is not None})
         return out
 
-    def build(self, dims: Sequence[int], **values: Any) -> Any:
+    def build(self, dims: Sequence[int], **values: Any) -> Projector:
         """The projector for gradient blocks of ``dims``, from ``k``, ``seed``, ``nnz`` and
         ``device`` (those it does not take are ignored)."""
         module, name = self.target.split(":")

@@ -29,7 +29,7 @@ from tive.errors import ConfigError, TiveError
 from tive.models.load import enable_checkpointing, text_vocab
 from tive.models.registry import derives_positions
 from tive.models.segments import IGNORE
-from tive.projection.projectors import Projector
+from tive.projection.base import Projector
 from tive.warmup.lora import KeyParameter, key_parameters
 
 

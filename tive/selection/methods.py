@@ -11,11 +11,33 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Protocol, Union
 
 from tive.errors import ConfigError
 
+if TYPE_CHECKING:
+    import numpy as np
+
 QUOTAS = ("value", "size", "equal", "setting")  # how a per-task method weighs its tasks
+
+
+class TaskChooser(Protocol):
+    """The contract of a per-task method: ``n`` rows of the task's ``members`` (repeats when
+    ``n`` exceeds them), given the report, the :class:`~tive.selection.settings.SelectConfig`
+    and ``noise``, ``(N,)`` seeded uniforms (the random draws and the tie-break)."""
+
+    def __call__(self, report: Any, config: Any, members: np.ndarray, n: int,
+                 noise: np.ndarray) -> np.ndarray: ...
+
+
+class MixtureMetric(Protocol):
+    """The contract of a method over the whole mixture: a ``(N,)`` metric whose largest finite
+    values are taken (ties broken by ``noise``)."""
+
+    def __call__(self, report: Any, noise: np.ndarray) -> np.ndarray: ...
+
+
+Chooser = Union[TaskChooser, MixtureMetric]
 
 
 @dataclass(frozen=True)
@@ -29,10 +51,8 @@ class MethodSpec:
         quotas: per-task methods: how the budget is shared among tasks, ∝ ``value`` (the task
             values), ``size`` (the task's records), ``equal``, or as the ``setting`` ``quota``
             says; None: the method chooses over the whole mixture.
-        target: ``module:function`` choosing the records. Per task:
-            ``(report, config, members, n, noise) → rows``, ``n`` rows of the task's
-            ``members``; over the whole mixture: ``(report, noise) → (N,) metric``, of which
-            the largest finite values are taken.
+        target: ``module:function`` choosing the records: a :class:`TaskChooser` for a
+            per-task method, a :class:`MixtureMetric` for one over the whole mixture.
         needs_features: it reads the features themselves (a report built without them
             cannot use it).
     """
@@ -57,8 +77,9 @@ class MethodSpec:
         """``name (help)``, for ``--help``."""
         return f"{self.name} ({self.help})" if self.help else self.name
 
-    def chooser(self) -> Callable[..., Any]:
-        """The function choosing the records."""
+    def chooser(self) -> Chooser:
+        """The function choosing the records (:class:`TaskChooser` when :attr:`by_task`, else
+        :class:`MixtureMetric`)."""
         module, name = self.target.split(":")
         return getattr(importlib.import_module(module), name)
 
