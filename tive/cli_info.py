@@ -10,6 +10,7 @@ import click
 
 from tive import __version__
 from tive.cli_options import DEFAULT_RUN, reasons, task_option
+from tive.config import TaskValue
 
 
 @click.command()
@@ -105,8 +106,12 @@ def _recorded_image_root(data: Path) -> tuple[Path, Path] | None:
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="With --html: the page to write  [default: beside the selection, or "
                    "RUN/values.html]")
+@click.option("--task-value", type=click.Choice([m.value for m in TaskValue]), default="norm",
+              show_default=True,
+              help="Which task values to show: norm (the authors'), coherence or "
+                   "mean-gradient (a selection's own table shows the values it used).")
 def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
-           output: Path | None) -> None:
+           output: Path | None, task_value: str) -> None:
     """Print the task values of a run and the selections made from it (or write a page)."""
     from tive.api import value_estimate
     from tive.methods import method_named
@@ -121,15 +126,16 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
     if as_html:
         from tive.html_report import write_run_html
 
-        click.echo(f"   html: {write_run_html(run, store, selection, output)}")
+        click.echo(f"   html: {write_run_html(run, store, selection, output, task_value)}")
         return
-    r = value_estimate(store=store, data=False)
+    r = value_estimate(store=store, data=False, task_value=task_value)
     valid = r.valid_sizes()
     table = {t: {"records": n, "valid": valid[t], "value": json_float(r.task_values[t])}
              for t, n in r.sizes.items()}
     selections = sorted(run.glob("*.report.json"))
     if as_json:
-        click.echo(json.dumps({"store": str(store.root), "left_out": r.invalid, "tasks": table,
+        click.echo(json.dumps({"store": str(store.root), "left_out": r.invalid,
+                               "task_value": task_value, "tasks": table,
                                "selections": [str(p) for p in selections]}, indent=2))
         return
     m = store.meta
@@ -143,7 +149,9 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
         s = d["settings"]
         click.echo(f"\n{path.name}: {s['method']}, budget {s['budget']} → {d['selected']:,} "
                    f"records ({d['unique']:,} distinct)"
-                   + (f", seed {s['seed']}" if s.get("seed") is not None else ""))
+                   + (f", seed {s['seed']}" if s.get("seed") is not None else "")
+                   + (f", task value {s['task_value']}" if s.get("task_value") not in
+                      (None, "norm") else ""))
         columns = ["task", "value", "quota", "selected"]
         method = method_named(s["method"])
         if not method.weighs_by_value(s.get("quota")):

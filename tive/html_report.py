@@ -145,7 +145,7 @@ def _summary(report: Report, selection: Selection | None, root: Path | None) -> 
 
 def _task_table(report: Report, selection: Selection | None) -> str:
     sizes, valid, n = report.sizes, report.valid_sizes(), max(len(report.tasks), 1)
-    header = ["task", "records", "valid", "value"]
+    header = ["task", "records", "valid", report.value_header()]
     if selection is not None:
         d = selection.to_dict()["tasks"]
         b = max(len(selection.indices), 1)
@@ -268,10 +268,11 @@ def _thumbnail(images: tuple[str, ...], root: Path | None) -> str:
 
 
 def write_run_html(run: Path, store: Any, selection: Path | None = None,
-                   output: Path | None = None) -> Path:
+                   output: Path | None = None, task_value: str | None = None) -> Path:
     """``tive report --html``: the page of a selection made earlier in ``run`` (chosen again
     from the settings in its ``.report.json``: the same seed gives the same records, and the
-    values come from the run's cache), or of the values alone when there is none.
+    values come from the run's cache), or of the values alone when there is none (their kind
+    ``task_value``, default ``norm``; a selection shows the kind it was made with).
 
     Raises:
         ConfigError: ``selection`` is not a selection report.
@@ -286,7 +287,7 @@ def write_run_html(run: Path, store: Any, selection: Path | None = None,
         found = sorted(run.glob("*.report.json"), key=lambda p: p.stat().st_mtime_ns)
         selection = found[-1] if found else None
     if selection is None:
-        report = value_estimate(store=store)
+        report = value_estimate(store=store, task_value=task_value)
         return write_html(report, None, output or run / "values.html")
     try:
         saved = json.loads(Path(selection).read_text(encoding="utf-8"))
@@ -302,4 +303,5 @@ def write_run_html(run: Path, store: Any, selection: Path | None = None,
         settings["temperature"] = math.inf
     chosen = report.select_with(SelectConfig(**settings))
     name = Path(selection).name[: -len(".report.json")]
-    return write_html(report, chosen, output or Path(selection).with_name(f"{name}.html"))
+    return write_html(chosen.report, chosen,
+                      output or Path(selection).with_name(f"{name}.html"))
