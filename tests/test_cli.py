@@ -75,7 +75,7 @@ def test_select_options_reach_the_selection(imported, tmp_path):
     assert report["settings"] == {"budget": "12", "method": "tive", "strategy": "top",
                                   "temperature": None, "seed": None, "exclude": ["vqav2", "vg"],
                                   "oversample": False, "paper": False, "clusters": None,
-                                  "quota": None}
+                                  "quota": None, "task_value": "norm"}
     assert report["tasks"]["vqav2"]["selected"] == 0 and report["tasks"]["vg"]["excluded"]
     chosen = {r["id"] for r in json.loads(out.read_text())}
     # the same selection through the API: per-task top-k of instance values

@@ -15,6 +15,7 @@ import numpy as np
 from tive.data.cache import load_labelled
 from tive.data.mixture import Mixture, load_mixture
 from tive.data.tasks import factorize, label_tasks
+from tive.selection.settings import TaskValue, task_value_named
 from tive.errors import ConfigError, DataError
 from tive.models.skips import BY_CODE
 from tive.selection import value_cache as vc, values as val
@@ -50,6 +51,7 @@ def value_estimate(
     force: bool | None = None,
     progress: bool | None = None,
     paper: bool = False,
+    task_value: str | None = None,
 ) -> Report:
     """Task and instance values of a mixture: computed with a model, or from a feature store,
     or from arrays.
@@ -91,6 +93,9 @@ def value_estimate(
         paper: the TIVE authors' run exactly: with ``model``, their warm-up and TRAK's
             projection (``score``/``warmup`` may not say otherwise); and the report's
             ``select`` then selects as their script did (see ``tive select --paper``).
+        task_value: what the report's task values are, and what its ``select`` weighs quotas
+            by: ``norm`` (default, the authors'), ``coherence`` or ``mean-gradient``
+            (docs/design.md, "Task values"); ``paper=True`` allows only ``norm``.
 
     Returns:
         a :class:`~tive.selection.report.Report`; call ``.select(budget=0.075)`` on it.
@@ -98,8 +103,9 @@ def value_estimate(
     Raises:
         ConfigError: arguments that contradict each other or would be ignored.
     """
+    task_value = _task_value(task_value, paper)
     if model is not None:
-        return _paper(_with_model(model, data, run or "tive-out", reference, score, warmup,
+        return _as_asked(_with_model(model, data, run or "tive-out", reference, score, warmup,
                              dtype or "auto", device or "auto", bool(force),
                              progress is not False, task_field, image_root,
                              skip_missing_images, chunk_rows, paper,
@@ -107,7 +113,7 @@ def value_estimate(
                                                  ("norms", norms), ("tasks", tasks),
                                                  ("loss", loss), ("ntokens", ntokens),
                                                  ("check_images", check_images))
-                                  if v is not None]), paper)
+                                  if v is not None]), paper, task_value)
     given = [k for k, v in (("run", run), ("reference", reference), ("score", score),
                             ("warmup", warmup), ("dtype", dtype), ("device", device),
                             ("force", force), ("progress", progress)) if v is not None]
@@ -118,16 +124,16 @@ def value_estimate(
                      image_root=image_root, skip_missing_images=skip_missing_images)
     if store is not None:
         st = store if isinstance(store, Store) else Store.open(store)
-        return _paper(_from_store(st, data, task_field, image_root, bool(check_images),
-                                  skip_missing_images, chunk_rows), paper)
+        return _as_asked(_from_store(st, data, task_field, image_root, bool(check_images),
+                                  skip_missing_images, chunk_rows), paper, task_value)
     arrays = _given_arrays(features, norms, loss, ntokens)
     n = arrays["norms"].shape[0]
     if data is None:
         task_arr = np.asarray([str(t) for t in tasks], dtype=object)
         if len(task_arr) != n:
             raise ConfigError(f"value_estimate: {len(task_arr)} tasks for {n} feature rows")
-        return _paper(_report(arrays, task_arr, np.arange(n, dtype=np.uint64), {}, None, None,
-                              chunk_rows, source={}), paper)
+        return _as_asked(_report(arrays, task_arr, np.arange(n, dtype=np.uint64), {}, None, None,
+                              chunk_rows, source={}), paper, task_value)
     mixture = _mixture(data, task_field)
     if len(mixture) != n:
         raise DataError(f"{mixture.path}: {len(mixture):,} records but {n:,} feature rows; "
@@ -136,10 +142,10 @@ def value_estimate(
     if check_images is not False:
         left_out["missing-image"] = mixture.check_images(image_root, skip_missing_images)
     labels = label_tasks(mixture)
-    return _paper(_report(arrays, labels.tasks, mixture.keys, left_out, mixture,
+    return _as_asked(_report(arrays, labels.tasks, mixture.keys, left_out, mixture,
                           labels.inferred, chunk_rows,
                           source={"data": str(mixture.path),
-                                  "image_root": _root(mixture, image_root)}), paper)
+                                  "image_root": _root(mixture, image_root)}), paper, task_value)
 
 
 def _root(mixture: Mixture, image_root: Any) -> str:
@@ -147,7 +153,18 @@ def _root(mixture: Mixture, image_root: Any) -> str:
     return str(mixture.image_root(image_root).resolve())
 
 
-def _paper(report: Report, paper: bool) -> Report:
+def _task_value(task_value: Any, paper: bool) -> TaskValue:
+    """The kind of task values asked for (checked before any work is done)."""
+    kind = task_value_named("norm" if task_value is None else task_value)
+    if paper and kind is not TaskValue.NORM:
+        raise ConfigError(f"task_value={kind}: paper=True values tasks as the authors did "
+                          f"(task_value='norm'); fix: leave out task_value or paper")
+    return kind
+
+
+def _as_asked(report: Report, paper: bool, task_value: TaskValue) -> Report:
+    """The report as asked: the authors' selection or not, and the kind of task values."""
+    report = report.with_task_value(task_value)
     report.paper = paper
     return report
 

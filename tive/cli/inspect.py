@@ -13,6 +13,7 @@ import click
 from tive import __version__
 from tive.cli.options import DEFAULT_RUN, reasons, task_option
 from tive.errors import ConfigError
+from tive.selection.settings import TaskValue
 
 
 @click.command()
@@ -108,8 +109,12 @@ def _recorded_image_root(data: Path) -> tuple[Path, Path] | None:
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="With --html: the page to write  [default: beside the selection, or "
                    "RUN/values.html]")
+@click.option("--task-value", type=click.Choice([m.value for m in TaskValue]), default="norm",
+              show_default=True,
+              help="Which task values to show: norm (the authors'), coherence or "
+                   "mean-gradient (a selection's own table shows the values it used).")
 def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
-           output: Path | None) -> None:
+           output: Path | None, task_value: str) -> None:
     """Print the task values of a run and the selections made from it (or write a page)."""
     from tive.api import value_estimate
     from tive.selection.methods import method_named
@@ -122,15 +127,16 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
         raise click.UsageError("--json prints the table; --html writes a page: give one")
     store = Store.open(run)  # the run folder, or the store itself
     if as_html:
-        click.echo(f"   html: {write_run_html(run, store, selection, output)}")
+        click.echo(f"   html: {write_run_html(run, store, selection, output, task_value)}")
         return
-    r = value_estimate(store=store, data=False)
+    r = value_estimate(store=store, data=False, task_value=task_value)
     valid = r.valid_sizes()
     table = {t: {"records": n, "valid": valid[t], "value": json_float(r.task_values[t])}
              for t, n in r.sizes.items()}
     selections = sorted(run.glob("*.report.json"))
     if as_json:
-        click.echo(json.dumps({"store": str(store.root), "left_out": r.invalid, "tasks": table,
+        click.echo(json.dumps({"store": str(store.root), "left_out": r.invalid,
+                               "task_value": task_value, "tasks": table,
                                "selections": [str(p) for p in selections]}, indent=2))
         return
     m = store.meta
@@ -144,7 +150,9 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
         s = d["settings"]
         click.echo(f"\n{path.name}: {s['method']}, budget {s['budget']} → {d['selected']:,} "
                    f"records ({d['unique']:,} distinct)"
-                   + (f", seed {s['seed']}" if s.get("seed") is not None else ""))
+                   + (f", seed {s['seed']}" if s.get("seed") is not None else "")
+                   + (f", task value {s['task_value']}" if s.get("task_value") not in
+                      (None, "norm") else ""))
         columns = ["task", "value", "quota", "selected"]
         method = method_named(s["method"])
         if not method.weighs_by_value(s.get("quota")):
@@ -207,10 +215,11 @@ def doctor() -> None:
 
 
 def write_run_html(run: Path, store: Any, selection: Path | None = None,
-                   output: Path | None = None) -> Path:
+                   output: Path | None = None, task_value: str | None = None) -> Path:
     """``tive report --html``: the page of a selection made earlier in ``run`` (chosen again
     from the settings in its ``.report.json``: the same seed gives the same records, and the
-    values come from the run's cache), or of the values alone when there is none.
+    values come from the run's cache), or of the values alone when there is none (their kind
+    ``task_value``, default ``norm``; a selection shows the kind it was made with).
 
     Raises:
         ConfigError: ``selection`` is not a selection report.
@@ -223,7 +232,7 @@ def write_run_html(run: Path, store: Any, selection: Path | None = None,
         found = sorted(run.glob("*.report.json"), key=lambda p: p.stat().st_mtime_ns)
         selection = found[-1] if found else None
     if selection is None:
-        report = value_estimate(store=store)
+        report = value_estimate(store=store, task_value=task_value)
         return write_html(report, None, output or run / "values.html")
     try:
         saved = json.loads(Path(selection).read_text(encoding="utf-8"))
@@ -239,4 +248,5 @@ def write_run_html(run: Path, store: Any, selection: Path | None = None,
         settings["temperature"] = math.inf
     chosen = report.select_with(SelectConfig(**settings))
     name = Path(selection).name[: -len(".report.json")]
-    return write_html(report, chosen, output or Path(selection).with_name(f"{name}.html"))
+    return write_html(chosen.report, chosen,
+                      output or Path(selection).with_name(f"{name}.html"))

@@ -145,7 +145,7 @@ def _summary(report: Report, selection: Selection | None, root: Path | None) -> 
 
 def _task_table(report: Report, selection: Selection | None) -> str:
     sizes, valid, n = report.sizes, report.valid_sizes(), max(len(report.tasks), 1)
-    header = ["task", "records", "valid", "value"]
+    header = ["task", "records", "valid", report.value_header()]
     if selection is not None:
         d = selection.to_dict()["tasks"]
         b = max(len(selection.indices), 1)

@@ -53,9 +53,7 @@ def quotas(values: np.ndarray, sizes: np.ndarray, budget: int, oversample: bool 
     if not oversample and budget > sizes.sum():
         raise ConfigError(f"budget {budget:,} is more than the {int(sizes.sum()):,} selectable "
                           f"records; fix: a smaller --budget, or allow --oversample")
-    if values.sum() <= 0:
-        raise ConfigError("every task value is zero (all gradient norms are 0); the features "
-                          "cannot rank tasks; fix: check the store was computed correctly")
+    _require_positive(values)
     if oversample:
         return largest_remainder(budget * values / values.sum(), budget)
     capped = np.zeros(len(values), dtype=bool)
@@ -75,6 +73,15 @@ def quotas(values: np.ndarray, sizes: np.ndarray, budget: int, oversample: bool 
     return largest_remainder(shares, budget)
 
 
+def _require_positive(values: np.ndarray) -> None:
+    """Refuse task values that cannot share a budget (all zero)."""
+    if not values.sum() > 0:
+        raise ConfigError("every task value is zero (with --task-value norm: all gradient norms "
+                          "are 0; with coherence or mean-gradient: no task's records point the "
+                          "same way); the values cannot share the budget among tasks; fix: "
+                          "check the store was computed correctly, or another --task-value")
+
+
 def truncated_quotas(values: np.ndarray, budget: float) -> np.ndarray:
     """The TIVE authors' quotas: ``int(V(t) / ΣV · B)`` with ``B = p·N`` unrounded, computed in
     their order of operations (``select_data_TIVE.py``), so the total may fall short of B.
@@ -87,9 +94,7 @@ def truncated_quotas(values: np.ndarray, budget: float) -> np.ndarray:
         ``(T,)`` int64 quotas.
     """
     values = np.asarray(values, dtype=np.float64)
-    if values.sum() <= 0:
-        raise ConfigError("every task value is zero (all gradient norms are 0); the features "
-                          "cannot rank tasks; fix: check the store was computed correctly")
+    _require_positive(values)
     total = sum(float(v) for v in values)  # their running Python sum
     return np.array([int(float(v) / total * budget) for v in values], dtype=np.int64)
 

@@ -19,9 +19,16 @@ from tive.data.mixture import Mixture
 from tive.data.tasks import factorize
 from tive.errors import ConfigError
 from tive.output.saving import save_selection
-from tive.selection import quotas as sel
+from tive.selection import quotas as sel, value_cache as vc, values as val
 from tive.selection.methods import MethodSpec, method_named
-from tive.selection.settings import AUTHORS_EXCLUDE, Budget, SelectConfig
+from tive.selection.settings import (
+    AUTHORS_EXCLUDE,
+    DEFAULTS,
+    Budget,
+    SelectConfig,
+    TaskValue,
+    task_value_named,
+)
 from tive.settings import named, python_api
 
 
@@ -31,7 +38,9 @@ class Report:
 
     Attributes:
         tasks: ``(N,)`` task name of each record (mixture order).
-        task_values: task → V(t), mean exact gradient norm of its valid records (NaN if none).
+        task_values: task → V(t) of the kind ``task_value`` names (NaN if the task has no
+            valid record): by default ``norm``, the mean exact gradient norm of its valid
+            records (:data:`tive.values.TASK_VALUES`).
         instance_values: ``(N,)`` mean cosine to the task's members; NaN for invalid records.
         valid: ``(N,)`` bool, records that take part in valuation and selection.
         invalid: reason → number of records left out (``not-scored``, ``missing-image``,
@@ -47,6 +56,8 @@ class Report:
         chunk_rows: feature rows read at a time (None: about 64 MiB).
         cache: ``(RUN/cache, store identity)`` when the report comes from a store: what a
             selection computes that the next one can reuse is kept there.
+        task_value: what ``task_values`` holds, and what :meth:`select` weighs quotas by
+            unless told otherwise (``norm``, ``coherence`` or ``mean-gradient``).
     """
 
     tasks: np.ndarray
@@ -65,6 +76,7 @@ class Report:
     features: np.ndarray | None = None
     chunk_rows: int | None = None
     cache: tuple[Path, str] | None = None
+    task_value: str = "norm"
 
     def __post_init__(self) -> None:
         self._names, codes = factorize(self.tasks)
@@ -88,6 +100,54 @@ class Report:
         found = {t: int(c) for t, c in zip(self._names, self._valid_sizes)}
         return {t: found[t] for t in self.task_names}
 
+    def values_of(self, kind: str | TaskValue) -> dict[str, float]:
+        """Task → V(t) of kind ``kind`` (``norm``, ``coherence``, ``mean-gradient``; see
+        :data:`tive.values.TASK_VALUES`), computed over the valid records.
+
+        ``mean-gradient`` reads the features once (kept in the run's cache for a store).
+        """
+        kind = str(task_value_named(kind))
+        if kind == self.task_value:
+            return dict(self.task_values)
+        n = len(self._names)
+        if kind == "norm":
+            v = val.task_values(self.norms, self._codes, n, self.valid)
+        elif kind == "coherence":
+            v = val.coherence_values(self.instance_values, self.norms > 0, self._codes, n,
+                                     self.valid)
+        else:
+            v = self._mean_gradient_values()
+        return {str(t): float(x) for t, x in zip(self._names, v)}
+
+    def with_task_value(self, kind: str | TaskValue) -> Report:
+        """This report with ``task_values`` of kind ``kind`` (itself when it has them)."""
+        kind = str(task_value_named(kind))
+        if kind == self.task_value:
+            return self
+        return dataclasses.replace(self, task_values=self.values_of(kind), task_value=kind)
+
+    def _mean_gradient_values(self) -> np.ndarray:
+        """``(T,)`` :func:`tive.values.mean_gradient_values`, one pass over the features."""
+        if self.features is None:
+            raise ConfigError(f"{named('task_value', 'mean-gradient')}: this report has no "
+                              f"features (built without a store or features=); fix: "
+                              f"value_estimate(store=...) or features=..., or another task value")
+        n = len(self._names)
+
+        def compute() -> dict[str, np.ndarray]:
+            sums, squares = val.weighted_unit_sums(self.features, self.norms, self._codes, n,
+                                                   self.valid, self.chunk_rows)
+            counts = np.bincount(self._codes[self.valid], minlength=n)
+            return {"values": val.mean_gradient_values(sums, squares, counts)}
+
+        if self.cache is None:
+            return compute()["values"]
+        folder, identity = self.cache
+        key = vc.digest("mean-gradient", vc.VERSION, identity, self._codes, self._names,
+                        self.valid, self.norms, self.chunk_rows)
+        return vc.cached_arrays(folder, "taskvalues", key, compute,
+                                lambda a: a.get("values", np.empty(0)).shape == (n,))["values"]
+
     def members(self, task: str) -> np.ndarray:
         """Rows of the valid records of ``task``, increasing."""
         return np.flatnonzero(self.valid & (self._codes == self._names.index(task)))
@@ -105,26 +165,35 @@ class Report:
         paper: bool | None = None,
         clusters: int | None = None,
         quota: str | None = None,
+        task_value: str | None = None,
     ) -> Selection:
         """Choose a subset; see :class:`tive.selection.settings.SelectConfig` for the arguments.
 
         Defaults where the method uses them: ``strategy="soft"``, ``temperature=1000``,
         ``seed=0``, ``oversample=True``, and for ``method="kmeans"`` ``clusters=None`` (one
         cluster per record of the quota) and ``quota="size"``; passing one the method does not
-        use raises. ``paper`` (default: as :func:`tive.value_estimate` was asked) selects
+        use raises. ``task_value`` (where the task values set the quotas; default: the
+        report's own, ``norm`` unless :func:`tive.value_estimate` was asked for another) is
+        what V(t) is. ``paper`` (default: as :func:`tive.value_estimate` was asked) selects
         exactly as the TIVE authors did.
 
         Returns:
             a :class:`Selection` whose ``indices`` are mixture rows (repeats where oversampled).
         """
+        if task_value is None and self.task_value != "norm" and method_named(method) \
+                .weighs_by_value(DEFAULTS["quota"] if quota is None else quota):
+            task_value = self.task_value
         config = SelectConfig(budget=budget, method=method, strategy=strategy,
                               temperature=temperature, seed=seed, exclude=tuple(exclude),
                               oversample=oversample, clusters=clusters, quota=quota,
-                              paper=self.paper if paper is None else paper)
+                              paper=self.paper if paper is None else paper,
+                              task_value=task_value)
         return self.select_with(config)
 
     def select_with(self, config: SelectConfig) -> Selection:
         """:meth:`select` with a ready :class:`SelectConfig`."""
+        if config.task_value is not None and str(config.task_value) != self.task_value:
+            return self.with_task_value(config.task_value).select_with(config)
         unknown = sorted(set(config.exclude) - set(self.sizes))
         if unknown:
             raise ConfigError(f"{named('exclude', repr(unknown[0]), option='--exclude-task')}: "
@@ -206,7 +275,11 @@ class Report:
         sizes, valid, n = self.sizes, self.valid_sizes(), len(self.tasks)
         rows = [(t, f"{sizes[t]:,}", f"{valid[t]:,}", f"{sizes[t] / n:.1%}",
                  _fmt(self.task_values.get(t, math.nan))) for t in self.task_names]
-        return format_table(("task", "records", "valid", "share", "value"), rows)
+        return format_table(("task", "records", "valid", "share", self.value_header()), rows)
+
+    def value_header(self) -> str:
+        """``value``, or ``value (KIND)`` for a task value other than the authors' ``norm``."""
+        return "value" if self.task_value == "norm" else f"value ({self.task_value})"
 
     def __repr__(self) -> str:
         left = sum(self.invalid.values())

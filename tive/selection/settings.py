@@ -9,7 +9,7 @@ from enum import Enum
 from typing import Any
 
 from tive.errors import ConfigError
-from tive.selection.methods import METHODS, method_help
+from tive.selection.methods import METHODS, method_help, method_named
 from tive.settings import named, setting, settle
 
 
@@ -38,6 +38,20 @@ class QuotaBy(_Named):
 
     SIZE = "size"  # each task keeps its share of the mixture (as random-per-task)
     VALUE = "value"  # TIVE's quotas, n_t ∝ V(t)
+
+
+class TaskValue(_Named):
+    """What a task's value V(t) is, where the task values set the quotas (docs/design.md,
+    "Task values")."""
+
+    NORM = "norm"  # mean exact gradient norm (the authors')
+    COHERENCE = "coherence"  # mean cosine between distinct records of the task
+    MEAN_GRADIENT = "mean-gradient"  # norm of the task's mean gradient (distinct pairs)
+
+
+def task_value_named(value: Any) -> TaskValue:
+    """``value`` as a :class:`TaskValue`; an unknown name raises with the choices."""
+    return _enum(TaskValue, value, "task_value")
 
 
 BUDGET_FORMS = ("a fraction below 1 (0.075), a percent (7.5%), or a record count, a plain "
@@ -142,7 +156,7 @@ def _pct(value: float) -> str:
 # The TIVE authors' select_data_TIVE.py: soft draw with q = 0.001 (τ = 1000), oversampling,
 # quotas int(B·V(t)/ΣV), textcaps left out of LLaVA-665K.
 AUTHORS = {"method": Method.TIVE, "strategy": Strategy.SOFT, "temperature": 1000.0,
-           "oversample": True}
+           "oversample": True, "task_value": TaskValue.NORM}
 AUTHORS_EXCLUDE = "textcaps"
 DEFAULTS = {"strategy": Strategy.SOFT, "temperature": 1000.0, "seed": 0, "oversample": True,
             "clusters": None, "quota": QuotaBy.SIZE}
@@ -189,6 +203,12 @@ class SelectConfig:
     quota: QuotaBy | None = field(default=None, metadata=setting(
         "Per-task quotas for kmeans: size (each task keeps its share, as random-per-task) or "
         "value (TIVE's, ∝ task value).", "size", choices=QuotaBy))
+    task_value: TaskValue | None = field(default=None, metadata=setting(
+        "What a task's value is, where values set the quotas (tive, kmeans --quota value): "
+        "norm (mean gradient norm, the authors'), coherence (mean cosine between the task's "
+        "records) or mean-gradient (norm of the task's mean gradient); the two variants do "
+        "not reward a task whose large gradients point in unrelated directions.", "norm",
+        choices=TaskValue))
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -200,11 +220,21 @@ class SelectConfig:
             self._paper()
         if self.quota is not None:
             set_("quota", _enum(QuotaBy, self.quota, "quota"))
+        if self.task_value is not None:
+            set_("task_value", task_value_named(self.task_value))
         set_("exclude", tuple(dict.fromkeys(self.exclude)))
         applies = set(METHODS[self.method.value].options)
         if self.method is Method.TIVE and self.strategy is Strategy.TOP:
             applies -= {"temperature", "seed"}
         settle(self, DEFAULTS, applies, self._refused)
+        if method_named(self.method).weighs_by_value(self.quota):
+            set_("task_value", self.task_value or TaskValue.NORM)
+        elif self.task_value is not None:
+            raise ConfigError(f"{named('task_value', self.task_value)} does not apply to "
+                              f"{named('method', self.method)}"
+                              + (f" {named('quota', self.quota)}" if self.quota else "")
+                              + ", whose quotas do not follow the task values; fix: leave it "
+                                "out" + (f" or {named('quota', 'value')}" if self.quota else ""))
         if self.temperature is not None:
             t = float(self.temperature)
             if math.isnan(t) or t <= 0:

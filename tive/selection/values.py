@@ -1,6 +1,10 @@
 """Stage 6 — values: how much each task needs, how representative each record is of its task.
 
-* task value ``V(t) = mean_{i∈t} ‖g_i‖₂`` (exact norms of the unprojected gradients);
+* task value ``V(t) = mean_{i∈t} ‖g_i‖₂`` (exact norms of the unprojected gradients; the
+  authors' ``norm``), or one of two variants that do not reward a task whose gradients are large
+  but point in unrelated directions (docs/design.md, "Task values"): ``coherence``, the mean
+  cosine between distinct records of the task, and ``mean-gradient``, the norm of the task's
+  mean gradient (an unbiased estimate of its square from distinct pairs);
 * instance value ``v_i = mean_{j∈t} cos(φ_i, φ_j)`` (itself included) ``= φ̂_i · m_t`` with
   ``m_t`` the mean unit feature of task ``t``: two streaming passes over the ``(N, k)`` features
   in chunks, O(N·k) time and O(T·k) memory, never the N×N Gram matrix.
@@ -44,6 +48,100 @@ def task_values(norms: np.ndarray, codes: np.ndarray, n_tasks: int, valid: np.nd
     counts = np.bincount(codes[valid], minlength=n_tasks)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+TASK_VALUES = {
+    "norm": "mean exact gradient norm (the authors')",
+    "coherence": "mean cosine between distinct records of the task",
+    "mean-gradient": "norm of the task's mean gradient",
+}  # --task-value NAME → what V(t) is (docs/design.md, "Task values")
+
+
+def coherence_values(instance: np.ndarray, nonzero: np.ndarray, codes: np.ndarray,
+                     n_tasks: int, valid: np.ndarray) -> np.ndarray:
+    """Mean cosine between distinct valid records of each task, clipped at 0.
+
+    ``C(t) = Σ_{i≠j∈t} cos(φ_i, φ_j) / (n(n−1))``. Since the instance value is
+    ``v_i = φ̂_i · m_t`` with ``m_t = Σ_j φ̂_j / n``, ``n Σ_i v_i = Σ_{i,j} φ̂_i · φ̂_j``, whose
+    diagonal holds 1 for each non-zero row: no pass over the features is needed.
+
+    Args:
+        instance: ``(N,)`` instance values (NaN where invalid).
+        nonzero: ``(N,)`` bool, rows whose feature is not zero (a zero row has cosine 0 with
+            everything, itself included).
+        codes: ``(N,)`` int task codes in ``[0, n_tasks)``.
+        n_tasks: number of tasks.
+        valid: ``(N,)`` bool.
+
+    Returns:
+        ``(n_tasks,)`` float64 in [0, 1]; 0 for a task of one valid record (no pair), NaN for
+        a task of none.
+    """
+    v = np.where(valid, instance, 0.0)
+    n = np.bincount(codes[valid], minlength=n_tasks).astype(np.float64)
+    ones = np.bincount(codes[valid & nonzero], minlength=n_tasks).astype(np.float64)
+    total = np.bincount(codes, weights=v, minlength=n_tasks)
+    return _pair_mean(n * total - ones, n)
+
+
+def mean_gradient_values(sums: np.ndarray, squares: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Norm of each task's mean gradient, from distinct pairs of its valid records.
+
+    ``M(t)² = Σ_{i≠j∈t} g_i · g_j / (n(n−1))`` (unbiased for ``‖E g‖²``; the diagonal
+    ``‖g_i‖²`` would add noise that grows as the task gets smaller), with
+    ``g_i · g_j ≈ ‖g_i‖ ‖g_j‖ cos(φ_i, φ_j)``: exact norms, projected directions. Clipped at 0.
+
+    Args:
+        sums: ``(n_tasks, k)`` ``Σ_{i∈t} ‖g_i‖ φ̂_i``, and ``squares``: ``(n_tasks,)``
+            ``Σ_{i∈t} ‖g_i‖²`` over the same rows (:func:`weighted_unit_sums`).
+        counts: ``(n_tasks,)`` valid records per task.
+
+    Returns:
+        ``(n_tasks,)`` float64 ≥ 0; 0 for a task of one valid record, NaN for none.
+    """
+    off = np.einsum("tk,tk->t", sums, sums) - squares
+    return np.sqrt(_pair_mean(off, np.asarray(counts, dtype=np.float64)))
+
+
+def _pair_mean(off_diagonal: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """``off_diagonal / (n(n−1))`` clipped at 0; 0 where ``n == 1``, NaN where ``n == 0``."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n > 1, off_diagonal / np.maximum(n * (n - 1), 1.0), 0.0)
+    return np.where(n > 0, np.maximum(mean, 0.0), np.nan)
+
+
+def weighted_unit_sums(features: np.ndarray, weights: np.ndarray, codes: np.ndarray,
+                       n_tasks: int, valid: np.ndarray,
+                       chunk_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``Σ_{i∈t} w_i φ_i / ‖φ_i‖`` and ``Σ_{i∈t} w_i²`` per task over the valid rows whose
+    feature is not zero, in one streaming pass over the features.
+
+    Args:
+        features: ``(N, k)`` array or memmap (read in chunks, as :func:`instance_values`).
+        weights: ``(N,)`` weight of each row (the exact gradient norms).
+        codes: ``(N,)`` int task codes in ``[0, n_tasks)``.
+        n_tasks: number of tasks.
+        valid: ``(N,)`` bool (rows whose features are all finite).
+        chunk_rows: rows read at a time (default: about 64 MiB of float64).
+
+    Returns:
+        ``(n_tasks, k)`` float64 sums and ``(n_tasks,)`` float64 sums of squared weights.
+    """
+    import torch
+
+    k = features.shape[1]
+    dtype = torch.float64 if features.dtype == np.float64 else torch.float32
+    task = torch.from_numpy(np.asarray(codes, dtype=np.int64))
+    sums = torch.zeros((n_tasks, k), dtype=torch.float64)
+    w = np.zeros(len(codes), dtype=np.float64)  # (N,) w_i of the rows that count, else 0
+    for start, block in _chunks(features, chunk_rows, dtype):
+        rows = slice(start, start + len(block))
+        _, norms = _finite_norms(block)
+        ok = valid[rows] & (norms > 0)
+        _to_unit_rows(block, np.where(ok, 1.0 / np.where(ok, norms, 1.0), 0.0))
+        w[rows] = np.where(ok, weights[rows], 0.0)
+        sums.index_add_(0, task[rows], block.double() * torch.from_numpy(w[rows])[:, None])
+    return sums.numpy(), np.bincount(codes, weights=w * w, minlength=n_tasks)
 
 
 def instance_values(
