@@ -19,7 +19,7 @@ _WHERE = {
     "Record": "tive.data.schemas", "Turn": "tive.data.schemas",
     "ConfigError": "tive.errors", "DataError": "tive.errors", "StoreError": "tive.errors",
     "TiveError": "tive.errors",
-    "Report": "tive.selection.report", "Selection": "tive.selection.report",
+    "Report": "tive.selection.report", "Selection": "tive.selection.subset",
     "Store": "tive.store.format",
 }
 

@@ -32,7 +32,7 @@ def tasks(data: Path, as_json: bool, check_images: bool, image_root: Path | None
     """Show the tasks of a mixture: records, share, and which labels were inferred."""
     from tive.data.mixture import load_mixture
     from tive.data.tasks import HEURISTIC_TASKS, label_tasks
-    from tive.selection.report import format_table
+    from tive.output.tables import format_table
 
     check_images = check_images or image_root is not None
     if as_json and check_images:
@@ -117,8 +117,8 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
            output: Path | None, task_value: str) -> None:
     """Print the task values of a run and the selections made from it (or write a page)."""
     from tive.api import value_estimate
+    from tive.output.tables import format_table, json_float
     from tive.selection.methods import method_named
-    from tive.selection.report import format_table, json_float
     from tive.store.format import Store
 
     if not as_html and (selection is not None or output is not None):

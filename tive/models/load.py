@@ -86,7 +86,7 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def enable_checkpointing(model: nn.Module) -> None:
+def enable_checkpointing(model: torch.nn.Module) -> None:
     """Non-reentrant activation checkpointing of a transformers model's layers (the name of
     the call changed in transformers 5)."""
     if hasattr(model, "activation_checkpointing_enable"):
@@ -97,7 +97,7 @@ def enable_checkpointing(model: nn.Module) -> None:
             gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def disable_checkpointing(model: nn.Module) -> None:
+def disable_checkpointing(model: torch.nn.Module) -> None:
     """Undo :func:`enable_checkpointing` (the name of the call changed in transformers 5)."""
     if hasattr(model, "activation_checkpointing_disable"):
         model.activation_checkpointing_disable()

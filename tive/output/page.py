@@ -21,10 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tive.output.tables import fmt_value
 from tive.util.files import atomic_path
 
 if TYPE_CHECKING:
-    from tive.selection.report import Report, Selection
+    from tive.selection.report import Report
+    from tive.selection.subset import Selection
 
 EXAMPLES = 5  # records shown at each end (highest, lowest value) of every task
 BINS = 24  # histogram bars per task
@@ -153,7 +155,7 @@ def _task_table(report: Report, selection: Selection | None) -> str:
     rows = []
     for t in report.task_names:
         cells = [f"<td>{_e(t)}</td>", _num(f"{sizes[t]:,}"), _num(f"{valid[t]:,}"),
-                 _num(_fmt(report.task_values.get(t, math.nan)))]
+                 _num(fmt_value(report.task_values.get(t, math.nan)))]
         css = ""
         if selection is not None:
             e = d[t]
@@ -168,10 +170,6 @@ def _task_table(report: Report, selection: Selection | None) -> str:
 
 def _num(text: str) -> str:
     return f"<td class=n>{_e(text)}</td>"
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.4g}"
 
 
 def _task_section(report: Report, task: str, picked: np.ndarray, root: Path | None,

@@ -1,7 +1,7 @@
 """Saving a selection: the subset in the input's own format, ``<stem>.report.json``, the
 bar chart ``<stem>.png`` and the page ``<stem>.html``, all four or none.
 
-A :class:`~tive.selection.report.Selection` is read through its attributes (``report``,
+A :class:`~tive.selection.subset.Selection` is read through its attributes (``report``,
 ``indices``, ``to_dict()``); nothing here imports the selection package, which calls
 :func:`save_selection` from ``Selection.save``.
 """
@@ -19,12 +19,12 @@ from tive.output.page import write_html
 from tive.util.files import atomic_path, write_json
 
 if TYPE_CHECKING:
-    from tive.selection.report import Selection
+    from tive.selection.subset import Selection
 
 
 def save_selection(selection: Selection, path: str | Path,
                    inputs: Sequence[str | Path] = ()) -> dict[str, Path]:
-    """:meth:`Selection.save <tive.selection.report.Selection.save>`: write the four files,
+    """:meth:`Selection.save <tive.selection.subset.Selection.save>`: write the four files,
     each under a temporary name, renamed only once all are written."""
     path = Path(path)
     mixture = selection.report.mixture

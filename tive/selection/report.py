@@ -1,8 +1,9 @@
-"""The notebook-facing results: a :class:`Report` of values, and the :class:`Selection` it makes.
+"""The notebook-facing result of valuation: a :class:`Report` of values, which makes a
+:class:`~tive.selection.subset.Selection`.
 
 ``Report.select`` is where values become a subset: it resolves the budget, sets per-task quotas
-(:mod:`tive.selection.quotas`) and picks records; ``Selection.save`` hands the subset to
-:mod:`tive.output.saving` (the input's own format, a JSON report, the chart and the page).
+(:mod:`tive.selection.quotas`) and picks records; ``Selection.save``
+(:mod:`tive.selection.subset`) hands the subset to :mod:`tive.output.saving`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 from tive.data.mixture import Mixture
 from tive.data.tasks import factorize
 from tive.errors import ConfigError
-from tive.output.saving import save_selection
+from tive.output.tables import fmt_value, format_table
 from tive.selection import quotas as sel, value_cache as vc, values as val
 from tive.selection.methods import MethodSpec, method_named
 from tive.selection.settings import (
@@ -29,6 +30,7 @@ from tive.selection.settings import (
     TaskValue,
     task_value_named,
 )
+from tive.selection.subset import Selection
 from tive.settings import named, python_api
 
 
@@ -274,7 +276,7 @@ class Report:
         """Plain-text table of tasks: records, valid, share, value."""
         sizes, valid, n = self.sizes, self.valid_sizes(), len(self.tasks)
         rows = [(t, f"{sizes[t]:,}", f"{valid[t]:,}", f"{sizes[t] / n:.1%}",
-                 _fmt(self.task_values.get(t, math.nan))) for t in self.task_names]
+                 fmt_value(self.task_values.get(t, math.nan))) for t in self.task_names]
         return format_table(("task", "records", "valid", "share", self.value_header()), rows)
 
     def value_header(self) -> str:
@@ -285,120 +287,3 @@ class Report:
         left = sum(self.invalid.values())
         return (f"<tive.Report: {len(self.tasks):,} records, {len(self.sizes)} tasks"
                 f"{f', {left:,} left out' if left else ''}>\n{self.table()}")
-
-
-@dataclass
-class Selection:
-    """A chosen subset.
-
-    Attributes:
-        indices: ``(B,)`` mixture rows in increasing order, repeated where oversampled.
-        quotas: task → number of records chosen from it.
-        config: the settings that made it.
-        budget: B.
-        report: the :class:`Report` it came from.
-        notes: lines worth telling the user (printed by ``tive select``).
-    """
-
-    indices: np.ndarray
-    quotas: dict[str, int]
-    config: SelectConfig
-    budget: int
-    report: Report
-    notes: list[str] = field(default_factory=list)
-
-    def selected(self) -> dict[str, int]:
-        """Records chosen per task (counting repeats)."""
-        r = self.report
-        counts = np.bincount(r._codes[self.indices], minlength=len(r._names))
-        return {t: int(counts[r._names.index(t)]) for t in r.task_names}
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON report: settings, totals, and per task its size, value, quota, selection."""
-        r = self.report
-        sizes, valid, chosen = r.sizes, r.valid_sizes(), self.selected()
-        seen = np.zeros(len(r.tasks), dtype=bool)
-        seen[self.indices] = True  # rows chosen at least once
-        unique = np.bincount(r._codes[seen], minlength=len(r._names))
-        tasks = {t: {"records": sizes[t], "valid": valid[t],
-                     "value": json_float(r.task_values.get(t, math.nan)),
-                     "excluded": t in self.config.exclude,
-                     "quota": self.quotas.get(t, 0), "selected": chosen[t],
-                     "unique": int(unique[r._names.index(t)])}
-                 for t in r.task_names}
-        inferred = None if r.inferred is None else int(r.inferred.sum())
-        return {"settings": self.config.to_dict(), "budget_kind": self.config.budget.to_dict()["kind"],
-                "records": len(r.tasks), "budget": self.budget,
-                "selected": int(len(self.indices)), "unique": int(seen.sum()),
-                "left_out": dict(r.invalid), "inferred_task_labels": inferred,
-                "source": r.source, "tasks": tasks}
-
-    def table(self) -> str:
-        """Plain-text table: per task records, value, quota, selected, share before → after."""
-        r, d = self.report, self.to_dict()
-        n, b = max(len(r.tasks), 1), max(len(self.indices), 1)
-        columns = ["task", "records", "value", "quota", "selected", "share"]
-        if not self.uses_values():
-            columns.remove("value")
-        if not method_named(self.config.method).by_task:
-            columns.remove("quota")
-        rows = []
-        for t, e in d["tasks"].items():
-            cells = {"task": t, "records": f"{e['records']:,}", "value": _fmt(e["value"]),
-                     "quota": "excluded" if e["excluded"] else f"{e['quota']:,}",
-                     "selected": "excluded" if e["excluded"] and "quota" not in columns
-                     else f"{e['selected']:,}",
-                     "share": f"{e['records'] / n:.1%} → {e['selected'] / b:.1%}"}
-            rows.append([cells[c] for c in columns])
-        return format_table(columns, rows)
-
-    def uses_values(self) -> bool:
-        """Whether the task values set the quotas (``tive``, ``kmeans --quota value``)."""
-        return method_named(self.config.method).weighs_by_value(self.config.quota)
-
-    def save(self, path: str | Path,
-             inputs: Sequence[str | Path] = ()) -> dict[str, Path]:
-        """Write the subset, ``<stem>.report.json``, ``<stem>.png`` and ``<stem>.html`` (the
-        page of :mod:`tive.output.page`) beside it, all four or none: each is written under a
-        temporary name, and they are renamed only once all are written (a full disk while
-        drawing the chart leaves the old outputs as they were).
-
-        With data, the subset is written in the input's own format, records verbatim. Without
-        data (arrays only), ``path`` receives the selected row indices as a JSON list.
-
-        Args:
-            inputs: files this selection reads (besides the mixture, always protected), which
-                no output may overwrite.
-
-        Returns:
-            ``{"subset": ..., "report": ..., "chart": ..., "html": ...}`` paths.
-
-        Raises:
-            OutputError: an output would land on an input, or writing failed (nothing written).
-        """
-        return save_selection(self, path, inputs)
-
-    def __repr__(self) -> str:
-        return (f"<tive.Selection: {len(self.indices):,} records "
-                f"({self.config.method}, budget {self.config.budget})>\n{self.table()}")
-
-
-def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Columns padded to their widest cell; first column left-aligned, the rest right-aligned."""
-    cells = [list(header)] + [list(r) for r in rows]
-    widths = [max(len(str(c[i])) for c in cells) for i in range(len(header))]
-    lines = []
-    for row in cells:
-        parts = [str(v).ljust(w) if i == 0 else str(v).rjust(w)
-                 for i, (v, w) in enumerate(zip(row, widths))]
-        lines.append("  ".join(parts).rstrip())
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.4g}"
-
-
-def json_float(value: float) -> float | None:
-    """A float for JSON: None for NaN or infinity."""
-    return float(value) if math.isfinite(value) else None
