@@ -1,29 +1,34 @@
-"""The notebook door: ``tive.value_estimate`` builds a :class:`~tive.selection.report.Report`.
+"""The notebook door: a mixture's values (a :class:`~tive.selection.report.Report`) in three
+ways, each its own entry point, and the one call that does any of them.
 
-It only orchestrates: data (:mod:`tive.data.mixture`, :mod:`tive.data.tasks`) and features
-(:mod:`tive.store.writers` or arrays) in, values (:mod:`tive.selection.values`) out.
+* :meth:`Run.score` computes the features with a model: the warm-up reference, then every
+  record's gradient features into ``RUN/store`` (:mod:`tive.scoring.run`);
+* :meth:`Run.values` values the mixture from that store (or one made by ``tive import``),
+  and :meth:`Run.select` chooses a subset from them;
+* :func:`values_from_arrays` values features computed elsewhere, given as arrays.
+
+:func:`value_estimate` is the one-call form for notebooks (``model=``, ``store=`` or
+``features=``). Nothing here computes: valuation is :mod:`tive.selection.valuation`.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from tive.data.cache import load_labelled
-from tive.data.mixture import Mixture, load_mixture
-from tive.data.tasks import factorize, label_tasks
-from tive.selection.settings import TaskValue, task_value_named
-from tive.errors import ConfigError, DataError
-from tive.models.skips import BY_CODE
-from tive.selection import value_cache as vc, values as val
+from tive.errors import ConfigError
+from tive.selection import valuation
 from tive.selection.report import Report
+from tive.selection.subset import Selection
+from tive.selection.valuation import DataArg
 from tive.settings import python_api
 from tive.store.format import Store
 
-DataArg = str | os.PathLike | Mixture | None
+DEFAULT_RUN = "tive-out"
 
 
 @python_api
@@ -103,17 +108,25 @@ def value_estimate(
     Raises:
         ConfigError: arguments that contradict each other or would be ignored.
     """
-    task_value = _task_value(task_value, paper)
+    task_value = valuation.task_value_kind(task_value, paper)
     if model is not None:
-        return _as_asked(_with_model(model, data, run or "tive-out", reference, score, warmup,
-                             dtype or "auto", device or "auto", bool(force),
-                             progress is not False, task_field, image_root,
-                             skip_missing_images, chunk_rows, paper,
-                           given=[k for k, v in (("store", store), ("features", features),
-                                                 ("norms", norms), ("tasks", tasks),
-                                                 ("loss", loss), ("ntokens", ntokens),
-                                                 ("check_images", check_images))
-                                  if v is not None]), paper, task_value)
+        given = [k for k, v in (("store", store), ("features", features), ("norms", norms),
+                                ("tasks", tasks), ("loss", loss), ("ntokens", ntokens),
+                                ("check_images", check_images)) if v is not None]
+        if given:
+            raise ConfigError(f"value_estimate: model= computes the features; leave out "
+                              f"{'=, '.join(given)}=")
+        run_ = Run(run or DEFAULT_RUN)
+        mixture = run_._mixture_to_score(data, task_field, paper, score, warmup, reference,
+                                         "value_estimate")
+        st = run_.score(model, mixture, reference=reference, score=score, warmup=warmup,
+                        dtype=dtype or "auto", device=device or "auto", force=bool(force),
+                        progress=progress is not False, task_field=task_field,
+                        image_root=image_root, skip_missing_images=skip_missing_images,
+                        paper=paper, who="value_estimate")
+        return valuation.as_asked(valuation.from_store(st, mixture, task_field, image_root,
+                                                       False, skip_missing_images, chunk_rows),
+                                  paper, task_value)
     given = [k for k, v in (("run", run), ("reference", reference), ("score", score),
                             ("warmup", warmup), ("dtype", dtype), ("device", device),
                             ("force", force), ("progress", progress)) if v is not None]
@@ -124,90 +137,170 @@ def value_estimate(
                      image_root=image_root, skip_missing_images=skip_missing_images)
     if store is not None:
         st = store if isinstance(store, Store) else Store.open(store)
-        return _as_asked(_from_store(st, data, task_field, image_root, bool(check_images),
-                                  skip_missing_images, chunk_rows), paper, task_value)
-    arrays = _given_arrays(features, norms, loss, ntokens)
-    n = arrays["norms"].shape[0]
-    if data is None:
-        task_arr = np.asarray([str(t) for t in tasks], dtype=object)
-        if len(task_arr) != n:
-            raise ConfigError(f"value_estimate: {len(task_arr)} tasks for {n} feature rows")
-        return _as_asked(_report(arrays, task_arr, np.arange(n, dtype=np.uint64), {}, None, None,
-                              chunk_rows, source={}), paper, task_value)
-    mixture = _mixture(data, task_field)
-    if len(mixture) != n:
-        raise DataError(f"{mixture.path}: {len(mixture):,} records but {n:,} feature rows; "
-                        f"expected one row per record, in the data's order")
-    left_out = {}
-    if check_images is not False:
-        left_out["missing-image"] = mixture.check_images(image_root, skip_missing_images)
-    labels = label_tasks(mixture)
-    return _as_asked(_report(arrays, labels.tasks, mixture.keys, left_out, mixture,
-                          labels.inferred, chunk_rows,
-                          source={"data": str(mixture.path),
-                                  "image_root": _root(mixture, image_root)}), paper, task_value)
+        report = valuation.from_store(st, data, task_field, image_root, bool(check_images),
+                                      skip_missing_images, chunk_rows)
+    else:
+        report = valuation.from_arrays(features, norms, tasks, data, loss, ntokens, task_field,
+                                       image_root, check_images, skip_missing_images,
+                                       chunk_rows)
+    return valuation.as_asked(report, paper, task_value)
 
 
-def _root(mixture: Mixture, image_root: Any) -> str:
-    """The absolute folder the mixture's relative image paths resolve against."""
-    return str(mixture.image_root(image_root).resolve())
+class Run:
+    """A run folder (``tive-out`` by default): ``reference/`` (the warm-up adapter), ``store/``
+    (the features) and ``cache/``, the same folder ``tive score``, ``tive select`` and
+    ``tive report`` work in.
+
+    Example::
+
+        run = tive.api.Run("tive-out")
+        run.score("examples/llava-smollm2", "examples/llava_mini/mix.json",
+                  score={"max_length": 512}, warmup={"global_batch": 4, "lr": 2e-4})
+        report = run.values()                  # the data the store was built from
+        run.select(0.15, exclude=["textcaps"]).save("subset.json")
+    """
+
+    def __init__(self, folder: str | os.PathLike = DEFAULT_RUN) -> None:
+        self.folder = Path(folder)
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.folder)!r})"
+
+    @python_api
+    def score(self, model: str, data: DataArg, *, reference: str | os.PathLike | None = None,
+              score: Any = None, warmup: Any = None, dtype: str = "auto",
+              device: str = "auto", force: bool = False, progress: bool = True,
+              task_field: str | None = None, image_root: str | os.PathLike | None = None,
+              skip_missing_images: bool = False, paper: bool = False,
+              who: str = "Run.score") -> Store:
+        """``tive score`` from a notebook: train (or reuse) the warm-up reference, then score
+        every record of ``data`` with ``model`` into ``RUN/store``, resuming an interrupted run.
+
+        Args:
+            model: alias, hub id in the local cache, folder or ``.gguf`` file.
+            data: the mixture (path or :class:`~tive.data.mixture.Mixture`).
+            reference: a peft adapter folder to score with instead of warming up.
+            score: :class:`~tive.scoring.settings.ScoreConfig` or a dict of its fields.
+            warmup: :class:`~tive.warmup.settings.WarmupConfig` or a dict of its fields.
+            dtype, device: how to load the model (``auto``: bf16 on a GPU that has it, else
+                fp32; the GPU when there is one).
+            force: replace a store or reference made with other settings instead of refusing.
+            progress: show progress bars.
+            paper: the TIVE authors' warm-up and TRAK's projection.
+            who: the caller named in errors.
+
+        Returns:
+            the complete :class:`~tive.store.format.Store`.
+        """
+        from tive.scoring.run import run_score  # torch and transformers, when a run scores
+
+        mixture = self._mixture_to_score(data, task_field, paper, score, warmup, reference, who)
+        config = _config(_score_config(), score, "score", {"paper": paper}, who)
+        warm = _config(_warmup_config(), warmup, "warmup",
+                       {"max_length": config.max_length, "paper": paper}, who)
+        summary = run_score(model, mixture, self.folder, reference=reference, config=config,
+                            warmup=warm, dtype=dtype, device=device, task_field=task_field,
+                            image_root=image_root, skip_missing_images=skip_missing_images,
+                            force=force, progress=progress, echo=print if progress else None)
+        return Store.open(summary.store)
+
+    @python_api
+    def values(self, data: DataArg | bool = None, *, task_field: str | None = None,
+               image_root: str | os.PathLike | None = None, check_images: bool = False,
+               skip_missing_images: bool = False, chunk_rows: int | None = None,
+               paper: bool = False, task_value: str | None = None) -> Report:
+        """Task and instance values from the run's store (``value_estimate(store=RUN)``).
+
+        Args:
+            data: the mixture; default: the data the store was built from, which it must
+                match; ``False``: the store's own index (tasks, keys) and no records.
+            check_images, image_root, skip_missing_images: verify the records' images again.
+            chunk_rows: feature rows read at a time (default: about 64 MiB).
+            paper: the report's ``select`` selects as the TIVE authors did.
+            task_value: ``norm`` (default), ``coherence`` or ``mean-gradient``.
+        """
+        kind = valuation.task_value_kind(task_value, paper)
+        if check_images and data is False:
+            raise ConfigError("Run.values: check_images=True needs data (the records name the "
+                              "images)")
+        if (image_root is not None or skip_missing_images) and not check_images:
+            raise ConfigError("Run.values: image_root= and skip_missing_images= apply only "
+                              "when images are checked (check_images=True)")
+        report = valuation.from_store(Store.open(self.folder), data, task_field, image_root,
+                                      check_images, skip_missing_images, chunk_rows)
+        return valuation.as_asked(report, paper, kind)
+
+    def select(self, budget: str | float | int, *, data: DataArg | bool = None,
+               **options: Any) -> Selection:
+        """``tive select`` from a notebook: :meth:`values` then
+        :meth:`Report.select <tive.selection.report.Report.select>` with ``options``
+        (``method``, ``strategy``, ``exclude``, ...)."""
+        return self.values(data).select(budget, **options)
+
+    def _mixture_to_score(self, data: DataArg, task_field: str | None, paper: bool,
+                          score: Any, warmup: Any, reference: Any, who: str) -> Any:
+        """The mixture ``data`` names, once the settings are known to make sense."""
+        if data is None or data is False:
+            raise ConfigError(f"{who}: model= needs data= (the mixture to score)")
+        config = _config(_score_config(), score, "score", {"paper": paper}, who)
+        if reference is not None and warmup is not None:
+            raise ConfigError(f"{who}: reference= is a trained adapter; leave out warmup=")
+        _config(_warmup_config(), warmup, "warmup",
+                {"max_length": config.max_length, "paper": paper}, who)
+        return valuation.mixture_of(data, task_field)
 
 
-def _task_value(task_value: Any, paper: bool) -> TaskValue:
-    """The kind of task values asked for (checked before any work is done)."""
-    kind = task_value_named("norm" if task_value is None else task_value)
-    if paper and kind is not TaskValue.NORM:
-        raise ConfigError(f"task_value={kind}: paper=True values tasks as the authors did "
-                          f"(task_value='norm'); fix: leave out task_value or paper")
-    return kind
+@python_api
+def values_from_arrays(features: np.ndarray, norms: np.ndarray, *,
+                       tasks: Sequence[str] | None = None, data: DataArg = None,
+                       loss: np.ndarray | None = None, ntokens: np.ndarray | None = None,
+                       task_field: str | None = None,
+                       image_root: str | os.PathLike | None = None,
+                       check_images: bool | None = None, skip_missing_images: bool = False,
+                       chunk_rows: int | None = None, paper: bool = False,
+                       task_value: str | None = None) -> Report:
+    """Task and instance values of features computed elsewhere
+    (``value_estimate(features=...)``): ``(N, k)`` features and ``(N,)`` exact norms, with
+    ``tasks`` (one name per row) or ``data`` (the mixture, in the rows' order, whose images
+    are checked unless ``check_images=False``)."""
+    kind = valuation.task_value_kind(task_value, paper)
+    who = "values_from_arrays"
+    if (tasks is None) == (data is None):
+        raise ConfigError(f"{who}: give tasks= (one name per row) or data= (tasks are read or "
+                          f"inferred from the records), not both or neither")
+    checking = data is not None and check_images is not False
+    if data is None and check_images:
+        raise ConfigError(f"{who}: check_images=True needs data= (the records name the images)")
+    if (image_root is not None or skip_missing_images) and not checking:
+        raise ConfigError(f"{who}: image_root= and skip_missing_images= apply only when images "
+                          f"are checked (with data)")
+    report = valuation.from_arrays(features, norms, tasks, data, loss, ntokens, task_field,
+                                   image_root, check_images, skip_missing_images, chunk_rows,
+                                   who)
+    return valuation.as_asked(report, paper, kind)
 
 
-def _as_asked(report: Report, paper: bool, task_value: TaskValue) -> Report:
-    """The report as asked: the authors' selection or not, and the kind of task values."""
-    report = report.with_task_value(task_value)
-    report.paper = paper
-    return report
-
-
-def _with_model(model: str, data: Any, run: Any, reference: Any, score: Any, warmup: Any,
-                dtype: str, device: str, force: bool, progress: bool, task_field: str | None,
-                image_root: Any, skip_missing_images: bool, chunk_rows: int | None,
-                paper: bool, given: list[str]) -> Report:
-    """Score ``data`` with ``model`` into ``run/store``, then report from that store."""
-    from tive.scoring.run import run_score
+def _score_config() -> type:
     from tive.scoring.settings import ScoreConfig
+
+    return ScoreConfig
+
+
+def _warmup_config() -> type:
     from tive.warmup.settings import WarmupConfig
 
-    if given:
-        raise ConfigError(f"value_estimate: model= computes the features; leave out "
-                          f"{'=, '.join(given)}=")
-    if data is None or data is False:
-        raise ConfigError("value_estimate: model= needs data= (the mixture to score)")
-    config = _config(ScoreConfig, score, "score", {"paper": paper})
-    if reference is not None and warmup is not None:
-        raise ConfigError("value_estimate: reference= is a trained adapter; leave out warmup=")
-    warm = _config(WarmupConfig, warmup, "warmup",
-                   {"max_length": config.max_length, "paper": paper})
-    mixture = _mixture(data, task_field)
-    summary = run_score(model, mixture, run, reference=reference, config=config, warmup=warm,
-                        dtype=dtype, device=device, task_field=task_field,
-                        image_root=image_root, skip_missing_images=skip_missing_images,
-                        force=force, progress=progress, echo=print if progress else None)
-    return _from_store(Store.open(summary.store), mixture, task_field, image_root, False,
-                       skip_missing_images, chunk_rows)
+    return WarmupConfig
 
 
-def _config(cls: type, value: Any, name: str, defaults: dict[str, Any]) -> Any:
+def _config(cls: type, value: Any, name: str, defaults: dict[str, Any], who: str) -> Any:
     """``value`` as a ``cls`` (it may be one already, a dict of its fields, or None)."""
-    from dataclasses import fields
-
     if isinstance(value, cls):
         return value
     value = dict(value or {})
     known = [f.name for f in fields(cls)]
     unknown = [k for k in value if k not in known]
     if unknown:
-        raise ConfigError(f"value_estimate: {name}= has no setting {unknown[0]!r}; expected "
+        raise ConfigError(f"{who}: {name}= has no setting {unknown[0]!r}; expected "
                           f"some of {', '.join(known)}")
     return cls(**{**defaults, **value})
 
@@ -239,105 +332,3 @@ def _check_arguments(**a: Any) -> None:
     if (a["image_root"] is not None or a["skip_missing_images"]) and (no_data or not checking):
         raise ConfigError("value_estimate: image_root= and skip_missing_images= apply only "
                           "when images are checked (check_images=True, with data)")
-
-
-def _from_store(st: Store, data: DataArg | bool, task_field: str | None,
-                image_root: Any, check_images: bool, skip_missing_images: bool,
-                chunk_rows: int | None) -> Report:
-    st.require_complete()
-    cache = (st.root.parent / vc.CACHE_DIR, vc.store_identity(st.root))
-    arrays = _store_arrays(st)
-    left_out: dict[str, np.ndarray] = arrays.pop("left_out")
-    source = {"store": str(st.root)}
-    if data is False:
-        index = st.index()
-        tasks = np.array([e.task for e in index], dtype=object)
-        keys = np.array([e.key for e in index], dtype=np.uint64)
-        return _report(arrays, tasks, keys, left_out, None, None, chunk_rows, source, cache)
-    if data is None:
-        data = st.meta["data"]["path"]
-        if not Path(data).exists():
-            raise DataError(f"{data}: the data this store was built from is gone; fix: pass "
-                            f"its current location with --data / data=")
-    field = task_field or st.meta.get("settings", {}).get("task_field")
-    if isinstance(data, Mixture):
-        mixture, labels = data, label_tasks(data)
-    else:  # labels and keys kept in RUN/cache for the next selection (tive.data.cache)
-        mixture, labels = load_labelled(data, field, cache[0])
-    st.check_data(mixture.fingerprint, len(mixture), mixture.path)
-    if check_images:
-        fresh = mixture.check_images(image_root, skip_missing_images)
-        left_out["missing-image"] = left_out["missing-image"] | fresh
-    root = image_root if image_root is not None else st.meta.get("settings", {}).get("image_root")
-    return _report(arrays, labels.tasks, mixture.keys, left_out, mixture, labels.inferred,
-                   chunk_rows, {**source, "data": str(mixture.path),
-                                "image_root": _root(mixture, root)}, cache)
-
-
-def _report(arrays: dict[str, Any], tasks: np.ndarray, keys: np.ndarray,
-            left_out: dict[str, np.ndarray], mixture: Mixture | None,
-            inferred: np.ndarray | None, chunk_rows: int | None,
-            source: dict[str, Any], cache: tuple[Path, str] | None = None) -> Report:
-    """Values of the rows, and the :class:`Report` holding them.
-
-    ``cache`` is ``(RUN/cache, store identity)`` for a store: its instance values are kept
-    there for the next call (:mod:`tive.selection.value_cache`).
-    """
-    features, norms = arrays["features"], arrays["norms"]
-    left_out["non-finite-norm"] = ~np.isfinite(norms)
-    names, codes = factorize(tasks)
-    valid = ~np.any(list(left_out.values()), axis=0)
-    folder, identity = cache if cache is not None else (None, None)
-    iv, finite = vc.cached_instance_values(folder, identity, val.instance_values, features,
-                                           codes, [str(t) for t in names], valid, chunk_rows)
-    left_out["non-finite-feature"] = ~finite
-    valid = np.ones(len(norms), dtype=bool)
-    invalid: dict[str, int] = {}
-    for reason, mask in left_out.items():  # each record counted under its first reason
-        count = int((mask & valid).sum())
-        if count:
-            invalid[reason] = count
-        valid &= ~mask
-    tv = val.task_values(norms, codes, len(names), valid)
-    return Report(tasks=tasks, task_values={str(t): float(v) for t, v in zip(names, tv)},
-                  instance_values=iv, valid=valid, invalid=invalid,
-                  norms=np.asarray(norms, dtype=np.float64), loss=arrays["loss"],
-                  ntokens=arrays["ntokens"], keys=keys, mixture=mixture, inferred=inferred,
-                  source=source, features=features, chunk_rows=chunk_rows,
-                  cache=(folder, identity) if folder is not None else None)
-
-
-def _store_arrays(st: Store) -> dict[str, Any]:
-    done, skipped = st.array("done"), st.array("skipped")
-    left_out = {"not-scored": ~done}
-    for code, reason in BY_CODE.items():
-        left_out[str(reason)] = skipped == code
-    return {"features": st.features, "norms": st.array("norms"), "loss": st.array("loss"),
-            "ntokens": st.array("ntokens"), "left_out": left_out}
-
-
-def _given_arrays(features: Any, norms: Any, loss: Any, ntokens: Any) -> dict[str, Any]:
-    features = features if isinstance(features, np.ndarray) else np.asarray(features)
-    norms = np.asarray(norms, dtype=np.float64)
-    if features.ndim != 2 or norms.shape != (features.shape[0],):
-        raise ConfigError(f"value_estimate: features {features.shape} and norms {norms.shape}; "
-                          f"expected (N, k) and (N,)")
-    negative = np.flatnonzero(norms < 0)
-    if len(negative):
-        raise ConfigError(f"value_estimate: norms[{negative[0]}] = {norms[negative[0]]} is "
-                          f"negative; expected exact gradient norms (≥ 0)")
-    n = features.shape[0]
-    loss = np.full(n, np.nan) if loss is None else np.asarray(loss, dtype=np.float64)
-    ntokens = np.full(n, -1) if ntokens is None else np.asarray(ntokens, dtype=np.int64)
-    for name, arr in (("loss", loss), ("ntokens", ntokens)):
-        if arr.shape != (n,):
-            raise ConfigError(f"value_estimate: {name} has shape {arr.shape}; expected ({n},)")
-    return {"features": features, "norms": norms, "loss": loss, "ntokens": ntokens}
-
-
-def _mixture(data: DataArg, task_field: str | None) -> Mixture | None:
-    if data is None or isinstance(data, Mixture):
-        return data
-    return load_mixture(data, task_field=task_field)
-
-
