@@ -185,7 +185,8 @@ def key_layers(model, loaded, mixture, codes, names, settings) -> None:
     from tive.models.encoding import collate, encode_row, pad_id
     from tive.projection.projectors import SparseJL
     from tive.scoring.gradients import GradientFeatures
-    from tive.warmup.lora import key_parameters, parse_key_layers
+    from tive.scoring.settings import parse_key_layers
+    from tive.warmup.lora import key_parameters
 
     encoder = loaded.encoder(512)
     items = [encode_row(encoder, mixture, i) for i in range(len(mixture))]

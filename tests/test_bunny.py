@@ -244,7 +244,7 @@ def test_losses_take_the_softmax_over_bunnys_own_vocabulary(bunnies):
     with GradientFeatures(peft, make_projector("sparse-jl", dims, 8)) as features:
         assert features(batch).loss[0] == pytest.approx(own, rel=1e-5)
     runner = _StepRunner(peft, 0, WarmupConfig(batch_size=1), Dist())
-    with mock.patch("tive.models.encoding.collate", return_value=batch), torch.no_grad():
+    with mock.patch("tive.warmup.training.collate", return_value=batch), torch.no_grad():
         assert runner._loss([object()]).item() == pytest.approx(own, rel=1e-5)
 
 

@@ -17,8 +17,9 @@ from tive.cli.commands import main
 from tive.errors import ConfigError
 from tive.projection.projectors import Identity
 from tive.scoring.gradients import GradientFeatures
+from tive.scoring.settings import parse_key_layers
 from tive.store.format import ARRAYS, Store
-from tive.warmup.lora import key_parameters, parse_key_layers
+from tive.warmup.lora import key_parameters
 
 SMALL = ["--proj-dim", "64", "--max-length", "256", "--device", "cpu", "--quiet",
          "--feature-dtype", "float32"]

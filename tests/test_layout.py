@@ -5,6 +5,7 @@ source with ``ast`` (nothing is imported): no import cycle between modules, no m
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -101,3 +102,16 @@ def test_imports_go_down_the_layers():
             if there != here and LAYERS.index(there) > LAYERS.index(here):
                 up.append(f"{path.relative_to(ROOT.parent)}:{line}: {here} imports {dep}")
     assert up == []
+
+
+def test_every_section_a_docstring_points_to_exists():
+    design = (ROOT.parent / "docs" / "design.md").read_text()
+    headings = {line[3:].strip() for line in design.splitlines() if line.startswith("## ")}
+    pointed = {}
+    for path in FILES:
+        text = " ".join(path.read_text().split())  # a reference may be broken over lines
+        for match in re.finditer(r'docs/design\.md,?\s*((?:"[^"]+"(?:\s*and\s*)?)+)', text):
+            for section in re.findall(r'"([^"]+)"', match.group(1)):
+                pointed.setdefault(section, []).append(path.name)
+    assert len(pointed) >= 8  # the references were found
+    assert {s: where for s, where in pointed.items() if s not in headings} == {}

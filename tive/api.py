@@ -21,12 +21,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from tive.errors import ConfigError
+from tive.scoring.settings import ScoreConfig
 from tive.selection import valuation
 from tive.selection.report import Report
 from tive.selection.subset import Selection
 from tive.selection.valuation import DataArg
 from tive.settings import python_api
 from tive.store.format import Store
+from tive.warmup.settings import WarmupConfig
 
 DEFAULT_RUN = "tive-out"
 
@@ -195,8 +197,8 @@ class Run:
         from tive.scoring.run import run_score  # torch and transformers, when a run scores
 
         mixture = self._mixture_to_score(data, task_field, paper, score, warmup, reference, who)
-        config = _config(_score_config(), score, "score", {"paper": paper}, who)
-        warm = _config(_warmup_config(), warmup, "warmup",
+        config = _config(ScoreConfig, score, "score", {"paper": paper}, who)
+        warm = _config(WarmupConfig, warmup, "warmup",
                        {"max_length": config.max_length, "paper": paper}, who)
         summary = run_score(model, mixture, self.folder, reference=reference, config=config,
                             warmup=warm, dtype=dtype, device=device, task_field=task_field,
@@ -242,10 +244,10 @@ class Run:
         """The mixture ``data`` names, once the settings are known to make sense."""
         if data is None or data is False:
             raise ConfigError(f"{who}: model= needs data= (the mixture to score)")
-        config = _config(_score_config(), score, "score", {"paper": paper}, who)
+        config = _config(ScoreConfig, score, "score", {"paper": paper}, who)
         if reference is not None and warmup is not None:
             raise ConfigError(f"{who}: reference= is a trained adapter; leave out warmup=")
-        _config(_warmup_config(), warmup, "warmup",
+        _config(WarmupConfig, warmup, "warmup",
                 {"max_length": config.max_length, "paper": paper}, who)
         return valuation.mixture_of(data, task_field)
 
@@ -278,18 +280,6 @@ def values_from_arrays(features: np.ndarray, norms: np.ndarray, *,
                                    image_root, check_images, skip_missing_images, chunk_rows,
                                    who)
     return valuation.as_asked(report, paper, kind)
-
-
-def _score_config() -> type:
-    from tive.scoring.settings import ScoreConfig
-
-    return ScoreConfig
-
-
-def _warmup_config() -> type:
-    from tive.warmup.settings import WarmupConfig
-
-    return WarmupConfig
 
 
 def _config(cls: type, value: Any, name: str, defaults: dict[str, Any], who: str) -> Any:

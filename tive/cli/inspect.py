@@ -13,7 +13,10 @@ import click
 from tive import __version__
 from tive.cli.options import DEFAULT_RUN, reasons, task_option
 from tive.errors import ConfigError
-from tive.selection.settings import TaskValue
+from tive.models.registry import HUB_ALIASES, PACKAGE_ALIASES, cached_aliases
+from tive.output.tables import format_table, json_float
+from tive.selection.methods import method_named
+from tive.selection.settings import SelectConfig, TaskValue
 
 
 @click.command()
@@ -32,7 +35,6 @@ def tasks(data: Path, as_json: bool, check_images: bool, image_root: Path | None
     """Show the tasks of a mixture: records, share, and which labels were inferred."""
     from tive.data.mixture import load_mixture
     from tive.data.tasks import HEURISTIC_TASKS, label_tasks
-    from tive.output.tables import format_table
 
     check_images = check_images or image_root is not None
     if as_json and check_images:
@@ -117,8 +119,6 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
            output: Path | None, task_value: str) -> None:
     """Print the task values of a run and the selections made from it (or write a page)."""
     from tive.api import value_estimate
-    from tive.output.tables import format_table, json_float
-    from tive.selection.methods import method_named
     from tive.store.format import Store
 
     if not as_html and (selection is not None or output is not None):
@@ -176,8 +176,6 @@ def doctor() -> None:
 
     import torch
 
-    from tive.models.registry import cached_aliases
-
     def version(pkg: str) -> str:
         try:
             return md.version(pkg)
@@ -200,8 +198,6 @@ def doctor() -> None:
         kernel = f"does not import ({type(e).__name__}: {e})"
     click.echo(f"trak CUDA kernel (fast_jl): {kernel}")
     from huggingface_hub import constants
-
-    from tive.models.registry import HUB_ALIASES, PACKAGE_ALIASES
 
     cache = constants.HF_HUB_CACHE
     click.echo(f"model aliases on this machine (Hugging Face cache searched: {cache}):")
@@ -226,7 +222,6 @@ def write_run_html(run: Path, store: Any, selection: Path | None = None,
     """
     from tive.api import value_estimate
     from tive.output.page import write_html
-    from tive.selection.settings import SelectConfig
 
     if selection is None:
         found = sorted(run.glob("*.report.json"), key=lambda p: p.stat().st_mtime_ns)

@@ -13,6 +13,7 @@ from typing import Any
 import click
 
 from tive.models.registry import ALIASES
+from tive.util.files import remove_stale_temps
 
 DEFAULT_RUN = "tive-out"
 
@@ -95,8 +96,6 @@ def data_options(f: Callable, missing_help: str = "Leave records whose images ar
 
 def removed_temps(folder: Path) -> None:
     """Remove what killed runs left in ``folder`` (temporary names), and say so."""
-    from tive.util.files import remove_stale_temps
-
     removed = remove_stale_temps(folder)
     if removed:
         click.echo(f"removed {len(removed)} temporary file(s) left by killed runs: "

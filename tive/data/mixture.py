@@ -1,4 +1,4 @@
-"""Stage 1 — read a mixture: any supported file into one list of records, kept verbatim.
+"""The mixture: any supported file read into one list of records, kept verbatim.
 
 Formats (``container`` × ``schema``):
 
@@ -12,7 +12,7 @@ Each record keeps its original form (the dict of a JSON list, the exact line of 
 the row of a ``datasets`` table) so that :meth:`Mixture.write_subset` writes the chosen records
 back unchanged, in the input's own format.
 
-The stage in three modules: :mod:`tive.data.readers` (containers: rows as stored, and the byte span
+Read in three modules: :mod:`tive.data.readers` (containers: rows as stored, and the byte span
 of each record of a JSON list), :mod:`tive.data.schemas` (one row into a :class:`Record`), and this
 one (the :class:`Mixture`, reading it whole, writing subsets). See docs/design.md.
 """

@@ -1,5 +1,5 @@
-"""Stage 1a — containers: a mixture's rows as stored, and an iterator of them as dicts (see
-docs/design.md, "Stage 1: reading a mixture").
+"""Containers: a mixture's rows as stored, and an iterator of them as dicts (a new container:
+docs/design.md, "Adding things").
 
 Containers: ``json`` (a JSON list; its records' byte spans are found too, so that a subset is
 copied from the file verbatim), ``jsonl`` (JSON Lines, kept as the exact lines), ``parquet`` (a

@@ -1,5 +1,5 @@
-"""Stage 1b — one record of any schema as a :class:`Record`: its conversation, images, explicit
-task and content key (see docs/design.md, "Stage 1: reading a mixture").
+"""Schemas: one record of any schema as a :class:`Record`: its conversation, images, explicit
+task and content key (a new schema: docs/design.md, "Adding things").
 
 Schemas: ``llava`` (``conversations`` of ``{from, value}``, optional ``image``/``images``),
 ``openai`` (``messages`` of ``{role, content}``, content a string or parts), ``alpaca``

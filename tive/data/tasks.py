@@ -1,8 +1,8 @@
-"""Stage 2 — label every record with its task (source dataset).
+"""Task labels: every record labelled with its task (source dataset).
 
 An explicit field (``task``, ``dataset``, ``source`` or ``--task-field``) always wins. Records
 without one are labelled by the rules for LLaVA-1.5's ``llava_v1_5_mix665k.json``
-(docs/design.md, "Task inference"), first match wins, on the first user turn (lower-cased,
+(docs/design.md, "Task inference for LLaVA-1.5 665K"), first match wins, on the first user turn (lower-cased,
 curly quotes straightened):
 
 ==========================================================  ==================

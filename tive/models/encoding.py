@@ -1,9 +1,9 @@
-"""Stage 2 — encode: a record becomes model inputs with labels, in its family's training format.
+"""Encoding: a record becomes model inputs with labels, in its family's training format.
 
 Each family's encoder (in its module of :mod:`tive.models`) builds the sequence from the
 segments of :mod:`tive.models.segments`: the assistant answers and their end-of-turn token are
 supervised; system, instruction, image and padding tokens never are (docs/design.md,
-"Encoding"). This module is the front door: :func:`make_encoder` asks the family,
+"Model families"). This module is the front door: :func:`make_encoder` asks the family,
 :func:`encode_row` loads a record's images and encodes it, :func:`collate` pads a batch.
 
 Common rules: a system turn of the record replaces the default system prompt; assistant turns
@@ -20,6 +20,7 @@ from typing import Any
 import PIL.Image
 import torch
 
+from tive.data.schemas import EMBEDDED
 from tive.errors import ConfigError
 from tive.models import registry
 from tive.models.segments import IGNORE, Encoded, Encoder, Skipped, UnusableImage
@@ -61,8 +62,6 @@ def load_images(mixture: Any, row: int, image_root: Any = None) -> list[PIL.Imag
             instead of naming a file.
     """
     from pathlib import Path
-
-    from tive.data.schemas import EMBEDDED
 
     root = mixture.image_root(image_root)
     images = []

@@ -1,5 +1,5 @@
-"""What tive knows about one model family, in one object (docs/design.md, "Adding a model
-family").
+"""What tive knows about one model family, in one object (docs/design.md, "Model families"
+and "Adding things").
 
 A :class:`Family` says how to recognise a model folder of the family, how to load it, how its
 records are encoded, and the few facts the other stages ask about it (image tokens, position

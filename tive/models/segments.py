@@ -1,4 +1,4 @@
-"""The pieces every family's encoder builds a sequence from (docs/design.md, "Encoding").
+"""The pieces every family's encoder builds a sequence from (docs/design.md, "Model families").
 
 A sequence is grown from *segments*: pieces of text tokenized on their own
 (``add_special_tokens=False``), runs of image tokens, and single special ids, each tagged

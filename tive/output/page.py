@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tive.output.chart import chart_png
 from tive.output.tables import fmt_value
 from tive.util.files import atomic_path
 
@@ -75,8 +76,6 @@ def write_html(report: Report, selection: Selection | None, path: str | os.PathL
              f"<h1>{_e(_title(report, selection))}</h1>", _summary(report, selection, root),
              _task_table(report, selection)]
     if selection is not None:
-        from tive.output.chart import chart_png
-
         png = base64.b64encode(chart if chart is not None else chart_png(selection)).decode()
         parts.append(f"<h2>Task shares</h2><img alt='task shares of the mixture and the subset' "
                      f"src='data:image/png;base64,{png}'>")

@@ -28,6 +28,7 @@ import torch
 
 from tive.errors import ConfigError
 from tive.projection.base import Projector
+from tive.projection.registry import projector_named
 from tive.util.hashing import splitmix64
 
 TRAK_BLOCK = 128  # the TIVE authors' TRAK settings
@@ -208,8 +209,6 @@ def make_projector(kind: str, dims: Sequence[int], k: int = 8192, seed: int = 0,
                    nnz: int = 1, device: torch.device | str = "cpu") -> Projector:
     """The projector named ``kind`` (a name in :data:`tive.projection.registry.PROJECTORS`) for
     gradient blocks of ``dims``."""
-    from tive.projection.registry import projector_named
-
     return projector_named(kind).build(dims, k=k, seed=seed, nnz=nnz, device=device)
 
 

@@ -1,5 +1,5 @@
 """The projectors ``tive score`` knows, one :class:`ProjectorSpec` each (docs/design.md,
-"Adding a projector").
+"Adding things").
 
 A spec names its projector, says which scoring settings apply to it, how it is described in
 ``--help`` and in a store's identity, and where its class lives (imported only when a run

@@ -1,4 +1,4 @@
-"""Stage 4 feeding: planned batches encoded ahead of the model, in worker processes.
+"""Feeding the scoring loop: planned batches encoded ahead of the model, in worker processes.
 
 :class:`EncodedBatches` turns one planned batch of store rows into model inputs (images read
 and preprocessed, records tokenised, collated). :func:`prepared_batches` runs it in a
@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tive.models.encoding import collate, encode_row
 from tive.models.skips import SkipReason
 
 AUTO_START = 64  # records per planned batch with --batch-size auto (halved until it fits)
@@ -57,8 +58,6 @@ class EncodedBatches(torch.utils.data.Dataset):
         return len(self.work)
 
     def __getitem__(self, i: int) -> Prepared:
-        from tive.models.encoding import collate, encode_row
-
         rows = self.work[i]
         items, at, reasons = [], [], []
         for k, row in enumerate(rows.tolist()):

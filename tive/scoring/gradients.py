@@ -1,6 +1,5 @@
-"""Stage 4a — per-sample gradients of the key LoRA parameters, a whole batch per backward.
-
-docs/design.md, "Gradient features". For a batch of B records the loss is
+"""Per-sample gradients of the key LoRA parameters, a whole batch per backward
+(docs/design.md, "Scoring"). For a batch of B records the loss is
 ``Σ_i mean-token-loss_i`` (not the model's own ``labels=`` loss, a token mean over the whole
 batch), so ∂loss/∂θ restricted to record i's graph is exactly record i's own gradient. Forward
 hooks on each key ``lora_A``/``lora_B`` ``nn.Linear`` keep its input ``x`` ``(B, T, in)`` and
@@ -30,7 +29,7 @@ from tive.models.load import enable_checkpointing, text_vocab
 from tive.models.registry import derives_positions
 from tive.models.segments import IGNORE
 from tive.projection.base import Projector
-from tive.warmup.lora import KeyParameter, key_parameters
+from tive.warmup.lora import KeyParameter, key_parameters, language_model_prefix
 
 
 @dataclass
@@ -254,8 +253,6 @@ def _checkpointed_layers(peft_model: nn.Module) -> list[nn.Module]:
     """Turn on (non-reentrant) gradient checkpointing for the language model's decoder layers
     and return them; the vision tower is never checkpointed (no gradient flows there)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
-
-    from tive.warmup.lora import language_model_prefix
 
     hf = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     if not getattr(hf, "supports_gradient_checkpointing", False):

@@ -21,9 +21,11 @@ import numpy as np
 from tive import __version__
 from tive.data.mixture import Mixture
 from tive.errors import ConfigError, StoreError
+from tive.projection.registry import projector_named
 from tive.scoring.settings import ScoreConfig
 from tive.store.format import IndexEntry, Store
 from tive.store.writers import create_store, fold_parts
+from tive.warmup.lora import gradient_dim
 
 # Identity keys that stores of earlier versions lack, and the value they were scored with.
 LEGACY = {"adapter_dtype": "float32"}
@@ -71,8 +73,6 @@ def run_identity(source: Any, mixture: Mixture, config: ScoreConfig, task_field:
     """The part of a store's identity known before the model is loaded, as ``meta.json``
     holds it (``identity``, and the data's path for messages): enough to refuse a store
     begun with other settings before a model is loaded."""
-    from tive.projection.registry import projector_named
-
     return {"identity": {
         "model": _model_identity(source.describe()),
         "projector": projector_named(config.projector).settings(config),
@@ -93,8 +93,6 @@ def store_meta(known: dict[str, Any], *, source: dict, dtype: Any, adapter: Path
 
     ``adapter_dtype``: the key LoRA matrices' type (float32 unless ``--adapter-dtype model``
     cast them to a 16-bit model's type)."""
-    from tive.warmup.lora import gradient_dim
-
     first, digest = known["identity"], adapter_sha256(adapter)
     key_info = {"gradient_dim": gradient_dim(keys),
                 "matrices": [{"name": k.name, "shape": list(k.shape)} for k in keys]}

@@ -15,10 +15,18 @@ import torch
 from tive.data.mixture import Mixture
 from tive.errors import OutputError
 from tive.models.skips import SkipReason
+from tive.scoring.batches import (
+    AUTO_START,
+    EncodedBatches,
+    default_workers,
+    prepared_batches,
+    split_rows,
+)
 from tive.scoring.settings import ScoreConfig
 from tive.store.format import Store
 from tive.store.writers import RowWriter
 from tive.util.dist import Dist
+from tive.util.files import write_json
 
 
 def score_batches(gf: Any, encoder: Any, pad: int, mixture: Mixture, work: list[np.ndarray],
@@ -37,8 +45,6 @@ def score_batches(gf: Any, encoder: Any, pad: int, mixture: Mixture, work: list[
         on_limit: called with the new limit when a batch did not fit in GPU memory and was
             halved (``--batch-size auto``); None: out of memory is an error.
     """
-    from tive.scoring.batches import EncodedBatches, prepared_batches, split_rows
-
     written = 0
     pending = split_rows(work, limit)
     while pending:
@@ -133,8 +139,6 @@ class Feeding:
     def resolve(cls, config: ScoreConfig, device: torch.device, dist: Dist,
                 store: Store) -> Feeding:
         """The feeding of this run; auto resumes from the size a killed run had reached."""
-        from tive.scoring.batches import AUTO_START, default_workers
-
         auto = config.batch_size == "auto"
         workers = (default_workers(device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
                    if config.workers is None else config.workers)
@@ -146,8 +150,6 @@ class Feeding:
     def record(self, root: Path) -> Any:
         """The ``on_limit`` of :func:`score_batches`: remember the size that fits, in this
         object and (rank 0's) in ``meta.json``, so a resumed run starts from it."""
-        from tive.util.files import write_json
-
         def on_limit(limit: int) -> None:
             self.limit, self.halvings = limit, self.halvings + 1
             if self.rank == 0:

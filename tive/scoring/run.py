@@ -1,4 +1,4 @@
-"""Stage 4 — ``tive score``: every record's projected gradient, norm, loss and token count,
+"""``tive score``: every record's projected gradient, norm, loss and token count,
 written to ``RUN/store`` as they are computed; resumable, and data-parallel under torchrun.
 
 This module orchestrates (docs/design.md, "Scoring"): the batches are planned by
@@ -21,9 +21,16 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tive.data.mixture import Mixture
+from tive.data.mixture import Mixture, load_mixture
+from tive.data.tasks import label_tasks
 from tive.errors import ConfigError, DataError
+from tive.models.encoding import pad_id
+from tive.models.load import load_model, pick_device, quiet_peft
+from tive.models.registry import resolve
+from tive.models.segments import has_placeholder
 from tive.models.skips import SkipReason
+from tive.projection.projectors import make_projector, require_cuda_kernel
+from tive.scoring.gradients import GradientFeatures
 from tive.scoring.identity import (
     check_identity,
     finish_replacement,
@@ -33,11 +40,14 @@ from tive.scoring.identity import (
 )
 from tive.scoring.loop import Feeding, score_batches
 from tive.scoring.plan import open_window_rows, pending_batches, plan_batches, record_lengths
-from tive.scoring.settings import DEFAULT_BATCH, ScoreConfig
+from tive.scoring.settings import DEFAULT_BATCH, ScoreConfig, parse_key_layers
 from tive.store.format import STORE_DIR, Store
 from tive.store.writers import RowWriter, create_part, fold_parts, mark_complete
 from tive.util.dist import Dist
+from tive.util.files import remove_stale_temps
 from tive.util.progress import TokenBar
+from tive.warmup.lora import adapters_to_model_dtype, key_parameters
+from tive.warmup.reference import REFERENCE_DIR, ensure_reference
 from tive.warmup.settings import WarmupConfig
 
 
@@ -155,11 +165,6 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
     Returns:
         the :class:`Summary` (on every rank; rank 0's has the totals).
     """
-    from tive.data.mixture import load_mixture
-    from tive.data.tasks import label_tasks
-    from tive.models.registry import resolve
-    from tive.warmup.reference import REFERENCE_DIR, ensure_reference
-
     dist = Dist.from_env(device)
     try:
         echo = echo if (echo is not None and dist.rank == 0) else (lambda line: None)
@@ -171,9 +176,6 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
         _check_missing(mixture, missing, image_root, skip_missing_images)
         device = dist.device(device)
         if config.paper:
-            from tive.models.load import pick_device
-            from tive.projection.projectors import require_cuda_kernel
-
             require_cuda_kernel(pick_device(device))
         ctx = ScoreRun(source, mixture, labels.tasks, run, config, task_field, image_root,
                        run_identity(source, mixture, config, task_field, image_root), dist,
@@ -205,8 +207,6 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
 
 def _clean_temps(run: Path, echo: Any) -> None:
     """Remove what killed runs left in ``run`` and its store (temporary names), and say so."""
-    from tive.util.files import remove_stale_temps
-
     removed = remove_stale_temps(run) + remove_stale_temps(run / STORE_DIR)
     if removed:
         echo(f"removed {len(removed)} temporary file(s) left by killed runs: "
@@ -216,8 +216,6 @@ def _clean_temps(run: Path, echo: Any) -> None:
 def _reference_model(source: Any, adapter: Path, ref: Any, dtype: str,
                      device: str) -> tuple[Any, Any]:
     """The peft reference model: the one just trained, else ``adapter`` loaded on the model."""
-    from tive.models.load import load_model
-
     if ref is not None and ref.model is not None:
         return ref.model, ref.loaded
     if not (adapter / "adapter_config.json").exists():
@@ -227,8 +225,6 @@ def _reference_model(source: Any, adapter: Path, ref: Any, dtype: str,
     from peft import PeftModel
 
     try:
-        from tive.models.load import quiet_peft
-
         with quiet_peft():
             model = PeftModel.from_pretrained(loaded.model, str(adapter))
     except Exception as e:  # peft/safetensors: shape mismatches and damaged files
@@ -241,12 +237,6 @@ def _reference_model(source: Any, adapter: Path, ref: Any, dtype: str,
 
 def _score(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path, how: str) -> Summary:
     """Score the pending batches of ``ctx``'s store with ``peft_model``; fold and finish it."""
-    from tive.models.encoding import pad_id
-    from tive.models.segments import has_placeholder
-    from tive.projection.projectors import make_projector
-    from tive.scoring.gradients import GradientFeatures
-    from tive.warmup.lora import adapters_to_model_dtype, key_parameters, parse_key_layers
-
     config, dist = ctx.config, ctx.dist
     last = parse_key_layers(config.key_layers)
     if config.adapter_dtype == "model":

@@ -106,8 +106,6 @@ class ScoreConfig:
         "Where batches are padded (results do not depend on it).", cli=False))
 
     def __post_init__(self) -> None:
-        from tive.warmup.lora import parse_key_layers
-
         object.__setattr__(self, "batch_size", _batch_size(self.batch_size))
         if self.workers is not None and (isinstance(self.workers, bool) or self.workers < 0):
             raise ConfigError(f"{named('workers', self.workers)}: expected 0 (encode in this "
@@ -146,3 +144,18 @@ class ScoreConfig:
                               f"one of {', '.join(ADAPTER_DTYPES)}")
         if self.padding_side not in ("left", "right"):
             raise ConfigError(f"padding_side={self.padding_side!r}: expected left or right")
+
+
+def parse_key_layers(text: str | None) -> int | None:
+    """``last:N`` → N (the key parameters of the last N decoder layers only); None → None.
+
+    Raises:
+        ConfigError: another form, or N < 1.
+    """
+    if text is None:
+        return None
+    head, _, count = str(text).partition(":")
+    if head != "last" or not count.isdigit() or int(count) < 1:
+        raise ConfigError(f"{named('key_layers', repr(text))}: expected last:N with N ≥ 1 (e.g. "
+                          f"last:8), the key parameters of the last N decoder layers")
+    return int(count)

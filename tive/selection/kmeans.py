@@ -1,4 +1,4 @@
-"""Stage 7, a diversity baseline — ``--method kmeans``: the records nearest k-means centroids.
+"""A diversity baseline, ``--method kmeans``: the records nearest k-means centroids.
 
 Per task: its valid rows' features, scaled to unit length in float32, are clustered by
 scikit-learn's ``MiniBatchKMeans`` (``partial_fit`` over mini-batches of the task's rows read

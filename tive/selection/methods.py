@@ -1,5 +1,5 @@
 """The selection methods ``tive select`` knows, one :class:`MethodSpec` each (docs/design.md,
-"Adding a selection method").
+"Adding things").
 
 A spec names its method, says which selection settings it takes, whether and how it shares
 the budget among tasks, and where the function that chooses records lives (in

@@ -1,4 +1,4 @@
-"""Stage 7 — selection: task values to quotas, instance values to the records of each quota.
+"""Quotas and draws: task values to quotas, instance values to the records of each quota.
 
 * quotas: ``n_t = B · V(t) / Σ V`` over the non-excluded tasks, rounded by largest remainder so
   they sum to exactly B; with ``oversample=False`` a quota is capped at its task's size and the

@@ -1,4 +1,4 @@
-"""Stage 6 — values: how much each task needs, how representative each record is of its task.
+"""Values: how much each task needs, how representative each record is of its task.
 
 * task value ``V(t) = mean_{i∈t} ‖g_i‖₂`` (exact norms of the unprojected gradients; the
   authors' ``norm``), or one of two variants that do not reward a task whose gradients are large

@@ -1,4 +1,4 @@
-"""Stage 5 — the feature store's format, and reading it: per-record gradient features on disk,
+"""The feature store's format, and reading it (:class:`Store`): per-record gradient features on disk,
 memory-mapped.
 
 Layout of ``RUN/store/``::

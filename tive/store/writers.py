@@ -1,6 +1,5 @@
-"""Stage 5 — the feature store: per-record gradient features on disk, memory-mapped. This
-module writes stores; their format and reading them are :mod:`tive.store.format`, whose names
-it hands on (``from tive.store.writers import Store`` keeps working).
+"""Writing a feature store: per-record gradient features on disk, memory-mapped. Their format
+and reading them are :mod:`tive.store.format`.
 
 ``tive score`` fills a store as it goes (:func:`create_store`, :class:`RowWriter`): rows are
 written to the memory-mapped arrays, and every :data:`COMMIT_SECONDS` the data arrays are
@@ -23,7 +22,7 @@ import numpy as np
 
 from tive.errors import StoreError
 from tive.store.format import ARRAYS, DTYPES, FORMAT_VERSION, PARTS_DIR, IndexEntry, Store
-from tive.util.files import atomic_path, check_space, preallocate
+from tive.util.files import atomic_path, check_space, preallocate, write_json
 
 COMMIT_SECONDS = 1.0  # at most this much finished work is lost when a run is killed
 
@@ -240,8 +239,6 @@ def fold_parts(store: Store) -> int:
 
 def mark_complete(store: Store, **extra: Any) -> Store:
     """Set ``complete`` in meta.json (atomically) once every row is done."""
-    from tive.util.files import write_json
-
     done = store.array("done")
     if not done.all():
         raise StoreError(f"{store.root}: {int((~done).sum()):,} rows are not done yet")

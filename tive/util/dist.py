@@ -14,6 +14,9 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from tive.errors import ConfigError
+from tive.util.files import run_lock
+
 
 @dataclass
 class Dist:
@@ -66,9 +69,6 @@ class Dist:
         Raises:
             ConfigError: another process holds the run folder.
         """
-        from tive.errors import ConfigError
-        from tive.util.files import run_lock
-
         with contextlib.ExitStack() as stack:
             refused = None
             if self.rank == 0:

@@ -22,6 +22,7 @@ from torch import nn
 
 from tive.errors import ConfigError
 from tive.models.family import Family
+from tive.models.registry import family as family_named
 from tive.settings import named
 
 
@@ -106,21 +107,6 @@ def attention_projections(model: nn.Module) -> list[str]:
     return names
 
 
-def parse_key_layers(text: str | None) -> int | None:
-    """``last:N`` → N (the key parameters of the last N decoder layers only); None → None.
-
-    Raises:
-        ConfigError: another form, or N < 1.
-    """
-    if text is None:
-        return None
-    head, _, count = str(text).partition(":")
-    if head != "last" or not count.isdigit() or int(count) < 1:
-        raise ConfigError(f"{named('key_layers', repr(text))}: expected last:N with N ≥ 1 (e.g. "
-                          f"last:8), the key parameters of the last N decoder layers")
-    return int(count)
-
-
 def key_parameters(peft_model: nn.Module, adapter: str = "default",
                    last_layers: int | None = None) -> list[KeyParameter]:
     """The LoRA A and B matrices of the self-attention projections, in module order.
@@ -180,8 +166,6 @@ def trained_projector(model: nn.Module, family: Family | str, train: bool | None
     Raises:
         ConfigError: ``train`` is True for a model without a multimodal projector.
     """
-    from tive.models.registry import family as family_named
-
     kind = family_named(family) if isinstance(family, str) else family
     family, suffix, default = kind.name, kind.projector, kind.trains_projector
     name = None
@@ -225,7 +209,7 @@ def adapters_to_model_dtype(peft_model: nn.Module, adapter: str = "default") -> 
     float32 (an extra copy that the backward pass keeps for the trainable ``A``) and runs its
     two matmuls in float32. In the model's type the adapter's path runs as the model does (as
     the TIVE authors' peft did); the per-sample gradients are still accumulated in float32
-    (docs/design.md, "Gradient features").
+    (docs/design.md, "Scoring").
     """
     for module in peft_model.modules():
         if not _is_lora_layer(module) or adapter not in module.lora_A:

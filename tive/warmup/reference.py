@@ -17,8 +17,10 @@ import numpy as np
 
 from tive.data.mixture import Mixture
 from tive.errors import ConfigError
+from tive.models.load import load_model
 from tive.util.dist import Dist
 from tive.util.files import atomic_path
+from tive.warmup.lora import gradient_dim, key_parameters
 from tive.warmup.settings import WarmupConfig
 from tive.warmup.training import (
     SCHEDULE,
@@ -47,8 +49,6 @@ def reference_info(mixture: Mixture, tasks: np.ndarray, rows: np.ndarray,
                    config: WarmupConfig, source: dict[str, Any],
                    result: dict[str, Any]) -> dict[str, Any]:
     """What the adapter was trained on, for ``reference.json``."""
-    from tive.warmup.lora import gradient_dim, key_parameters
-
     names, counts = np.unique(tasks[result["used"]].astype(str), return_counts=True)
     losses = result["losses"]
     keys = key_parameters(result["model"])
@@ -138,8 +138,6 @@ def ensure_reference(run: str | Path, source: Any, mixture: Mixture, labels: Any
     Raises:
         ConfigError: a reference with other settings is there (and neither flag is given).
     """
-    from tive.models.load import load_model
-
     missing = np.zeros(len(mixture), dtype=bool) if missing is None else missing
     usable = usable_rows(mixture, missing, source.family)
     rows = usable[warmup_sample(labels.tasks[usable], mixture.keys[usable], config.fraction,

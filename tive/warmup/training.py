@@ -1,4 +1,4 @@
-"""Stage 3 — the warm-up reference model: LoRA trained briefly on an equal-per-task sample.
+"""Training the warm-up reference model: LoRA trained briefly on an equal-per-task sample.
 
 The method (docs/design.md, "The method in brief"): sample 8% of the mixture with an equal
 count per task (a task smaller than its share gives all it has, the rest is shared among the
@@ -21,10 +21,14 @@ import torch
 
 from tive.data.mixture import Mixture
 from tive.errors import DataError
+from tive.models.encoding import collate, encode_row, pad_id
+from tive.models.load import enable_checkpointing, quiet_peft, text_vocab
+from tive.models.registry import family as family_named
 from tive.models.segments import IGNORE, Encoded
 from tive.models.skips import SkipReason
 from tive.selection import quotas as sel
 from tive.util.dist import Dist
+from tive.warmup.lora import key_parameters, lora_config, trained_projector, warmup_targets
 from tive.warmup.settings import WarmupConfig
 
 WARMUP_RATIO = 0.03  # share of the optimizer steps in the linear warm-up (HF's ceil rule)
@@ -62,8 +66,6 @@ def usable_rows(mixture: Mixture, missing: np.ndarray, family: str) -> np.ndarra
     Raises:
         DataError: when no record is left.
     """
-    from tive.models.registry import family as family_named
-
     text_only = family_named(family).text_only
     usable = ~missing
     if text_only:
@@ -82,8 +84,6 @@ def encoded_items(loaded: Any, mixture: Mixture, rows: np.ndarray, max_length: i
                   used: list[int] | None = None) -> Iterator[Encoded]:
     """The records at ``rows`` encoded, in order; records that cannot be encoded are counted in
     ``skipped`` (reason → count) and left out, the others' rows appended to ``used``."""
-    from tive.models.encoding import encode_row
-
     encoder = loaded.encoder(max_length)
     for row in rows:
         item = encode_row(encoder, mixture, int(row), image_root)
@@ -159,9 +159,6 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from tive.models.encoding import pad_id
-    from tive.warmup.lora import key_parameters, lora_config, trained_projector, warmup_targets
-
     dist = Dist() if dist is None else dist
     torch.manual_seed(config.seed)
     targets = warmup_targets(loaded.model, tuple(config.targets))
@@ -171,10 +168,7 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
     if notice and echo is not None:
         echo(notice)
     if config.gradient_checkpointing:
-        from tive.models.load import enable_checkpointing
-
         enable_checkpointing(loaded.model)
-    from tive.models.load import quiet_peft
 
     with quiet_peft():
         model = get_peft_model(loaded.model, lora_config(
@@ -227,8 +221,6 @@ class _StepRunner:
     """Forward and backward of this rank's share of one optimizer step's records."""
 
     def __init__(self, model: Any, pad: int, config: WarmupConfig, dist: Dist) -> None:
-        from tive.models.load import text_vocab
-
         self.model, self.pad, self.config, self.dist = model, pad, config, dist
         self.device = next(model.parameters()).device
         self.vocab = text_vocab(model.get_base_model().config)
@@ -259,8 +251,6 @@ class _StepRunner:
     def _loss(self, items: list[Encoded]) -> torch.Tensor:
         """Token-mean loss of one batch: the model's own, or over the text vocabulary only when
         the output head has extra columns (a Bunny port's ``<image>`` row)."""
-        from tive.models.encoding import collate
-
         batch = {k: v.to(self.device) for k, v in collate(items, self.pad).items()
                  if v is not None}
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.bf16):
