@@ -21,6 +21,7 @@ from tive.cli.options import (
     task_option,
 )
 from tive.errors import TiveError
+from tive.models.registry import resolve
 from tive.scoring.settings import ScoreConfig
 from tive.selection.settings import SelectConfig
 from tive.settings import cli_names
@@ -187,7 +188,6 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
     (the TIVE authors' recipe by default; see the README's table)."""
     from tive.data.mixture import load_mixture
     from tive.data.tasks import label_tasks
-    from tive.models.registry import resolve
     from tive.util.dist import Dist
     from tive.warmup.reference import ensure_reference
 
