@@ -1,6 +1,6 @@
 """The package's shape (docs/design.md, "Packages and the direction of imports"), read from the
 source with ``ast`` (nothing is imported): no import cycle between modules, no module over
-400 lines, and every import going down the layers below, never up."""
+400 lines, and every import going down the layers below, never up (annotations included)."""
 
 from __future__ import annotations
 
@@ -23,17 +23,11 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def runtime_imports(path: Path) -> list[tuple[int, str]]:
-    """``(line, module)`` of every tive import in the file, function-local ones included;
-    imports under ``if TYPE_CHECKING:`` are for annotations only and left out."""
-    tree = ast.parse(path.read_text())
-    typing_only = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-                   and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
-                   for n in ast.walk(node)}
+def tive_imports(path: Path) -> list[tuple[int, str]]:
+    """``(line, module)`` of every tive import in the file: function-local ones and those
+    under ``if TYPE_CHECKING:`` included."""
     found = []
-    for node in ast.walk(tree):
-        if id(node) in typing_only:
-            continue
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tive":
             for alias in node.names:  # from tive.models import registry: the module itself
                 sub = f"{node.module}.{alias.name}"
@@ -45,7 +39,7 @@ def runtime_imports(path: Path) -> list[tuple[int, str]]:
 
 FILES = sorted(ROOT.rglob("*.py"))
 MODULES = {module_name(p): p for p in FILES}
-GRAPH = {name: {m for _, m in runtime_imports(p) if m in MODULES and m != name}
+GRAPH = {name: {m for _, m in tive_imports(p) if m in MODULES and m != name}
          for name, p in MODULES.items()}
 
 
@@ -97,7 +91,7 @@ def test_imports_go_down_the_layers():
         here = layer(module)
         if here == "tive":
             continue  # tive/__init__.py names its exports as strings, imported on first use
-        for line, dep in runtime_imports(path):
+        for line, dep in tive_imports(path):
             there = layer(dep)
             if there != here and LAYERS.index(there) > LAYERS.index(here):
                 up.append(f"{path.relative_to(ROOT.parent)}:{line}: {here} imports {dep}")

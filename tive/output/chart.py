@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
+from tive.output.views import Chosen
 
-def chart_png(selection: Any) -> bytes:
-    """The bar chart of a :class:`~tive.selection.report.Selection` (each task's share of the mixture
+
+def chart_png(selection: Chosen) -> bytes:
+    """The bar chart of a :class:`~tive.selection.subset.Selection` (each task's share of the mixture
     and of the subset) as PNG bytes; excluded tasks are greyed, hatched and labelled
     "(excluded)"."""
     import io

@@ -4,7 +4,7 @@ One file, no network: the task table, the bar chart of task shares (PNG, embedde
 histogram of its instance values with the selected records marked (inline SVG), and per task
 the records of highest and lowest value as they would be trained (image thumbnail, the
 conversation, its value, selected or not). It reads only values already in the
-:class:`~tive.selection.report.Report` (never the features) and opens only the images it shows, so it is
+:class:`~tive.selection.report.Report` (never the features; :mod:`tive.output.views` says what) and opens only the images it shows, so it is
 as fast and as small on 665K records as on 200: the histograms count every record, the
 examples are :data:`EXAMPLES` per end of each task.
 """
@@ -17,17 +17,14 @@ import io
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from tive.output.chart import chart_png
 from tive.output.tables import fmt_value
+from tive.output.views import Chosen, Values
 from tive.util.files import atomic_path
-
-if TYPE_CHECKING:
-    from tive.selection.report import Report
-    from tive.selection.subset import Selection
 
 EXAMPLES = 5  # records shown at each end (highest, lowest value) of every task
 BINS = 24  # histogram bars per task
@@ -52,7 +49,7 @@ display:flex;align-items:center;justify-content:center;text-align:center}
 """ % THUMB_PX
 
 
-def write_html(report: Report, selection: Selection | None, path: str | os.PathLike,
+def write_html(report: Values, selection: Chosen | None, path: str | os.PathLike,
                image_root: str | os.PathLike | None = None, chart: bytes | None = None) -> Path:
     """Write the page for ``selection`` (or, without one, for the values alone) to ``path``.
 
@@ -102,14 +99,14 @@ def _e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _title(report: Report, selection: Selection | None) -> str:
+def _title(report: Values, selection: Chosen | None) -> str:
     if selection is None:
         return f"tive: values of {len(report.tasks):,} records"
     c = selection.config
     return f"tive: {c.method} subset, budget {c.budget} ({len(selection.indices):,} records)"
 
 
-def _image_root(report: Report, given: str | os.PathLike | None) -> Path | None:
+def _image_root(report: Values, given: str | os.PathLike | None) -> Path | None:
     if given is not None:
         return Path(given)
     if report.source.get("image_root"):
@@ -117,14 +114,14 @@ def _image_root(report: Report, given: str | os.PathLike | None) -> Path | None:
     return None if report.mixture is None else report.mixture.image_root()
 
 
-def _times_selected(report: Report, selection: Selection | None) -> np.ndarray:
+def _times_selected(report: Values, selection: Chosen | None) -> np.ndarray:
     """``(N,)`` how many times each record is in the subset (0 without a selection)."""
     if selection is None:
         return np.zeros(len(report.tasks), dtype=np.int64)
     return np.bincount(selection.indices, minlength=len(report.tasks))
 
 
-def _summary(report: Report, selection: Selection | None, root: Path | None) -> str:
+def _summary(report: Values, selection: Chosen | None, root: Path | None) -> str:
     items = [(k, v) for k, v in report.source.items() if k != "image_root"]
     items.append(("image root", root if root is not None else "-"))
     left = sum(report.invalid.values())
@@ -144,7 +141,7 @@ def _summary(report: Report, selection: Selection | None, root: Path | None) -> 
     return f"<table class=meta>{rows}</table>"
 
 
-def _task_table(report: Report, selection: Selection | None) -> str:
+def _task_table(report: Values, selection: Chosen | None) -> str:
     sizes, valid, n = report.sizes, report.valid_sizes(), max(len(report.tasks), 1)
     header = ["task", "records", "valid", report.value_header()]
     if selection is not None:
@@ -171,7 +168,7 @@ def _num(text: str) -> str:
     return f"<td class=n>{_e(text)}</td>"
 
 
-def _task_section(report: Report, task: str, picked: np.ndarray, root: Path | None,
+def _task_section(report: Values, task: str, picked: np.ndarray, root: Path | None,
                   excluded: bool) -> str:
     members = report.members(task)
     values = report.instance_values[members]
@@ -223,7 +220,7 @@ def _histogram(values: np.ndarray, selected: np.ndarray, width: int = 480,
             f"{''.join(bars)}{axis}</svg>")
 
 
-def _record_card(report: Report, row: int, value: float, times: int, root: Path | None) -> str:
+def _record_card(report: Values, row: int, value: float, times: int, root: Path | None) -> str:
     status = "kept" if times else "dropped"
     badge = ("selected" + (f" ×{times}" if times > 1 else "")) if times else "not selected"
     if report.mixture is None:

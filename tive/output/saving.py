@@ -1,9 +1,9 @@
 """Saving a selection: the subset in the input's own format, ``<stem>.report.json``, the
 bar chart ``<stem>.png`` and the page ``<stem>.html``, all four or none.
 
-A :class:`~tive.selection.subset.Selection` is read through its attributes (``report``,
-``indices``, ``to_dict()``); nothing here imports the selection package, which calls
-:func:`save_selection` from ``Selection.save``.
+A :class:`~tive.selection.subset.Selection` is read through the attributes
+:class:`tive.output.views.Chosen` names; nothing here imports the selection package, which
+calls :func:`save_selection` from ``Selection.save``.
 """
 
 from __future__ import annotations
@@ -11,18 +11,16 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from tive.errors import OutputError
 from tive.output.chart import chart_png
 from tive.output.page import write_html
+from tive.output.views import Chosen
 from tive.util.files import atomic_path, write_json
 
-if TYPE_CHECKING:
-    from tive.selection.subset import Selection
 
-
-def save_selection(selection: Selection, path: str | Path,
+def save_selection(selection: Chosen, path: str | Path,
                    inputs: Sequence[str | Path] = ()) -> dict[str, Path]:
     """:meth:`Selection.save <tive.selection.subset.Selection.save>`: write the four files,
     each under a temporary name, renamed only once all are written."""
@@ -60,7 +58,7 @@ def _refuse_inputs(outputs: Any, inputs: Sequence[str | Path]) -> None:
                                   f"another output path")
 
 
-def write_chart(selection: Selection, path: Path) -> Path:
+def write_chart(selection: Chosen, path: Path) -> Path:
     """Bar chart of each task's share of the mixture and of the subset, as PNG."""
     png = chart_png(selection)
     with atomic_path(path) as tmp:

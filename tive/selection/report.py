@@ -154,6 +154,12 @@ class Report:
         """Rows of the valid records of ``task``, increasing."""
         return np.flatnonzero(self.valid & (self._codes == self._names.index(task)))
 
+    def count_by_task(self, rows: np.ndarray) -> dict[str, int]:
+        """How many of ``rows`` (indices, repeats counted, or a ``(N,)`` mask) each task has,
+        in :attr:`task_names` order."""
+        counts = np.bincount(self._codes[rows], minlength=len(self._names))
+        return {t: int(counts[self._names.index(t)]) for t in self.task_names}
+
     @python_api
     def select(
         self,

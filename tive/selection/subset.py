@@ -6,17 +6,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from tive.output.saving import save_selection
 from tive.output.tables import fmt_value, format_table, json_float
+from tive.output.views import Values
 from tive.selection.methods import method_named
 from tive.selection.settings import SelectConfig
-
-if TYPE_CHECKING:
-    from tive.selection.report import Report
 
 
 @dataclass
@@ -28,7 +26,7 @@ class Selection:
         quotas: task → number of records chosen from it.
         config: the settings that made it.
         budget: B.
-        report: the :class:`Report` it came from.
+        report: the :class:`~tive.selection.report.Report` it came from.
         notes: lines worth telling the user (printed by ``tive select``).
     """
 
@@ -36,14 +34,12 @@ class Selection:
     quotas: dict[str, int]
     config: SelectConfig
     budget: int
-    report: Report
+    report: Values
     notes: list[str] = field(default_factory=list)
 
     def selected(self) -> dict[str, int]:
         """Records chosen per task (counting repeats)."""
-        r = self.report
-        counts = np.bincount(r._codes[self.indices], minlength=len(r._names))
-        return {t: int(counts[r._names.index(t)]) for t in r.task_names}
+        return self.report.count_by_task(self.indices)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON report: settings, totals, and per task its size, value, quota, selection."""
@@ -51,12 +47,12 @@ class Selection:
         sizes, valid, chosen = r.sizes, r.valid_sizes(), self.selected()
         seen = np.zeros(len(r.tasks), dtype=bool)
         seen[self.indices] = True  # rows chosen at least once
-        unique = np.bincount(r._codes[seen], minlength=len(r._names))
+        unique = r.count_by_task(seen)
         tasks = {t: {"records": sizes[t], "valid": valid[t],
                      "value": json_float(r.task_values.get(t, math.nan)),
                      "excluded": t in self.config.exclude,
                      "quota": self.quotas.get(t, 0), "selected": chosen[t],
-                     "unique": int(unique[r._names.index(t)])}
+                     "unique": unique[t]}
                  for t in r.task_names}
         inferred = None if r.inferred is None else int(r.inferred.sum())
         return {"settings": self.config.to_dict(), "budget_kind": self.config.budget.to_dict()["kind"],
