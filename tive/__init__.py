@@ -12,7 +12,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _WHERE = {
-    "value_estimate": "tive.api",
+    "value_estimate": "tive.api", "Run": "tive.api", "values_from_arrays": "tive.api",
     "Budget": "tive.selection.settings", "Method": "tive.selection.settings",
     "SelectConfig": "tive.selection.settings", "Strategy": "tive.selection.settings",
     "Mixture": "tive.data.mixture", "load_mixture": "tive.data.mixture",
