@@ -313,7 +313,7 @@ def test_record_spans_with_many_escaped_quotes_and_backslashes():
     records = [{"code": 'print("a\\\\") \\" ' * (i + 1), "q": '\\"' * i, "b": "\\" * i}
                for i in range(40)]
     source = json.dumps(records).encode()
-    spans = tdata.record_spans(source)
+    spans = tive.data.readers.record_spans(source)
     assert [json.loads(source[a:b]) for a, b in spans] == records
 
 
@@ -330,11 +330,11 @@ def test_record_spans_are_the_records(records, indent, ascii_):
     """Spans found by scanning bytes parse back to exactly the records, whatever quotes,
     backslashes and brackets their strings hold."""
     source = json.dumps(records, indent=indent, ensure_ascii=ascii_).encode("utf-8")
-    spans = tdata.record_spans(source)
+    spans = tive.data.readers.record_spans(source)
     assert spans is not None and spans.shape == (len(records), 2)
     assert [json.loads(source[a:b]) for a, b in spans] == records
-    assert tdata.record_spans(source.replace(b"[", b"", 1)) is None  # not a list
-    assert tdata.record_spans(source + b"[]") is None  # two lists
+    assert tive.data.readers.record_spans(source.replace(b"[", b"", 1)) is None  # not a list
+    assert tive.data.readers.record_spans(source + b"[]") is None  # two lists
 
 
 @pytest.mark.parametrize("name", ["mix.json", "mix.jsonl"])

@@ -9,6 +9,7 @@ from pathlib import Path
 from tive.scoring.settings import AUTHORS as SCORE_AUTHORS, ScoreConfig
 from tive.selection.settings import AUTHORS_EXCLUDE, DEFAULTS, AUTHORS as SELECT_AUTHORS
 from tive.warmup import training as wu
+from tive.warmup.settings import AUTHORS as WARMUP_AUTHORS, WarmupConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -32,7 +33,7 @@ def num(x: float) -> str:
 
 def code_rows() -> dict[str, tuple[str, str]]:
     """The same rows built from the code's defaults and its record of the authors' values."""
-    c, a, s = wu.WarmupConfig(), wu.AUTHORS, ScoreConfig()
+    c, a, s = WarmupConfig(), WARMUP_AUTHORS, ScoreConfig()
 
     def layers(targets: tuple[str, ...]) -> str:
         return "every linear layer of the language model" if not targets else ",".join(targets)
@@ -80,7 +81,7 @@ def test_readme_tables_state_the_codes_defaults_and_the_authors_values():
 def test_defaults_are_pinned_to_the_authors_recipe():
     """The values of the issue's table, written here once more by hand: a change to a default
     must change this test too."""
-    c = wu.WarmupConfig()
+    c = WarmupConfig()
     assert (c.lr, c.projector_lr, c.global_batch, c.epochs, c.fraction) == (2e-5, 2e-5, 128, 1,
                                                                            0.08)
     assert (c.r, c.alpha, c.dropout, c.targets) == (128, 256, 0.05, ())

@@ -285,6 +285,7 @@ def test_defaults_are_the_authors_recipe():
     """The TIVE authors' finetune_lora.sh: r 128, alpha 256, dropout 0.05, lr 2e-5 (projector
     2e-5), cosine after 3% warm-up, weight decay 0, one epoch, 16 × 8 GPUs = 128 per step."""
     from tive.warmup import training as wu
+    from tive.warmup.settings import AUTHORS
 
     config = WarmupConfig()
     assert (config.r, config.alpha, config.dropout) == (128, 256, 0.05)
@@ -292,8 +293,8 @@ def test_defaults_are_the_authors_recipe():
         (2e-5, 2e-5, 1, 128)
     assert config.fraction == 0.08 and config.targets == () and config.train_projector is None
     assert (wu.WARMUP_RATIO, wu.WEIGHT_DECAY, wu.SCHEDULE) == (0.03, 0.0, "cosine")
-    assert {k: getattr(config, k) for k in wu.AUTHORS if k != "bf16"} == \
-        {k: v for k, v in wu.AUTHORS.items() if k != "bf16"}
+    assert {k: getattr(config, k) for k in AUTHORS if k != "bf16"} == \
+        {k: v for k, v in AUTHORS.items() if k != "bf16"}
 
 
 def test_recipe_reaches_the_global_batch_by_accumulation():
