@@ -47,6 +47,7 @@ class TaskValue(_Named):
     NORM = "norm"  # mean exact gradient norm (the authors')
     COHERENCE = "coherence"  # mean cosine between distinct records of the task
     MEAN_GRADIENT = "mean-gradient"  # norm of the task's mean gradient (distinct pairs)
+    PROGRESS = "progress"  # norm × how much the warm-up lowered the task's held-out loss
 
 
 def task_value_named(value: Any) -> TaskValue:
@@ -206,9 +207,9 @@ class SelectConfig:
     task_value: TaskValue | None = field(default=None, metadata=setting(
         "What a task's value is, where values set the quotas (tive, kmeans --quota value): "
         "norm (mean gradient norm, the authors'), coherence (mean cosine between the task's "
-        "records) or mean-gradient (norm of the task's mean gradient); the two variants do "
-        "not reward a task whose large gradients point in unrelated directions.", "norm",
-        choices=TaskValue))
+        "records), mean-gradient (norm of the task's mean gradient) or progress (norm × the "
+        "relative drop of the task's loss on records the warm-up did not train on: a task the "
+        "warm-up did not move gets nothing).", "norm", choices=TaskValue))
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731

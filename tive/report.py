@@ -26,6 +26,7 @@ from tive.data import Mixture
 from tive.errors import ConfigError, OutputError
 from tive.fileio import atomic_path, write_json
 from tive.methods import MethodSpec, method_named
+from tive.probe import progress_ratios, read_probe
 from tive.settings import named, python_api
 from tive.tasks import factorize
 
@@ -55,7 +56,8 @@ class Report:
         cache: ``(RUN/cache, store identity)`` when the report comes from a store: what a
             selection computes that the next one can reuse is kept there.
         task_value: what ``task_values`` holds, and what :meth:`select` weighs quotas by
-            unless told otherwise (``norm``, ``coherence`` or ``mean-gradient``).
+            unless told otherwise (``norm``, ``coherence``, ``mean-gradient`` or ``progress``).
+
     """
 
     tasks: np.ndarray
@@ -110,6 +112,9 @@ class Report:
         n = len(self._names)
         if kind == "norm":
             v = val.task_values(self.norms, self._codes, n, self.valid)
+        elif kind == "progress":
+            v = val.progress_values(val.task_values(self.norms, self._codes, n, self.valid),
+                                    self._progress_ratios())
         elif kind == "coherence":
             v = val.coherence_values(self.instance_values, self.norms > 0, self._codes, n,
                                      self.valid)
@@ -123,6 +128,20 @@ class Report:
         if kind == self.task_value:
             return self
         return dataclasses.replace(self, task_values=self.values_of(kind), task_value=kind)
+
+    def _progress_ratios(self) -> np.ndarray:
+        """``(T,)`` the warm-up's relative drop of each task's held-out loss (the store's
+        ``probe.json``, :mod:`tive.probe`, read only when asked for)."""
+        store = self.source.get("store")
+        probe = read_probe(Path(store)) if store else None
+        if probe is None:
+            raise ConfigError(f"{named('task_value', 'progress')}: needs the losses of records "
+                              f"outside the warm-up sample before and after the warm-up, which "
+                              f"tive score writes into the store (probe.json); this report has "
+                              f"none (imported features, arrays, or a store scored before it "
+                              f"existed); fix: tive score --run RUN again (only the probe is "
+                              f"computed), or another task value")
+        return progress_ratios(self._codes, len(self._names), self.valid, probe)
 
     def _mean_gradient_values(self) -> np.ndarray:
         """``(T,)`` :func:`tive.values.mean_gradient_values`, one pass over the features."""

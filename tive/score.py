@@ -12,6 +12,7 @@ store reads as one.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter
@@ -37,6 +38,7 @@ from tive.plan import (  # noqa: F401  (plan_batches, record_lengths: also impor
     plan_batches,
     record_lengths,
 )
+from tive.probe import measure, probe_rows, read_probe, write_probe
 from tive.progress import TokenBar
 from tive.score_config import DEFAULT_BATCH, ScoreConfig
 from tive.scoring import Feeding, score_batches
@@ -285,10 +287,34 @@ def _score(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path, how: str)
     bar.close()
     seconds = time.perf_counter() - start
     _finish(ctx)
+    if dist.rank == 0 and read_probe(ctx.root) is None:
+        _probe(ctx, peft_model, loaded, adapter)
     summary = summarize(Store.open(ctx.root), sum(len(rows) for rows in work), seconds, how)
     ignored = sum(1 for r in ctx.mixture if r.images and not has_placeholder(r)) \
         if loaded.kind.ignores_unplaced_images else 0
     return replace(summary, rank=dist.rank, images_ignored=ignored, batch=feed.describe())
+
+
+def _probe(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path) -> None:
+    """Write ``STORE/probe.json`` (:mod:`tive.probe`): each task's loss on records outside the
+    warm-up sample, with the adapter off and on; say in one line how much the warm-up lowered
+    it."""
+    trained = np.zeros(0, dtype=np.int64)
+    info = adapter / "reference.json"
+    if info.is_file():  # the sample it was trained on, when it was trained on this data
+        ref = json.loads(info.read_text(encoding="utf-8"))
+        if ref.get("data", {}).get("fingerprint") == ctx.mixture.fingerprint:
+            trained = np.asarray(ref.get("sample", {}).get("rows", []), dtype=np.int64)
+    rows = probe_rows(ctx.tasks, ctx.mixture.keys, trained)
+    found = measure(peft_model, loaded, ctx.mixture, rows, ctx.config.max_length,
+                    ctx.image_root)
+    path = write_probe(ctx.root, ctx.tasks, found, str(adapter))
+    drops = [1 - t["reference"] / t["base"] for t in read_probe(ctx.root)["tasks"].values()
+             if t["base"] > 0]
+    ctx.echo(f"probe: {len(found['rows']):,} records outside the warm-up sample; the warm-up "
+             f"changed their loss by {-max(drops):+.1%} to {-min(drops):+.1%} per task "
+             f"({path.name}, for --task-value progress)" if drops else
+             f"probe: no record outside the warm-up sample could be encoded ({path.name})")
 
 
 def _plan(ctx: ScoreRun, encoder: Any, done: np.ndarray,

@@ -54,6 +54,8 @@ TASK_VALUES = {
     "norm": "mean exact gradient norm (the authors')",
     "coherence": "mean cosine between distinct records of the task",
     "mean-gradient": "norm of the task's mean gradient",
+    "progress": "mean exact gradient norm × the warm-up's relative drop of the task's loss on "
+                "records it did not train on",
 }  # --task-value NAME → what V(t) is (docs/design.md, "Task values")
 
 
@@ -101,6 +103,20 @@ def mean_gradient_values(sums: np.ndarray, squares: np.ndarray, counts: np.ndarr
     """
     off = np.einsum("tk,tk->t", sums, sums) - squares
     return np.sqrt(_pair_mean(off, np.asarray(counts, dtype=np.float64)))
+
+
+def progress_values(norm: np.ndarray, ratios: np.ndarray) -> np.ndarray:
+    """``V(t) = norm(t) · ρ(t)``, with ``ρ(t)`` the warm-up's relative drop of the task's loss
+    on records it did not train on (:func:`tive.probe.progress_ratios`); a task with no such
+    record takes the median ``ρ`` of the others (no evidence either way).
+
+    Args:
+        norm: ``(T,)`` the authors' task values.
+        ratios: ``(T,)`` ``ρ(t)`` in [0, 1], NaN where unknown.
+    """
+    known = ratios[np.isfinite(ratios)]
+    fill = float(np.median(known)) if len(known) else 1.0
+    return norm * np.where(np.isfinite(ratios), ratios, fill)
 
 
 def _pair_mean(off_diagonal: np.ndarray, n: np.ndarray) -> np.ndarray:
