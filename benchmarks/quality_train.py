@@ -17,8 +17,8 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -184,14 +184,18 @@ def evaluate(model: Any, items: list[EvalItem], pad: int, eos: Sequence[int] = (
         ``{"correct": [0 or 1, …], "loss": [float, …]}`` (what the paired bootstrap resamples).
     """
     model.eval()
+    order = sorted(range(len(items)), key=lambda i: len(items[i].prompt) + len(items[i].target))
+    correct, losses = [0] * len(items), [0.0] * len(items)
+    for b in range(0, len(items), batch_size):  # batches of similar lengths: little padding
+        at = order[b:b + batch_size]
+        c, loss = teacher_forced(model, [items[i] for i in at], pad, eos, device)
+        for i, ci, li in zip(at, c, loss):
+            correct[i], losses[i] = int(ci), float(li)
     per_item: dict[str, dict[str, list]] = {}
-    for b in range(0, len(items), batch_size):
-        batch = items[b:b + batch_size]
-        correct, losses = teacher_forced(model, batch, pad, eos, device)
-        for item, c, loss in zip(batch, correct, losses):
-            got = per_item.setdefault(item.task, {"correct": [], "loss": []})
-            got["correct"].append(int(c))
-            got["loss"].append(float(loss))
+    for item, c, loss in zip(items, correct, losses):  # in the items' order
+        got = per_item.setdefault(item.task, {"correct": [], "loss": []})
+        got["correct"].append(c)
+        got["loss"].append(loss)
     summary = {t: {"accuracy": float(np.mean(v["correct"])), "loss": float(np.mean(v["loss"])),
                    "n": len(v["correct"])} for t, v in per_item.items()}
     return summary, per_item

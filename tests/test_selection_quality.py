@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tive.report import Report
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
-import quality_mixture as qm  # noqa: E402
 import paired_bootstrap as pb  # noqa: E402
+import quality_mixture as qm  # noqa: E402
 import quality_train as qt  # noqa: E402
 import selection_quality as sq  # noqa: E402
 
@@ -202,8 +201,8 @@ def test_shard_plan_splits_every_run_once_by_work():
     parts = [sq.shard_plan(subsets, i, 2) for i in range(2)]
     keys = [k for p in parts for k, _ in p]
     assert sorted(keys) == sorted([sq.BASE, *subsets])
-    work = [sum(40 + (len(s["indices"]) if s else 0) for _, s in p) for p in parts]
-    assert abs(work[0] - work[1]) <= 1040
+    work = [sum(sq.RUN_COST + (len(s["indices"]) if s else 0) for _, s in p) for p in parts]
+    assert abs(work[0] - work[1]) <= 1000 + sq.RUN_COST
 
 
 def test_training_lowers_the_loss_and_leaves_the_base_model_alone(tiny):
@@ -233,6 +232,7 @@ def test_methods_cover_tive_and_every_baseline():
                                                   "tive-mean-gradient", "random"}
     quick = sq.parse(["--quick"])
     assert quick.mixtures == ["a"] and quick.seed_list == [0, 1] and quick.budgets == "0.15"
+    assert quick.full_seed_list == [0] and args.full_seed_list == args.seed_list
     assert "random" in quick.methods.split(",")
     assert sum(n for n, _ in sq.quick_sizes(qm.SIZES).values()) <= 120
     for bad in (["--data", "x.json"], ["--methods", "tive,magic"], ["--mixture", "d"],
@@ -271,6 +271,8 @@ def test_a_user_mixture_in_another_format_runs_end_to_end(tiny, tmp_path):
                    "--methods", "tive,tive-coherence,random,kmeans,full",
                    "--methods-small", "random,balanced", "--bootstrap", "200"])["user"]
     rows_ = out["summary"]["rows"]
+    from tive.report import Report
+
     variants = "task_value" in inspect.signature(Report.select).parameters
     log = (tmp_path / "out/log-0.txt").read_text()
     assert ("tive-coherence 0.15" in rows_) == variants
