@@ -269,8 +269,12 @@ def build(folder: Path, sizes: dict[str, tuple[int, int]] | None = None, seed: i
                  for j, qa in enumerate(pool[n_train:n_train + n_eval])]
     folder.mkdir(parents=True, exist_ok=True)
     mix, ev = folder / "mix.json", folder / "eval.json"
-    mix.write_text(json.dumps(train, ensure_ascii=False, indent=1), encoding="utf-8")
-    ev.write_text(json.dumps(held, ensure_ascii=False, indent=1), encoding="utf-8")
+    for path, rows in ((mix, train), (ev, held)):
+        text = json.dumps(rows, ensure_ascii=False, indent=1)
+        if not path.exists() or path.read_text(encoding="utf-8") != text:  # kept if the same
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(path)
     return mix, ev
 
 

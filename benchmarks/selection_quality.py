@@ -161,8 +161,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     order = args.mixtures[k:] + args.mixtures[:k]
     results = {}
     for name in order:
-        results[name] = run_mixture(args, name, recipe, log)
-    results = {name: results[name] for name in args.mixtures}
+        res = run_mixture(args, name, recipe, log)
+        if res is not None:
+            results[name] = res
+    if not results:
+        raise SystemExit(f"{args.out}: no finished run (runs-*.json) of any mixture; run "
+                         f"without --summary-only")
+    results = {name: results[name] for name in args.mixtures if name in results}
     total = time.perf_counter() - t_start
     text = "\n".join(f"## Mixture {name}\n\n{tables(r['summary'])}" for name, r in results.items())
     _write(args.out / "table.md", text)
@@ -174,10 +179,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return results
 
 
-def run_mixture(args: argparse.Namespace, name: str, recipe: Recipe, log: Any) -> dict[str, Any]:
+def run_mixture(args: argparse.Namespace, name: str, recipe: Recipe,
+                log: Any) -> dict[str, Any] | None:
     """Build (or take), score, select, train this shard's runs and summarise one mixture in
-    ``out/<name>``; returns what its ``results.json`` holds."""
+    ``out/<name>``; returns what its ``results.json`` holds (None: ``--summary-only`` and no
+    finished run)."""
     out = args.out / name
+    if args.summary_only and not list(out.glob("runs-*.json")):
+        log(f"[{name}] no finished run in {out}: left out of the summary")
+        return None
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with _locked(out / ".score.lock"):  # one shard builds and scores; the others wait

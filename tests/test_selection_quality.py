@@ -320,3 +320,54 @@ def test_quick_run_on_smollm2(tmp_path):
         *sq.QUICK_METHODS.split(","), sq.BASE}
     assert len(out["summary"]["tasks"]) == 9
     assert "Δ vs random [95% CI]" in res.stdout
+
+
+@pytest.mark.slow  # six tive score processes: 2-9 min on the shared 2 cores
+def test_shards_split_two_mixtures_and_a_rerun_trains_nothing(tiny, tmp_path):
+    """Two built shapes (--quick sizes), run as two shards one after the other, then each again
+    and --summary-only: every run is trained once, and the summary has both mixtures."""
+    common = ["--quick", "--mixture", "a,b", "--model", str(tiny[0]), "--out", str(tmp_path),
+              "--seeds", "1", "--methods", "random,full", "--bootstrap", "100"]
+    sq.main([*common, "--shard", "0/2"])
+    sq.main([*common, "--shard", "1/2"])
+    runs = {m: {**json.loads((tmp_path / m / "runs-0.json").read_text()),
+                **json.loads((tmp_path / m / "runs-1.json").read_text())} for m in "ab"}
+    per_shard = {m: [set(json.loads((tmp_path / m / f"runs-{i}.json").read_text()))
+                     for i in range(2)] for m in "ab"}
+    for m in "ab":
+        assert set(runs[m]) == {sq.BASE, "random@0.15#s0", "full#s0"}
+        assert not per_shard[m][0] & per_shard[m][1]
+    log0 = (tmp_path / "log-0.txt").read_text()
+    assert log0.index("[a] mixture") < log0.index("[b] mixture")  # shard 0 starts at a …
+    log1 = (tmp_path / "log-1.txt").read_text()
+    assert log1.index("[b] mixture") < log1.index("[a] mixture")  # … shard 1 at b
+    stamp = {m: (tmp_path / m / "data/mix.json").stat().st_mtime_ns for m in "ab"}
+    sq.main([*common, "--shard", "0/1"])  # one process now: everything is done
+    assert "nothing left to train" in (tmp_path / "log-0.txt").read_text()
+    assert {m: (tmp_path / m / "data/mix.json").stat().st_mtime_ns for m in "ab"} == stamp
+    out = sq.main([*common, "--summary-only"])
+    assert set(out) == {"a", "b"}
+    assert set(out["b"]["summary"]["rows"]) == {sq.BASE, "random 0.15", sq.FULL}
+    assert "## Mixture a" in (tmp_path / "table.md").read_text()
+
+
+def test_quick_samples_a_large_user_mixture_down_and_says_so(tmp_path):
+    def rows(n, tasks):
+        return [{"task": tasks[i % len(tasks)], "messages": [
+            {"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(n)]
+
+    (tmp_path / "mix.jsonl").write_text("".join(json.dumps(r) + "\n"
+                                                for r in rows(1000, ["x", "y", "z"])))
+    (tmp_path / "held.json").write_text(json.dumps(rows(60, ["x", "y", "z"])))
+    said = []
+    mix, held = sq._sample_down(tmp_path / "mix.jsonl", tmp_path / "held.json",
+                                tmp_path / "out", said.append)
+    assert mix == tmp_path / "out/mix.jsonl" and held == tmp_path / "out/held.json"
+    got = [json.loads(line) for line in mix.read_text().splitlines()]
+    assert len(got) == sq.QUICK_RECORDS and len({r["messages"][0]["content"] for r in got}) == 300
+    assert Counter(r["task"] for r in json.loads(held.read_text())) == {
+        "x": sq.QUICK_HELD_PER_TASK, "y": sq.QUICK_HELD_PER_TASK, "z": sq.QUICK_HELD_PER_TASK}
+    assert any("sampled down to 300 of its 1,000 records" in s for s in said)
+    small, _ = sq._sample_down(tmp_path / "out/mix.jsonl", held, tmp_path / "again", said.append)
+    assert small == tmp_path / "out/mix.jsonl"  # 300 records: taken as they are
