@@ -51,6 +51,7 @@ METHODS: dict[str, tuple[dict[str, Any], bool]] = {
     "tive": ({"method": "tive"}, True),  # task value "norm", tive's default
     "tive-coherence": ({"method": "tive", "task_value": "coherence"}, True),
     "tive-mean-gradient": ({"method": "tive", "task_value": "mean-gradient"}, True),
+    "tive-progress": ({"method": "tive", "task_value": "progress"}, True),
     "tive-top": ({"method": "tive", "strategy": "top"}, False),
     "random": ({"method": "random"}, True),
     "random-per-task": ({"method": "random-per-task"}, True),
@@ -61,9 +62,9 @@ METHODS: dict[str, tuple[dict[str, Any], bool]] = {
     "length": ({"method": "length"}, False),
 }
 FULL, BASE, REFERENCE = "full", "base (no fine-tune)", "random"
-DEFAULT_METHODS = ("tive,tive-coherence,tive-mean-gradient,random,random-per-task,balanced,"
-                   "kmeans,full")
-DEFAULT_METHODS_SMALL = "tive,tive-coherence,tive-mean-gradient,random"
+DEFAULT_METHODS = ("tive,tive-coherence,tive-mean-gradient,tive-progress,random,random-per-task,"
+                   "balanced,kmeans,full")
+DEFAULT_METHODS_SMALL = "tive,tive-coherence,tive-mean-gradient,tive-progress,random"
 QUICK_METHODS = "tive,random,full"  # --quick fine-tunes these (the full mixture with one seed)
 QUICK_RECORDS, QUICK_HELD_PER_TASK = 300, 8  # --quick samples a user's mixture down to these
 # a run's cost beside its training records, in training records: a fresh LoRA copy (~10 s) and

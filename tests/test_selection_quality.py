@@ -224,12 +224,14 @@ def test_methods_cover_tive_and_every_baseline():
     assert "tive-top" in sq.METHODS and sq.FULL not in sq.METHODS
     assert {k: kw.get("task_value") for k, (kw, _) in sq.METHODS.items()
             if kw["method"] == "tive" and "strategy" not in kw} == {
-        "tive": None, "tive-coherence": "coherence", "tive-mean-gradient": "mean-gradient"}
+        "tive": None, "tive-coherence": "coherence", "tive-mean-gradient": "mean-gradient",
+        "tive-progress": "progress"}
     args = sq.parse([])
     assert args.budgets == "0.15,0.075" and args.seed_list == list(range(5))
     assert args.mixtures == ["a", "b", "c"] and args.methods == sq.DEFAULT_METHODS
     assert set(args.methods_small.split(",")) == {"tive", "tive-coherence",
-                                                  "tive-mean-gradient", "random"}
+                                                  "tive-mean-gradient", "tive-progress",
+                                                  "random"}
     quick = sq.parse(["--quick"])
     assert quick.mixtures == ["a"] and quick.seed_list == [0, 1] and quick.budgets == "0.15"
     assert quick.full_seed_list == [0] and args.full_seed_list == args.seed_list
