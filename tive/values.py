@@ -4,7 +4,9 @@
   authors' ``norm``), or one of two variants that do not reward a task whose gradients are large
   but point in unrelated directions (docs/design.md, "Task values"): ``coherence``, the mean
   cosine between distinct records of the task, and ``mean-gradient``, the norm of the task's
-  mean gradient (an unbiased estimate of its square from distinct pairs);
+  mean gradient (an unbiased estimate of its square from distinct pairs); or ``progress``, the
+  norm times the warm-up's relative drop of the task's loss on records it did not train on
+  (:mod:`tive.probe`);
 * instance value ``v_i = mean_{j∈t} cos(φ_i, φ_j)`` (itself included) ``= φ̂_i · m_t`` with
   ``m_t`` the mean unit feature of task ``t``: two streaming passes over the ``(N, k)`` features
   in chunks, O(N·k) time and O(T·k) memory, never the N×N Gram matrix.
