@@ -18,7 +18,7 @@ from tive.encode import collate, encode_row, pad_id
 from tive.errors import ConfigError
 from tive.models.load import load_model
 from tive.models.registry import resolve
-from tive.probe import PER_TASK, progress_ratios, probe_rows, read_probe, write_probe
+from tive.probe import PER_TASK, probe_rows, progress_ratios, read_probe, write_probe
 from tive.store import Store
 
 
@@ -109,7 +109,7 @@ def test_a_task_without_probe_records_takes_the_median_drop(imported):
 
 def test_progress_ratios_clip_a_loss_that_rose_and_skip_invalid_records():
     codes = np.array([0, 0, 1, 1])
-    probe = {"rows": np.array([0, 1, 2, 3]), "base": np.array([1.0, 3.0, 1.0, 1.0]),
+    probe = {"records": 4, "rows": np.array([0, 1, 2, 3]), "base": np.array([1.0, 3.0, 1.0, 1.0]),
              "reference": np.array([0.5, 1.5, 2.0, 9.0])}
     valid = np.array([True, True, True, False])
     np.testing.assert_allclose(progress_ratios(codes, 3, valid, probe), [0.5, 0.0, np.nan])
@@ -150,3 +150,31 @@ def test_scoring_a_complete_store_again_adds_only_the_probe(scored, tmp_path, mo
     assert again.pop("adapter") == str(run / "reference")  # where the copy's adapter is
     assert again == {k: v for k, v in probe.items() if k != "adapter"}
     assert store_bytes(run) == before
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"rows": [0, -1]}, "distinct positions"),
+    ({"rows": [0, 0]}, "distinct positions"),
+    ({"rows": [0.5, 1]}, "distinct positions"),
+    ({"records": 7}, "made for 7 records"),
+])
+def test_a_probe_that_does_not_fit_the_store_is_refused(imported, change, fragment):
+    from tive.errors import DataError
+
+    run = imported["run"]
+    tasks = value_estimate(store=run, data=False).tasks
+    write_probe(run / "store", tasks, {"rows": np.array([0, 1]), "base": np.array([2.0, 2.0]),
+                                       "reference": np.array([1.0, 1.0])}, "x")
+    path = run / "store" / "probe.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    with pytest.raises(DataError, match=fragment):
+        value_estimate(store=run, task_value="progress")
+
+
+def test_progress_without_any_probe_evidence_is_refused(imported):
+    run = imported["run"]
+    tasks = value_estimate(store=run, data=False).tasks
+    write_probe(run / "store", tasks, {"rows": np.zeros(0, dtype=np.int64),
+                                       "base": np.zeros(0), "reference": np.zeros(0)}, "x")
+    with pytest.raises(ConfigError, match="no task has a probe record"):
+        value_estimate(store=run, task_value="progress")

@@ -14,8 +14,8 @@ import numpy as np
 
 from tive import values as val
 from tive import values_cache as vc
-from tive.data import Mixture, load_mixture
 from tive.config import TaskValue, task_value_named
+from tive.data import Mixture, load_mixture
 from tive.errors import ConfigError, DataError
 from tive.mixture_cache import load_labelled
 from tive.report import Report
@@ -95,8 +95,9 @@ def value_estimate(
             projection (``score``/``warmup`` may not say otherwise); and the report's
             ``select`` then selects as their script did (see ``tive select --paper``).
         task_value: what the report's task values are, and what its ``select`` weighs quotas
-            by: ``norm`` (default, the authors'), ``coherence`` or ``mean-gradient``
-            (docs/design.md, "Task values"); ``paper=True`` allows only ``norm``.
+            by: ``norm`` (default, the authors'), ``coherence``, ``mean-gradient`` or
+            ``progress`` (docs/design.md, "Task values"); ``paper=True`` allows only
+            ``norm``.
 
     Returns:
         a :class:`~tive.report.Report`; call ``.select(budget=0.075)`` on it.

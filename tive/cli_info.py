@@ -106,12 +106,12 @@ def _recorded_image_root(data: Path) -> tuple[Path, Path] | None:
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="With --html: the page to write  [default: beside the selection, or "
                    "RUN/values.html]")
-@click.option("--task-value", type=click.Choice([m.value for m in TaskValue]), default="norm",
-              show_default=True,
-              help="Which task values to show: norm (the authors'), coherence or "
-                   "mean-gradient (a selection's own table shows the values it used).")
+@click.option("--task-value", type=click.Choice([m.value for m in TaskValue]),
+              help="Which task values to show: norm (the authors'), coherence, mean-gradient "
+                   "or progress (a selection's own table and page show the values it was made "
+                   "with)  [default: norm]")
 def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
-           output: Path | None, task_value: str) -> None:
+           output: Path | None, task_value: str | None) -> None:
     """Print the task values of a run and the selections made from it (or write a page)."""
     from tive.api import value_estimate
     from tive.methods import method_named
@@ -135,7 +135,7 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
     selections = sorted(run.glob("*.report.json"))
     if as_json:
         click.echo(json.dumps({"store": str(store.root), "left_out": r.invalid,
-                               "task_value": task_value, "tasks": table,
+                               "task_value": r.task_value, "tasks": table,
                                "selections": [str(p) for p in selections]}, indent=2))
         return
     m = store.meta

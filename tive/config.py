@@ -228,7 +228,7 @@ class SelectConfig:
         if self.method is Method.TIVE and self.strategy is Strategy.TOP:
             applies -= {"temperature", "seed"}
         settle(self, DEFAULTS, applies, self._refused)
-        if method_named(self.method).weighs_by_value(self.quota):
+        if weighs_by_value(self.method, self.quota):
             set_("task_value", self.task_value or TaskValue.NORM)
         elif self.task_value is not None:
             raise ConfigError(f"{named('task_value', self.task_value)} does not apply to "
@@ -268,6 +268,12 @@ class SelectConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def weighs_by_value(method: Any, quota: Any = None) -> bool:
+    """Whether the task values set ``method``'s quotas (``quota``: the ``quota`` setting, None
+    for its default): where ``task_value`` applies."""
+    return method_named(method).weighs_by_value(DEFAULTS["quota"] if quota is None else quota)
 
 
 def _enum(kind: type[Enum], value: Any, option: str) -> Any:

@@ -272,7 +272,8 @@ def write_run_html(run: Path, store: Any, selection: Path | None = None,
     """``tive report --html``: the page of a selection made earlier in ``run`` (chosen again
     from the settings in its ``.report.json``: the same seed gives the same records, and the
     values come from the run's cache), or of the values alone when there is none (their kind
-    ``task_value``, default ``norm``; a selection shows the kind it was made with).
+    ``task_value``, default ``norm``; a selection shows the kind it was made with, and
+    ``task_value`` is refused beside one).
 
     Raises:
         ConfigError: ``selection`` is not a selection report.
@@ -289,6 +290,10 @@ def write_run_html(run: Path, store: Any, selection: Path | None = None,
     if selection is None:
         report = value_estimate(store=store, task_value=task_value)
         return write_html(report, None, output or run / "values.html")
+    if task_value is not None:
+        raise ConfigError(f"--task-value {task_value}: a selection's page shows the task values "
+                          f"it was made with ({Path(selection).name}); fix: leave out "
+                          f"--task-value, or give it to tive select")
     try:
         saved = json.loads(Path(selection).read_text(encoding="utf-8"))
         settings = dict(saved["settings"])

@@ -41,15 +41,17 @@ def probe_rows(tasks: np.ndarray, keys: np.ndarray, trained: np.ndarray,
         increasing rows.
     """
     from tive.selection import uniforms
+    from tive.tasks import factorize
 
     pool = np.ones(len(tasks), dtype=bool)
     pool[np.asarray(trained, dtype=np.int64)] = False
-    order = np.lexsort((np.arange(len(keys)), uniforms(keys, 0)))  # by seeded uniform
+    _, codes = factorize(tasks)
+    # by task, then by seeded uniform (ties by row); keep each task's first per_task
+    order = np.lexsort((np.arange(len(keys)), uniforms(keys, 0), codes))
     order = order[pool[order]]
-    chosen = []
-    for task in np.unique(tasks[order].astype(str)):
-        chosen.append(order[tasks[order].astype(str) == task][:per_task])
-    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+    starts = np.flatnonzero(np.r_[True, np.diff(codes[order]) != 0])
+    rank = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    return np.sort(order[rank < per_task])
 
 
 def measure(peft_model: Any, loaded: Any, mixture: Any, rows: np.ndarray, max_length: int,
@@ -68,18 +70,24 @@ def measure(peft_model: Any, loaded: Any, mixture: Any, rows: np.ndarray, max_le
     from tive.skips import SkipReason
 
     encoder = loaded.encoder(max_length)
-    items = [(int(r), encode_row(encoder, mixture, int(r), image_root)) for r in rows]
-    items = [(r, e) for r, e in items if not isinstance(e, SkipReason)]
     hf = peft_model.get_base_model()
     device = next(peft_model.parameters()).device
     own_positions = derives_positions(getattr(hf.config, "model_type", ""))
     vocab, pad = text_vocab(hf.config), pad_id(loaded.tokenizer)
     was_training = peft_model.training
     peft_model.eval()
+    dtype = torch.float64 if next(hf.parameters()).dtype == torch.float64 else torch.float32
     out: dict[str, list[float]] = {"base": [], "reference": []}
+    kept: list[int] = []
     with torch.no_grad():
-        for start in range(0, len(items), BATCH):
-            batch = collate([e for _, e in items[start:start + BATCH]], pad)
+        for start in range(0, len(rows), BATCH):  # encoded batch by batch (images included)
+            items = [(int(r), encode_row(encoder, mixture, int(r), image_root))
+                     for r in rows[start:start + BATCH]]
+            items = [(r, e) for r, e in items if not isinstance(e, SkipReason)]
+            if not items:
+                continue
+            kept += [r for r, _ in items]
+            batch = collate([e for _, e in items], pad)
             labels = batch.pop("labels").to(device)
             inputs = {k: v.to(device) for k, v in batch.items() if v is not None}
             if not own_positions:
@@ -87,11 +95,11 @@ def measure(peft_model: Any, loaded: Any, mixture: Any, rows: np.ndarray, max_le
                     .clamp(min=0)
             for name in ("base", "reference"):
                 with peft_model.disable_adapter() if name == "base" else nullcontext():
-                    loss, _ = record_losses(hf.model, hf.get_output_embeddings(), vocab,
-                                            torch.float64, inputs, labels)
-                out[name] += loss.cpu().tolist()
+                    loss, _ = record_losses(hf.model, hf.get_output_embeddings(), vocab, dtype,
+                                            inputs, labels)
+                out[name] += loss.double().cpu().tolist()
     peft_model.train(was_training)
-    return {"rows": np.array([r for r, _ in items], dtype=np.int64),
+    return {"rows": np.array(kept, dtype=np.int64),
             "base": np.array(out["base"]), "reference": np.array(out["reference"])}
 
 
@@ -107,15 +115,21 @@ def per_task(tasks: np.ndarray, found: dict[str, np.ndarray]) -> dict[str, dict[
 
 
 def write_probe(store_root: Path, tasks: np.ndarray, found: dict[str, np.ndarray],
-                adapter: str) -> Path:
-    """Write ``STORE/probe.json`` atomically."""
+                adapter: str, sample_known: bool = True) -> dict[str, Any]:
+    """Write ``STORE/probe.json`` atomically; return what it holds.
+
+    Args:
+        sample_known: whether the warm-up sample was known (and left out); when not, probe
+            records may include records the adapter was trained on.
+    """
     path = Path(store_root) / PROBE_FILE
-    info = {"version": VERSION, "adapter": adapter, "per_task_limit": PER_TASK,
+    info = {"version": VERSION, "adapter": adapter, "records": len(tasks),
+            "sample_known": sample_known, "per_task_limit": PER_TASK,
             "rows": found["rows"].tolist(), "base": found["base"].tolist(),
             "reference": found["reference"].tolist(), "tasks": per_task(tasks, found)}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-    return path
+    return info
 
 
 def read_probe(store_root: Path) -> dict[str, Any] | None:
@@ -129,11 +143,17 @@ def read_probe(store_root: Path) -> dict[str, Any] | None:
         return None
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
-        rows = np.asarray(info["rows"], dtype=np.int64)
+        records = info["records"]
+        rows = np.asarray(info["rows"])
         base = np.asarray(info["base"], dtype=np.float64)
         ref = np.asarray(info["reference"], dtype=np.float64)
         if not (rows.shape == base.shape == ref.shape and rows.ndim == 1):
             raise ValueError("rows, base and reference differ in length")
+        if not isinstance(records, int) or (len(rows) and (
+                rows.dtype.kind not in "iu" or rows.min() < 0 or rows.max() >= records
+                or len(np.unique(rows)) != len(rows))):
+            raise ValueError(f"rows are not distinct positions among {records!r} records")
+        rows = rows.astype(np.int64)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{path}: damaged ({type(e).__name__}: {e}); fix: delete it and run "
                         f"tive score --run RUN again (only the probe is computed)") from None
@@ -149,9 +169,11 @@ def progress_ratios(codes: np.ndarray, n_tasks: int, valid: np.ndarray,
         codes: ``(N,)`` task code of each record; ``valid``: ``(N,)`` bool.
         probe: :func:`read_probe`'s result.
     """
-    rows = probe["rows"]
-    keep = (rows < len(codes))
-    rows, base, ref = rows[keep], probe["base"][keep], probe["reference"][keep]
+    if probe["records"] != len(codes):
+        raise DataError(f"probe.json: made for {probe['records']:,} records, this report has "
+                        f"{len(codes):,}; fix: delete it and run tive score --run RUN again "
+                        f"(only the probe is computed)")
+    rows, base, ref = probe["rows"], probe["base"], probe["reference"]
     ok = valid[rows] & np.isfinite(base) & np.isfinite(ref)
     c = codes[rows[ok]]
     n = np.bincount(c, minlength=n_tasks).astype(np.float64)

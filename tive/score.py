@@ -38,7 +38,7 @@ from tive.plan import (  # noqa: F401  (plan_batches, record_lengths: also impor
     plan_batches,
     record_lengths,
 )
-from tive.probe import measure, probe_rows, read_probe, write_probe
+from tive.probe import PROBE_FILE, measure, probe_rows, read_probe, write_probe
 from tive.progress import TokenBar
 from tive.score_config import DEFAULT_BATCH, ScoreConfig
 from tive.scoring import Feeding, score_batches
@@ -299,22 +299,24 @@ def _probe(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path) -> None:
     """Write ``STORE/probe.json`` (:mod:`tive.probe`): each task's loss on records outside the
     warm-up sample, with the adapter off and on; say in one line how much the warm-up lowered
     it."""
-    trained = np.zeros(0, dtype=np.int64)
+    trained, known = np.zeros(0, dtype=np.int64), False
     info = adapter / "reference.json"
     if info.is_file():  # the sample it was trained on, when it was trained on this data
         ref = json.loads(info.read_text(encoding="utf-8"))
         if ref.get("data", {}).get("fingerprint") == ctx.mixture.fingerprint:
             trained = np.asarray(ref.get("sample", {}).get("rows", []), dtype=np.int64)
+            known = True
     rows = probe_rows(ctx.tasks, ctx.mixture.keys, trained)
     found = measure(peft_model, loaded, ctx.mixture, rows, ctx.config.max_length,
                     ctx.image_root)
-    path = write_probe(ctx.root, ctx.tasks, found, str(adapter))
-    drops = [1 - t["reference"] / t["base"] for t in read_probe(ctx.root)["tasks"].values()
-             if t["base"] > 0]
-    ctx.echo(f"probe: {len(found['rows']):,} records outside the warm-up sample; the warm-up "
-             f"changed their loss by {-max(drops):+.1%} to {-min(drops):+.1%} per task "
-             f"({path.name}, for --task-value progress)" if drops else
-             f"probe: no record outside the warm-up sample could be encoded ({path.name})")
+    saved = write_probe(ctx.root, ctx.tasks, found, str(adapter), sample_known=known)
+    drops = [1 - t["reference"] / t["base"] for t in saved["tasks"].values() if t["base"] > 0]
+    where = ("outside the warm-up sample" if known else "(the warm-up sample of this adapter "
+             "is not known for this data: some may be records it trained on)")
+    ctx.echo(f"probe: {len(found['rows']):,} records {where}; the warm-up changed their loss "
+             f"by {-max(drops):+.1%} to {-min(drops):+.1%} per task ({PROBE_FILE}, for "
+             f"--task-value progress)" if drops else
+             f"probe: no record {where} could be encoded ({PROBE_FILE})")
 
 
 def _plan(ctx: ScoreRun, encoder: Any, done: np.ndarray,
