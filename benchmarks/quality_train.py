@@ -1,6 +1,12 @@
 """The selection-quality benchmark's fine-tune and evaluation: one fixed LoRA recipe for every
-subset, then exact-match accuracy after greedy decoding and mean answer-token loss on held-out
-records, per task.
+subset, then, on held-out records, per item and per task: exact match of the greedy answer and
+the mean answer-token loss, both from one teacher-forced forward pass.
+
+Exact match is teacher-forced: an item is correct iff at every target position (the answer's
+tokens and its end-of-turn token) the argmax of the logits given the gold prefix is the target
+token — exactly when greedy decoding reproduces the answer token for token and then ends the
+turn (:func:`greedy_ids` decodes, for the test that checks this), at the cost of one forward
+pass instead of one per generated token.
 
 Records are encoded by tive's own encoder for the model's family (the format tive scored them
 in); an evaluation record's target is its last assistant turn, its prompt everything before.
@@ -11,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,7 +39,7 @@ class Recipe:
     epochs: int = 1
     lr: float = 5e-4
     warmup_ratio: float = 0.1  # linear warm-up, then cosine decay to 0
-    batch_size: int = 8
+    batch_size: int = 4
     weight_decay: float = 0.0
     max_length: int = 256
 
@@ -43,7 +50,7 @@ class Recipe:
 @dataclass
 class EvalItem:
     """A held-out record: its task, the prompt ids, the target ids (the last answer with its
-    end-of-turn token), and the target text."""
+    end-of-turn token), and the target text (for reading; exact match compares token ids)."""
 
     task: str
     prompt: list[int]
@@ -69,11 +76,6 @@ def eval_items(encoded: list[Encoded], tasks: list[str], answers: list[str]) -> 
         out.append(EvalItem(task, list(item.input_ids[:start]), list(item.input_ids[start:stop]),
                             answer))
     return out
-
-
-def normalise(text: str) -> str:
-    """Exact match after trimming spaces and a final full stop, ignoring case."""
-    return text.strip().rstrip(".").strip().lower()
 
 
 def token_losses(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -169,48 +171,78 @@ def train(base: Any, records: list[Encoded], recipe: Recipe, seed: int, pad: int
 
 
 @torch.no_grad()
-def evaluate(model: Any, items: list[EvalItem], tokenizer: Any, pad: int, eos: list[int],
-             device: str = "cpu", batch_size: int = 16) -> dict[str, dict[str, float]]:
-    """Per task: exact-match accuracy of the greedy answer, and mean answer-token loss.
+def evaluate(model: Any, items: list[EvalItem], pad: int, eos: Sequence[int] = (),
+             device: str = "cpu", batch_size: int = 16) -> tuple[dict[str, dict[str, float]],
+                                                                  dict[str, dict[str, list]]]:
+    """Per task: exact-match accuracy (teacher-forced, see the module) and mean answer-token loss.
+
+    Args:
+        eos: end-of-turn token ids; a target is compared up to its first one (inclusive).
 
     Returns:
-        ``{task: {"accuracy", "loss", "n"}}``.
+        ``{task: {"accuracy", "loss", "n"}}`` and, per task in the items' order, every item's
+        ``{"correct": [0 or 1, …], "loss": [float, …]}`` (what the paired bootstrap resamples).
     """
     model.eval()
-    correct: dict[str, list[float]] = {}
-    token_loss: dict[str, list[float]] = {}
-    for b in range(0, len(items), batch_size):
-        batch = items[b:b + batch_size]
-        for item, text in zip(batch, _greedy(model, batch, tokenizer, pad, eos, device)):
-            correct.setdefault(item.task, []).append(
-                float(normalise(text) == normalise(item.answer)))
-        for item, loss in zip(batch, _answer_loss(model, batch, pad, device)):
-            token_loss.setdefault(item.task, []).append(loss)
-    return {t: {"accuracy": float(np.mean(correct[t])), "loss": float(np.mean(token_loss[t])),
-                "n": len(correct[t])} for t in correct}
+    order = sorted(range(len(items)), key=lambda i: len(items[i].prompt) + len(items[i].target))
+    correct, losses = [0] * len(items), [0.0] * len(items)
+    for b in range(0, len(items), batch_size):  # batches of similar lengths: little padding
+        at = order[b:b + batch_size]
+        c, loss = teacher_forced(model, [items[i] for i in at], pad, eos, device)
+        for i, ci, li in zip(at, c, loss):
+            correct[i], losses[i] = int(ci), float(li)
+    per_item: dict[str, dict[str, list]] = {}
+    for item, c, loss in zip(items, correct, losses):  # in the items' order
+        got = per_item.setdefault(item.task, {"correct": [], "loss": []})
+        got["correct"].append(c)
+        got["loss"].append(loss)
+    summary = {t: {"accuracy": float(np.mean(v["correct"])), "loss": float(np.mean(v["loss"])),
+                   "n": len(v["correct"])} for t, v in per_item.items()}
+    return summary, per_item
 
 
-def _greedy(model: Any, batch: list[EvalItem], tokenizer: Any, pad: int, eos: list[int],
-            device: str) -> list[str]:
-    """Greedy continuations of the prompts (left-padded), cut at the first end token."""
-    t = pad_batch([i.prompt for i in batch], None, pad, left=True)
-    new = max(len(i.target) for i in batch) + 4
-    out = model.generate(input_ids=t["input_ids"].to(device),
-                         attention_mask=t["attention_mask"].to(device), max_new_tokens=new,
-                         do_sample=False, eos_token_id=eos, pad_token_id=pad)
-    texts = []
-    for row in out[:, t["input_ids"].shape[1]:].tolist():
-        cut = next((j for j, tok in enumerate(row) if tok in eos), len(row))
-        texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
-    return texts
+def compared(target: list[int], eos: Sequence[int]) -> int:
+    """How many of ``target``'s tokens exact match compares: up to its first end token."""
+    return next((j + 1 for j, t in enumerate(target) if t in eos), len(target))
 
 
-def _answer_loss(model: Any, batch: list[EvalItem], pad: int, device: str) -> list[float]:
-    """Mean cross-entropy of each target given its prompt (teacher forcing)."""
+def teacher_forced(model: Any, batch: list[EvalItem], pad: int, eos: Sequence[int] = (),
+                   device: str = "cpu") -> tuple[list[bool], list[float]]:
+    """One forward pass over prompt + target (right-padded): per item, whether the argmax at
+    every compared target position is the target token, and the mean cross-entropy of the
+    target tokens."""
     seqs = [i.prompt + i.target for i in batch]
     labels = [[IGNORE] * len(i.prompt) + i.target for i in batch]
     t = {k: v.to(device) for k, v in pad_batch(seqs, labels, pad).items()}
-    token, rows = token_losses(model, t["input_ids"], t["attention_mask"], t["labels"])
-    sums = torch.zeros(len(batch)).index_add_(0, rows.cpu(), token.cpu())
-    counts = torch.bincount(rows.cpu(), minlength=len(batch)).clamp(min=1)
-    return (sums / counts).tolist()
+    body = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
+    head = model.get_output_embeddings()
+    hidden = body(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).last_hidden_state
+    targets = t["labels"][:, 1:]
+    keep = targets != IGNORE  # row-major: each item's target tokens, in order
+    logits = head(hidden[:, :-1][keep]).float()
+    gold = targets[keep]
+    token = torch.nn.functional.cross_entropy(logits, gold, reduction="none").cpu()
+    miss = (logits.argmax(-1) != gold).cpu()
+    rows = torch.arange(len(batch))[:, None].expand_as(targets)[keep.cpu()]
+    scored = torch.tensor([j < compared(i.target, eos) for i in batch
+                           for j in range(len(i.target))])
+    n = len(batch)
+    wrong = torch.zeros(n).index_add_(0, rows, (miss & scored).float())
+    sums = torch.zeros(n).index_add_(0, rows, token)
+    counts = torch.bincount(rows, minlength=n).clamp(min=1)
+    return (wrong == 0).tolist(), (sums / counts).tolist()
+
+
+def greedy_ids(model: Any, batch: list[EvalItem], pad: int, eos: Sequence[int],
+               device: str = "cpu") -> list[list[int]]:
+    """Greedy continuations (token ids) of the prompts, one at a time, cut after the first end
+    token; for checking :func:`teacher_forced` against ``generate``."""
+    out = []
+    for item in batch:
+        ids = torch.tensor([item.prompt], device=device)
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=len(item.target) + 4, do_sample=False,
+                             eos_token_id=list(eos), pad_token_id=pad)
+        row = gen[0, ids.shape[1]:].tolist()
+        out.append(row[:compared(row, eos)])
+    return out

@@ -1,26 +1,37 @@
 """Does a ``tive select`` subset train a model better than a random one of the same size?
 
-One command: build a multi-task mixture from data shipped in Python packages (or take yours
-with ``--data MIX --eval EVAL``), score it with ``tive score`` (the warm-up as the quick start
-runs it on a small mixture, then per-record gradients — the same command users run), select 15% of it with each method
-through the report API (``tive select``'s code), fine-tune the same model on every subset with
-one fixed LoRA recipe (the same epochs for all), and evaluate per task on held-out records:
-exact-match accuracy of the greedy answer, and mean answer-token loss. Prints the tables and
-writes ``results.json``, ``table.md`` and ``selection_quality.png`` into ``--out``.
+One command: build multi-task mixtures from data shipped in Python packages (three shapes, see
+``quality_mixture.py``; or take yours with ``--data MIX --eval EVAL``), score each with ``tive
+score`` (the warm-up as the quick start runs it on a small mixture, then per-record gradients —
+the same command users run), select 15% and 7.5% of it with each method through the report API
+(``tive select``'s code), fine-tune the same model on every subset and on the full mixture with
+one fixed LoRA recipe (one epoch each, as the paper trains), and evaluate per held-out item:
+teacher-forced exact match of the greedy answer and the mean answer-token loss. Every method is
+trained with the same training seeds (training seed i paired with selection seed i), so each
+method's difference from ``random`` gets a 95% paired bootstrap interval (seeds and held-out
+items resampled) and a verdict: better, worse, or no difference. Prints the tables and writes
+``results.json``, ``table.md`` and ``selection_quality.png`` per mixture into ``--out/<mixture>``
+(and every mixture's tables into ``--out/table.md``).
 
-    python benchmarks/selection_quality.py                        # default run (see README)
-    python benchmarks/selection_quality.py --quick                # < 5 min: small, one seed
-    python benchmarks/selection_quality.py --budgets 0.15,0.075   # also 7.5%
+    python benchmarks/selection_quality.py                        # the evidence (see README)
+    python benchmarks/selection_quality.py --shard 0/2 &          # … in two processes
+    python benchmarks/selection_quality.py --shard 1/2
+    python benchmarks/selection_quality.py --quick                # < 5 min: small, two seeds
+    python benchmarks/selection_quality.py --mixture c --budgets 0.15
     python benchmarks/selection_quality.py --data mix.json --eval heldout.json --model M
     python benchmarks/selection_quality.py --device cuda
 
-A rerun with the same ``--out`` reuses the store and the finished runs in ``results.json``.
+A rerun with the same ``--out`` reuses the stores and the finished runs (``runs-*.json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import inspect
 import json
+import os
 import subprocess
 import sys
 import time
@@ -32,11 +43,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_mixture  # noqa: E402
-from quality_train import Recipe, evaluate, eval_items, train  # noqa: E402
+from paired_bootstrap import paired_bootstrap, verdict  # noqa: E402
+from quality_train import Recipe, eval_items, evaluate, train  # noqa: E402
 
 # method label → (Report.select arguments, whether the draw is seeded)
 METHODS: dict[str, tuple[dict[str, Any], bool]] = {
-    "tive": ({"method": "tive"}, True),
+    "tive": ({"method": "tive"}, True),  # task value "norm", tive's default
+    "tive-coherence": ({"method": "tive", "task_value": "coherence"}, True),
+    "tive-mean-gradient": ({"method": "tive", "task_value": "mean-gradient"}, True),
+    "tive-progress": ({"method": "tive", "task_value": "progress"}, True),
     "tive-top": ({"method": "tive", "strategy": "top"}, False),
     "random": ({"method": "random"}, True),
     "random-per-task": ({"method": "random-per-task"}, True),
@@ -46,14 +61,26 @@ METHODS: dict[str, tuple[dict[str, Any], bool]] = {
     "loss": ({"method": "loss"}, False),
     "length": ({"method": "length"}, False),
 }
-FULL, BASE = "full", "base (no fine-tune)"
-QUICK_METHODS = "tive,random,balanced,kmeans,full"  # --quick fine-tunes these (time)
+FULL, BASE, REFERENCE = "full", "base (no fine-tune)", "random"
+DEFAULT_METHODS = ("tive,tive-coherence,tive-mean-gradient,tive-progress,random,random-per-task,"
+                   "balanced,kmeans,full")
+DEFAULT_METHODS_SMALL = "tive,tive-coherence,tive-mean-gradient,tive-progress,random"
+QUICK_METHODS = "tive,random,full"  # --quick fine-tunes these (the full mixture with one seed)
+QUICK_RECORDS, QUICK_HELD_PER_TASK = 300, 8  # --quick samples a user's mixture down to these
+# a run's cost beside its training records, in training records: a fresh LoRA copy (~10 s) and
+# the evaluation of 360 held-out items (~0.17 s each), at ~0.58 s per training record
+RUN_COST = 120.0
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
+    names = ", ".join([*METHODS, FULL])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("selection-quality-out"),
-                    help="folder for the mixture, run, subsets and results")
+                    help="folder for the mixtures, stores, subsets and results (one sub-folder "
+                         "per mixture)")
+    ap.add_argument("--mixture", help="comma-separated shapes of quality_mixture.py: a (today's "
+                                      "nine tasks), b (LLaVA-665K-like), c (all learnable); "
+                                      "default a,b,c (--quick: a, small)")
     ap.add_argument("--data", type=Path, help="your mixture (any format tive reads)")
     ap.add_argument("--eval", type=Path, help="held-out records, compared on their last "
                                               "assistant turn (with --data)")
@@ -65,36 +92,61 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                          "tive's default)")
     ap.add_argument("--warmup-lr", type=float, default=2e-4,
                     help="warm-up learning rate (0 = tive's default, the authors' 2e-5)")
-    ap.add_argument("--budgets", default="0.15", help="comma-separated, e.g. 0.15,0.075")
-    ap.add_argument("--seeds", type=int, help="seeds per method (default 2; 1 with --quick)")
-    ap.add_argument("--methods", help=f"comma-separated subset of {', '.join([*METHODS, FULL])} "
-                                      f"(default: all; with --quick: {QUICK_METHODS})")
+    ap.add_argument("--budgets", help="comma-separated, largest first (default 0.15,0.075; "
+                                      "--quick: 0.15)")
+    ap.add_argument("--seeds", type=int, help="training seeds, each paired with the selection "
+                                              "seed of the same number (default 5; --quick 2)")
+    ap.add_argument("--full-seeds", type=int, help="training seeds of the full mixture: the "
+                                                   "first K of --seeds (default: all; --quick 1)")
+    ap.add_argument("--methods", help=f"at the first budget, comma-separated, of {names} "
+                                      f"(default: {DEFAULT_METHODS}; --quick: {QUICK_METHODS})")
+    ap.add_argument("--methods-small", help=f"at the other budgets (default: "
+                                            f"{DEFAULT_METHODS_SMALL})")
     ap.add_argument("--epochs", type=int, help="epochs of the fine-tune (default: the recipe's)")
+    ap.add_argument("--batch-size", type=int, help="fine-tune batch (default: the recipe's)")
+    ap.add_argument("--bootstrap", type=int, default=2000, help="bootstrap replicates")
     ap.add_argument("--quick", action="store_true",
-                    help="a small mixture (101 records), one seed, four methods and the full "
+                    help="a small mixture (shape a, 100 records, 8 held out per task; or yours "
+                         f"sampled down to {QUICK_RECORDS} records and {QUICK_HELD_PER_TASK} "
+                         "held out per task), two seeds of tive and random, one of the full "
                          "mixture (< 5 min on 2 free cores)")
     ap.add_argument("--shard", default="0/1", metavar="I/N",
-                    help="train only runs I, I+N, I+2N, … of the plan (start N processes with "
-                         "I = 0 … N-1 on one --out; each keeps its own runs-I.json)")
-    ap.add_argument("--threads", type=int, help="torch threads per process (default: torch's)")
+                    help="train only shard I of N of each mixture's runs (balanced by records; "
+                         "start N processes with I = 0 … N-1 on one --out; each keeps its own "
+                         "runs-I.json per mixture, and the first to reach a mixture scores it)")
+    ap.add_argument("--threads", type=int, help="torch threads per process, tive score's too "
+                                                "(default: torch's)")
     ap.add_argument("--summary-only", action="store_true",
                     help="tables and PNG from the runs finished so far in --out, training "
                          "nothing more (for a run cut short)")
     args = ap.parse_args(argv)
     if (args.data is None) != (args.eval is None):
         ap.error("--data and --eval go together (the mixture and its held-out records)")
+    if args.data is not None and args.mixture:
+        ap.error("--mixture builds a mixture; --data brings yours: give one")
     try:
         args.shard_index, args.shard_count = map(int, args.shard.split("/"))
     except ValueError:
         ap.error(f"--shard {args.shard!r}: expected I/N, e.g. 0/2")
     if not 0 <= args.shard_index < args.shard_count:
         ap.error(f"--shard {args.shard}: expected 0 <= I < N")
-    if args.methods is None:
-        args.methods = QUICK_METHODS if args.quick else ",".join([*METHODS, FULL])
-    unknown = set(args.methods.split(",")) - {*METHODS, FULL}
-    if unknown:
-        ap.error(f"--methods: unknown {', '.join(sorted(unknown))}; choose from "
-                 f"{', '.join([*METHODS, FULL])}")
+    args.mixtures = ["user"] if args.data else (args.mixture or ("a" if args.quick else
+                                                                 "a,b,c")).split(",")
+    bad = [m for m in args.mixtures if m not in (*quality_mixture.SHAPES, "user")]
+    if bad:
+        ap.error(f"--mixture: unknown {', '.join(bad)}; choose from "
+                 f"{', '.join(quality_mixture.SHAPES)}")
+    args.budgets = args.budgets or ("0.15" if args.quick else "0.15,0.075")
+    args.methods = args.methods or (QUICK_METHODS if args.quick else DEFAULT_METHODS)
+    args.methods_small = args.methods_small or DEFAULT_METHODS_SMALL
+    for opt in ("methods", "methods_small"):
+        unknown = set(getattr(args, opt).split(",")) - {*METHODS, FULL}
+        if unknown:
+            ap.error(f"--{opt.replace('_', '-')}: unknown {', '.join(sorted(unknown))}; "
+                     f"choose from {names}")
+    args.seed_list = list(range(args.seeds or (2 if args.quick else 5)))
+    full_seeds = args.full_seeds or (1 if args.quick else None)
+    args.full_seed_list = args.seed_list[:full_seeds] if full_seeds else args.seed_list
     return args
 
 
@@ -102,42 +154,86 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse(argv)
     t_start = time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    recipe = Recipe(epochs=args.epochs or Recipe.epochs)
-    seeds = list(range(args.seeds or (1 if args.quick else 2)))
-    log = _logger(args.out / "log.txt")
-    if args.data is None and args.summary_only:
-        mix, held = args.out / "data" / "mix.json", args.out / "data" / "eval.json"
-    elif args.data is None:
-        sizes = quality_mixture.QUICK_SIZES if args.quick else quality_mixture.SIZES
-        mix, held = quality_mixture.build(args.out / "data", sizes)  # the same bytes again
-        log(f"mixture: {mix} ({sum(a for a, _ in sizes.values())} records, {len(sizes)} tasks); "
-            f"held out: {held}")
-    else:
-        mix, held = args.data.resolve(), args.eval.resolve()
-    if args.summary_only:
-        timings = {"score": float("nan")}
-        report = _report(args.out / "run")
-        results = _finished(args.out)
-    else:
-        timings = {"score": _score(args, mix, recipe.max_length, log)}
-        report = _report(args.out / "run")
-        log(f"task values:\n{report.table()}")
-        subsets = _subsets(report, args, seeds, log)
-        _train_all(args, report, held, subsets, recipe, log)
-        results = _finished(args.out)
-    timings["total"] = time.perf_counter() - t_start
-    summary = summarise(results, report)
-    out = {"recipe": asdict(recipe), "model": args.model, "data": str(mix), "eval": str(held),
-           "seeds": seeds, "timings_s": timings, "runs": results, "summary": summary,
-           "command": " ".join(["python", "benchmarks/selection_quality.py",
-                                *(argv if argv is not None else sys.argv[1:])])}
-    (args.out / "results.json").write_text(json.dumps(out, indent=1))
+    recipe = Recipe(epochs=args.epochs or Recipe.epochs,
+                    batch_size=args.batch_size or Recipe.batch_size)
+    log = _logger(args.out / f"log-{args.shard_index}.txt")
+    # shards start at different mixtures, so that they score different ones at once
+    k = args.shard_index % len(args.mixtures)
+    order = args.mixtures[k:] + args.mixtures[:k]
+    results = {}
+    for name in order:
+        res = run_mixture(args, name, recipe, log)
+        if res is not None:
+            results[name] = res
+    if not results:
+        raise SystemExit(f"{args.out}: no finished run (runs-*.json) of any mixture; run "
+                         f"without --summary-only")
+    results = {name: results[name] for name in args.mixtures if name in results}
+    total = time.perf_counter() - t_start
+    text = "\n".join(f"## Mixture {name}\n\n{tables(r['summary'])}" for name, r in results.items())
+    _write(args.out / "table.md", text)
+    _write(args.out / "results.json", json.dumps(
+        {"mixtures": results, "wall_s": total, "command": _command(argv)}, indent=1))
+    scoring = ", ".join(f"{n}: scoring {r['timings_s']['score']:.0f} s"
+                        for n, r in results.items())
+    log(f"wall time: {total:.0f} s ({scoring})")
+    return results
+
+
+def run_mixture(args: argparse.Namespace, name: str, recipe: Recipe,
+                log: Any) -> dict[str, Any] | None:
+    """Build (or take), score, select, train this shard's runs and summarise one mixture in
+    ``out/<name>``; returns what its ``results.json`` holds (None: ``--summary-only`` and no
+    finished run)."""
+    out = args.out / name
+    if args.summary_only and not list(out.glob("runs-*.json")):
+        log(f"[{name}] no finished run in {out}: left out of the summary")
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with _locked(out / ".score.lock"):  # one shard builds and scores; the others wait
+        mix, held = _mixture(args, name, out, log)
+        score_s = float("nan") if args.summary_only else _score(args, out, mix, recipe, log)
+    report = _report(out / "run")
+    if not args.summary_only:
+        log(f"[{name}] task values:\n{report.table()}")
+        subsets = _subsets(report, args, log, name)
+        _train_all(args, out, report, held, subsets, recipe, log, name)
+    runs = _finished(out)
+    summary = summarise(runs, report, args.bootstrap)
+    res = {"mixture": name, "recipe": asdict(recipe), "model": args.model, "data": str(mix),
+           "eval": str(held), "seeds": args.seed_list, "full_seeds": args.full_seed_list,
+           "timings_s": {"score": score_s, "mixture": time.perf_counter() - t0},
+           "runs": runs, "summary": summary, "command": _command(None)}
+    _write(out / "results.json", json.dumps(res, indent=1))
     table = tables(summary)
-    (args.out / "table.md").write_text(table)
-    plot(summary, args.out / "selection_quality.png")
-    log(table)
-    log(f"wall time: {timings['total']:.0f} s (scoring {timings['score']:.0f} s)")
-    return out
+    _write(out / "table.md", table)
+    plot(summary, out / "selection_quality.png")
+    log(f"## Mixture {name}\n\n{table}")
+    return res
+
+
+def _command(argv: list[str] | None) -> str:
+    return " ".join(["python", "benchmarks/selection_quality.py",
+                     *(argv if argv is not None else sys.argv[1:])])
+
+
+def _write(path: Path, text: str) -> None:
+    """Write by renaming a temporary file (shards write the same summaries)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Any:
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _logger(path: Path) -> Any:
@@ -148,19 +244,101 @@ def _logger(path: Path) -> Any:
     return log
 
 
-def _score(args: argparse.Namespace, mix: Path, max_length: int, log: Any) -> float:
-    """``tive score`` in a child process; the warm-up as the README's quick start runs it on a
-    small mixture (``--warmup-global-batch 4 --warmup-lr 2e-4``) unless told otherwise."""
+def quick_sizes(sizes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """A shape at a tenth of its training records (at least 3 a task), 8 held out per task."""
+    return {t: (max(3, round(n / 10)), QUICK_HELD_PER_TASK) for t, (n, _) in sizes.items()}
+
+
+def _mixture(args: argparse.Namespace, name: str, out: Path, log: Any) -> tuple[Path, Path]:
+    """The mixture and held-out files: a shape built into ``out/data`` (the same bytes each
+    time), or the user's (with ``--quick``, sampled down into ``out/data`` where large)."""
+    data = out / "data"
+    if name != "user":
+        sizes = quality_mixture.SHAPES[name]
+        if args.quick:
+            sizes = quick_sizes(sizes)
+        mix, held = (data / "mix.json", data / "eval.json") if args.summary_only else \
+            quality_mixture.build(data, sizes, shape=name)
+        log(f"[{name}] mixture {mix}: {sum(a for a, _ in sizes.values())} records of "
+            f"{len(sizes)} tasks; held out {held}: {sum(b for _, b in sizes.values())}")
+        return mix, held
+    mix, held = args.data.resolve(), args.eval.resolve()
+    if args.quick and not args.summary_only:
+        mix, held = _sample_down(mix, held, data, log)
+    elif args.quick:
+        mix, held = (data / mix.name, data / held.name) if (data / mix.name).exists() else \
+            (mix, held)
+    return mix, held
+
+
+def _rows(path: Path) -> list[Any] | None:
+    """The raw records of a ``.json`` list or ``.jsonl`` file (None for other formats)."""
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+    if path.suffix == ".json":
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        return rows if isinstance(rows, list) else None
+    return None
+
+
+def _save_rows(rows: list[Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                        encoding="utf-8")
+    else:
+        path.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+
+
+def _sample_down(mix: Path, held: Path, data: Path, log: Any) -> tuple[Path, Path]:
+    """``--quick`` on a user's mixture: at most :data:`QUICK_RECORDS` records (a seeded uniform
+    sample) and :data:`QUICK_HELD_PER_TASK` held-out records per task, and it says so."""
+    from tive.data.mixture import load_mixture
+    from tive.data.tasks import label_tasks
+
+    rng = np.random.default_rng(0)
+    rows = _rows(mix)
+    if rows is None:
+        log(f"--quick: {mix} is not a .json list or .jsonl file; used whole, not sampled down")
+    elif len(rows) > QUICK_RECORDS:
+        keep = np.sort(rng.choice(len(rows), QUICK_RECORDS, replace=False))
+        _save_rows([rows[i] for i in keep], data / mix.name)
+        log(f"--quick: your mixture sampled down to {QUICK_RECORDS} of its {len(rows):,} "
+            f"records (seeded, uniform) → {data / mix.name}; the full run uses all of them")
+        mix = data / mix.name
+    held_rows = _rows(held)
+    if held_rows is not None:
+        tasks = label_tasks(load_mixture(held)).tasks
+        if len(tasks) == len(held_rows):
+            keep = np.sort(np.concatenate([
+                rng.permutation(np.flatnonzero(tasks == t))[:QUICK_HELD_PER_TASK]
+                for t in np.unique(tasks)]))
+            if len(keep) < len(held_rows):
+                _save_rows([held_rows[i] for i in keep], data / held.name)
+                log(f"--quick: held-out records sampled down to {QUICK_HELD_PER_TASK} per task "
+                    f"({len(keep)} of {len(held_rows):,}) → {data / held.name}")
+                held = data / held.name
+    return mix, held
+
+
+def _score(args: argparse.Namespace, out: Path, mix: Path, recipe: Recipe, log: Any) -> float:
+    """``tive score`` in a child process (a finished store is reused); the warm-up as the
+    README's quick start runs it on a small mixture (``--warmup-global-batch 4 --warmup-lr
+    2e-4``) unless told otherwise."""
     cmd = [str(Path(sys.executable).with_name("tive")), "score", "--model", args.model,
-           "--data", str(mix), "--run", str(args.out / "run"), "--max-length", str(max_length),
-           "--device", args.device, "--quiet"]
+           "--data", str(mix), "--run", str(out / "run"), "--max-length",
+           str(recipe.max_length), "--device", args.device, "--quiet"]
     if args.warmup_global_batch:
         cmd += ["--warmup-global-batch", str(args.warmup_global_batch)]
     if args.warmup_lr:
         cmd += ["--warmup-lr", str(args.warmup_lr)]
+    env = dict(os.environ)
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     log("$ " + " ".join(cmd))
     t0 = time.perf_counter()
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     log(res.stdout.strip())
     if res.returncode:
         raise SystemExit(f"tive score failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
@@ -173,36 +351,67 @@ def _report(run: Path) -> Any:
     return value_estimate(store=run)
 
 
-def _subsets(report: Any, args: argparse.Namespace, seeds: list[int],
-             log: Any) -> dict[str, dict[str, Any]]:
+def supports_task_value(report: Any) -> bool:
+    """Whether this tive's ``Report.select`` takes ``task_value`` (the task-value variants)."""
+    return "task_value" in inspect.signature(report.select).parameters
+
+
+def _subsets(report: Any, args: argparse.Namespace, log: Any,
+             name: str = "") -> dict[str, dict[str, Any]]:
     """``{run name: {"method", "budget", "seed", "indices", "selected"}}`` for every method,
     budget and seed, seed by seed (every method's first seed, the full mixture's included,
-    comes before any second seed, so that a run cut short still compares every method); each
-    subset is also saved under ``out/subsets``."""
+    comes before any second seed, so that a run cut short still compares every method).
+    Methods at the first budget are ``--methods``, at the others ``--methods-small``; the
+    task-value variants are skipped, saying so, where this tive does not have them."""
     out: dict[str, dict[str, Any]] = {}
-    wanted = args.methods.split(",")
-    for seed in seeds:
-        for budget in args.budgets.split(","):
-            for name in (m for m in METHODS if m in wanted):
-                kwargs, seeded = METHODS[name]
+    budgets = args.budgets.split(",")
+    variants = supports_task_value(report)
+    skipped = set()
+    for seed in args.seed_list:
+        for b, budget in enumerate(budgets):
+            wanted = (args.methods if b == 0 else args.methods_small).split(",")
+            for label in (m for m in METHODS if m in wanted):
+                kwargs, seeded = METHODS[label]
+                if "task_value" in kwargs and not variants:
+                    skipped.add(label)
+                    continue
                 sel = report.select(budget=budget, **kwargs, **({"seed": seed} if seeded else {}))
-                sel.save(args.out / "subsets" / f"{name}-{budget}-s{seed}.json")
-                out[f"{name}@{budget}#s{seed}"] = {
-                    "method": name, "budget": budget, "seed": seed,
+                out[f"{label}@{budget}#s{seed}"] = {
+                    "method": label, "budget": budget, "seed": seed,
                     "indices": sel.indices.tolist(), "selected": sel.selected()}
-        if FULL in wanted:
+        if FULL in args.methods.split(",") and seed in args.full_seed_list:
             out[f"{FULL}#s{seed}"] = {"method": FULL, "budget": "1.0", "seed": seed,
                                       "indices": np.flatnonzero(report.valid).tolist(),
                                       "selected": report.valid_sizes()}
-    log("subsets: " + ", ".join(f"{k} {len(v['indices'])}" for k, v in out.items()
-                                if v["seed"] == seeds[0]))
+    if skipped:
+        log(f"[{name}] skipped {', '.join(sorted(skipped))}: this tive's Report.select takes no "
+            f"task_value (the task-value variants are not installed)")
+    first = args.seed_list[0]
+    log(f"[{name}] subsets: " + ", ".join(f"{k} {len(v['indices'])}" for k, v in out.items()
+                                          if v["seed"] == first))
     return out
 
 
-def _train_all(args: argparse.Namespace, report: Any, held: Path,
-               subsets: dict[str, dict[str, Any]], recipe: Recipe, log: Any) -> None:
-    """Fine-tune and evaluate every subset of this process's shard (and, in shard 0, the
-    untouched model); finished runs are kept in ``out/runs-I.json`` and not repeated."""
+def shard_plan(subsets: dict[str, dict[str, Any]], index: int, count: int,
+               run_cost: float = RUN_COST) -> list[tuple[str, dict[str, Any] | None]]:
+    """This shard's runs: the untouched model and every subset, in order, each given to the
+    shard with the least work so far (records trained + ``run_cost`` per run), so that shards
+    finish together; every shard computes the same split."""
+    load = [0.0] * count
+    mine = []
+    for key, sub in [(BASE, None), *subsets.items()]:
+        to = int(np.argmin(load))
+        load[to] += run_cost + (len(sub["indices"]) if sub else 0)
+        if to == index:
+            mine.append((key, sub))
+    return mine
+
+
+def _train_all(args: argparse.Namespace, out: Path, report: Any, held: Path,
+               subsets: dict[str, dict[str, Any]], recipe: Recipe, log: Any,
+               name: str = "") -> None:
+    """Fine-tune and evaluate every subset of this process's shard (and the untouched model in
+    one of them); finished runs are kept in ``out/runs-I.json`` and not repeated."""
     import torch
 
     if args.threads:
@@ -213,9 +422,14 @@ def _train_all(args: argparse.Namespace, report: Any, held: Path,
     from tive.models.load import load_model
     from tive.models.registry import resolve
 
-    done_path = args.out / f"runs-{args.shard_index}.json"
+    done_path = out / f"runs-{args.shard_index}.json"
     done = json.loads(done_path.read_text()) if done_path.exists() else {}
-    plan = [(BASE, None), *subsets.items()][args.shard_index::args.shard_count]
+    finished = set(_finished(out)) if list(out.glob("runs-*.json")) else set()
+    plan = [(k, s) for k, s in shard_plan(subsets, args.shard_index, args.shard_count)
+            if k not in done and k not in finished]  # done here, or by an earlier split
+    if not plan:
+        log(f"[{name}] shard {args.shard}: nothing left to train")
+        return
     loaded = load_model(resolve(args.model), dtype="fp32", device="cpu")
     if loaded.family != "causal-lm":
         raise SystemExit(f"--model {args.model}: a {loaded.family} model; this benchmark "
@@ -230,29 +444,35 @@ def _train_all(args: argparse.Namespace, report: Any, held: Path,
     answers = [[t.text for t in ev[i].turns if t.role == "assistant"][-1] for i in keep]
     items = eval_items([ev_enc[i] for i in keep], [str(label_tasks(ev).tasks[i]) for i in keep],
                        answers)
-    log(f"held out: {len(items)} records of {len(set(i.task for i in items))} tasks "
-        f"({len(ev) - len(keep)} not encodable)")
+    log(f"[{name}] held out: {len(items)} records of {len({i.task for i in items})} tasks "
+        f"({len(ev) - len(keep)} not encodable); shard {args.shard}: {len(plan)} runs to train")
     eos = sorted({int(tok.eos_token_id),
                   *(int(e) for e in np.atleast_1d(base.generation_config.eos_token_id or []))})
     torch.manual_seed(0)
-    finished = set(_finished(args.out)) if list(args.out.glob("runs-*.json")) else set()
     for key, sub in plan:
-        if key in done or key in finished:  # done here, or by a shard of an earlier split
-            continue
         t0 = time.perf_counter()
         if sub is None:
             model, stats = base, {}
         else:
             records = [encoded[i] for i in sub["indices"] if not isinstance(encoded[i], str)]
-            log(f"{key}: {len(records)} records")
+            log(f"[{name}] {key}: {len(records)} records")
             model, stats = train(base, records, recipe, sub["seed"], pad, args.device, log)
-        scores = evaluate(model.to(args.device), items, tok, pad, eos, args.device)
+        t_eval = time.perf_counter()
+        scores, per_item = evaluate(model.to(args.device), items, pad, eos, args.device)
+        stats["eval_seconds"] = time.perf_counter() - t_eval
+        if sub is not None:
+            _write(out / "subsets" / f"{key.replace('#', '-').replace('@', '-')}.json",
+                   json.dumps({k: sub[k] for k in ("method", "budget", "seed", "selected",
+                                                   "indices")}))
         done[key] = {**({k: v for k, v in sub.items() if k != "indices"} if sub else
                         {"method": BASE, "budget": "0", "seed": 0, "selected": {}}),
-                     "train": stats, "eval": scores, "seconds": time.perf_counter() - t0}
-        done_path.write_text(json.dumps(done, indent=1))
+                     "train": stats, "eval": scores, "items": per_item,
+                     "seconds": time.perf_counter() - t0}
+        _write(done_path, json.dumps(done))
         macro = np.mean([s["accuracy"] for s in scores.values()])
-        log(f"  {key}: macro accuracy {macro:.3f} ({time.perf_counter() - t0:.0f} s)")
+        loss = np.mean([s["loss"] for s in scores.values()])
+        log(f"  [{name}] {key}: macro exact match {macro:.3f}, loss {loss:.3f} "
+            f"({time.perf_counter() - t0:.0f} s, evaluation {stats['eval_seconds']:.0f} s)")
         del model
 
 
@@ -266,19 +486,57 @@ def _finished(out: Path) -> dict[str, dict[str, Any]]:
     return runs
 
 
-def summarise(results: dict[str, dict[str, Any]], report: Any) -> dict[str, Any]:
+def _label(run: dict[str, Any]) -> str:
+    return run["method"] if run["method"] in (FULL, BASE) else f"{run['method']} {run['budget']}"
+
+
+def _per_item(runs: list[dict[str, Any]], seeds: list[int], tasks: list[str],
+              metric: str) -> dict[str, np.ndarray]:
+    """task → (seeds, items) array of one metric, rows in ``seeds`` order."""
+    by_seed = {r["seed"]: r for r in runs}
+    return {t: np.array([by_seed[s]["items"][t][metric] for s in seeds], float) for t in tasks}
+
+
+def compare(groups: dict[str, list[dict[str, Any]]], label: str, reference: str,
+            tasks: list[str], replicates: int) -> dict[str, Any] | None:
+    """``label``'s runs against ``reference``'s, paired by training seed: per metric the paired
+    bootstrap (:func:`paired_bootstrap.paired_bootstrap`) and its verdict; None where they
+    share no seed or lack per-item results."""
+    if reference not in groups or label == reference:
+        return None
+    runs, ref = groups[label], groups[reference]
+    seeds = sorted({r["seed"] for r in runs} & {r["seed"] for r in ref})
+    if not seeds or any("items" not in r for r in [*runs, *ref]):
+        return None
+    out: dict[str, Any] = {"seeds": seeds}
+    for metric, higher in (("correct", True), ("loss", False)):
+        res = paired_bootstrap(_per_item(runs, seeds, tasks, metric),
+                               _per_item(ref, seeds, tasks, metric), replicates)
+        res["verdict"] = verdict(res["low"], res["high"], higher)
+        out["accuracy" if metric == "correct" else "loss"] = res
+    return out
+
+
+def summarise(results: dict[str, dict[str, Any]], report: Any,
+              replicates: int = 2000) -> dict[str, Any]:
     """Per (method, budget): macro accuracy and loss over seeds (mean, sd, each seed), per-task
-    accuracy (mean over seeds), records per task; and the full mixture's macro for scale."""
+    accuracy (mean over seeds), records per task; per budget, each method's paired difference
+    from ``random`` at that budget (the full mixture's from every budget's ``random``)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in results.values():
-        label = r["method"] if r["method"] in (FULL, BASE) else f"{r['method']} {r['budget']}"
-        groups.setdefault(label, []).append(r)
+        groups.setdefault(_label(r), []).append(r)
     tasks = sorted({t for r in results.values() for t in r["eval"]})
-    order = [BASE, *METHODS, FULL]  # rows: the untouched model, the methods, the full mixture
-    labels = sorted(groups, key=lambda k: (order.index(groups[k][0]["method"]),
-                                           -float(groups[k][0]["budget"])))
+    order = [BASE, *METHODS, FULL]
+
+    def place(label: str) -> tuple[int, float, int]:  # the untouched model, by budget, full
+        method, budget = groups[label][0]["method"], float(groups[label][0]["budget"])
+        group = 0 if method == BASE else 2 if method == FULL else 1
+        return group, -budget, order.index(method)
+
+    labels = sorted(groups, key=place)
     rows = {}
-    for label, runs in ((k, groups[k]) for k in labels):
+    for label in labels:
+        runs = sorted(groups[label], key=lambda r: r["seed"])
         macro = [float(np.mean([r["eval"][t]["accuracy"] for t in tasks])) for r in runs]
         loss = [float(np.mean([r["eval"][t]["loss"] for t in tasks])) for r in runs]
         rows[label] = {
@@ -294,15 +552,57 @@ def summarise(results: dict[str, dict[str, Any]], report: Any) -> dict[str, Any]
     full = rows.get(FULL, {}).get("macro_accuracy")
     for row in rows.values():
         row["of_full"] = row["macro_accuracy"] / full if full else None
-    return {"tasks": tasks, "task_sizes": report.sizes,
-            "task_values": report.task_values, "rows": rows}
+    budgets = sorted({r["budget"] for r in results.values()
+                      if r["method"] not in (FULL, BASE)}, key=float, reverse=True)
+    comparisons: dict[str, dict[str, Any]] = {}
+    for budget in budgets:
+        ref = f"{REFERENCE} {budget}"
+        cmp = comparisons.setdefault(budget, {})
+        for label in labels:
+            row = rows[label]
+            if row["method"] == BASE or (row["method"] != FULL and row["budget"] != budget):
+                continue
+            cmp[label] = compare(groups, label, ref, tasks, replicates)
+    return {"tasks": tasks, "task_sizes": report.sizes, "task_values": report.task_values,
+            "rows": rows, "budgets": budgets, "comparisons": comparisons,
+            "bootstrap_replicates": replicates}
+
+
+def _ci(res: dict[str, Any] | None, key: str, digits: int = 3) -> tuple[str, str]:
+    if res is None:
+        return "-", "-"
+    r = res[key]
+    return f"{r['diff']:+.{digits}f} [{r['low']:+.{digits}f}, {r['high']:+.{digits}f}]", \
+        r["verdict"]
 
 
 def tables(summary: dict[str, Any]) -> str:
-    """Markdown: the macro table, the per-task accuracy table, the records per task."""
+    """Markdown: per budget the comparison with random; then the per-seed table, the per-task
+    accuracy table, the records per task."""
     rows, tasks = summary["rows"], summary["tasks"]
-    lines = ["| method | records | seeds | macro accuracy (mean ± sd) | per seed | of full "
-             "| macro answer loss |", "|---|---|---|---|---|---|---|"]
+    lines = []
+    for budget in summary.get("budgets", []):
+        cmp = summary["comparisons"][budget]
+        seeds = sorted({s for c in cmp.values() if c for s in c["seeds"]})
+        lines += [f"**Budget {float(budget):.1%}**: difference from `random {budget}`, paired by "
+                  f"training seed ({len(seeds)} seeds), 95% paired bootstrap interval "
+                  f"({summary.get('bootstrap_replicates', 2000)} replicates over seeds and "
+                  f"held-out items); macro over {len(tasks)} tasks.", "",
+                  "| method | records | mean exact-match | Δ vs random [95% CI] | verdict "
+                  "| mean loss | Δ loss [95% CI] | verdict |", "|---|---|---|---|---|---|---|---|"]
+        for label in [BASE, *cmp]:
+            if label not in rows:
+                continue
+            r = rows[label]
+            acc, acc_v = _ci(cmp.get(label), "accuracy")
+            loss, loss_v = _ci(cmp.get(label), "loss")
+            if label == f"{REFERENCE} {budget}":
+                acc_v = loss_v = "(reference)"
+            lines.append(f"| {label} | {r['records']} | {r['macro_accuracy']:.3f} | {acc} | "
+                         f"{acc_v} | {r['macro_loss']:.3f} | {loss} | {loss_v} |")
+        lines.append("")
+    lines += ["| method | records | seeds | macro accuracy (mean ± sd) | per seed | of full "
+              "| macro answer loss |", "|---|---|---|---|---|---|---|"]
     for label, r in rows.items():
         per = ", ".join(f"{a:.3f}" for a in r["macro_accuracy_runs"])
         of = f"{r['of_full']:.2f}" if r["of_full"] is not None else "-"
@@ -316,8 +616,8 @@ def tables(summary: dict[str, Any]) -> str:
     lines += ["", "| records per task | " + " | ".join(names) + " |",
               "|---|" + "---|" * len(names),
               "| mixture | " + " | ".join(str(summary["task_sizes"][t]) for t in names) + " |",
-              "| task value | " + " | ".join(f"{summary['task_values'][t]:.3g}" for t in names)
-              + " |"]
+              "| task value (norm) | " + " | ".join(f"{summary['task_values'][t]:.3g}"
+                                                   for t in names) + " |"]
     for label, r in rows.items():
         if r["method"] not in (FULL, BASE):
             lines.append(f"| {label} | " + " | ".join(f"{r['selected'][t]:g}" for t in names)

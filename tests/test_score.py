@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import assert_close_to_scale
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_warmup import image_mixture
@@ -113,7 +114,7 @@ def test_batch_size_does_not_change_the_features(tmp_path, model_dir):
         assert res.exit_code == 0, res.output + repr(res.exception)
         stores.append(Store.open(run))
     for other in stores[1:]:
-        np.testing.assert_allclose(other.features, stores[0].features, rtol=1e-4, atol=1e-6)
+        assert_close_to_scale(other.features, stores[0].features)
         np.testing.assert_allclose(other.array("norms"), stores[0].array("norms"), rtol=1e-5)
         assert other.array("skipped").tolist() == stores[0].array("skipped").tolist()
 
@@ -276,8 +277,11 @@ def test_torchrun_warmup_trains_what_one_process_does(tmp_path, model_dir):
     assert weights[0].keys() == weights[1].keys()
     moved = max(np.abs(w).max() for k, w in weights[0].items() if "lora_B" in k)
     assert moved > 1e-3  # the warm-up trained B away from its zero start
-    for k in weights[0]:
-        np.testing.assert_allclose(weights[1][k], weights[0][k], rtol=1e-4, atol=1e-6 * moved)
+    for k in weights[0]:  # a tolerance relative to each tensor's scale: summing the ranks'
+        # gradients in another order rounds differently, and Adam's division by √v turns that
+        # into differences of about 1e-5 of the tensor's scale on elements near zero (4.7e-8
+        # on one AVX-512 CPU where an absolute 1e-6 · moved held elsewhere)
+        assert_close_to_scale(weights[1][k], weights[0][k])
     stores = [Store.open(tmp_path / r) for r in ("one", "two")]
     np.testing.assert_allclose(np.asarray(stores[1].features), np.asarray(stores[0].features),
                                atol=1e-4)

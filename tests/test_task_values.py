@@ -52,8 +52,9 @@ def problems(draw):
     feats = centres[codes] + rng.normal(size=(n, k))
     if draw(st.booleans()):
         feats[rng.integers(0, n)] = 0.0  # a zero row: cosine 0 with everything
-    norms = rng.uniform(0.1, 5.0, size=n)
-    norms[np.linalg.norm(feats, axis=1) == 0] = 0.0
+    norms = rng.uniform(0.1, 5.0, size=n)  # a zero feature may come with a non-zero norm
+    if draw(st.booleans()):
+        norms[np.linalg.norm(feats, axis=1) == 0] = 0.0
     valid = rng.random(n) > 0.2
     return feats, norms, codes, valid, t
 
@@ -63,10 +64,10 @@ def problems(draw):
 def test_variants_equal_brute_force_pairwise_means(problem):
     feats, norms, codes, valid, t = problem
     want_c, want_m = pair_means(feats, norms, codes, valid, t)
-    iv, _ = val.instance_values(feats, codes, t, valid, chunk_rows=7)
-    got_c = val.coherence_values(iv, norms > 0, codes, t, valid)
-    sums, squares = val.weighted_unit_sums(feats, norms, codes, t, valid, chunk_rows=7)
     counts = np.bincount(codes[valid], minlength=t)
+    got_c = val.coherence_values(*val.weighted_unit_sums(feats, np.ones(len(feats)), codes, t,
+                                                         valid, chunk_rows=7), counts)
+    sums, squares = val.weighted_unit_sums(feats, norms, codes, t, valid, chunk_rows=7)
     got_m = val.mean_gradient_values(sums, squares, counts)
     scale_m = max(1.0, float(np.nanmax(np.abs(want_m), initial=0)))
     np.testing.assert_allclose(got_c, want_c, rtol=0, atol=1e-8, equal_nan=True)
@@ -78,8 +79,8 @@ def test_variants_by_hand_on_three_records():
     feats = np.array([[1.0, 0.0], [2.0, 0.0], [0.0, 5.0], [1.0, 1.0]])
     norms = np.array([1.0, 2.0, 3.0, 4.0])
     codes, valid = np.array([0, 0, 0, 1]), np.ones(4, dtype=bool)
-    iv, _ = val.instance_values(feats, codes, 2, valid)
-    coherence = val.coherence_values(iv, norms > 0, codes, 2, valid)
+    ones = val.weighted_unit_sums(feats, np.ones(4), codes, 2, valid)
+    coherence = val.coherence_values(*ones, np.array([3, 1]))
     # pairs (0,1) cos 1, (0,2) 0, (1,2) 0, each twice: 2/6
     np.testing.assert_allclose(coherence, [2 / 6, 0.0], atol=TOL)
     sums, squares = val.weighted_unit_sums(feats, norms, codes, 2, valid)
@@ -233,3 +234,40 @@ def test_float32_features_match_float64(mixture_run):
         a, b = r64.values_of(kind), r32.values_of(kind)
         scale = max(abs(v) for v in a.values())
         assert all(abs(a[t] - b[t]) <= TOL32 * scale for t in a)
+
+
+@pytest.mark.parametrize("norm_of_zero_row", [0.0, 1.0])
+def test_a_zero_feature_counts_as_cosine_zero_whatever_its_norm(norm_of_zero_row):
+    feats = np.array([[1.0, 0.0], [1.0, 0.1], [0.0, 0.0]], dtype=np.float32)
+    norms = np.array([1.0, 1.0, norm_of_zero_row])
+    r = value_estimate(features=feats, norms=norms, tasks=["a"] * 3)
+    cos = float(feats[0] @ feats[1]) / np.linalg.norm(feats[0]) / np.linalg.norm(feats[1])
+    assert r.values_of("coherence")["a"] == pytest.approx(2 * cos / 6, rel=1e-6)
+
+
+def test_a_non_norm_report_selects_baselines_and_the_papers_way(mixture_run):
+    r = value_estimate(features=mixture_run["features"], norms=mixture_run["norms"],
+                       data=mixture_run["data"], task_value="coherence")
+    assert r.select(budget=0.5, method="random").config.task_value is None
+    assert r.select(budget=0.5, method="kmeans").config.task_value is None
+    assert r.select(budget=0.5, method="kmeans", quota="value").config.task_value == "coherence"
+    paper = r.select(budget=0.5, paper=True)  # the authors' values, not the report's
+    plain = value_estimate(features=mixture_run["features"], norms=mixture_run["norms"],
+                           data=mixture_run["data"]).select(budget=0.5, paper=True)
+    assert paper.config.task_value == "norm" and paper.quotas == plain.quotas
+
+
+def test_report_html_refuses_a_task_value_beside_a_selection(imported, tmp_path):
+    run = imported["run"]
+    runner = CliRunner()
+    res = runner.invoke(main, ["select", "--run", str(run), "--budget", "0.5",
+                               "--task-value", "coherence", "-o", str(run / "c.json")])
+    assert res.exit_code == 0, res.output
+    page = tmp_path / "page.html"
+    res = runner.invoke(main, ["report", "--run", str(run), "--html", "-o", str(page)])
+    assert res.exit_code == 0, res.output
+    assert "value (coherence)" in page.read_text()
+    res = runner.invoke(main, ["report", "--run", str(run), "--html", "--task-value",
+                               "mean-gradient", "-o", str(page)])
+    assert res.exit_code != 0 and "--task-value mean-gradient" in res.output
+    assert "Traceback" not in res.output

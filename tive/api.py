@@ -101,8 +101,9 @@ def value_estimate(
             projection (``score``/``warmup`` may not say otherwise); and the report's
             ``select`` then selects as their script did (see ``tive select --paper``).
         task_value: what the report's task values are, and what its ``select`` weighs quotas
-            by: ``norm`` (default, the authors'), ``coherence`` or ``mean-gradient``
-            (docs/design.md, "Task values"); ``paper=True`` allows only ``norm``.
+            by: ``norm`` (default, the authors'), ``coherence``, ``mean-gradient`` or
+            ``progress`` (docs/design.md, "Task values"); ``paper=True`` allows only
+            ``norm``.
 
     Returns:
         a :class:`~tive.selection.report.Report`; call ``.select(budget=0.075)`` on it.
@@ -219,7 +220,7 @@ class Run:
             check_images, image_root, skip_missing_images: verify the records' images again.
             chunk_rows: feature rows read at a time (default: about 64 MiB).
             paper: the report's ``select`` selects as the TIVE authors did.
-            task_value: ``norm`` (default), ``coherence`` or ``mean-gradient``.
+            task_value: ``norm`` (default), ``coherence``, ``mean-gradient`` or ``progress``.
         """
         kind = valuation.task_value_kind(task_value, paper)
         if check_images and data is False:

@@ -111,12 +111,12 @@ def _recorded_image_root(data: Path) -> tuple[Path, Path] | None:
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="With --html: the page to write  [default: beside the selection, or "
                    "RUN/values.html]")
-@click.option("--task-value", type=click.Choice([m.value for m in TaskValue]), default="norm",
-              show_default=True,
-              help="Which task values to show: norm (the authors'), coherence or "
-                   "mean-gradient (a selection's own table shows the values it used).")
+@click.option("--task-value", type=click.Choice([m.value for m in TaskValue]),
+              help="Which task values to show: norm (the authors'), coherence, mean-gradient "
+                   "or progress (a selection's own table and page show the values it was made "
+                   "with)  [default: norm]")
 def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
-           output: Path | None, task_value: str) -> None:
+           output: Path | None, task_value: str | None) -> None:
     """Print the task values of a run and the selections made from it (or write a page)."""
     from tive.api import value_estimate
     from tive.store.format import Store
@@ -136,7 +136,7 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
     selections = sorted(run.glob("*.report.json"))
     if as_json:
         click.echo(json.dumps({"store": str(store.root), "left_out": r.invalid,
-                               "task_value": task_value, "tasks": table,
+                               "task_value": r.task_value, "tasks": table,
                                "selections": [str(p) for p in selections]}, indent=2))
         return
     m = store.meta
@@ -215,7 +215,8 @@ def write_run_html(run: Path, store: Any, selection: Path | None = None,
     """``tive report --html``: the page of a selection made earlier in ``run`` (chosen again
     from the settings in its ``.report.json``: the same seed gives the same records, and the
     values come from the run's cache), or of the values alone when there is none (their kind
-    ``task_value``, default ``norm``; a selection shows the kind it was made with).
+    ``task_value``, default ``norm``; a selection shows the kind it was made with, and
+    ``task_value`` is refused beside one).
 
     Raises:
         ConfigError: ``selection`` is not a selection report.
@@ -229,6 +230,10 @@ def write_run_html(run: Path, store: Any, selection: Path | None = None,
     if selection is None:
         report = value_estimate(store=store, task_value=task_value)
         return write_html(report, None, output or run / "values.html")
+    if task_value is not None:
+        raise ConfigError(f"--task-value {task_value}: a selection's page shows the task values "
+                          f"it was made with ({Path(selection).name}); fix: leave out "
+                          f"--task-value, or give it to tive select")
     try:
         saved = json.loads(Path(selection).read_text(encoding="utf-8"))
         settings = dict(saved["settings"])

@@ -183,23 +183,10 @@ class GradientFeatures:
 
     def _record_losses(self, inputs: dict[str, torch.Tensor],
                        labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B,)`` mean token loss of each record and ``(B,)`` supervised token counts.
-
-        Logits are computed only at supervised positions (the head applied to those hidden
-        states), over the real vocabulary (:func:`text_vocab`), in the head's dtype and then
-        upcast, as the model's own loss does.
-        """
-        hidden = self._backbone(**inputs, use_cache=False).last_hidden_state
-        target = labels[:, 1:]
-        supervised = target != IGNORE
-        logits = self._head(hidden[:, :-1][supervised])[:, :self._vocab].to(self.dtype)
-        token_loss = nn.functional.cross_entropy(logits, target[supervised], reduction="none")
-        n = labels.shape[0]
-        rows = supervised.nonzero()[:, 0]
-        sums = torch.zeros(n, dtype=self.dtype, device=labels.device).index_add(0, rows,
-                                                                                token_loss)
-        counts = supervised.sum(1)
-        return sums / counts.clamp(min=1), counts
+        """``(B,)`` mean token loss of each record and ``(B,)`` supervised token counts
+        (:func:`record_losses`)."""
+        return record_losses(self._backbone, self._head, self._vocab, self.dtype, inputs,
+                             labels)
 
     def _forward_hook(self, block: int):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -215,6 +202,31 @@ class GradientFeatures:
         self._sq += torch.linalg.vector_norm(grads, dim=1).double() ** 2
         self.projector.add(block, grads)
         self._fired[block] += 1
+
+
+def record_losses(backbone: nn.Module, head: nn.Module, vocab: int | None, dtype: torch.dtype,
+                  inputs: dict[str, torch.Tensor],
+                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B,)`` mean token loss of each record and ``(B,)`` supervised token counts.
+
+    Logits are computed only at supervised positions (the head applied to those hidden
+    states), over the real vocabulary (``vocab`` columns, :func:`text_vocab`; None: all), in
+    the head's dtype and then upcast to ``dtype``, as the model's own loss does.
+
+    Args:
+        inputs: the batch's model inputs (``input_ids``, ``attention_mask``, …) ``(B, T)``.
+        labels: ``(B, T)``, IGNORE where not supervised.
+    """
+    hidden = backbone(**inputs, use_cache=False).last_hidden_state
+    target = labels[:, 1:]
+    supervised = target != IGNORE
+    logits = head(hidden[:, :-1][supervised])[:, :vocab].to(dtype)
+    token_loss = nn.functional.cross_entropy(logits, target[supervised], reduction="none")
+    rows = supervised.nonzero()[:, 0]
+    sums = torch.zeros(labels.shape[0], dtype=dtype, device=labels.device).index_add(
+        0, rows, token_loss)
+    counts = supervised.sum(1)
+    return sums / counts.clamp(min=1), counts
 
 
 def per_sample_products(delta: torch.Tensor, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

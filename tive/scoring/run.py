@@ -12,6 +12,7 @@ store reads as one.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import Counter
@@ -49,6 +50,8 @@ from tive.util.progress import TokenBar
 from tive.warmup.lora import adapters_to_model_dtype, key_parameters
 from tive.warmup.reference import REFERENCE_DIR, ensure_reference
 from tive.warmup.settings import WarmupConfig
+from tive.scoring.probe import measure, probe_rows
+from tive.store.probe import PROBE_FILE, read_probe, write_probe
 
 
 @dataclass
@@ -272,10 +275,36 @@ def _score(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path, how: str)
     bar.close()
     seconds = time.perf_counter() - start
     _finish(ctx)
+    if dist.rank == 0 and read_probe(ctx.root) is None:
+        _probe(ctx, peft_model, loaded, adapter)
     summary = summarize(Store.open(ctx.root), sum(len(rows) for rows in work), seconds, how)
     ignored = sum(1 for r in ctx.mixture if r.images and not has_placeholder(r)) \
         if loaded.kind.ignores_unplaced_images else 0
     return replace(summary, rank=dist.rank, images_ignored=ignored, batch=feed.describe())
+
+
+def _probe(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path) -> None:
+    """Write ``STORE/probe.json`` (measured by :mod:`tive.scoring.probe`, the file
+    :mod:`tive.store.probe`): each task's loss on records outside the warm-up sample, with the
+    adapter off and on; say in one line how much the warm-up lowered it."""
+    trained, known = np.zeros(0, dtype=np.int64), False
+    info = adapter / "reference.json"
+    if info.is_file():  # the sample it was trained on, when it was trained on this data
+        ref = json.loads(info.read_text(encoding="utf-8"))
+        if ref.get("data", {}).get("fingerprint") == ctx.mixture.fingerprint:
+            trained = np.asarray(ref.get("sample", {}).get("rows", []), dtype=np.int64)
+            known = True
+    rows = probe_rows(ctx.tasks, ctx.mixture.keys, trained)
+    found = measure(peft_model, loaded, ctx.mixture, rows, ctx.config.max_length,
+                    ctx.image_root)
+    saved = write_probe(ctx.root, ctx.tasks, found, str(adapter), sample_known=known)
+    drops = [1 - t["reference"] / t["base"] for t in saved["tasks"].values() if t["base"] > 0]
+    where = ("outside the warm-up sample" if known else "(the warm-up sample of this adapter "
+             "is not known for this data: some may be records it trained on)")
+    ctx.echo(f"probe: {len(found['rows']):,} records {where}; the warm-up changed their loss "
+             f"by {-max(drops):+.1%} to {-min(drops):+.1%} per task ({PROBE_FILE}, for "
+             f"--task-value progress)" if drops else
+             f"probe: no record {where} could be encoded ({PROBE_FILE})")
 
 
 def _plan(ctx: ScoreRun, encoder: Any, done: np.ndarray,

@@ -78,8 +78,10 @@ def _require_positive(values: np.ndarray) -> None:
     if not values.sum() > 0:
         raise ConfigError("every task value is zero (with --task-value norm: all gradient norms "
                           "are 0; with coherence or mean-gradient: no task's records point the "
-                          "same way); the values cannot share the budget among tasks; fix: "
-                          "check the store was computed correctly, or another --task-value")
+                          "same way; with progress: the warm-up lowered no task's loss on "
+                          "records it did not train on); the values cannot share the budget "
+                          "among tasks; fix: check the store was computed correctly, or "
+                          "another --task-value")
 
 
 def truncated_quotas(values: np.ndarray, budget: float) -> np.ndarray:

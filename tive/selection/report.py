@@ -24,13 +24,14 @@ from tive.selection import quotas as sel, value_cache as vc, values as val
 from tive.selection.methods import MethodSpec, method_named
 from tive.selection.settings import (
     AUTHORS_EXCLUDE,
-    DEFAULTS,
     Budget,
     SelectConfig,
     TaskValue,
     task_value_named,
+    weighs_by_value,
 )
 from tive.selection.subset import Selection
+from tive.store.probe import progress_ratios, read_probe
 from tive.settings import named, python_api
 
 
@@ -42,7 +43,7 @@ class Report:
         tasks: ``(N,)`` task name of each record (mixture order).
         task_values: task → V(t) of the kind ``task_value`` names (NaN if the task has no
             valid record): by default ``norm``, the mean exact gradient norm of its valid
-            records (:data:`tive.values.TASK_VALUES`).
+            records (:data:`tive.selection.values.TASK_VALUES`).
         instance_values: ``(N,)`` mean cosine to the task's members; NaN for invalid records.
         valid: ``(N,)`` bool, records that take part in valuation and selection.
         invalid: reason → number of records left out (``not-scored``, ``missing-image``,
@@ -59,7 +60,8 @@ class Report:
         cache: ``(RUN/cache, store identity)`` when the report comes from a store: what a
             selection computes that the next one can reuse is kept there.
         task_value: what ``task_values`` holds, and what :meth:`select` weighs quotas by
-            unless told otherwise (``norm``, ``coherence`` or ``mean-gradient``).
+            unless told otherwise (``norm``, ``coherence``, ``mean-gradient`` or ``progress``).
+
     """
 
     tasks: np.ndarray
@@ -103,10 +105,11 @@ class Report:
         return {t: found[t] for t in self.task_names}
 
     def values_of(self, kind: str | TaskValue) -> dict[str, float]:
-        """Task → V(t) of kind ``kind`` (``norm``, ``coherence``, ``mean-gradient``; see
-        :data:`tive.values.TASK_VALUES`), computed over the valid records.
+        """Task → V(t) of kind ``kind`` (``norm``, ``coherence``, ``mean-gradient``,
+        ``progress``; see :data:`tive.selection.values.TASK_VALUES`), computed over the valid records.
 
-        ``mean-gradient`` reads the features once (kept in the run's cache for a store).
+        ``coherence`` and ``mean-gradient`` read the features once (kept in the run's cache for
+        a store); ``progress`` reads the store's ``probe.json``.
         """
         kind = str(task_value_named(kind))
         if kind == self.task_value:
@@ -114,11 +117,11 @@ class Report:
         n = len(self._names)
         if kind == "norm":
             v = val.task_values(self.norms, self._codes, n, self.valid)
-        elif kind == "coherence":
-            v = val.coherence_values(self.instance_values, self.norms > 0, self._codes, n,
-                                     self.valid)
+        elif kind == "progress":
+            v = val.progress_values(val.task_values(self.norms, self._codes, n, self.valid),
+                                    self._progress_ratios())
         else:
-            v = self._mean_gradient_values()
+            v = self._pair_values(kind)
         return {str(t): float(x) for t, x in zip(self._names, v)}
 
     def with_task_value(self, kind: str | TaskValue) -> Report:
@@ -128,25 +131,42 @@ class Report:
             return self
         return dataclasses.replace(self, task_values=self.values_of(kind), task_value=kind)
 
-    def _mean_gradient_values(self) -> np.ndarray:
-        """``(T,)`` :func:`tive.values.mean_gradient_values`, one pass over the features."""
+    def _progress_ratios(self) -> np.ndarray:
+        """``(T,)`` the warm-up's relative drop of each task's held-out loss (the store's
+        ``probe.json``, :mod:`tive.store.probe`, read only when asked for)."""
+        store = self.source.get("store")
+        probe = read_probe(Path(store)) if store else None
+        if probe is None:
+            raise ConfigError(f"{named('task_value', 'progress')}: needs the losses of records "
+                              f"outside the warm-up sample before and after the warm-up, which "
+                              f"tive score writes into the store (probe.json); this report has "
+                              f"none (imported features, arrays, or a store scored before it "
+                              f"existed); fix: tive score --run RUN again (only the probe is "
+                              f"computed), or another task value")
+        return progress_ratios(self._codes, len(self._names), self.valid, probe)
+
+    def _pair_values(self, kind: str) -> np.ndarray:
+        """``(T,)`` ``coherence`` or ``mean-gradient`` (:mod:`tive.selection.values`): one pass over the
+        features, kept in the run's cache for a store."""
         if self.features is None:
-            raise ConfigError(f"{named('task_value', 'mean-gradient')}: this report has no "
-                              f"features (built without a store or features=); fix: "
-                              f"value_estimate(store=...) or features=..., or another task value")
+            raise ConfigError(f"{named('task_value', kind)}: this report has no features (built "
+                              f"without a store or features=); fix: value_estimate(store=...) "
+                              f"or features=..., or another task value")
         n = len(self._names)
+        weights = np.ones(len(self.norms)) if kind == "coherence" else self.norms
 
         def compute() -> dict[str, np.ndarray]:
-            sums, squares = val.weighted_unit_sums(self.features, self.norms, self._codes, n,
+            sums, squares = val.weighted_unit_sums(self.features, weights, self._codes, n,
                                                    self.valid, self.chunk_rows)
             counts = np.bincount(self._codes[self.valid], minlength=n)
-            return {"values": val.mean_gradient_values(sums, squares, counts)}
+            pair = val.coherence_values if kind == "coherence" else val.mean_gradient_values
+            return {"values": pair(sums, squares, counts)}
 
         if self.cache is None:
             return compute()["values"]
         folder, identity = self.cache
-        key = vc.digest("mean-gradient", vc.VERSION, identity, self._codes, self._names,
-                        self.valid, self.norms, self.chunk_rows)
+        key = vc.digest(kind, vc.VERSION, identity, self._codes, self._names, self.valid,
+                        self.norms, self.chunk_rows)
         return vc.cached_arrays(folder, "taskvalues", key, compute,
                                 lambda a: a.get("values", np.empty(0)).shape == (n,))["values"]
 
@@ -188,9 +208,9 @@ class Report:
         Returns:
             a :class:`Selection` whose ``indices`` are mixture rows (repeats where oversampled).
         """
-        if task_value is None and self.task_value != "norm" and method_named(method) \
-                .weighs_by_value(DEFAULTS["quota"] if quota is None else quota):
-            task_value = self.task_value
+        if task_value is None and not (self.paper if paper is None else paper) \
+                and self.task_value != "norm" and weighs_by_value(method, quota):
+            task_value = self.task_value  # the report's own kind, where values set quotas
         config = SelectConfig(budget=budget, method=method, strategy=strategy,
                               temperature=temperature, seed=seed, exclude=tuple(exclude),
                               oversample=oversample, clusters=clusters, quota=quota,

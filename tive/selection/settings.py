@@ -47,6 +47,7 @@ class TaskValue(_Named):
     NORM = "norm"  # mean exact gradient norm (the authors')
     COHERENCE = "coherence"  # mean cosine between distinct records of the task
     MEAN_GRADIENT = "mean-gradient"  # norm of the task's mean gradient (distinct pairs)
+    PROGRESS = "progress"  # norm × how much the warm-up lowered the task's held-out loss
 
 
 def task_value_named(value: Any) -> TaskValue:
@@ -206,9 +207,9 @@ class SelectConfig:
     task_value: TaskValue | None = field(default=None, metadata=setting(
         "What a task's value is, where values set the quotas (tive, kmeans --quota value): "
         "norm (mean gradient norm, the authors'), coherence (mean cosine between the task's "
-        "records) or mean-gradient (norm of the task's mean gradient); the two variants do "
-        "not reward a task whose large gradients point in unrelated directions.", "norm",
-        choices=TaskValue))
+        "records), mean-gradient (norm of the task's mean gradient) or progress (norm × the "
+        "relative drop of the task's loss on records the warm-up did not train on: a task the "
+        "warm-up did not move gets nothing).", "norm", choices=TaskValue))
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -227,7 +228,7 @@ class SelectConfig:
         if self.method is Method.TIVE and self.strategy is Strategy.TOP:
             applies -= {"temperature", "seed"}
         settle(self, DEFAULTS, applies, self._refused)
-        if method_named(self.method).weighs_by_value(self.quota):
+        if weighs_by_value(self.method, self.quota):
             set_("task_value", self.task_value or TaskValue.NORM)
         elif self.task_value is not None:
             raise ConfigError(f"{named('task_value', self.task_value)} does not apply to "
@@ -267,6 +268,12 @@ class SelectConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def weighs_by_value(method: Any, quota: Any = None) -> bool:
+    """Whether the task values set ``method``'s quotas (``quota``: the ``quota`` setting, None
+    for its default): where ``task_value`` applies."""
+    return method_named(method).weighs_by_value(DEFAULTS["quota"] if quota is None else quota)
 
 
 def _enum(kind: type[Enum], value: Any, option: str) -> Any:

@@ -4,7 +4,9 @@
   authors' ``norm``), or one of two variants that do not reward a task whose gradients are large
   but point in unrelated directions (docs/design.md, "Task values"): ``coherence``, the mean
   cosine between distinct records of the task, and ``mean-gradient``, the norm of the task's
-  mean gradient (an unbiased estimate of its square from distinct pairs);
+  mean gradient (an unbiased estimate of its square from distinct pairs); or ``progress``, the
+  norm times the warm-up's relative drop of the task's loss on records it did not train on
+  (:mod:`tive.store.probe`);
 * instance value ``v_i = mean_{j∈t} cos(φ_i, φ_j)`` (itself included) ``= φ̂_i · m_t`` with
   ``m_t`` the mean unit feature of task ``t``: two streaming passes over the ``(N, k)`` features
   in chunks, O(N·k) time and O(T·k) memory, never the N×N Gram matrix.
@@ -20,6 +22,8 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from tive.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -54,34 +58,29 @@ TASK_VALUES = {
     "norm": "mean exact gradient norm (the authors')",
     "coherence": "mean cosine between distinct records of the task",
     "mean-gradient": "norm of the task's mean gradient",
+    "progress": "mean exact gradient norm × the warm-up's relative drop of the task's loss on "
+                "records it did not train on",
 }  # --task-value NAME → what V(t) is (docs/design.md, "Task values")
 
 
-def coherence_values(instance: np.ndarray, nonzero: np.ndarray, codes: np.ndarray,
-                     n_tasks: int, valid: np.ndarray) -> np.ndarray:
+def coherence_values(sums: np.ndarray, ones: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Mean cosine between distinct valid records of each task, clipped at 0.
 
-    ``C(t) = Σ_{i≠j∈t} cos(φ_i, φ_j) / (n(n−1))``. Since the instance value is
-    ``v_i = φ̂_i · m_t`` with ``m_t = Σ_j φ̂_j / n``, ``n Σ_i v_i = Σ_{i,j} φ̂_i · φ̂_j``, whose
-    diagonal holds 1 for each non-zero row: no pass over the features is needed.
+    ``C(t) = Σ_{i≠j∈t} cos(φ_i, φ_j) / (n(n−1)) = (‖Σ_i φ̂_i‖² − z) / (n(n−1))`` with ``z``
+    the task's valid rows whose feature is not zero (a zero row has cosine 0 with everything,
+    itself included).
 
     Args:
-        instance: ``(N,)`` instance values (NaN where invalid).
-        nonzero: ``(N,)`` bool, rows whose feature is not zero (a zero row has cosine 0 with
-            everything, itself included).
-        codes: ``(N,)`` int task codes in ``[0, n_tasks)``.
-        n_tasks: number of tasks.
-        valid: ``(N,)`` bool.
+        sums: ``(n_tasks, k)`` ``Σ_{i∈t} φ̂_i`` and ``ones``: ``(n_tasks,)`` ``z``
+            (:func:`weighted_unit_sums` with weights 1).
+        counts: ``(n_tasks,)`` valid records per task.
 
     Returns:
         ``(n_tasks,)`` float64 in [0, 1]; 0 for a task of one valid record (no pair), NaN for
         a task of none.
     """
-    v = np.where(valid, instance, 0.0)
-    n = np.bincount(codes[valid], minlength=n_tasks).astype(np.float64)
-    ones = np.bincount(codes[valid & nonzero], minlength=n_tasks).astype(np.float64)
-    total = np.bincount(codes, weights=v, minlength=n_tasks)
-    return _pair_mean(n * total - ones, n)
+    off = np.einsum("tk,tk->t", sums, sums) - ones
+    return _pair_mean(off, np.asarray(counts, dtype=np.float64))
 
 
 def mean_gradient_values(sums: np.ndarray, squares: np.ndarray, counts: np.ndarray) -> np.ndarray:
@@ -101,6 +100,26 @@ def mean_gradient_values(sums: np.ndarray, squares: np.ndarray, counts: np.ndarr
     """
     off = np.einsum("tk,tk->t", sums, sums) - squares
     return np.sqrt(_pair_mean(off, np.asarray(counts, dtype=np.float64)))
+
+
+def progress_values(norm: np.ndarray, ratios: np.ndarray) -> np.ndarray:
+    """``V(t) = norm(t) · ρ(t)``, with ``ρ(t)`` the warm-up's relative drop of the task's loss
+    on records it did not train on (:func:`tive.store.probe.progress_ratios`); a task with no such
+    record takes the median ``ρ`` of the others (no evidence either way).
+
+    Args:
+        norm: ``(T,)`` the authors' task values.
+        ratios: ``(T,)`` ``ρ(t)`` in [0, 1], NaN where unknown.
+
+    Raises:
+        ConfigError: no task has a known ``ρ`` (nothing to measure progress by).
+    """
+    known = ratios[np.isfinite(ratios)]
+    if not len(known):
+        raise ConfigError("--task-value progress: no task has a probe record (a record outside "
+                          "the warm-up sample that could be encoded), so the warm-up's "
+                          "progress is unknown everywhere; fix: another --task-value")
+    return norm * np.where(np.isfinite(ratios), ratios, float(np.median(known)))
 
 
 def _pair_mean(off_diagonal: np.ndarray, n: np.ndarray) -> np.ndarray:
