@@ -15,7 +15,7 @@ MAX_LINES = 400
 
 # bottom to top; a layer imports only the layers before it (and its own modules)
 LAYERS = ["tive", "errors", "settings", "util", "data", "models", "projection", "store", "output",
-          "selection", "warmup", "scoring", "api", "cli", "__main__"]
+          "selection", "warmup", "scoring", "health", "api", "cli", "__main__"]
 
 
 def module_name(path: Path) -> str:

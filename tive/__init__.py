@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _WHERE = {
     "value_estimate": "tive.api", "Run": "tive.api", "values_from_arrays": "tive.api",
+    "check": "tive.api", "Finding": "tive.health.findings",
     "Budget": "tive.selection.settings", "Method": "tive.selection.settings",
     "SelectConfig": "tive.selection.settings", "Strategy": "tive.selection.settings",
     "Mixture": "tive.data.mixture", "load_mixture": "tive.data.mixture",

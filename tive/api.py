@@ -21,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from tive.errors import ConfigError
+from tive.health.findings import Finding
 from tive.scoring.settings import ScoreConfig
 from tive.selection import valuation
 from tive.selection.report import Report
@@ -281,6 +282,29 @@ def values_from_arrays(features: np.ndarray, norms: np.ndarray, *,
                                    image_root, check_images, skip_missing_images, chunk_rows,
                                    who)
     return valuation.as_asked(report, paper, kind)
+
+
+def check(run: str | os.PathLike = DEFAULT_RUN, *, data: DataArg = None,
+          task_field: str | None = None, strict: bool = False) -> list[Finding]:
+    """``tive check`` from a notebook: the health checks of a run folder (or a ``store``
+    folder), the data it was built from (or ``data``) and the selections saved in it.
+
+    Returns:
+        the :class:`~tive.health.findings.Finding` s, each ``.line()`` one line with its fix
+        (empty: nothing found).
+
+    Raises:
+        HealthError: ``strict`` and a finding is a warning (not a note).
+    """
+    from tive.health.findings import HealthError, warnings_in
+    from tive.health.run import check as run_checks
+
+    found = run_checks(run, data, task_field)
+    problems = warnings_in(found)
+    if strict and problems:
+        raise HealthError(f"{len(problems)} health check(s) failed: "
+                          + " | ".join(f.line(strict=True) for f in problems))
+    return found
 
 
 def _config(cls: type, value: Any, name: str, defaults: dict[str, Any], who: str) -> Any:

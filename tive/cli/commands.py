@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from tive import __version__
+from tive.cli.check import STRICT_HELP, check
 from tive.cli.inspect import doctor, report, tasks
 from tive.cli.options import (
     DEFAULT_RUN,
@@ -28,7 +29,7 @@ from tive.settings import cli_names
 from tive.util.files import run_lock
 from tive.warmup.settings import WarmupConfig
 
-WORKFLOW = ("tasks", "warmup", "score", "import", "select", "report", "doctor")
+WORKFLOW = ("tasks", "warmup", "score", "import", "select", "report", "check", "doctor")
 
 
 class _Group(click.Group):
@@ -137,23 +138,29 @@ def import_(data: Path, features: Path | None, norms: Path | None, loss: Path | 
 @click.option("--data", type=click.Path(path_type=Path),
               help="The mixture (must match the store's)  [default: the one the store was "
                    "built from]")
+@click.option("--strict", is_flag=True, help=STRICT_HELP + " Nothing is written then.")
 @task_option
 def select(run: Path, output: Path | None, data: Path | None, task_field: str | None,
-           **config: Any) -> None:
+           strict: bool, **config: Any) -> None:
     """Value tasks and records and write the chosen subset, a JSON report and a chart.
 
     Records the store could not score (missing images, nothing supervised, non-finite
-    gradients) are left out and counted in the report.
+    gradients) are left out and counted in the report. The health checks of the store, the
+    values and the selection are told as warnings (tive check).
     """
     import numpy as np
 
     from tive.api import value_estimate
+    from tive.health.findings import tell
+    from tive.health.run import select_findings
     from tive.store.format import Store
 
     cfg = SelectConfig(**{**config, "exclude": tuple(config["exclude"])})
     store = Store.open(run)  # the run folder, or the store itself
     report = value_estimate(store=store, data=data, task_field=task_field)
     selection = report.select_with(cfg)
+    findings = select_findings(store, selection)
+    tell(findings, lambda line: click.echo(line, err=True), strict)
     if output is None:
         name = f"subset-{cfg.method}-{cfg.budget}{report.mixture.default_suffix()}"
         output = run / name
@@ -259,5 +266,5 @@ def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
             click.echo(line)
 
 
-for command in (tasks, report, doctor):
+for command in (tasks, report, check, doctor):
     main.add_command(command)

@@ -30,6 +30,9 @@ REGION_PROMPTS = ("short description for this region", "bounding box coordinate 
 LETTER_PROMPT = "answer with the option's letter"
 SHORT_ANSWER_PROMPT = "answer the question using a single word or phrase"
 HEURISTIC_TASKS = frozenset({"okvqa", "vqav2"})
+# every task the rules give LLaVA-1.5 665K; any other inferred name is an image folder's
+LLAVA_TASKS = frozenset({*FOLDER_TASKS.values(), "sharegpt", "refcoco", "aokvqa", "okvqa",
+                         "vqav2", "llava_instruct"})
 _QUOTES = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"'})
 
 

@@ -87,15 +87,18 @@ def run_identity(source: Any, mixture: Mixture, config: ScoreConfig, task_field:
 
 def store_meta(known: dict[str, Any], *, source: dict, dtype: Any, adapter: Path, keys: list,
                projector: Any, mixture: Mixture, config: ScoreConfig,
-               adapter_dtype: Any) -> dict[str, Any]:
+               adapter_dtype: Any, coverage: dict[str, Any] | None = None) -> dict[str, Any]:
     """meta.json of a scored store: :func:`run_identity`'s ``known`` completed with what the
     loaded model tells; its ``identity`` must match for a run to be continued.
 
     ``adapter_dtype``: the key LoRA matrices' type (float32 unless ``--adapter-dtype model``
-    cast them to a 16-bit model's type)."""
+    cast them to a 16-bit model's type); ``coverage``: the key parameters hooked against those
+    expected (:func:`tive.warmup.lora.key_coverage`), with the ``--key-layers`` asked for."""
     first, digest = known["identity"], adapter_sha256(adapter)
     key_info = {"gradient_dim": gradient_dim(keys),
                 "matrices": [{"name": k.name, "shape": list(k.shape)} for k in keys]}
+    if coverage is not None:
+        key_info["coverage"] = {**coverage, "key_layers": config.key_layers}
     identity = {"model": first["model"], "dtype": str(dtype).replace("torch.", ""),
                 "adapter": digest[:16], "gradient_dim": key_info["gradient_dim"],
                 **{k: v for k, v in first.items() if k != "model"}}

@@ -47,7 +47,7 @@ from tive.store.writers import RowWriter, create_part, fold_parts, mark_complete
 from tive.util.dist import Dist
 from tive.util.files import remove_stale_temps
 from tive.util.progress import TokenBar
-from tive.warmup.lora import adapters_to_model_dtype, key_parameters
+from tive.warmup.lora import adapters_to_model_dtype, key_coverage, key_parameters
 from tive.warmup.reference import REFERENCE_DIR, ensure_reference
 from tive.warmup.settings import WarmupConfig
 from tive.scoring.probe import measure, probe_rows
@@ -253,7 +253,8 @@ def _score(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path, how: str)
     meta = store_meta(ctx.identity, source=ctx.source.describe(),
                       dtype=next(peft_model.parameters()).dtype, adapter=adapter, keys=keys,
                       projector=projector, mixture=ctx.mixture, config=config,
-                      adapter_dtype=dict(peft_model.named_parameters())[keys[0].name].dtype)
+                      adapter_dtype=dict(peft_model.named_parameters())[keys[0].name].dtype,
+                      coverage=key_coverage(peft_model, keys))
     if dist.rank == 0:
         open_or_create(ctx.root, meta, ctx.mixture, ctx.tasks, projector.dim,
                        config.feature_dtype, ctx.force)

@@ -16,6 +16,7 @@ at r=128 the total is 32 layers × 4 × (4096·128 + 128·4096) = 134,217,728.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -141,6 +142,46 @@ def key_parameters(peft_model: nn.Module, adapter: str = "default",
             weight = getattr(layer, part)[adapter].weight
             out.append(KeyParameter(f"{name}.{part}.{adapter}.weight", tuple(weight.shape)))
     return out
+
+
+def key_coverage(peft_model: nn.Module, keys: list[KeyParameter],
+                 adapter: str = "default") -> dict[str, Any]:
+    """The key parameters hooked against those expected, by module count and by LoRA entries
+    (``STORE/meta.json``'s ``key_parameters.coverage``, read by ``tive check``).
+
+    Expected: every linear projection directly inside an attention module (a module named
+    ``self_attn`` or whose class name ends in ``Attention``) of the language model, each
+    counted as ``r·(in + out)`` entries (``r``: its LoRA rank, else the adapter's). Hooked:
+    the projections of ``keys`` and their entries.
+
+    Returns:
+        ``{"expected": {"modules", "parameters"}, "hooked": {...}, "missing": [up to 8
+        names]}``.
+    """
+    prefix = language_model_prefix(peft_model)
+    config = getattr(peft_model, "peft_config", {}).get(adapter)
+    default_r = int(getattr(config, "r", 0) or 0)
+    expected: dict[str, int] = {}
+    for name, module in peft_model.named_modules():
+        if not _under(name, prefix) or not (name.rsplit(".", 1)[-1] == "self_attn"
+                                            or type(module).__name__.endswith("Attention")):
+            continue
+        for child, sub in module.named_children():
+            if _is_lora_layer(sub) and adapter in sub.lora_A:
+                r = sub.lora_A[adapter].weight.shape[0]
+            elif isinstance(sub, nn.Linear):
+                r = default_r
+            else:
+                continue
+            expected[f"{name}.{child}"] = r * (sub.in_features + sub.out_features)
+    hooked: dict[str, int] = {}
+    for key in keys:
+        module = key.name.split(".lora_")[0]
+        hooked[module] = hooked.get(module, 0) + key.numel
+    missing = [n for n in expected if n not in hooked]
+    return {"expected": {"modules": len(expected), "parameters": sum(expected.values())},
+            "hooked": {"modules": len(hooked), "parameters": sum(hooked.values())},
+            "missing": missing[:8]}
 
 
 def gradient_dim(params: list[KeyParameter]) -> int:
