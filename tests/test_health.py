@@ -316,3 +316,36 @@ def test_stability_refuses_what_it_cannot_compare(tmp_path):
     assert res.exit_code == 2 and "--budget" in res.output
     res = run("check", "--run", s["run"], "--budget", "0.3")
     assert res.exit_code == 2 and "go with --stability" in res.output
+
+
+def test_a_scored_store_records_its_coverage_and_an_untrained_reference_is_flagged(tmp_path):
+    """A real `tive score` with a fresh (never trained) adapter: peft starts every LoRA B
+    matrix at 0, which is what a warm-up that took no effective step leaves."""
+    from peft import get_peft_model
+    from test_score import text_mixture
+    from zoo import save_llava_folder
+
+    from tive.models.load import load_model
+    from tive.models.registry import resolve
+    from tive.warmup.lora import lora_config
+
+    save_llava_folder(tmp_path / "model")
+    loaded = load_model(resolve(str(tmp_path / "model")), dtype="fp32", device="cpu")
+    peft_model = get_peft_model(loaded.model, lora_config(loaded.model, r=4, alpha=8))
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    data = text_mixture(tmp_path / "data", 12)
+    common = ["--model", tmp_path / "model", "--data", data, "--reference", tmp_path / "adapter",
+              "--proj-dim", 64, "--max-length", 128, "--batch-size", 4, "--quiet"]
+    res = run("score", *common, "--run", tmp_path / "run")
+    assert res.exit_code == 0, res.output
+    coverage = Store.open(tmp_path / "run").meta["key_parameters"]["coverage"]
+    assert coverage["expected"] == coverage["hooked"] and coverage["missing"] == []
+    assert coverage["expected"]["modules"] == 8 and coverage["key_layers"] is None
+    found = check_lines(tmp_path / "run")
+    assert len(found) == 1 and found[0].startswith("warning: reference: ")
+    assert "every LoRA B matrix is 0 (reference.json records no step count)" in found[0]
+    res = run("score", *common, "--run", tmp_path / "last", "--key-layers", "last:1")
+    assert res.exit_code == 0, res.output
+    notes = [x for x in check_lines(tmp_path / "last", "note") if x.startswith("note: coverage")]
+    assert len(notes) == 1 and "4 of 8 attention projections hooked (50% of the modules, " \
+                               "50% of the key parameters)" in notes[0]

@@ -159,17 +159,16 @@ def select(run: Path, output: Path | None, data: Path | None, task_field: str | 
     store = Store.open(run)  # the run folder, or the store itself
     report = value_estimate(store=store, data=data, task_field=task_field)
     selection = report.select_with(cfg)
-    findings = select_findings(store, selection)
-    tell(findings, lambda line: click.echo(line, err=True), strict)
+    click.echo(selection.table())
+    for note in selection.notes:
+        click.echo(note)
+    tell(select_findings(store, selection), lambda line: click.echo(line, err=True), strict)
     if output is None:
         name = f"subset-{cfg.method}-{cfg.budget}{report.mixture.default_suffix()}"
         output = run / name
     removed_temps(output.parent)
     inputs = [report.mixture.path, *sorted(store.root.iterdir())]
     paths = selection.save(output, inputs=inputs)
-    click.echo(selection.table())
-    for note in selection.notes:
-        click.echo(note)
     left = sum(report.invalid.values())
     click.echo(f"\nselected {len(selection.indices):,} of {len(report.tasks):,} records "
                f"({len(np.unique(selection.indices)):,} distinct)"

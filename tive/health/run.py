@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tive.data.tasks import factorize
 from tive.health.findings import WARNING, Finding
 from tive.health.store_checks import data_findings, store_findings
 from tive.health.value_checks import (
@@ -38,7 +39,7 @@ def run_findings(store: Store, report: Report | None = None, data: Any = None,
                                       task_field, None, False, False, None)
     found = [*from_data, *store_findings(store), *report_findings(report)]
     if report.inferred is None and labels is not None:
-        found += label_findings(labels.tasks, labels.inferred)
+        found += label_findings(*factorize(labels.tasks), labels.inferred)
     return found + value_findings(report.task_values) + saved_findings(store.root.parent)
 
 

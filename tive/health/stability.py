@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tive.data.tasks import factorize
 from tive.errors import ConfigError
 from tive.output.tables import format_table
 from tive.selection.report import Report
@@ -83,7 +82,7 @@ def stability(reports: list[Report], config: SelectConfig, n: int) -> Stability:
     seeds = [(config.seed or 0) + i for i in range(n)] if seeded else [None]
     chosen = [[r.select_with(dataclasses.replace(config, seed=s)).indices for s in seeds]
               for r in reports]
-    names, codes = factorize(reports[0].tasks)
+    names, codes = reports[0].task_codes
     split = [[_by_task(ix, codes, len(names)) for ix in per_report] for per_report in chosen]
     seed_pairs = list(itertools.combinations(range(len(seeds)), 2))
     tasks = {}

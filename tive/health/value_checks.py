@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from tive.data.tasks import LLAVA_TASKS, factorize
+from tive.data.tasks import LLAVA_TASKS
 from tive.health.findings import Finding
 from tive.selection.report import Report
 
@@ -24,7 +24,7 @@ READ_ROWS = 4096  # candidate rows read at a time when looking for zero feature 
 def report_findings(report: Report) -> list[Finding]:
     """Zero and non-finite feature rows, collapsed tasks and made-up task labels."""
     return [*feature_findings(report), *collapse_findings(report),
-            *label_findings(report.tasks, report.inferred)]
+            *label_findings(*report.task_codes, report.inferred)]
 
 
 def zero_rows(report: Report) -> np.ndarray:
@@ -86,7 +86,7 @@ def mean_pairwise_cosines(values: np.ndarray, codes: np.ndarray, n_tasks: int,
 
 def collapse_findings(report: Report) -> list[Finding]:
     """Tasks whose features point almost one way (mean pairwise cosine ≥ :data:`COLLAPSE`)."""
-    names, codes = factorize(report.tasks)
+    names, codes = report.task_codes
     cosines = mean_pairwise_cosines(report.instance_values, codes, len(names), report.valid,
                                     ~zero_rows(report))
     counts = np.bincount(codes[report.valid], minlength=len(names))
@@ -98,20 +98,25 @@ def collapse_findings(report: Report) -> list[Finding]:
             for t, c, n in zip(names, cosines, counts) if n >= COLLAPSE_MIN and c >= COLLAPSE]
 
 
-def label_findings(tasks: np.ndarray, inferred: np.ndarray | None) -> list[Finding]:
+def label_findings(names: list[str], codes: np.ndarray,
+                   inferred: np.ndarray | None) -> list[Finding]:
     """Tasks the LLaVA-1.5 665K rules named after image folders: data that is not LLaVA-665K
-    labelled by rules made for it."""
+    labelled by rules made for it.
+
+    Args:
+        names: the distinct task names; codes: ``(N,)`` each record's index into them;
+        inferred: ``(N,)`` bool, labels that came from the rules (None: not known).
+    """
     if inferred is None:
         return []
-    names = np.asarray(tasks).astype(str)
-    made_up = inferred & ~np.isin(names, sorted(LLAVA_TASKS))
-    if not made_up.any():
+    foreign = np.array([n not in LLAVA_TASKS for n in names], dtype=bool)
+    counts = np.bincount(codes[inferred], minlength=len(names)) * foreign
+    if not counts.any():
         return []
-    found, counts = np.unique(names[made_up], return_counts=True)
-    order = np.argsort(-counts, kind="stable")[:4]
-    shown = ", ".join(f"{found[i]} ({counts[i]:,})" for i in order)
-    more = f" and {len(found) - len(order)} more" if len(found) > len(order) else ""
-    return [Finding("tasks", f"{int(made_up.sum()):,} records have no task field and the "
+    order = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i]]
+    shown = ", ".join(f"{names[i]} ({counts[i]:,})" for i in order[:4])
+    more = f" and {len(order) - 4} more" if len(order) > 4 else ""
+    return [Finding("tasks", f"{int(counts.sum()):,} records have no task field and the "
                     f"LLaVA-1.5 665K rules named their tasks after image folders ({shown}{more}): "
                     f"this data does not look like LLaVA-665K, so these may not be its tasks",
                     "give each record a task field (task, dataset or source), or name yours "

@@ -95,6 +95,11 @@ class Report:
         return sorted(sizes, key=lambda t: (-sizes[t], t))
 
     @property
+    def task_codes(self) -> tuple[list[str], np.ndarray]:
+        """The distinct task names, sorted, and ``(N,)`` int64 each record's index into them."""
+        return self._names, self._codes
+
+    @property
     def sizes(self) -> dict[str, int]:
         """Records per task (all of them, valid or not)."""
         return {t: int(c) for t, c in zip(self._names, self._sizes)}
