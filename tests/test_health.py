@@ -75,8 +75,10 @@ def test_a_healthy_store_is_silent_in_check_select_and_report(tmp_path):
 
 def test_each_finding_is_one_line_with_its_fix(tmp_path):
     s = build(tmp_path, edit=lambda f, n, t: f.__setitem__(3, 0))
-    found = check_lines(s["run"])
-    assert found and all("; fix: " in line for line in found)
+    res = run("check", "--run", s["run"])
+    found = lines(res.output)
+    assert len(found) == 1 and all("; fix: " in line for line in found)
+    assert res.output.strip().endswith("store: 1 warning, 0 notes")
 
 
 def test_zero_and_non_finite_feature_rows_are_flagged(tmp_path):
@@ -244,6 +246,8 @@ def test_strict_makes_warnings_errors_and_select_writes_nothing(tmp_path):
     res = run("select", "--run", s["run"], "--budget", "0.3")
     assert res.exit_code == 0 and lines(res.output) and list(s["run"].glob("subset-*"))
     assert run("report", "--run", s["run"], "--strict").exit_code == 2
+    res = run("report", "--run", s["run"], "--html", "--strict")
+    assert res.exit_code == 2 and not list(s["run"].glob("values.html"))
     assert run("report", "--run", s["run"]).exit_code == 0
     found = tive.check(s["run"])
     assert [f.check for f in found] == ["features"] and "; fix: " in found[0].line()

@@ -37,7 +37,7 @@ def check(run: Path, data: Path | None, strict: bool, stability: int | None,
           **options: Any) -> None:
     """Health checks of a run: reference, features, key parameters, projection, task values,
     quotas, task labels, data; with --stability, how stable a selection is."""
-    from tive.health.findings import tell
+    from tive.health.findings import tell, warnings_in
     from tive.health.run import run_findings
     from tive.store.format import Store
 
@@ -50,8 +50,11 @@ def check(run: Path, data: Path | None, strict: bool, stability: int | None,
     store = Store.open(run)
     findings = run_findings(store, data=data, task_field=task_field)
     tell(findings, click.echo, strict)
-    if not findings:
-        click.echo(f"{store.root}: no problem found")
+    problems = len(warnings_in(findings))
+    notes = len(findings) - problems
+    click.echo(f"{store.root}: " + (f"{problems} warning{'s' * (problems != 1)}, {notes} "
+                                    f"note{'s' * (notes != 1)}" if findings else
+                                    "no problem found"))
     if stability is not None:
         _stability(store, compare, stability, budget, data, task_field, options)
 

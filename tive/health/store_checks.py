@@ -130,13 +130,14 @@ def projection_findings(store: Store) -> list[Finding]:
 
 def data_findings(store: Store, data: Any = None, task_field: str | None = None,
                   ) -> tuple[list[Finding], Mixture | None, TaskLabels | None]:
-    """Whether the store's records still match the mixture (``data``, default: the file the
-    store was built from), by each record's content key.
+    """Whether the store's records still match the mixture (``data``, a path or a
+    :class:`~tive.data.mixture.Mixture`; default: the file the store was built from), by each
+    record's content key.
 
     Returns:
         the findings, and the mixture and its labels (None when the file is gone).
     """
-    path = Path(data if data is not None else store.meta["data"]["path"])
+    path = Path(getattr(data, "path", data) if data is not None else store.meta["data"]["path"])
     if not path.exists():
         return [Finding("data", f"{path}: the data this store was built from is gone, so "
                         f"whether its records still match cannot be checked",

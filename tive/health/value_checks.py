@@ -49,8 +49,9 @@ def feature_findings(report: Report) -> list[Finding]:
             "features", f"{int(zero.sum()):,} of {int(report.valid.sum()):,} valid records have "
             f"a zero feature row or gradient norm (first: {_row(report, first)}): each has "
             f"cosine 0 with every record, so instance value 0",
-            "check that the reference is trained and these records have supervised tokens "
-            "(tive check), then score again with --force; for imported features, the arrays"))
+            "check that the reference is trained (the reference check) and that these "
+            "records have supervised tokens, then score again with --force; for imported "
+            "features, correct the arrays"))
     for reason, what in NON_FINITE.items():
         n = report.invalid.get(reason, 0)
         if n:
