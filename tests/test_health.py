@@ -18,7 +18,7 @@ from conftest import llava_records, task_features, write_mixture
 import tive
 from tive.cli.commands import main
 from tive.health.findings import HealthError
-from tive.health.stability import jaccard
+from tive.health.stability import chance_overlap, jaccard
 from tive.health.value_checks import COLLAPSE, mean_pairwise_cosines
 from tive.store.format import Store
 
@@ -288,9 +288,26 @@ def test_stability_prints_the_overlaps_counted_by_hand(tmp_path):
     chosen = [report.select(0.3, seed=k, temperature=0.05).indices.tolist() for k in range(3)]
     want = _by_hand(chosen, np.array(s["tasks"]))
     assert set(printed) == set(want)
-    for name, value in want.items():
-        assert printed[name] == [pytest.approx(value, abs=5e-4)]
+    for name, value in want.items():  # columns: across seeds, random (≈)
+        assert printed[name][0] == pytest.approx(value, abs=5e-4)
     assert printed["overall"][0] < 1  # the draws differ
+    assert "across seeds  random (≈)" in res.output and "across stores" not in res.output
+    sizes = {t: s["tasks"].count(t) for t in set(s["tasks"])}
+    distinct = report.select(0.3, seed=0, temperature=0.05).quotas  # no task oversampled here
+    assert all(distinct[t] <= sizes[t] for t in sizes)
+    for t in sizes:
+        assert printed[t][1] == pytest.approx(chance_overlap([distinct[t]], [sizes[t]]),
+                                              abs=5e-4)
+
+
+def test_the_chance_overlap_is_that_of_uniform_draws():
+    assert chance_overlap([5, 4], [10, 4]) == pytest.approx(6.5 / 11.5)  # 25/10 + 16/4
+    assert chance_overlap([100], [1000]) == pytest.approx(0.1 / 1.9)  # p / (2 - p)
+    assert chance_overlap([0], [10]) == 1.0
+    rng = np.random.default_rng(0)
+    draws = [(rng.choice(1000, 100, replace=False), rng.choice(1000, 100, replace=False))
+             for _ in range(400)]
+    assert np.mean([jaccard(a, b) for a, b in draws]) == pytest.approx(0.1 / 1.9, abs=4e-3)
 
 
 def test_stability_across_two_stores_compares_the_same_seeds(tmp_path):
