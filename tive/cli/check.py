@@ -43,7 +43,8 @@ def check(run: Path, data: Path | None, strict: bool, stability: int | None,
 
     options["exclude"] = tuple(options["exclude"])
     if stability is None:
-        given = [k for k, v in options.items() if v not in (None, (), False, "tive")]
+        given = [k for k, v in options.items()
+                 if v is not None and v is not False and v != () and v != "tive"]
         if budget is not None or compare is not None or given:
             raise click.UsageError("--budget, --compare and the selection options go with "
                                    "--stability N")
