@@ -223,6 +223,9 @@ def test_key_parameters_not_hooked_are_flagged_by_modules_and_parameters(tmp_pat
     assert any("--key-layers last:1" in x for x in check_lines(s["run"], "note"))
     edit_meta(s["run"], lambda m: m["key_parameters"].pop("coverage"))
     assert any("coverage cannot be checked" in x for x in check_lines(s["run"], "note"))
+    for args in (("select", "--budget", "0.3"), ("report",)):  # notes are tive check's
+        res = run(*args, "--run", s["run"], "--strict")
+        assert res.exit_code == 0 and "note:" not in res.output
 
 
 def test_a_trak_projection_without_fast_jl_on_a_gpu_is_flagged(tmp_path):

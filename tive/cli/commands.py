@@ -151,7 +151,7 @@ def select(run: Path, output: Path | None, data: Path | None, task_field: str | 
     import numpy as np
 
     from tive.api import value_estimate
-    from tive.health.findings import tell
+    from tive.health.findings import tell, warnings_in
     from tive.health.run import select_findings
     from tive.store.format import Store
 
@@ -162,7 +162,8 @@ def select(run: Path, output: Path | None, data: Path | None, task_field: str | 
     click.echo(selection.table())
     for note in selection.notes:
         click.echo(note)
-    tell(select_findings(store, selection), lambda line: click.echo(line, err=True), strict)
+    tell(warnings_in(select_findings(store, selection)), lambda line: click.echo(line, err=True),
+         strict)  # the notes (checks that could not be made) are tive check's
     if output is None:
         name = f"subset-{cfg.method}-{cfg.budget}{report.mixture.default_suffix()}"
         output = run / name

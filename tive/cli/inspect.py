@@ -120,9 +120,9 @@ def _recorded_image_root(data: Path) -> tuple[Path, Path] | None:
 def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
            output: Path | None, task_value: str | None, strict: bool) -> None:
     """Print the task values of a run and the selections made from it (or write a page),
-    with the health checks' warnings (tive check)."""
+    with the health checks' warnings (tive check also tells its notes)."""
     from tive.api import value_estimate
-    from tive.health.findings import tell
+    from tive.health.findings import tell, warnings_in
     from tive.health.run import run_findings
     from tive.store.format import Store
 
@@ -132,11 +132,11 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
         raise click.UsageError("--json prints the table; --html writes a page: give one")
     store = Store.open(run)  # the run folder, or the store itself
     if as_html:
-        tell(run_findings(store), lambda line: click.echo(line, err=True), strict)
+        tell(warnings_in(run_findings(store)), lambda line: click.echo(line, err=True), strict)
         click.echo(f"   html: {write_run_html(run, store, selection, output, task_value)}")
         return
     r = value_estimate(store=store, data=False, task_value=task_value)
-    tell(run_findings(store, r), lambda line: click.echo(line, err=True), strict)
+    tell(warnings_in(run_findings(store, r)), lambda line: click.echo(line, err=True), strict)
     valid = r.valid_sizes()
     table = {t: {"records": n, "valid": valid[t], "value": json_float(r.task_values[t])}
              for t, n in r.sizes.items()}
