@@ -52,8 +52,8 @@ class Recipe:
     def notice(self, sample: int, config: WarmupConfig) -> str | None:
         """One line saying how much this warm-up trains when it is not the authors' recipe
         training enough: scaled down, under ``--paper``, or a given batch with few steps."""
-        trains = (f"{self.steps} optimizer step{'s' * (self.steps != 1)} of {self.global_batch} "
-                  f"records, learning rate summed over them {self.lr_sum:.3g} × the peak "
+        trains = (f"{self.steps} optimizer step{'s' * (self.steps != 1)} of "
+                  f"{min(self.global_batch, sample)} records, learning rate summed over them {self.lr_sum:.3g} × the peak "
                   f"(the authors' {AUTHORS_RUN['records']:,}-record run: "
                   f"{AUTHORS_RUN['steps']} steps, {AUTHORS_RUN['lr_sum']})")
         if self.scaled:
