@@ -55,7 +55,7 @@ def selected(mixture_run):
     cli("import", "--data", mixture_run["data"], "--features", d / "features.npy",
         "--norms", d / "norms.npy", "--run", mixture_run["run"])
     cli("select", "--run", mixture_run["run"], "--budget", "30%", "--exclude-task", "vg")
-    return {**mixture_run, "html": mixture_run["run"] / "subset-tive-30%.html"}
+    return {**mixture_run, "html": mixture_run["run"] / "subset-tive-0.3.html"}
 
 
 def test_select_writes_a_self_contained_page(selected):
@@ -68,7 +68,7 @@ def test_select_writes_a_self_contained_page(selected):
     assert page.count("data:image/png;base64,") == 1  # the bar chart
     # images: 5 highest + 5 lowest of the image tasks (12, 9, 7, 3 records: 10+9+7+3)
     assert page.count("data:image/jpeg;base64,") == 10 + 9 + 7 + 3
-    report = json.loads((selected["run"] / "subset-tive-30%.report.json").read_text())
+    report = json.loads((selected["run"] / "subset-tive-0.3.report.json").read_text())
     kept = page.count("class='rec kept'")
     assert 0 < kept <= report["selected"]
     assert "Describe the image in detail." in page  # the conversation as trained

@@ -155,7 +155,7 @@ def select(run: Path, output: Path | None, data: Path | None, task_field: str | 
     report = value_estimate(store=store, data=data, task_field=task_field)
     selection = report.select_with(cfg)
     if output is None:
-        name = f"subset-{cfg.method}-{cfg.budget}{report.mixture.default_suffix()}"
+        name = f"subset-{cfg.method}-{cfg.budget.name}{report.mixture.default_suffix()}"
         output = run / name
     removed_temps(output.parent)
     inputs = [report.mixture.path, *sorted(store.root.iterdir())]
@@ -164,9 +164,11 @@ def select(run: Path, output: Path | None, data: Path | None, task_field: str | 
     for note in selection.notes:
         click.echo(note)
     left = sum(report.invalid.values())
+    hint = cfg.budget.percent_hint(len(report.tasks))
     click.echo(f"\nselected {len(selection.indices):,} of {len(report.tasks):,} records "
                f"({len(np.unique(selection.indices)):,} distinct)"
-               + (f"; {left:,} left out: {reasons(report.invalid)}" if left else ""))
+               + (f"; {left:,} left out: {reasons(report.invalid)}" if left else "")
+               + (f"; {hint}" if hint else ""))
     for kind, path in paths.items():
         click.echo(f"{kind:>7}: {path}")
 

@@ -141,6 +141,26 @@ class Budget:
         self.resolve(n_records)  # the same checks
         return self.value * n_records if self.is_fraction else self.value
 
+    @property
+    def name(self) -> str:
+        """The budget in file names, one per budget: ``15%`` and ``0.15`` are both ``0.15``
+        (a fraction, at 12 significant digits, always with its point: ``100%`` is ``1.0``), a
+        count its integer (``1``)."""
+        if not self.is_fraction:
+            return str(int(self.value))
+        text = format(self.value, ".12g")
+        return text if "." in text or "e" in text else f"{text}.0"
+
+    def percent_hint(self, n_records: int) -> str | None:
+        """For a plain integer up to 100 (which may have meant a percent): ``15 records,
+        0.002% of 665,298; for 15 percent write 15%``; else None."""
+        if self.is_fraction or self.value > 100:
+            return None
+        n = int(self.value)
+        share = f"{100 * n / n_records:.2g}" if n_records else "0"
+        return f"{n:,} record{'s' * (n != 1)}, {share}% of {n_records:,}; for {n} percent " \
+               f"write {n}%"
+
     def to_dict(self) -> dict[str, Any]:
         return {"text": self.text, "kind": "fraction" if self.is_fraction else "count",
                 "value": self.value if self.is_fraction else int(self.value)}
