@@ -13,6 +13,7 @@ from tive.cli.inspect import doctor, report, tasks
 from tive.cli.options import (
     DEFAULT_RUN,
     data_options,
+    mixture_path,
     model_options,
     option_flag,
     reasons,
@@ -65,7 +66,7 @@ def main() -> None:
 
 
 @main.command("import")
-@click.option("--data", required=True, type=click.Path(path_type=Path),
+@click.option("--data", required=True, type=click.Path(path_type=Path), callback=mixture_path,
               help="The mixture the features belong to (row order must match).")
 @click.option("--features", type=click.Path(path_type=Path), help="(N, k) .npy of features.")
 @click.option("--norms", type=click.Path(path_type=Path), help="(N,) .npy of exact norms.")
@@ -134,7 +135,7 @@ def import_(data: Path, features: Path | None, norms: Path | None, loss: Path | 
 @settings_options(SelectConfig)
 @click.option("--output", "-o", type=click.Path(path_type=Path),
               help="Subset file  [default: RUN/subset-METHOD-BUDGET in the data's format]")
-@click.option("--data", type=click.Path(path_type=Path),
+@click.option("--data", type=click.Path(path_type=Path), callback=mixture_path,
               help="The mixture (must match the store's)  [default: the one the store was "
                    "built from]")
 @task_option
@@ -175,7 +176,8 @@ def select(run: Path, output: Path | None, data: Path | None, task_field: str | 
 
 @main.command()
 @model_options
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="The mixture.")
+@click.option("--data", required=True, type=click.Path(path_type=Path), callback=mixture_path,
+              help="The mixture.")
 @click.option("--run", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RUN,
               show_default=True, help="Run folder; the adapter goes to RUN/reference.")
 @settings_options(WarmupConfig, skip=("paper",))
@@ -214,7 +216,8 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
 
 @main.command()
 @model_options
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="The mixture.")
+@click.option("--data", required=True, type=click.Path(path_type=Path), callback=mixture_path,
+              help="The mixture.")
 @click.option("--run", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RUN,
               show_default=True, help="Run folder: reference/ (warm-up adapter) and store/.")
 @click.option("--reference", type=click.Path(file_okay=False, path_type=Path),
