@@ -509,7 +509,8 @@ def test_a_default_warmup_on_2000_records_trains_and_paper_keeps_the_authors_bat
     for name, extra in (("default", []), ("paper", ["--paper"])):
         run = tmp_path / name
         res = CliRunner().invoke(main, ["warmup", "--model", str(tmp_path / "model"), "--data",
-                                        str(data), "--run", str(run), "--quiet", *extra])
+                                        str(data), "--run", str(run), "--quiet", "--batch-size",
+                                        "16", *extra])
         assert res.exit_code == 0, res.output + str(res.exception)
         info = json.loads((run / "reference/reference.json").read_text())
         weights = load_file(run / "reference/adapter_model.safetensors")
