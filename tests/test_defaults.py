@@ -1,4 +1,4 @@
-"""The README's tables of defaults, read and compared with the code (no drift), and the
+"""The user guide's tables of defaults (docs/models.md), read and compared with the code (no drift), and the
 defaults pinned to the TIVE authors' values (their finetune_lora.sh and select_data_TIVE.py)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from tive.warmup import plan
 from tive.warmup import training as wu
 from tive.warmup.settings import AUTHORS as WARMUP_AUTHORS, WarmupConfig
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "models.md"  # the user guide's page
 
 
 def readme_rows() -> dict[str, tuple[str, str]]:

@@ -119,6 +119,6 @@ def model_options(f: Callable) -> Callable:
 
 def mixture_path(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
     """``--data``'s callback: a path with nothing there is said before anything heavy loads."""
-    from tive.data import require_mixture_path
+    from tive.data.paths import require_mixture_path
 
     return value if value is None else require_mixture_path(value)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from tive.data import require_mixture_path
+from tive.data.paths import require_mixture_path
 from tive.data.readers import CONTAINERS, quiet_datasets, read_container
 from tive.data.schemas import EMBEDDED, SCHEMAS, Record, content_key, detect_schema, normalize
 from tive.errors import DataError
