@@ -309,8 +309,13 @@ def test_recipe_reaches_the_global_batch_by_accumulation():
     given = WarmupConfig(global_batch=128)
     one = plan_recipe(given, 17, 1, None)
     assert (one.global_batch, one.steps, one.warmup_steps, one.accumulation) == (128, 1, 1, 5)
-    assert "warm-up: 1 optimizer step of 128 records" in one.notice(17, given)
+    assert "warm-up: 1 optimizer step of 17 records" in one.notice(17, given)
     assert "fewer than 100 steps" in one.notice(17, given)
+    assert "a smaller --global-batch (--warmup-global-batch in tive score) or more epochs" in \
+        one.notice(17, given)
+    big = plan_recipe(given, 5_000, 1, None)  # 40 steps of 128; 50 would give 100
+    assert "fix: leave out --global-batch (--warmup-global-batch in tive score) to have it " \
+           "chosen (50 here)" in big.notice(5_000, given)
 
 
 def test_the_authors_batch_is_kept_where_it_trains_enough_and_scaled_below():

@@ -65,9 +65,14 @@ class Recipe:
         if config.paper:
             return f"warm-up (--paper, the authors' recipe) on a {sample:,}-record sample: {trains}"
         if self.steps < MIN_STEPS:
+            auto = chosen_batch(sample, config.epochs)
+            fix = (f"leave out --global-batch (--warmup-global-batch in tive score) to have it "
+                   f"chosen ({auto} here)" if auto < self.global_batch
+                   and config.epochs * math.ceil(sample / auto) >= MIN_STEPS else
+                   "a smaller --global-batch (--warmup-global-batch in tive score) or more "
+                   "epochs train more")
             return (f"warm-up: {trains}; fewer than {MIN_STEPS} steps, so the adapter may barely "
-                    f"move; fix: a smaller --global-batch (--warmup-global-batch in tive score), "
-                    f"or leave it out to have it chosen")
+                    f"move; fix: {fix}")
         return None
 
 
