@@ -189,7 +189,7 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
            quiet: bool, task_field: str | None, image_root: Path | None,
            skip_missing_images: bool, **settings: Any) -> None:
     """Train the warm-up LoRA reference model on an equal-per-task sample of the mixture
-    (the TIVE authors' recipe by default; see the README's table)."""
+    (the TIVE authors' recipe by default; see the table in docs/models.md)."""
     from tive.data.mixture import load_mixture
     from tive.data.tasks import label_tasks
     from tive.util.dist import Dist
