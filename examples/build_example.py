@@ -83,7 +83,7 @@ def build_records(paths: dict[str, list[str]], rng: np.random.Generator) -> list
         add("aokvqa", coco[(j * 7) % 24], turn(
             f"<image>\nWhat is the main object?\nA. A car\nB. A flower\nC. A dog\n{LETTER}", "B"))
     for j in range(12):
-        box = [round(v, 2) for v in sorted(rng.uniform(0, 1, 4))]
+        box = [round(float(v), 2) for v in sorted(rng.uniform(0, 1, 4))]
         ask = (f"<image>\nPlease provide a short description for this region: {box}"
                if j % 2 else
                "<image>\nPlease provide the bounding box coordinate of the region this "

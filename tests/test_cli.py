@@ -106,9 +106,25 @@ def test_budget_text_names_outputs_so_count_and_fraction_do_not_collide(imported
     run("select", "--run", imported["run"], "--budget", "1")
     run("select", "--run", imported["run"], "--budget", "100%", "--no-oversample")
     assert len(json.loads((imported["run"] / "subset-tive-1.json").read_text())) == 1
-    assert len(json.loads((imported["run"] / "subset-tive-100%.json").read_text())) == 36
-    report = json.loads((imported["run"] / "subset-tive-100%.report.json").read_text())
+    assert len(json.loads((imported["run"] / "subset-tive-1.0.json").read_text())) == 36
+    report = json.loads((imported["run"] / "subset-tive-1.0.report.json").read_text())
     assert report["budget_kind"] == "fraction" and report["budget"] == 36
+
+
+def test_one_name_per_budget_and_a_small_count_says_it_is_not_a_percent(imported):
+    from tive.selection.settings import Budget
+
+    assert Budget.parse("15%").name == Budget.parse("0.15").name == "0.15"
+    assert (Budget.parse("7.5%").name, Budget.parse(1).name) == ("0.075", "1")
+    run("select", "--run", imported["run"], "--budget", "50%")
+    out = run("select", "--run", imported["run"], "--budget", "0.5").output
+    assert sorted(p.name for p in imported["run"].glob("subset-tive-*.json")) == \
+        ["subset-tive-0.5.json", "subset-tive-0.5.report.json"]
+    assert "for 5 percent" not in out
+    out = run("select", "--run", imported["run"], "--budget", "5").output
+    assert "selected 5 of 36 records (5 distinct); 5 records, 14% of 36; for 5 percent write " \
+           "5%" in out
+    assert "percent" not in run("select", "--run", imported["run"], "--budget", "0.1").output
 
 
 def test_report_lists_store_and_selections(imported):

@@ -1,4 +1,4 @@
-"""The README's tables of defaults, read and compared with the code (no drift), and the
+"""The user guide's tables of defaults (docs/models.md), read and compared with the code (no drift), and the
 defaults pinned to the TIVE authors' values (their finetune_lora.sh and select_data_TIVE.py)."""
 
 from __future__ import annotations
@@ -8,10 +8,11 @@ from pathlib import Path
 
 from tive.scoring.settings import AUTHORS as SCORE_AUTHORS, ScoreConfig
 from tive.selection.settings import AUTHORS_EXCLUDE, DEFAULTS, AUTHORS as SELECT_AUTHORS
+from tive.warmup import plan
 from tive.warmup import training as wu
 from tive.warmup.settings import AUTHORS as WARMUP_AUTHORS, WarmupConfig
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "models.md"  # the user guide's page
 
 
 def readme_rows() -> dict[str, tuple[str, str]]:
@@ -48,10 +49,15 @@ def code_rows() -> dict[str, tuple[str, str]]:
                                  f"trained, `mm_projector_lr` {num(a['projector_lr'])}"),
         "optimizer": (f"AdamW, weight decay {num(wu.WEIGHT_DECAY)}",
                       f"AdamW, weight decay {num(wu.WEIGHT_DECAY)}"),
-        "schedule": (f"{wu.SCHEDULE}, warm-up ratio {num(wu.WARMUP_RATIO)}",
-                     f"{wu.SCHEDULE}, warm-up ratio {num(wu.WARMUP_RATIO)}"),
+        "schedule": (f"{wu.SCHEDULE}, warm-up ratio {num(plan.WARMUP_RATIO)}",
+                     f"{wu.SCHEDULE}, warm-up ratio {num(plan.WARMUP_RATIO)}"),
         "epochs": (str(c.epochs), str(a["epochs"])),
-        "global batch": (str(c.global_batch), f"{a['global_batch']} (16 per GPU × 8 GPUs)"),
+        "global batch": (f"{a['global_batch']} where that gives ≥ {plan.MIN_STEPS} steps, else the "
+                         f"largest batch that does (down to {plan.MIN_BATCH})",
+                         f"{a['global_batch']} (16 per GPU × 8 GPUs)"),
+        "records of a step": ("all-image or all-text" if c.group_by_modality else "mixed",
+                              "all-image or all-text (`group_by_modality_length`)"
+                              if a["group_by_modality"] else "mixed"),
         "per-device batch": (str(c.batch_size), "16"),
         "precision": ("no autocast" if not c.bf16 else "bf16 autocast",
                       "bf16" if a["bf16"] else "fp32"),
@@ -82,10 +88,11 @@ def test_defaults_are_pinned_to_the_authors_recipe():
     """The values of the issue's table, written here once more by hand: a change to a default
     must change this test too."""
     c = WarmupConfig()
-    assert (c.lr, c.projector_lr, c.global_batch, c.epochs, c.fraction) == (2e-5, 2e-5, 128, 1,
-                                                                           0.08)
+    assert (c.lr, c.projector_lr, c.epochs, c.fraction) == (2e-5, 2e-5, 1, 0.08)
+    assert c.global_batch is None and WarmupConfig(paper=True).global_batch == 128
+    assert (plan.MIN_STEPS, plan.MIN_BATCH, c.group_by_modality) == (100, 8, True)
     assert (c.r, c.alpha, c.dropout, c.targets) == (128, 256, 0.05, ())
-    assert (wu.SCHEDULE, wu.WARMUP_RATIO, wu.WEIGHT_DECAY) == ("cosine", 0.03, 0.0)
+    assert (wu.SCHEDULE, plan.WARMUP_RATIO, wu.WEIGHT_DECAY) == ("cosine", 0.03, 0.0)
     assert SCORE_AUTHORS == {"projector": "trak", "proj_dim": 8192, "seed": 0,
                              "feature_dtype": "float16"}
     assert SELECT_AUTHORS["temperature"] == 1000.0 and SELECT_AUTHORS["oversample"] is True

@@ -147,3 +147,18 @@ def test_score_paper_refuses_another_projector_on_the_command_line(tmp_path):
     res = invoke("score", "--model", "smollm2-135m", "--data", data, "--paper",
                  "--warmup-lr", "1e-4")
     assert res.exit_code == 2 and "--paper trains with the authors' value (2e-05)" in res.stderr
+
+
+def test_paper_computes_gradients_in_the_authors_float16_or_says_why_not():
+    """Their finetune_lora.sh trained in bf16, their utils.py loaded the model in fp16."""
+    from tive.scoring.settings import paper_dtypes
+
+    assert paper_dtypes("auto", "cuda")[:2] == ("bf16", "fp16")
+    assert paper_dtypes("fp16", "cpu")[:2] == ("bf16", "fp16")  # insisted on
+    warm, score, line = paper_dtypes("auto", "cpu")
+    assert (warm, score) == ("auto", "auto") and line.startswith(
+        "--paper on a CPU: the weights in float32, not the authors' float16")
+    for other in ("bf16", "fp32"):
+        with pytest.raises(ConfigError, match=f"--dtype {other}: --paper computes the gradients "
+                                              f"in the authors' float16"):
+            paper_dtypes(other, "cuda")

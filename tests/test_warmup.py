@@ -166,7 +166,7 @@ def test_text_only_batches_of_a_visual_model_train(tmp_path):
     mixture = load_mixture(image_mixture(tmp_path / "data", n_per_task=2))
     text_rows = np.array([i for i in range(len(mixture)) if not mixture[i].images])
     loaded = load_model(resolve(str(tmp_path / "model")), dtype="fp32", device="cpu")
-    config = WarmupConfig(fraction=1.0, r=2, alpha=4, dropout=0.0, batch_size=2)
+    config = WarmupConfig(fraction=1.0, r=2, alpha=4, dropout=0.0, batch_size=2, global_batch=2)
     result = train(loaded, mixture, text_rows, config, progress=False)
     assert len(text_rows) == 2 and len(result["losses"]) == 1 and result["skipped"] == {}
 
@@ -290,25 +290,87 @@ def test_defaults_are_the_authors_recipe():
 
     config = WarmupConfig()
     assert (config.r, config.alpha, config.dropout) == (128, 256, 0.05)
-    assert (config.lr, config.projector_lr, config.epochs, config.global_batch) == \
-        (2e-5, 2e-5, 1, 128)
+    assert (config.lr, config.projector_lr, config.epochs) == (2e-5, 2e-5, 1)
+    assert config.global_batch is None  # the authors' 128 where it trains enough (tive.warmup.plan)
+    assert WarmupConfig(paper=True).global_batch == 128 and config.group_by_modality is True
     assert config.fraction == 0.08 and config.targets == () and config.train_projector is None
     assert (wu.WARMUP_RATIO, wu.WEIGHT_DECAY, wu.SCHEDULE) == (0.03, 0.0, "cosine")
-    assert {k: getattr(config, k) for k in AUTHORS if k != "bf16"} == \
-        {k: v for k, v in AUTHORS.items() if k != "bf16"}
+    assert {k: getattr(config, k) for k in AUTHORS if k not in ("bf16", "global_batch")} == \
+        {k: v for k, v in AUTHORS.items() if k not in ("bf16", "global_batch")}
 
 
 def test_recipe_reaches_the_global_batch_by_accumulation():
-    from tive.warmup.training import Recipe, plan_recipe
+    from tive.warmup.plan import Recipe, plan_recipe
 
-    config = WarmupConfig()  # 128 per step, 4 per forward
-    assert plan_recipe(config, 53_223, 1, None) == Recipe(416, 13, 32, None)
+    config = WarmupConfig()  # 128 per step where it trains enough, 4 per forward
+    assert plan_recipe(config, 53_223, 1, None) == Recipe(128, 416, 13, 32, None)
     assert plan_recipe(config, 53_223, 8, "p").accumulation == 4  # 16 per GPU: 4 × 4
-    one = plan_recipe(config, 17, 1, None)
-    assert (one.steps, one.warmup_steps, one.accumulation) == (1, 1, 5)
-    assert "smaller than the global batch (128): one optimizer step" in one.notice(17, config)
-    assert "learning rate 0" in one.notice(17, config)
-    assert plan_recipe(config, 500, 1, None).notice(500, config) is None
+    assert plan_recipe(config, 53_223, 1, None).notice(53_223, config) is None
+    given = WarmupConfig(global_batch=128)
+    one = plan_recipe(given, 17, 1, None)
+    assert (one.global_batch, one.steps, one.warmup_steps, one.accumulation) == (128, 1, 1, 5)
+    assert "warm-up: 1 optimizer step of 17 records" in one.notice(17, given)
+    assert "fewer than 100 steps" in one.notice(17, given)
+    assert "a smaller --global-batch (--warmup-global-batch in tive score) or more epochs" in \
+        one.notice(17, given)
+    big = plan_recipe(given, 5_000, 1, None)  # 40 steps of 128; 50 would give 100
+    assert "fix: leave out --global-batch (--warmup-global-batch in tive score) to have it " \
+           "chosen (50 here)" in big.notice(5_000, given)
+
+
+def test_the_authors_batch_is_kept_where_it_trains_enough_and_scaled_below():
+    """The criterion is optimizer steps (docs/design.md, "The warm-up's steps"): the authors'
+    128 where it gives ≥ 100 steps, else the largest batch that does, down to 8."""
+    from tive.warmup.plan import MIN_STEPS, chosen_batch, lr_sum, plan_recipe
+
+    config = WarmupConfig()
+    assert chosen_batch(53_223, 1) == 128 and chosen_batch(12_800, 1) == 128
+    assert chosen_batch(12_672, 1) == 127  # 128 would give 99 steps, 127 gives 100
+    assert chosen_batch(4_000, 1) == 40 and chosen_batch(4_000, 2) == 81
+    assert chosen_batch(160, 1) == 8  # a 2,000-record mixture: 20 steps of 8
+    assert chosen_batch(9, 1) == 5 and chosen_batch(1, 1) == 1  # two steps where it can
+    for sample in (10, 160, 799, 800, 801, 5_000, 12_672, 12_800, 40_000):
+        batch = chosen_batch(sample, 1)
+        steps = -(-sample // batch)
+        assert steps >= MIN_STEPS or batch <= 8
+        assert batch == 128 or -(-sample // (batch + 1)) < MIN_STEPS  # the largest that does
+    authors = plan_recipe(WarmupConfig(paper=True), 53_223, 1, None)
+    assert authors.lr_sum == pytest.approx(208, abs=1)  # the issue's count for their 665K run
+    assert lr_sum(1, 1) == 0 and lr_sum(2, 1) == 1  # the first step's rate is 0
+    small = plan_recipe(config, 160, 1, None)
+    assert (small.global_batch, small.steps, small.scaled) == (8, 20, True)
+    line = small.notice(160, config)
+    assert line.startswith("warm-up: global batch 8 instead of the authors' 128, so that the "
+                           "160-record sample trains: 20 optimizer steps of 8 records")
+    assert "--paper keeps their batch" in line and "\n" not in line
+    paper = plan_recipe(WarmupConfig(paper=True), 160, 1, None)
+    assert (paper.global_batch, paper.steps, paper.scaled) == (128, 2, False)
+    assert paper.notice(160, WarmupConfig(paper=True)).startswith(
+        "warm-up (--paper, the authors' recipe) on a 160-record sample: 2 optimizer steps of 128 "
+        "records, learning rate summed over them 1 × the peak (the authors' 665,298-record run: "
+        "416 steps, 208)")
+
+
+def test_steps_are_all_image_or_all_text_as_llavas_group_by_modality_length():
+    from tive.warmup.plan import modality_order
+
+    rows = np.arange(1000, 1350)
+    has_image = np.random.default_rng(0).random(350) < 0.7
+    image = set(rows[has_image].tolist())
+    for seed in range(5):
+        order = modality_order(rows, has_image, 32, np.random.default_rng(seed))
+        assert sorted(order.tolist()) == rows.tolist()
+        steps = [order[i:i + 32] for i in range(0, len(order), 32)]
+        n_image, n_text = int(has_image.sum()), int((~has_image).sum())
+        full = n_image // 32 + n_text // 32
+        for step in steps[:full]:  # every full step one modality; the leftovers last
+            assert len({int(r) in image for r in step}) == 1
+        assert {int(r) for s in steps[full:] for r in s} == \
+            set(order[full * 32:].tolist()) and len(order) - full * 32 == n_image % 32 + n_text % 32
+        kinds = [int(s[0]) in image for s in steps[:full]]
+        assert kinds != sorted(kinds) or seed > 0  # the full steps of both are shuffled together
+    one = modality_order(rows, np.ones(350, dtype=bool), 32, np.random.default_rng(0))
+    assert sorted(one.tolist()) == rows.tolist()
 
 
 def _trained(tmp_path, batch_size):
@@ -397,7 +459,8 @@ def test_small_sample_says_it_is_one_step_and_text_models_have_no_projector(tmp_
                                     str(data), "--run", str(tmp_path / "run"), "--fraction",
                                     "1", "--lora-r", "2", "--lora-alpha", "4", "--quiet"])
     assert res.exit_code == 0, res.output
-    assert res.output.count("smaller than the global batch (128): one optimizer step") == 1
+    # a 6-record sample: 2 steps of 3 (the first at learning rate 0), said in one line
+    assert res.output.count("warm-up: global batch 3 instead of the authors' 128") == 1
     from zoo import text_llama
 
     model = text_llama()
@@ -408,3 +471,99 @@ def test_small_sample_says_it_is_one_step_and_text_models_have_no_projector(tmp_
 
     assert trained_projector(llava_clip_llama(), "llava", False) is None
     assert trained_projector(llava_clip_llama(), "llava", None) == "model.multi_modal_projector"
+
+
+def big_mixture(folder, n=2000):
+    """``n`` short LLaVA records in four tasks, half with one of a few tiny images."""
+    import json
+
+    from PIL import Image
+
+    for task, colour in (("coco", (200, 30, 30)), ("gqa", (30, 30, 200))):
+        (folder / task).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (28, 28), colour).save(folder / task / "0.png")
+    records = []
+    for j in range(n):
+        task = ("coco", "gqa", None, None)[j % 4]
+        r = {"id": f"r{j}", "conversations": [
+            {"from": "human", "value": ("<image>\n" if task else "") + f"Say {j % 7}."},
+            {"from": "gpt", "value": "Red." if task == "coco" else f"Number {j % 7}."}]}
+        if task:
+            r["image"] = f"{task}/0.png"
+        elif j % 8 == 2:
+            r["id"] = f"sharegpt-{j}"  # a second text task
+        records.append(r)
+    (folder / "mix.json").write_text(json.dumps(records))
+    return folder / "mix.json"
+
+
+def test_a_default_warmup_on_2000_records_trains_and_paper_keeps_the_authors_batch(tmp_path):
+    """The issue's case: the authors' batch gives a 160-record sample 2 steps (the first at
+    learning rate 0); the default takes 20 steps of 8 and the adapter moves."""
+    import json
+
+    from click.testing import CliRunner
+    from safetensors.torch import load_file
+    from zoo import save_llava_folder
+
+    from tive.cli.commands import main
+
+    save_llava_folder(tmp_path / "model")
+    data = big_mixture(tmp_path / "data")
+    lines = {}
+    for name, extra in (("default", []), ("paper", ["--paper"])):
+        run = tmp_path / name
+        res = CliRunner().invoke(main, ["warmup", "--model", str(tmp_path / "model"), "--data",
+                                        str(data), "--run", str(run), "--quiet", "--batch-size",
+                                        "16", *extra])
+        assert res.exit_code == 0, res.output + str(res.exception)
+        info = json.loads((run / "reference/reference.json").read_text())
+        weights = load_file(run / "reference/adapter_model.safetensors")
+        b = [v for k, v in weights.items() if "lora_B" in k]
+        lines[name] = (info, max(float(v.abs().max()) for v in b), res.output)
+    info, moved, out = lines["default"]
+    assert info["sample"]["trained"] == 160 and info["recipe"]["steps"] == 20 >= 10
+    assert info["recipe"]["global_batch"] == 8 and info["recipe"]["global_batch_scaled"] is True
+    assert info["loss"]["steps"] == 20 and moved > 0
+    assert info["recipe"]["group_by_modality"] is True and info["recipe"]["lr_sum"] > 9
+    assert out.count("warm-up: global batch 8 instead of the authors' 128") == 1
+    info, moved, out = lines["paper"]
+    assert info["recipe"]["steps"] == 2 and info["recipe"]["global_batch"] == 128
+    assert info["recipe"]["global_batch_scaled"] is False and info["recipe"]["bf16"] is True
+    assert info["recipe"]["lr_sum"] == 1
+    assert out.count("warm-up (--paper, the authors' recipe) on a 160-record sample: 2 "
+                     "optimizer steps of 128 records") == 1
+
+
+def test_warmup_steps_are_one_modality_each(tmp_path, monkeypatch):
+    """What the training loop feeds each optimizer step: all-image or all-text but the last."""
+    from zoo import save_llava_folder
+
+    from tive.data.mixture import load_mixture
+    from tive.models.load import load_model
+    from tive.models.registry import resolve
+    from tive.warmup import training
+
+    seen = []
+    original = training._StepRunner.__call__
+
+    def spy(self, step, bar):
+        seen.append([item.images > 0 for item in step])
+        return original(self, step, bar)
+
+    monkeypatch.setattr(training._StepRunner, "__call__", spy)
+    save_llava_folder(tmp_path / "model")
+    mixture = load_mixture(image_mixture(tmp_path / "data", n_per_task=5))  # 10 image, 5 text
+    loaded = load_model(resolve(str(tmp_path / "model")), dtype="fp32", device="cpu")
+    config = WarmupConfig(fraction=1.0, r=2, alpha=4, dropout=0.0, global_batch=4, epochs=2)
+    training.train(loaded, mixture, np.arange(15), config, progress=False)
+    assert [len(s) for s in seen] == [4, 4, 4, 3] * 2  # 2 image + 1 text full steps, 2+1 left
+    for epoch in (seen[:4], seen[4:]):
+        assert sorted(len(set(s)) for s in epoch[:3]) == [1, 1, 1]
+        assert sum(all(s) for s in epoch[:3]) == 2 and sorted(epoch[3]) == [False, True, True]
+    seen.clear()
+    config = WarmupConfig(fraction=1.0, r=2, alpha=4, dropout=0.0, global_batch=4,
+                          group_by_modality=False)
+    loaded = load_model(resolve(str(tmp_path / "model")), dtype="fp32", device="cpu")
+    training.train(loaded, mixture, np.arange(15), config, progress=False)
+    assert [len(s) for s in seen] == [4, 4, 4, 3]

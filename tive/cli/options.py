@@ -115,3 +115,10 @@ def model_options(f: Callable) -> Callable:
     return click.option("--model", "model_spec", required=True, metavar="MODEL",
                         help=f"Alias ({', '.join(ALIASES)}), hub id in the local cache, "
                              f"folder, or .gguf file.")(f)
+
+
+def mixture_path(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """``--data``'s callback: a path with nothing there is said before anything heavy loads."""
+    from tive.data.paths import require_mixture_path
+
+    return value if value is None else require_mixture_path(value)

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from tive.data.paths import require_mixture_path
 from tive.data.readers import CONTAINERS, quiet_datasets, read_container
 from tive.data.schemas import EMBEDDED, SCHEMAS, Record, content_key, detect_schema, normalize
 from tive.errors import DataError
@@ -207,10 +208,7 @@ def load_mixture(path: str | os.PathLike, task_field: str | None = None) -> Mixt
         DataError: the file is missing or unreadable, or a record is malformed (one line:
             file, record index and id, what was expected, the fix).
     """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder; expected a mixture (.json, .jsonl, "
-                        f".parquet or a datasets folder); fix: check the path and its spelling")
+    path = require_mixture_path(path)
     try:
         return _load(path, task_field)
     except RecursionError:

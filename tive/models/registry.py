@@ -61,6 +61,24 @@ def derives_positions(model_type: str) -> bool:
     return any(model_type in f.own_positions for f in FAMILIES.values())
 
 
+def _check_not_a_missing_folder(spec: str, path: Path) -> None:
+    """A name that looks like a path (it has a ``/`` and its parent folder exists, or it starts
+    with ``.``, ``~`` or ``/``) but names nothing is a mistyped folder, not a hub id.
+
+    Raises:
+        ConfigError: naming the folder that does not exist and what its parent holds.
+    """
+    if spec in HUB_ALIASES or "/" not in spec or path.exists():
+        return
+    parent = path.parent
+    if not (spec.startswith((".", "~", "/")) or (str(parent) not in ("", ".") and parent.is_dir())):
+        return
+    near = sorted(p.name for p in parent.iterdir() if p.is_dir())[:8] if parent.is_dir() else []
+    hint = f" (it has {', '.join(near)})" if near else ""
+    raise ConfigError(f"{named('model', spec)}: the folder {path} does not exist{hint}; fix: "
+                      f"the model folder's path, or a hub id (owner/name) in the local cache")
+
+
 def resolve(spec: str, cache_dir: str | Path | None = None) -> ModelSource:
     """Find the model ``spec`` names, on this machine only.
 
@@ -82,10 +100,12 @@ def resolve(spec: str, cache_dir: str | Path | None = None) -> ModelSource:
         return ModelSource(spec, path, family)
     hub_id = HUB_ALIASES.get(spec, spec)
     if spec not in HUB_ALIASES and spec.count("/") != 1:
+        _check_not_a_missing_folder(spec, path)
         raise ConfigError(f"{named('model', repr(spec))}: not an alias, a folder, a .gguf file "
                           f"or a hub id (owner/name); aliases: {', '.join(ALIASES)}")
     folder = cached_snapshot(hub_id, cache_dir)
     if folder is None:
+        _check_not_a_missing_folder(spec, path)
         raise ConfigError(
             f"{named('model', spec)}: {hub_id} is not in the local Hugging Face cache and tive "
             f"never downloads; fix: on a machine with internet run `hf download {hub_id}` (then "

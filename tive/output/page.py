@@ -2,8 +2,9 @@
 
 One file, no network: the task table, the bar chart of task shares (PNG, embedded), per task a
 histogram of its instance values with the selected records marked (inline SVG), and per task
-the records of highest and lowest value as they would be trained (image thumbnail, the
-conversation, its value, selected or not). It reads only values already in the
+the selected records (all, or :data:`CHOSEN` spread over their values) and the records of
+highest and lowest value as they would be trained (image thumbnail, the conversation, its
+value, selected or not); for the soft draw, how uniform τ makes it within a task. It reads only values already in the
 :class:`~tive.selection.report.Report` (never the features; :mod:`tive.output.views` says what) and opens only the images it shows, so it is
 as fast and as small on 665K records as on 200: the histograms count every record, the
 examples are :data:`EXAMPLES` per end of each task.
@@ -27,6 +28,7 @@ from tive.output.views import Chosen, Values
 from tive.util.files import atomic_path
 
 EXAMPLES = 5  # records shown at each end (highest, lowest value) of every task
+CHOSEN = 12  # selected records shown per task at most (all of them when fewer)
 BINS = 24  # histogram bars per task
 THUMB_PX = 112  # longest side of an embedded thumbnail
 TURN_CHARS = 600  # characters of a turn shown before it is cut with "…"
@@ -130,34 +132,78 @@ def _summary(report: Values, selection: Chosen | None, root: Path | None) -> str
                      + ", ".join(f"{n:,} {r}" for r, n in report.invalid.items()) + ")"
                      if left else "")))
     if selection is not None:
-        settings = {k: v for k, v in selection.config.to_dict().items()
-                    if v not in (None, [], False)}
-        items.append(("settings", ", ".join(f"{k} {v}" for k, v in settings.items())))
+        items.append(("settings", _settings_text(selection.config.to_dict())))
         distinct = len(np.unique(selection.indices))
         items.append(("subset", f"{len(selection.indices):,} records ({distinct:,} distinct) "
                       f"of a budget of {selection.budget:,}"))
         items += [("note", n) for n in selection.notes]
+        draw = _draw_note(report, selection)
+        if draw:
+            items.append(("within-task draw", draw))
     rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in items)
     return f"<table class=meta>{rows}</table>"
 
 
+def _settings_text(settings: dict[str, Any]) -> str:
+    """``method tive, budget 0.15, strategy soft, …, seed 0, exclude textcaps, vg``: every
+    setting given (a seed of 0 included), lists as text, unset ones and false flags left out."""
+    shown = []
+    for k, v in settings.items():
+        if v is None or v is False or (isinstance(v, (list, tuple)) and not v):
+            continue
+        text = ", ".join(str(x) for x in v) if isinstance(v, (list, tuple)) else str(v)
+        shown.append(f"{k} {text}")
+    return ", ".join(shown)
+
+
+def _draw_note(report: Values, selection: Chosen) -> str | None:
+    """What the soft draw's τ does on these values: by how much at most the weights exp(v/τ)
+    of two records of one task differ (nearly uniform at the authors' τ = 1000)."""
+    c = selection.config
+    if getattr(c, "strategy", None) is None or str(getattr(c.strategy, "value", c.strategy)) \
+            != "soft" or c.temperature is None:
+        return None
+    tau = float(c.temperature)
+    if math.isinf(tau):
+        return "τ = inf: a uniform draw within each task"
+    spread = 0.0
+    for task in report.task_names:
+        values = report.instance_values[report.members(task)]
+        values = values[np.isfinite(values)]
+        if len(values):
+            spread = max(spread, float(values.max() - values.min()))
+    ratio = math.exp(min(spread / tau, 700.0)) - 1.0
+    text = (f"τ = {tau:g}: within a task the weights exp(v/τ) of the most and the least "
+            f"valuable record differ by at most {ratio:.2%}")
+    if ratio <= 0.05:
+        text += (", so the draw within a task is nearly uniform: the task values set how many "
+                 "records each task gives, the instance values barely which ones (a smaller "
+                 "--temperature favours the representative records)")
+    return text
+
+
 def _task_table(report: Values, selection: Chosen | None) -> str:
     sizes, valid, n = report.sizes, report.valid_sizes(), max(len(report.tasks), 1)
-    header = ["task", "records", "valid", report.value_header()]
+    value = selection is None or selection.uses_values()  # as the CLI's table: baselines
+    quota = selection is not None and selection.by_task()  # show no value or quota columns
+    header = ["task", "records", "valid"] + ([report.value_header()] if value else [])
     if selection is not None:
         d = selection.to_dict()["tasks"]
         b = max(len(selection.indices), 1)
-        header += ["quota", "selected", "distinct", "share before → after"]
+        header += (["quota"] if quota else []) + ["selected", "distinct", "share before → after"]
     rows = []
     for t in report.task_names:
-        cells = [f"<td>{_e(t)}</td>", _num(f"{sizes[t]:,}"), _num(f"{valid[t]:,}"),
-                 _num(fmt_value(report.task_values.get(t, math.nan)))]
+        cells = [f"<td>{_e(t)}</td>", _num(f"{sizes[t]:,}"), _num(f"{valid[t]:,}")]
+        if value:
+            cells.append(_num(fmt_value(report.task_values.get(t, math.nan))))
         css = ""
         if selection is not None:
             e = d[t]
             css = " class=excluded" if e["excluded"] else ""
-            cells += [_num("excluded" if e["excluded"] else f"{e['quota']:,}"),
-                      _num(f"{e['selected']:,}"), _num(f"{e['unique']:,}"),
+            if quota:
+                cells.append(_num("excluded" if e["excluded"] else f"{e['quota']:,}"))
+            cells += [_num("excluded" if e["excluded"] and not quota else f"{e['selected']:,}"),
+                      _num(f"{e['unique']:,}"),
                       _num(f"{sizes[t] / n:.1%} → {e['selected'] / b:.1%}")]
         rows.append(f"<tr{css}>{''.join(cells)}</tr>")
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
@@ -183,8 +229,14 @@ def _task_section(report: Values, task: str, picked: np.ndarray, root: Path | No
     order = np.argsort(-values, kind="stable")
     top = order[:EXAMPLES]
     bottom = [i for i in order[::-1][:EXAMPLES] if i not in set(top.tolist())][::-1]
+    chosen = order[kept[order] > 0]  # the selected records, highest value first
+    shown = chosen[np.unique(np.linspace(0, len(chosen) - 1, CHOSEN).round().astype(int))] \
+        if len(chosen) > CHOSEN else chosen
+    label = (f"selected: all {len(chosen):,}" if len(shown) == len(chosen) else
+             f"selected: {len(shown)} of {len(chosen):,}, evenly spaced from the highest "
+             f"value to the lowest")
     parts = [head, _histogram(values, kept > 0)]
-    for label, rows in (("highest value", top), ("lowest value", bottom)):
+    for label, rows in ((label, shown), ("highest value", top), ("lowest value", bottom)):
         if len(rows):
             cards = "".join(_record_card(report, int(members[i]), float(values[i]),
                                          int(kept[i]), root) for i in rows)

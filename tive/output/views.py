@@ -51,3 +51,7 @@ class Chosen(Protocol):
     report: Values
 
     def to_dict(self) -> dict[str, Any]: ...
+
+    def by_task(self) -> bool: ...  # the method fills a quota per task
+
+    def uses_values(self) -> bool: ...  # the task values set the quotas

@@ -41,7 +41,7 @@ from tive.scoring.identity import (
 )
 from tive.scoring.loop import Feeding, score_batches
 from tive.scoring.plan import open_window_rows, pending_batches, plan_batches, record_lengths
-from tive.scoring.settings import DEFAULT_BATCH, ScoreConfig, parse_key_layers
+from tive.scoring.settings import DEFAULT_BATCH, ScoreConfig, paper_dtypes, parse_key_layers
 from tive.store.format import STORE_DIR, Store
 from tive.store.writers import RowWriter, create_part, fold_parts, mark_complete
 from tive.util.dist import Dist
@@ -178,8 +178,11 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
         missing = mixture.missing_images(image_root)
         _check_missing(mixture, missing, image_root, skip_missing_images)
         device = dist.device(device)
+        warm_dtype = dtype
         if config.paper:
             require_cuda_kernel(pick_device(device))
+            warm_dtype, dtype, line = paper_dtypes(dtype, pick_device(device).type)
+            echo(line)
         ctx = ScoreRun(source, mixture, labels.tasks, run, config, task_field, image_root,
                        run_identity(source, mixture, config, task_field, image_root), dist,
                        force, progress, echo)
@@ -194,7 +197,7 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
                 raise ConfigError("paper: the warm-up and the scoring settings disagree; fix: "
                                   "paper=True for both, or for neither")
             if reference is None:  # under torchrun, every rank trains its share
-                ref = ensure_reference(run, source, mixture, labels, warm, dtype=dtype,
+                ref = ensure_reference(run, source, mixture, labels, warm, dtype=warm_dtype,
                                        device=device, image_root=image_root, missing=missing,
                                        replace=force, progress=progress, dist=dist, echo=echo)
                 echo(ref.message)
@@ -202,6 +205,8 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
             else:
                 ref, how = None, "given"
             adapter = Path(reference) if reference is not None else run / REFERENCE_DIR
+            if warm_dtype != dtype and ref is not None:  # scored in another type: reloaded
+                ref.model = ref.loaded = None
             peft_model, loaded = _reference_model(source, adapter, ref, dtype, device)
             return _score(ctx, peft_model, loaded, adapter, how)
     finally:

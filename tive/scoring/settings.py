@@ -159,3 +159,32 @@ def parse_key_layers(text: str | None) -> int | None:
         raise ConfigError(f"{named('key_layers', repr(text))}: expected last:N with N ≥ 1 (e.g. "
                           f"last:8), the key parameters of the last N decoder layers")
     return int(count)
+
+
+def paper_dtypes(dtype: str, device_type: str) -> tuple[str, str, str | None]:
+    """The weights' types of ``--paper``: the warm-up's and the scoring's, and a line to say.
+
+    The authors trained their warm-up in bfloat16 (``finetune_lora.sh``: ``--bf16 True``) and
+    computed the gradients in float16 (their ``utils.py`` loads the model in float16). On a GPU,
+    ``--dtype auto`` (or ``fp16``) is exactly that. On a CPU ``auto`` stays float32 and says why;
+    ``--dtype fp16`` insists.
+
+    Args:
+        dtype: the ``--dtype`` given (``auto``, ``bf16``, ``fp16``, ``fp32``).
+        device_type: ``cuda`` or ``cpu``.
+
+    Raises:
+        ConfigError: another type than theirs asked for.
+    """
+    if dtype == "fp16" or (dtype == "auto" and device_type == "cuda"):
+        return "bf16", "fp16", ("--paper: the warm-up in bfloat16 weights and the gradients in "
+                                "float16 weights, as the authors' (finetune_lora.sh, utils.py)")
+    if dtype == "auto":
+        return "auto", "auto", (
+            "--paper on a CPU: the weights in float32, not the authors' float16 (bfloat16 for the "
+            "warm-up): float16 matrix products run 50-110x slower than bfloat16's on a CPU, and "
+            "TRAK's CPU projector draws another matrix than their GPU's kernel, so their features "
+            "cannot be reproduced here anyway; --dtype fp16 to insist")
+    raise ConfigError(f"{named('dtype', dtype)}: {named('paper')} computes the gradients in the "
+                      f"authors' float16 (the warm-up in bfloat16); fix: leave out "
+                      f"{named('dtype')} or give fp16, or leave out {named('paper')}")

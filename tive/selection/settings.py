@@ -141,6 +141,26 @@ class Budget:
         self.resolve(n_records)  # the same checks
         return self.value * n_records if self.is_fraction else self.value
 
+    @property
+    def name(self) -> str:
+        """The budget in file names, one per budget: ``15%`` and ``0.15`` are both ``0.15``
+        (a fraction, at 12 significant digits, always with its point: ``100%`` is ``1.0``), a
+        count its integer (``1``)."""
+        if not self.is_fraction:
+            return str(int(self.value))
+        text = format(self.value, ".12g")
+        return text if "." in text or "e" in text else f"{text}.0"
+
+    def percent_hint(self, n_records: int) -> str | None:
+        """For a plain integer up to 100 (which may have meant a percent): ``15 records,
+        0.002% of 665,298; for 15 percent write 15%``; else None."""
+        if self.is_fraction or self.value > 100:
+            return None
+        n = int(self.value)
+        share = f"{100 * n / n_records:.2g}" if n_records else "0"
+        return f"{n:,} record{'s' * (n != 1)}, {share}% of {n_records:,}; for {n} percent " \
+               f"write {n}%"
+
     def to_dict(self) -> dict[str, Any]:
         return {"text": self.text, "kind": "fraction" if self.is_fraction else "count",
                 "value": self.value if self.is_fraction else int(self.value)}
@@ -185,7 +205,8 @@ class SelectConfig:
         "τ of the soft draw. 1000 is the authors' q=0.001 (almost uniform); smaller favours "
         "representative records; inf is uniform.", "1000", type=float))
     seed: int | None = field(default=None, metadata=setting(
-        "Seed of the random draws (soft, random, random-per-task).", "0", type=int))
+        "Seed of the methods that draw: tive (its soft draw), random, random-per-task, "
+        "balanced, kmeans (its initial centroids).", "0", type=int))
     exclude: tuple[str, ...] = field(default=(), metadata=setting(
         "Task to leave out of valuation and selection (repeatable), e.g. textcaps as the "
         "authors did.", flag="--exclude-task", multiple=True))

@@ -68,7 +68,7 @@ class Selection:
         columns = ["task", "records", "value", "quota", "selected", "share"]
         if not self.uses_values():
             columns.remove("value")
-        if not method_named(self.config.method).by_task:
+        if not self.by_task():
             columns.remove("quota")
         rows = []
         for t, e in d["tasks"].items():
@@ -79,6 +79,11 @@ class Selection:
                      "share": f"{e['records'] / n:.1%} → {e['selected'] / b:.1%}"}
             rows.append([cells[c] for c in columns])
         return format_table(columns, rows)
+
+    def by_task(self) -> bool:
+        """Whether the method fills a quota per task (else it ranks or draws over the mixture,
+        and has no quota column)."""
+        return method_named(self.config.method).by_task
 
     def uses_values(self) -> bool:
         """Whether the task values set the quotas (``tive``, ``kmeans --quota value``)."""

@@ -22,15 +22,8 @@ from tive.util.dist import Dist
 from tive.util.files import atomic_path
 from tive.warmup.lora import gradient_dim, key_parameters
 from tive.warmup.settings import WarmupConfig
-from tive.warmup.training import (
-    SCHEDULE,
-    WARMUP_RATIO,
-    WEIGHT_DECAY,
-    Recipe,
-    train,
-    usable_rows,
-    warmup_sample,
-)
+from tive.warmup.plan import WARMUP_RATIO, Recipe
+from tive.warmup.training import SCHEDULE, WEIGHT_DECAY, train, usable_rows, warmup_sample
 
 REFERENCE_DIR = "reference"
 MEMORY_ONLY = ("gradient_checkpointing",)  # settings that do not change the adapter
@@ -78,7 +71,9 @@ def recipe_info(config: WarmupConfig, recipe: Recipe, processes: int,
     return {"optimizer": "AdamW", "lr": config.lr, "projector_lr": config.projector_lr,
             "weight_decay": WEIGHT_DECAY, "schedule": SCHEDULE, "warmup_ratio": WARMUP_RATIO,
             "warmup_steps": recipe.warmup_steps, "steps": recipe.steps,
-            "epochs": config.epochs, "global_batch": config.global_batch,
+            "epochs": config.epochs, "global_batch": recipe.global_batch,
+            "global_batch_scaled": recipe.scaled, "lr_sum": round(recipe.lr_sum, 4),
+            "group_by_modality": config.group_by_modality,
             "per_device_batch": config.batch_size, "accumulation": recipe.accumulation,
             "processes": processes, "bf16": config.bf16, "paper": config.paper,
             "lora": {"r": lora.r, "alpha": lora.lora_alpha, "dropout": lora.lora_dropout,

@@ -12,7 +12,7 @@ from tive.settings import named, setting
 # tive's defaults equal these; --paper refuses any other value of them.
 AUTHORS = {"fraction": 0.08, "r": 128, "alpha": 256, "dropout": 0.05, "lr": 2e-5,
            "projector_lr": 2e-5, "epochs": 1, "global_batch": 128, "targets": (),
-           "train_projector": None, "bf16": True}
+           "train_projector": None, "bf16": True, "group_by_modality": True}
 _SHOWN = {"show_default": True}  # --help shows these defaults as they are
 
 
@@ -32,14 +32,18 @@ class WarmupConfig:
             for LLaVA and Bunny, no for Qwen2-VL's merger and for text models, which have none).
         epochs: passes over the sample.
         global_batch: records per optimizer step, whatever the number of processes; the loss
-            of a step is the token mean over all its records.
+            of a step is the token mean over all its records. None: the authors' 128 where it
+            gives at least 100 steps, else smaller (:func:`tive.warmup.plan.chosen_batch`).
+        group_by_modality: each optimizer step all-image or all-text (LLaVA's
+            ``group_by_modality_length``, as the authors trained).
         batch_size: records per forward/backward on one device (memory only: the step is the
             same, up to float rounding and dropout draws, for any value).
         bf16: train under bfloat16 autocast.
         max_length: tokens per record at most (longer records are truncated).
         targets: LoRA on these linear layers of the language model (empty: every one).
         paper: the authors' run exactly: any setting of :data:`AUTHORS` at another value is
-            refused, and training runs under bfloat16 autocast as theirs did.
+            refused (the global batch is their 128 on any sample), and training runs under
+            bfloat16 autocast as theirs did.
         gradient_checkpointing: recompute activations in the backward pass (memory only; the
             authors trained with it; not part of the reference's identity).
     """
@@ -64,8 +68,12 @@ class WarmupConfig:
         "Qwen2-VL's merger]", negatable=True))
     epochs: int = field(default=1, metadata=setting(
         "Passes over the sample.", **_SHOWN, type=int))
-    global_batch: int = field(default=128, metadata=setting(
-        "Records per optimizer step, however many processes share it.", **_SHOWN, type=int))
+    global_batch: int | None = field(default=None, metadata=setting(
+        "Records per optimizer step, however many processes share it.", "the authors' 128 where "
+        "that gives at least 100 steps, else the largest batch that does, down to 8", type=int))
+    group_by_modality: bool = field(default=True, metadata=setting(
+        "Each optimizer step all-image or all-text, as the authors' (LLaVA's "
+        "group_by_modality_length).", **_SHOWN, negatable=True))
     batch_size: int = field(default=4, metadata=setting(
         "Records per forward/backward on one device (memory only; reached by gradient "
         "accumulation).", **_SHOWN, type=int))
@@ -78,8 +86,9 @@ class WarmupConfig:
         "q_proj,v_proj); default: every linear layer (the authors').", flag="--lora-targets",
         option_default="", metavar="NAMES", split=","))
     paper: bool = field(default=False, metadata=setting(
-        "The TIVE authors' run exactly: refuses warm-up settings other than theirs and trains "
-        "under bfloat16 autocast.", is_flag=True))
+        "The TIVE authors' run exactly: refuses warm-up settings other than theirs (their global "
+        "batch of 128 on any mixture, said how much it trains) and trains under bfloat16 "
+        "autocast.", is_flag=True))
     gradient_checkpointing: bool = field(default=False, metadata=setting(
         "Recompute activations in the backward pass: less memory, one more forward pass per "
         "layer.", **_SHOWN, is_flag=True))
@@ -87,8 +96,10 @@ class WarmupConfig:
     def __post_init__(self) -> None:
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"{named('fraction', self.fraction)}: expected a fraction in (0, 1]")
+        if self.paper and self.global_batch is None:
+            object.__setattr__(self, "global_batch", AUTHORS["global_batch"])
         for name in ("epochs", "global_batch", "batch_size", "max_length"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{named(name, getattr(self, name))}: expected ≥ 1")
         for name in ("lr", "projector_lr"):
             if not getattr(self, name) > 0:

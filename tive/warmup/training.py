@@ -6,14 +6,14 @@ others), then
 train as the TIVE authors did (their ``finetune_lora.sh``): LoRA r=128, alpha=256, dropout
 0.05 on every linear layer of the language model, the multimodal projector trained too,
 AdamW at 2e-5 with weight decay 0, a cosine schedule after a 3% linear warm-up, one epoch, a
-global batch of 128 records per optimizer step. :mod:`tive.warmup.reference` saves the adapter and
-decides when an earlier one can be reused.
+global batch of 128 records per optimizer step, each step all-image or all-text (their
+``group_by_modality_length``); below 100 steps the batch is scaled down (:mod:`tive.warmup.plan`).
+:mod:`tive.warmup.reference` saves the adapter and decides when an earlier one can be reused.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -29,9 +29,9 @@ from tive.models.skips import SkipReason
 from tive.selection import quotas as sel
 from tive.util.dist import Dist
 from tive.warmup.lora import key_parameters, lora_config, trained_projector, warmup_targets
+from tive.warmup.plan import WARMUP_RATIO, Recipe, modality_order, plan_recipe
 from tive.warmup.settings import WarmupConfig
 
-WARMUP_RATIO = 0.03  # share of the optimizer steps in the linear warm-up (HF's ceil rule)
 WEIGHT_DECAY = 0.0
 SCHEDULE = "cosine"
 
@@ -101,54 +101,15 @@ def item_batches(loaded: Any, mixture: Mixture, rows: np.ndarray, batch_size: in
     yield from _chunks(encoded_items(loaded, mixture, rows, max_length, image_root), batch_size)
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """What one warm-up does, worked out before it starts (recorded in ``reference.json``).
-
-    Attributes:
-        steps: optimizer steps in all (``epochs · ⌈sample / global_batch⌉``).
-        warmup_steps: steps of the linear warm-up, ``⌈0.03 · steps⌉`` (Hugging Face's rule);
-            the first step's learning rate is 0.
-        accumulation: forward/backward passes per step on one process, at most
-            (``⌈⌈global_batch / processes⌉ / batch_size⌉``).
-        projector: qualified name of the multimodal projector trained with the adapter, or None.
-    """
-
-    steps: int
-    warmup_steps: int
-    accumulation: int
-    projector: str | None
-
-    def notice(self, sample: int, config: WarmupConfig) -> str | None:
-        """One line when the sample is smaller than the global batch, else None."""
-        if sample >= config.global_batch:
-            return None
-        line = (f"warm-up: the sample ({sample:,} records) is smaller than the global batch "
-                f"({config.global_batch}): one optimizer step per epoch")
-        if self.steps <= self.warmup_steps:
-            line += (f", all inside the {WARMUP_RATIO:.0%} linear warm-up (learning rate 0 at "
-                     f"the first step), so the adapter barely leaves its initialisation")
-        return line + ("; for a small mixture, lower --global-batch (--warmup-global-batch in "
-                       "tive score; see README, Quick start)")
-
-
-def plan_recipe(config: WarmupConfig, sample: int, processes: int,
-                projector: str | None) -> Recipe:
-    """The :class:`Recipe` of training ``sample`` records on ``processes`` processes."""
-    steps = config.epochs * max(1, math.ceil(sample / config.global_batch))
-    share = math.ceil(min(config.global_batch, sample) / processes)
-    return Recipe(steps, math.ceil(WARMUP_RATIO * steps),
-                  max(1, math.ceil(share / config.batch_size)), projector)
-
-
 def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
           image_root: Any = None, progress: bool = True, dist: Dist | None = None,
           echo: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train LoRA (and the multimodal projector) on ``rows``; return the peft model, the
     per-step losses and the :class:`Recipe` followed.
 
-    An optimizer step takes the next ``global_batch`` encodable records; its loss is the token
-    mean over all of them (as the model's own loss is over one batch). Each process takes one
+    An optimizer step takes the next ``global_batch`` records of the order
+    (:func:`tive.warmup.plan.modality_order`: all-image or all-text), less those that cannot be
+    encoded (a step left with none is not taken); its loss is the token mean over all of them (as the model's own loss is over one batch). Each process takes one
     contiguous share of the step's records (under ``torchrun``, ``dist``) and runs it in
     batches of at most ``batch_size`` records, each batch's token-mean loss weighed by its
     share of the step's supervised tokens; the gradients are summed over the processes before
@@ -187,14 +148,21 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
     model.train()
     bar = tqdm(total=len(rows) * config.epochs, unit="rec",
                disable=not progress or dist.rank != 0, desc="warm-up")
+    has_image = np.array([bool(mixture[int(r)].images) for r in rows], dtype=bool)
     with _Float32Projector(model, projector):
         for epoch in range(config.epochs):
-            order = np.random.default_rng(config.seed + epoch).permutation(rows)
+            rng = np.random.default_rng(config.seed + epoch)
+            order = (modality_order(rows, has_image, recipe.global_batch, rng)
+                     if config.group_by_modality else rng.permutation(rows))
             first = epoch == 0  # count skips and trained records once, not once per epoch
-            # every rank encodes every record, so that all agree on the steps (skips included)
-            items = encoded_items(loaded, mixture, order, config.max_length, image_root,
-                                  skipped if first else None, used if first else None)
-            for step in _chunks(items, config.global_batch):
+            for chunk in _chunks(iter(order), recipe.global_batch):
+                # every rank encodes every record, so that all agree on the steps (skips included)
+                step = list(encoded_items(loaded, mixture, np.array(chunk), config.max_length,
+                                          image_root, skipped if first else None,
+                                          used if first else None))
+                bar.update(len(chunk) - len(step))  # records that could not be encoded
+                if not step:
+                    continue
                 done = len(run.totals)
                 bar.set_description(f"warm-up step {done + 1}/{recipe.steps}", refresh=True)
                 run(step, bar)
