@@ -1,5 +1,5 @@
 """Saving a selection: the subset in the input's own format, ``<stem>.report.json``, the
-bar chart ``<stem>.png`` and the page ``<stem>.html``, all four or none.
+bar chart ``<stem>.png`` and the page ``<stem>.html``, all four or none. ``-o /dev/null`` discards all four (nothing is written beside it).
 
 A :class:`~tive.selection.subset.Selection` is read through the attributes
 :class:`tive.output.views.Chosen` names; nothing here imports the selection package, which
@@ -17,7 +17,7 @@ from tive.errors import OutputError
 from tive.output.chart import chart_png
 from tive.output.page import write_html
 from tive.output.views import Chosen
-from tive.util.files import atomic_path, write_json
+from tive.util.files import atomic_path, is_null_device, write_json
 
 
 def save_selection(selection: Chosen, path: str | Path,
@@ -31,6 +31,8 @@ def save_selection(selection: Chosen, path: str | Path,
     stem = path.parent / name
     targets = {"subset": path, "report": Path(f"{stem}.report.json"),
                "chart": Path(f"{stem}.png"), "html": Path(f"{stem}.html")}
+    if is_null_device(path):  # -o /dev/null: discard all four, write nothing beside it
+        targets = dict.fromkeys(targets, path)
     _refuse_inputs(targets.values(),
                    [*([mixture.path] if mixture is not None else []), *inputs])
     folder = mixture is not None and mixture.container == "hf-disk"

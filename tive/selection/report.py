@@ -168,7 +168,7 @@ class Report:
         key = vc.digest(kind, vc.VERSION, identity, self._codes, self._names, self.valid,
                         self.norms, self.chunk_rows)
         return vc.cached_arrays(folder, "taskvalues", key, compute,
-                                lambda a: a.get("values", np.empty(0)).shape == (n,))["values"]
+                                lambda a: vc.exact(a, {"values": ((n,), "f")}))["values"]
 
     def members(self, task: str) -> np.ndarray:
         """Rows of the valid records of ``task``, increasing."""

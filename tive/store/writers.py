@@ -152,6 +152,10 @@ class RowWriter:
 
     def __init__(self, folder: Path, positions: np.ndarray | None = None) -> None:
         self.folder = Path(folder)
+        for name in ("features", *ARRAYS):  # written in place: never through a symlink
+            if (self.folder / f"{name}.npy").is_symlink():
+                raise StoreError(f"{self.folder / f'{name}.npy'}: is a symlink; tive never "
+                                 f"writes through one; fix: rebuild the store (--force)")
         self.arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r+")
                        for name in ("features", *ARRAYS)}
         self.slot = None if positions is None else {int(r): i for i, r in enumerate(positions)}
