@@ -25,7 +25,7 @@ from tive.models.registry import resolve
 from tive.scoring.settings import ScoreConfig
 from tive.selection.settings import SelectConfig
 from tive.settings import cli_names
-from tive.util.files import run_lock
+from tive.util.files import is_null_device, run_lock
 from tive.warmup.settings import WarmupConfig
 
 WORKFLOW = ("tasks", "warmup", "score", "import", "select", "report", "doctor")
@@ -167,6 +167,8 @@ def select(run: Path, output: Path | None, data: Path | None, task_field: str | 
     click.echo(f"\nselected {len(selection.indices):,} of {len(report.tasks):,} records "
                f"({len(np.unique(selection.indices)):,} distinct)"
                + (f"; {left:,} left out: {reasons(report.invalid)}" if left else ""))
+    if is_null_device(output):
+        click.echo(f"discarded: {output} is the null device; nothing was written")
     for kind, path in paths.items():
         click.echo(f"{kind:>7}: {path}")
 

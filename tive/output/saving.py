@@ -17,7 +17,7 @@ from tive.errors import OutputError
 from tive.output.chart import chart_png
 from tive.output.page import write_html
 from tive.output.views import Chosen
-from tive.util.files import atomic_path, is_null_device, write_json
+from tive.util.files import atomic_path, check_target, is_null_device, write_json
 
 
 def save_selection(selection: Chosen, path: str | Path,
@@ -31,11 +31,14 @@ def save_selection(selection: Chosen, path: str | Path,
     stem = path.parent / name
     targets = {"subset": path, "report": Path(f"{stem}.report.json"),
                "chart": Path(f"{stem}.png"), "html": Path(f"{stem}.html")}
+    folder = mixture is not None and mixture.container == "hf-disk"
     if is_null_device(path):  # -o /dev/null: discard all four, write nothing beside it
         targets = dict.fromkeys(targets, path)
+    else:
+        for kind, target in targets.items():  # before anything is written: all four or none
+            check_target(target, directory=folder and kind == "subset")
     _refuse_inputs(targets.values(),
                    [*([mixture.path] if mixture is not None else []), *inputs])
-    folder = mixture is not None and mixture.container == "hf-disk"
     with contextlib.ExitStack() as stack:
         tmp = {kind: stack.enter_context(atomic_path(target, directory=folder and
                                                       kind == "subset"))
