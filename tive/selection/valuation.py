@@ -61,8 +61,9 @@ def from_store(st: Store, data: DataArg | bool, task_field: str | None,
     if data is None:
         data = st.meta["data"]["path"]
         if not Path(data).exists():
-            raise DataError(f"{data}: the data this store was built from is gone; fix: pass "
-                            f"its current location with --data / data=")
+            raise DataError(f"{data}: the data this store was built from (data.path in "
+                            f"{st.root / 'meta.json'}) is gone; fix: pass its current location "
+                            f"with --data / data=")
     field = task_field or st.meta.get("settings", {}).get("task_field")
     if isinstance(data, Mixture):
         mixture, labels = data, label_tasks(data)
