@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,9 @@ class _Group(click.Group):
                 formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
+        for stream in (sys.stdout, sys.stderr):  # a lone surrogate in a task or id prints as
+            with contextlib.suppress(AttributeError, ValueError):  # its \u escape, not a crash
+                stream.reconfigure(errors="backslashreplace")
         try:
             with cli_names():
                 return super().invoke(ctx)

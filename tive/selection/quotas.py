@@ -54,6 +54,7 @@ def quotas(values: np.ndarray, sizes: np.ndarray, budget: int, oversample: bool 
         raise ConfigError(f"budget {budget:,} is more than the {int(sizes.sum()):,} selectable "
                           f"records; fix: a smaller --budget, or allow --oversample")
     _require_positive(values)
+    values = values / values.max()  # shares of values near 1e308 would overflow
     if oversample:
         return largest_remainder(budget * values / values.sum(), budget)
     capped = np.zeros(len(values), dtype=bool)

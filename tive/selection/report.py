@@ -212,7 +212,7 @@ class Report:
                 and self.task_value != "norm" and weighs_by_value(method, quota):
             task_value = self.task_value  # the report's own kind, where values set quotas
         config = SelectConfig(budget=budget, method=method, strategy=strategy,
-                              temperature=temperature, seed=seed, exclude=tuple(exclude),
+                              temperature=temperature, seed=seed, exclude=exclude,
                               oversample=oversample, clusters=clusters, quota=quota,
                               paper=self.paper if paper is None else paper,
                               task_value=task_value)

@@ -56,7 +56,7 @@ def cache_key(identity: str, codes: np.ndarray, names: list[str], valid: np.ndar
     """Digest of everything the instance values depend on (see the module docstring)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"v{VERSION};{identity};{chunk_rows};{len(codes)};".encode())
-    h.update("\x00".join(names).encode())
+    h.update("\x00".join(names).encode("utf-8", "surrogatepass"))  # lone surrogates too
     h.update(np.ascontiguousarray(codes, dtype=np.int64).tobytes())
     h.update(np.packbits(np.asarray(valid, dtype=bool)).tobytes())
     return h.hexdigest()

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from tive.errors import StoreError
+from tive.models.skips import BY_CODE
 from tive.util.files import NPY_HEADER_ERRORS, special_kind
 
 FORMAT_VERSION = 1
@@ -114,8 +115,23 @@ class Store:
         return np.load(self.root / "features.npy", mmap_mode="r")
 
     def array(self, name: str) -> np.ndarray:
-        """One of ``norms``, ``loss``, ``ntokens``, ``done``, ``skipped`` as an ``(N,)`` array."""
-        return np.load(self.root / f"{name}.npy")
+        """One of ``norms``, ``loss``, ``ntokens``, ``done``, ``skipped`` as an ``(N,)`` array,
+        its values checked: norms ≥ 0 or NaN (not scored), token counts ≥ -1 (-1: unknown),
+        skip codes 0 or a known reason's.
+
+        Raises:
+            StoreError: a value no writer makes, naming the file, the row and the fix.
+        """
+        path = self.root / f"{name}.npy"
+        values = np.load(path)
+        bad = {"norms": lambda a: a < 0, "ntokens": lambda a: a < -1,
+               "skipped": lambda a: ~np.isin(a, [0, *BY_CODE])}.get(name)
+        rows = np.flatnonzero(bad(values)) if bad is not None else ()
+        if len(rows):
+            raise StoreError(f"{path}: row {rows[0]} is {values[rows[0]].item()!r}, which no "
+                             f"writer makes; the store is damaged; fix: rebuild it "
+                             f"(`tive score`/`tive import` with --force)")
+        return values
 
     def index(self) -> list[IndexEntry]:
         """The rows' ids, tasks and content keys.

@@ -284,7 +284,8 @@ def _open_lock(run: Path) -> int:
 def write_json(target: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> Path:
     """Write ``obj`` as JSON to ``target`` atomically and return the path."""
     with atomic_path(target) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
+        # a lone surrogate is written as its \u escape: JSON reads it back as is
+        with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as f:
             json.dump(obj, f, ensure_ascii=False, indent=indent)
             f.write("\n")
     return Path(target)
