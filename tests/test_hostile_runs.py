@@ -167,3 +167,59 @@ def test_score_force_replaces_a_damaged_store(tmp_path):
         assert res.exit_code == 0, res.output + repr(res.exception)
         assert Store.open(run).complete and not (run / ".store.replaced").exists()
         assert {n: (run / "store" / n).read_bytes() for n in want} == want
+
+
+# --- signals ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("how, code, word", [("int", 130, "interrupted"),
+                                             ("term", 143, "terminated")])
+def test_sigint_and_sigterm_say_what_was_kept_in_one_line(base, tmp_path, monkeypatch, how,
+                                                          code, word):
+    import signal
+    import time
+
+    import tive.api
+
+    def stopped(*args, **kwargs):
+        if how == "int":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises at once
+
+    monkeypatch.setattr(tive.api, "value_estimate", stopped)
+    old = signal.getsignal(signal.SIGTERM)
+    res = invoke("select", "--run", base["run"], "--budget", "0.5", "-o", tmp_path / "s.json")
+    assert signal.getsignal(signal.SIGTERM) == old  # put back
+    assert res.exit_code == code, (res.output, res.exception)
+    err = res.stderr.strip()
+    assert err == f"{word}: nothing was written (outputs appear whole or not at all); run the " \
+                  f"same command again"
+    assert "Aborted" not in res.output and not (tmp_path / "s.json").exists()
+
+
+def test_score_interrupted_says_it_resumes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_score import SMALL, text_mixture
+    from zoo import save_llava_folder
+
+    model = tmp_path / "model"
+    model.mkdir()
+    save_llava_folder(model)
+    data = text_mixture(tmp_path / "data", 12)
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "tive", "score", "--model", str(model),
+                             "--data", str(data), "--run", str(run), "--proj-dim", "16",
+                             "--batch-size", "1", *SMALL], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / ".lock").exists() and time.monotonic() < deadline:  # started: locked
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (out, err)
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: ") and "resume" in last and "Traceback" not in err

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import click
 
@@ -55,11 +56,46 @@ class _Group(click.Group):
             with contextlib.suppress(AttributeError, ValueError):  # its \u escape, not a crash
                 stream.reconfigure(errors="backslashreplace")
         try:
-            with cli_names():
+            with cli_names(), _terminate_as_interrupt():
                 return super().invoke(ctx)
         except TiveError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except (KeyboardInterrupt, _Terminated) as e:
+            name = ctx.invoked_subcommand or ""
+            click.echo(f"\n{'terminated' if isinstance(e, _Terminated) else 'interrupted'}: "
+                       f"{KEPT.get(name, KEPT[''])}", err=True)
+            sys.exit(143 if isinstance(e, _Terminated) else 130)
+
+
+# what an interrupted command leaves, and how to go on (one line on stderr)
+KEPT = {"score": "the finished warm-up and every row scored so far are kept in the run "
+                 "folder; run the same command again to resume",
+        "warmup": "nothing of this warm-up was kept (the adapter is saved only once trained); "
+                  "run the same command again to start it over",
+        "": "nothing was written (outputs appear whole or not at all); run the same command "
+            "again"}
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised like ``KeyboardInterrupt`` so that every ``finally`` runs."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM raises :class:`_Terminated` (in the main thread)."""
+    def raise_(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    try:
+        old = signal.signal(signal.SIGTERM, raise_)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
