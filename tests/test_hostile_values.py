@@ -341,3 +341,28 @@ def test_wrong_types_for_value_estimate_are_tive_errors(arrays):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_a_full_disk_while_the_adapter_is_saved_is_one_error(tmp_path):
+    from safetensors import SafetensorError
+
+    from tive.errors import OutputError
+    from tive.warmup.reference import save_reference
+
+    class Model:
+        def save_pretrained(self, folder):
+            (tmp_path / "half").write_bytes(b"x")
+            raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: "
+                                  "StorageFull, message: \"No space left on device\" })")
+
+    with pytest.raises(OutputError, match="saving the adapter failed.*No space left.*fix:"):
+        save_reference(tmp_path / "run", Model(), {})
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # no temporary left
+
+
+def test_paper_names_the_flag_the_user_wrote(tmp_path):
+    from tive.settings import cli_names
+    from tive.warmup.settings import WarmupConfig
+
+    with cli_names(), pytest.raises(TiveError, match=r"^--lora-r 4: --paper trains"):
+        WarmupConfig(paper=True, r=4)
