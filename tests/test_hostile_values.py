@@ -366,3 +366,10 @@ def test_paper_names_the_flag_the_user_wrote(tmp_path):
 
     with cli_names(), pytest.raises(TiveError, match=r"^--lora-r 4: --paper trains"):
         WarmupConfig(paper=True, r=4)
+
+
+def test_hand_edited_labels_in_the_index_are_not_trusted(imported):
+    path = imported["run"] / "store" / "index.jsonl"
+    path.write_text(path.read_text().replace('"task": "vg"', '"task": "renamed"'))
+    one_line_error(invoke("report", "--run", imported["run"]), "index.jsonl", "changed since",
+                   "fix:")

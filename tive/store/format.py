@@ -23,6 +23,7 @@ the format is described in docs/design.md, "The store".
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -142,9 +143,11 @@ class Store:
         path = self.root / "index.jsonl"
         entries, line = [], 1
         check_kind(path)
+        digest = hashlib.blake2b(digest_size=16)
         try:
             with open(path, "rb") as f:
                 for line, raw in enumerate(f, 1):
+                    digest.update(raw)
                     e = json.loads(raw.decode("utf-8"))
                     if not (isinstance(e, dict) and isinstance(e.get("id"), str)
                             and isinstance(e.get("task"), str) and isinstance(e.get("key"), str)):
@@ -158,6 +161,12 @@ class Store:
         if len(entries) != self.n_records:
             raise StoreError(f"{path}: {len(entries):,} rows, meta.json says "
                              f"{self.n_records:,}; the store is damaged; fix: rebuild it")
+        want = self.meta.get("index_digest")  # absent in stores written before it was kept
+        if want is not None and digest.hexdigest() != want:
+            raise StoreError(f"{path}: changed since the store was written (its digest is not "
+                             f"meta.json's index_digest): the store is damaged; fix: rebuild it "
+                             f"(`tive import`/`tive score` with --force; tasks are labelled "
+                             f"from the data, --task-field names the field)")
         return entries
 
     def check_data(self, fingerprint: str, n_records: int, path: str | os.PathLike) -> None:
@@ -221,6 +230,15 @@ class Store:
                              f"store is damaged; fix: rebuild it")
 
 
+def file_digest(path: Path) -> str:
+    """blake2b-128 of a file's bytes (``meta.json``'s ``index_digest``)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def check_kind(path: Path) -> None:
     """Refuse a store file that is a FIFO, socket or device (reading one would hang or read
     something that is not the store).
@@ -264,6 +282,9 @@ def validate_meta(meta: Any, path: Path) -> None:
         raise StoreError(f"{path}: feature_dtype {meta['feature_dtype']!r}, expected float16, "
                          f"float32 or float64; the store is damaged; fix: rebuild it")
     _validate_settings(meta, path)
+    if not isinstance(meta.get("index_digest", ""), str):
+        raise StoreError(f"{path}: index_digest is {meta['index_digest']!r:.40}, expected a "
+                         f"string; the store is damaged; fix: rebuild it")
     if "complete" in meta and not isinstance(meta["complete"], bool):
         raise StoreError(f"{path}: complete is {meta['complete']!r}, expected true or false; "
                          f"the store is damaged; fix: rebuild it")

@@ -21,7 +21,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from tive.errors import StoreError
-from tive.store.format import ARRAYS, DTYPES, FORMAT_VERSION, PARTS_DIR, IndexEntry, Store
+from tive.store.format import (
+    ARRAYS,
+    DTYPES,
+    FORMAT_VERSION,
+    PARTS_DIR,
+    IndexEntry,
+    Store,
+    file_digest,
+)
 from tive.util.files import atomic_path, check_space, preallocate, write_json
 
 COMMIT_SECONDS = 1.0  # at most this much finished work is lost when a run is killed
@@ -117,6 +125,7 @@ def _write_index_and_meta(folder: Path, index: Sequence[IndexEntry],
         for e in index:
             f.write(json.dumps({"id": e.id, "task": e.task, "key": f"{e.key:016x}"},
                                ensure_ascii=False) + "\n")
+    meta = {**meta, "index_digest": file_digest(folder / "index.jsonl")}  # edits are seen
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
