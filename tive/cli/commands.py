@@ -173,7 +173,9 @@ def import_(data: Path, features: Path | None, norms: Path | None, loss: Path | 
               show_default=True, help="Run folder holding store/ (from tive score or import).")
 @settings_options(SelectConfig)
 @click.option("--output", "-o", type=click.Path(path_type=Path),
-              help="Subset file  [default: RUN/subset-METHOD-BUDGET in the data's format]")
+              help="Subset file; its .report.json, .png and .html go beside it (never over a "
+                   "device, FIFO or socket; -o /dev/null discards all four)  [default: "
+                   "RUN/subset-METHOD-BUDGET in the data's format]")
 @click.option("--data", type=click.Path(path_type=Path),
               help="The mixture (must match the store's)  [default: the one the store was "
                    "built from]")

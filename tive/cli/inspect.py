@@ -114,8 +114,8 @@ def _same(a: Path, b: Path) -> bool:
               help="With --html: the selection's .report.json  [default: the newest in RUN; "
                    "the values alone when RUN has none]")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
-              help="With --html: the page to write  [default: beside the selection, or "
-                   "RUN/values.html]")
+              help="With --html: the page to write (-o /dev/null discards it)  [default: "
+                   "beside the selection, or RUN/values.html]")
 @click.option("--task-value", type=click.Choice([m.value for m in TaskValue]),
               help="Which task values to show: norm (the authors'), coherence, mean-gradient "
                    "or progress (a selection's own table and page show the values it was made "
