@@ -225,3 +225,23 @@ def test_an_output_name_too_long_is_one_error(world):
     res = invoke("select", "--run", world["run"], "--budget", "0.5",
                  "-o", world["out"] / ("x" * 300 + ".json"))
     one_line_error(res, "fix:")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("where", ["store", "cache"])
+def test_the_store_and_cache_folders_as_special_files(mixture_run, tmp_path, where, kind):
+    run, d = mixture_run["run"], mixture_run["dir"]
+    run.mkdir()
+    outside = tmp_path / "outside"
+    (outside / "folder").mkdir(parents=True)
+    (outside / "folder" / "meta.json").write_text("{}")
+    make_special(run / where, kind, outside / "folder")
+    before = snapshot(outside)
+    with no_hang():
+        res = invoke("import", "--data", mixture_run["data"], "--features", d / "features.npy",
+                     "--norms", d / "norms.npy", "--run", run, "--force")
+        if res.exit_code == 0:
+            res = invoke("select", "--run", run, "--budget", "0.5")
+    if res.exit_code != 0:
+        one_line_error(res, where, "fix:")
+    assert snapshot(outside) == before

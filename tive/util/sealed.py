@@ -2,7 +2,8 @@
 digest of their own contents.
 
 A cache in the run folder (``RUN/cache/*.npz``) may be truncated, bit-flipped, hand-edited,
-replaced by a FIFO or a symlink. :func:`read_sealed` reads one back only when it is a regular
+replaced by a FIFO or a symlink; a cache folder that is a symlink is neither read nor written
+(nothing outside the run changes). :func:`read_sealed` reads one back only when it is a regular
 file, a readable zip of plain (non-object) arrays, and its ``_seal`` equals the digest of the
 arrays' names, types, shapes and bytes; anything else is reported as damaged (with the reason)
 so that the caller computes the result again and says so (:func:`note_recomputed`).
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tive.errors import OutputError
 from tive.util.files import NPY_HEADER_ERRORS, atomic_path, special_kind
 
 SEAL = "_seal"
@@ -41,6 +43,8 @@ def read_sealed(path: Path) -> tuple[dict[str, np.ndarray] | None, str | None]:
         ``(arrays, None)`` when whole; ``(None, None)`` when there is no file; ``(None, why)``
         when the file is damaged (``why`` a few words, for :func:`note_recomputed`).
     """
+    if os.path.islink(path.parent):  # a cache folder elsewhere: neither read nor written
+        return None, None
     kind = special_kind(path)
     if kind is not None:
         return None, f"a {kind}"
@@ -65,6 +69,9 @@ def write_sealed(path: Path, arrays: dict[str, np.ndarray]) -> None:
     Raises:
         OutputError: the folder cannot be written (callers skip caching then).
     """
+    if os.path.islink(path.parent):
+        raise OutputError(f"{path.parent}: is a symlink; tive writes no cache through one; fix: "
+                          f"make it a folder")
     arrays = {name: np.asarray(value) for name, value in arrays.items()}
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, **arrays, **{SEAL: np.array(seal(arrays))})
