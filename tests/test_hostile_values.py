@@ -373,3 +373,15 @@ def test_hand_edited_labels_in_the_index_are_not_trusted(imported):
     path.write_text(path.read_text().replace('"task": "vg"', '"task": "renamed"'))
     one_line_error(invoke("report", "--run", imported["run"]), "index.jsonl", "changed since",
                    "fix:")
+
+
+def test_a_store_without_its_data_path_asks_for_data(imported):
+    path = imported["run"] / "store" / "meta.json"
+    meta = json.loads(path.read_text())
+    meta["data"]["path"] = None
+    path.write_text(json.dumps(meta))
+    one_line_error(invoke("select", "--run", imported["run"], "--budget", "0.5"), "data.path",
+                   "--data")
+    res = invoke("select", "--run", imported["run"], "--budget", "0.5", "--data",
+                 imported["data"])
+    assert res.exit_code == 0, res.output

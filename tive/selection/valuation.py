@@ -62,7 +62,10 @@ def from_store(st: Store, data: DataArg | bool, task_field: str | None,
         return build_report(arrays, tasks, keys, left_out, None, None, chunk_rows, source, cache)
     if data is None:
         data = st.meta["data"]["path"]
-        if not Path(data).exists():
+        if data is None:
+            raise DataError(f"{st.root / 'meta.json'}: records no data path (data.path is "
+                            f"null); fix: pass the mixture with --data / data=")
+        if not os.path.exists(data):
             raise DataError(f"{data}: the data this store was built from (data.path in "
                             f"{st.root / 'meta.json'}) is gone; fix: pass its current location "
                             f"with --data / data=")
