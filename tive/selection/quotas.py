@@ -54,7 +54,9 @@ def quotas(values: np.ndarray, sizes: np.ndarray, budget: int, oversample: bool 
         raise ConfigError(f"budget {budget:,} is more than the {int(sizes.sum()):,} selectable "
                           f"records; fix: a smaller --budget, or allow --oversample")
     _require_positive(values)
-    values = values / values.max()  # shares of values near 1e308 would overflow
+    with np.errstate(over="ignore"):
+        if not np.isfinite(values.sum()):  # values near 1e308: their shares would overflow
+            values = values / values.max()
     if oversample:
         return largest_remainder(budget * values / values.sum(), budget)
     capped = np.zeros(len(values), dtype=bool)

@@ -49,9 +49,12 @@ def task_values(norms: np.ndarray, codes: np.ndarray, n_tasks: int, valid: np.nd
         ``(n_tasks,)`` float64; NaN for a task with no valid record.
     """
     kept = norms[valid].astype(np.float64)
-    scale = float(kept.max()) if len(kept) and np.isfinite(kept).all() and kept.max() > 0 else 1.0
-    sums = np.bincount(codes[valid], weights=kept / scale, minlength=n_tasks)  # no overflow
-    counts = np.bincount(codes[valid], minlength=n_tasks)  # even for norms near 1e308
+    sums = np.bincount(codes[valid], weights=kept, minlength=n_tasks)
+    counts = np.bincount(codes[valid], minlength=n_tasks)
+    scale = 1.0
+    if np.isfinite(kept).all() and not np.isfinite(sums).all():  # norms near 1e308: the sums
+        scale = float(kept.max())  # overflow; the means, at most the largest norm, do not
+        sums = np.bincount(codes[valid], weights=kept / scale, minlength=n_tasks)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(counts > 0, sums / np.maximum(counts, 1) * scale, np.nan)
 
