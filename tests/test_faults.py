@@ -484,6 +484,7 @@ def test_temporaries_of_killed_runs_are_removed_and_said(mixture_run):
     stale = run / f".subset-tive-0.25.json.pid{dead}.abc123.tmp"
     stale.mkdir()
     (stale / "subset-tive-0.25.json").write_text("[half")
+    (stale / fileio.MARKER).write_bytes(b"")  # what atomic_path puts in every temporary
     mine = run / f".other.pid{os.getpid()}.xyz.tmp"  # a live process's: kept
     mine.mkdir()
     res = invoke("select", "--run", run, "--budget", "0.25")

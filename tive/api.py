@@ -325,6 +325,9 @@ def _check_arguments(**a: Any) -> None:
     if (a["store"] is None) == (a["features"] is None):
         raise ConfigError("value_estimate: pass either store=... or features=... (with norms= "
                           "and tasks= or data=)")
+    if a["store"] is not None and not isinstance(a["store"], (str, os.PathLike, Store)):
+        raise ConfigError(f"value_estimate: store={a['store']!r:.60} is a "
+                          f"{type(a['store']).__name__}; expected a run or store folder")
     if a["store"] is not None:
         given = [k for k in ("features", "norms", "tasks", "loss", "ntokens") if a[k] is not None]
         if given:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import click
 
@@ -27,7 +29,7 @@ from tive.models.registry import resolve
 from tive.scoring.settings import ScoreConfig
 from tive.selection.settings import SelectConfig
 from tive.settings import cli_names
-from tive.util.files import run_lock
+from tive.util.files import is_null_device, run_lock
 from tive.warmup.settings import WarmupConfig
 
 WORKFLOW = ("tasks", "warmup", "score", "import", "select", "report", "check", "doctor")
@@ -52,12 +54,50 @@ class _Group(click.Group):
                 formatter.write_dl(rows)
 
     def invoke(self, ctx: click.Context) -> Any:
+        for stream in (sys.stdout, sys.stderr):  # a lone surrogate in a task or id prints as
+            with contextlib.suppress(AttributeError, ValueError):  # its \u escape, not a crash
+                stream.reconfigure(errors="backslashreplace")
         try:
-            with cli_names():
+            with cli_names(), _terminate_as_interrupt():
                 return super().invoke(ctx)
         except TiveError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except (KeyboardInterrupt, _Terminated) as e:
+            name = ctx.invoked_subcommand or ""
+            click.echo(f"\n{'terminated' if isinstance(e, _Terminated) else 'interrupted'}: "
+                       f"{KEPT.get(name, KEPT[''])}", err=True)
+            sys.exit(143 if isinstance(e, _Terminated) else 130)
+
+
+# what an interrupted command leaves, and how to go on (one line on stderr)
+KEPT = {"score": "the finished warm-up and every row scored so far are kept in the run "
+                 "folder; run the same command again to resume",
+        "warmup": "nothing of this warm-up was kept (the adapter is saved only once trained); "
+                  "run the same command again to start it over",
+        "": "nothing was written (outputs appear whole or not at all); run the same command "
+            "again"}
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised like ``KeyboardInterrupt`` so that every ``finally`` runs."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM raises :class:`_Terminated` (in the main thread)."""
+    def raise_(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    try:
+        old = signal.signal(signal.SIGTERM, raise_)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -135,7 +175,9 @@ def import_(data: Path, features: Path | None, norms: Path | None, loss: Path | 
               show_default=True, help="Run folder holding store/ (from tive score or import).")
 @settings_options(SelectConfig)
 @click.option("--output", "-o", type=click.Path(path_type=Path),
-              help="Subset file  [default: RUN/subset-METHOD-BUDGET in the data's format]")
+              help="Subset file; its .report.json, .png and .html go beside it (never over a "
+                   "device, FIFO or socket; -o /dev/null discards all four)  [default: "
+                   "RUN/subset-METHOD-BUDGET in the data's format]")
 @click.option("--data", type=click.Path(path_type=Path), callback=mixture_path,
               help="The mixture (must match the store's)  [default: the one the store was "
                    "built from]")
@@ -177,6 +219,8 @@ def select(run: Path, output: Path | None, data: Path | None, task_field: str | 
                f"({len(np.unique(selection.indices)):,} distinct)"
                + (f"; {left:,} left out: {reasons(report.invalid)}" if left else "")
                + (f"; {hint}" if hint else ""))
+    if is_null_device(output):
+        click.echo(f"discarded: {output} is the null device; nothing was written")
     for kind, path in paths.items():
         click.echo(f"{kind:>7}: {path}")
 

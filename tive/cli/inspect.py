@@ -12,7 +12,7 @@ import click
 
 from tive import __version__
 from tive.cli.options import DEFAULT_RUN, reasons, task_option
-from tive.errors import ConfigError
+from tive.errors import ConfigError, TiveError
 from tive.models.registry import HUB_ALIASES, PACKAGE_ALIASES, cached_aliases
 from tive.output.tables import format_table, json_float
 from tive.selection.methods import method_named
@@ -87,15 +87,20 @@ def _recorded_image_root(data: Path) -> tuple[Path, Path] | None:
     and that report's path (None for other data)."""
     if not data.is_file():
         return None
-    for path in data.parent.glob("*.report.json"):
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            output, root = saved.get("output"), saved.get("source", {}).get("image_root")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if output and root and Path(output).resolve() == data.resolve():
+    from tive.output.saving import find_reports
+
+    for path, saved in find_reports(data.parent):
+        output, root = saved.get("output"), saved.get("source", {}).get("image_root")
+        if output and root and _same(Path(output), data):
             return Path(root), path
     return None
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
 
 
 @click.command()
@@ -109,8 +114,8 @@ def _recorded_image_root(data: Path) -> tuple[Path, Path] | None:
               help="With --html: the selection's .report.json  [default: the newest in RUN; "
                    "the values alone when RUN has none]")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
-              help="With --html: the page to write  [default: beside the selection, or "
-                   "RUN/values.html]")
+              help="With --html: the page to write (-o /dev/null discards it)  [default: "
+                   "beside the selection, or RUN/values.html]")
 @click.option("--task-value", type=click.Choice([m.value for m in TaskValue]),
               help="Which task values to show: norm (the authors'), coherence, mean-gradient "
                    "or progress (a selection's own table and page show the values it was made "
@@ -124,6 +129,7 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
     from tive.api import value_estimate
     from tive.health.findings import tell, warnings_in
     from tive.health.run import run_findings
+    from tive.output.saving import find_reports
     from tive.store.format import Store
 
     if not as_html and (selection is not None or output is not None):
@@ -140,11 +146,11 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
     valid = r.valid_sizes()
     table = {t: {"records": n, "valid": valid[t], "value": json_float(r.task_values[t])}
              for t, n in r.sizes.items()}
-    selections = sorted(run.glob("*.report.json"))
+    selections = sorted(find_reports(run))  # by name; other *.report.json passed over
     if as_json:
         click.echo(json.dumps({"store": str(store.root), "left_out": r.invalid,
                                "task_value": r.task_value, "tasks": table,
-                               "selections": [str(p) for p in selections]}, indent=2))
+                               "selections": [str(p) for p, _ in selections]}, indent=2))
         return
     m = store.meta
     click.echo(f"store {store.root}: {store.n_records:,} records × {store.dim} "
@@ -152,16 +158,18 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
     click.echo(r.table())
     if r.invalid:
         click.echo(f"left out: {reasons(r.invalid)}")
-    for path in selections:
-        d = json.loads(path.read_text(encoding="utf-8"))
+    for path, d in selections:
         s = d["settings"]
+        try:
+            method = method_named(s["method"])
+        except TiveError:
+            continue  # not made by this tive
         click.echo(f"\n{path.name}: {s['method']}, budget {s['budget']} → {d['selected']:,} "
                    f"records ({d['unique']:,} distinct)"
                    + (f", seed {s['seed']}" if s.get("seed") is not None else "")
                    + (f", task value {s['task_value']}" if s.get("task_value") not in
                       (None, "norm") else ""))
         columns = ["task", "value", "quota", "selected"]
-        method = method_named(s["method"])
         if not method.weighs_by_value(s.get("quota")):
             columns.remove("value")  # a baseline whose quotas do not follow the task values
         if not method.by_task:
@@ -230,10 +238,11 @@ def write_run_html(run: Path, store: Any, selection: Path | None = None,
     """
     from tive.api import value_estimate
     from tive.output.page import write_html
+    from tive.output.saving import find_reports, read_report
 
     if selection is None:
-        found = sorted(run.glob("*.report.json"), key=lambda p: p.stat().st_mtime_ns)
-        selection = found[-1] if found else None
+        found = find_reports(run)
+        selection = found[-1][0] if found else None
     if selection is None:
         report = value_estimate(store=store, task_value=task_value)
         return write_html(report, None, output or run / "values.html")
@@ -241,19 +250,19 @@ def write_run_html(run: Path, store: Any, selection: Path | None = None,
         raise ConfigError(f"--task-value {task_value}: a selection's page shows the task values "
                           f"it was made with ({Path(selection).name}); fix: leave out "
                           f"--task-value, or give it to tive select")
-    try:
-        saved = json.loads(Path(selection).read_text(encoding="utf-8"))
-        settings = dict(saved["settings"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ConfigError(f"--selection {selection}: not a selection report (a "
-                          f"*.report.json written by tive select); fix: pass one of "
-                          f"{run}/*.report.json") from None
+    saved = read_report(selection)
+    settings = dict(saved["settings"])
     data = saved.get("source", {}).get("data")
     report = value_estimate(store=store, data=data if data else False)
     settings["exclude"] = tuple(settings.get("exclude") or ())
     if settings.get("temperature") == "inf":
         settings["temperature"] = math.inf
-    chosen = report.select_with(SelectConfig(**settings))
+    try:
+        config = SelectConfig(**settings)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{selection}: its settings are not tive select's ({str(e)[:80]}); "
+                          f"fix: make the selection again, or pass another --selection") from None
+    chosen = report.select_with(config)
     name = Path(selection).name[: -len(".report.json")]
     return write_html(chosen.report, chosen,
                       output or Path(selection).with_name(f"{name}.html"))

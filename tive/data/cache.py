@@ -26,9 +26,9 @@ import numpy as np
 from tive.data import mixture as dt, readers, schemas
 from tive.data.tasks import TaskLabels, label_tasks
 from tive.errors import OutputError
-from tive.util.files import atomic_path
+from tive.util.sealed import note_recomputed, read_sealed, write_sealed
 
-VERSION = 3  # bump when records are normalised or labelled differently
+VERSION = 4  # bump when records are normalised or labelled differently
 
 
 def load_labelled(path: str | os.PathLike, task_field: str | None,
@@ -61,26 +61,45 @@ def _key(path: Path, task_field: str | None) -> str:
     return h.hexdigest()
 
 
+_NAMES = {"keys", "names", "codes", "inferred", "format", "spans", "digest"}
+
+
 def _read(file: Path) -> dict[str, Any] | None:
-    try:
-        with np.load(file, allow_pickle=False) as z:
-            found = {k: z[k] for k in ("keys", "names", "codes", "inferred", "format", "spans",
-                                       "digest")}
-    except (OSError, KeyError, ValueError):
+    """The cache's arrays when whole (sealed, exactly its names, each of its type and shape,
+    task codes in range); a damaged file is said on stderr and None returned (read afresh)."""
+    found, why = read_sealed(file)
+    if found is not None and not _whole(found):
+        found, why = None, "its arrays are not those expected"
+    if found is None:
+        if why is not None:
+            note_recomputed(file, why)
         return None
     found["tasks"] = found["names"].astype(object)[found["codes"]]
     return found
+
+
+def _whole(a: dict[str, np.ndarray]) -> bool:
+    if set(a) != _NAMES:
+        return False
+    n, kinds = len(a["keys"]), {"keys": "u", "names": "U", "codes": "i", "inferred": "b",
+                                "format": "U", "spans": "i", "digest": "U"}
+    if any(a[name].dtype.kind != kind for name, kind in kinds.items()):
+        return False
+    return (a["keys"].shape == a["codes"].shape == a["inferred"].shape == (n,)
+            and a["names"].ndim == 1 and a["format"].shape == (2,) and a["digest"].shape == ()
+            and a["spans"].ndim == 2 and a["spans"].shape[1] == 2
+            and str(a["format"][0]) in ("json", "jsonl")
+            and bool(((a["codes"] >= 0) & (a["codes"] < len(a["names"]))).all()))
 
 
 def _write(file: Path, mixture: dt.Mixture, labels: TaskLabels) -> None:
     """Write atomically; an unwritable folder is simply not cached."""
     names, codes = np.unique(labels.tasks.astype(str), return_inverse=True)
     try:
-        with atomic_path(file) as tmp, open(tmp, "wb") as f:
-            np.savez(f, keys=mixture.content_keys, names=names, codes=codes,
-                     inferred=labels.inferred,
-                     format=np.array([mixture.container, mixture.schema]),
-                     spans=_spans(mixture), digest=np.array(mixture.digest))
+        write_sealed(file, {"keys": mixture.content_keys, "names": names,
+                            "codes": codes.astype(np.int64), "inferred": labels.inferred,
+                            "format": np.array([mixture.container, mixture.schema]),
+                            "spans": _spans(mixture), "digest": np.array(mixture.digest)})
     except OutputError:
         return
 

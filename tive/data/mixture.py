@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from tive.data.paths import require_mixture_path
 from tive.data.readers import CONTAINERS, quiet_datasets, read_container
 from tive.data.schemas import EMBEDDED, SCHEMAS, Record, content_key, detect_schema, normalize
 from tive.errors import DataError
-from tive.util.files import atomic_path
+from tive.util.files import atomic_path, special_kind
 from tive.util.hashing import distinct_keys
 
 
@@ -209,12 +210,22 @@ def load_mixture(path: str | os.PathLike, task_field: str | None = None) -> Mixt
             file, record index and id, what was expected, the fix).
     """
     path = require_mixture_path(path)
+    kind = special_kind(path)
+    if kind is not None:  # reading a FIFO would wait for a writer forever
+        raise DataError(f"{path}: is a {kind}; expected a mixture file or folder; fix: pass "
+                        f"the file itself")
     try:
         return _load(path, task_field)
     except RecursionError:
         raise DataError(f"{path}: JSON nested too deeply to read (thousands of levels); "
                         f"expected records of conversations; fix: check the file is a "
                         f"mixture") from None
+    except ValueError as e:
+        if "digits" not in str(e):
+            raise
+        raise DataError(f"{path}: holds an integer of more than {sys.get_int_max_str_digits():,} "
+                        f"digits, which Python refuses to read; expected records of "
+                        f"conversations; fix: check the file is a mixture") from None
 
 
 def _load(path: Path, task_field: str | None) -> Mixture:
@@ -243,5 +254,5 @@ def _image_exists(ref: str, root: Path) -> bool:
         return True
     if ref.startswith(("http://", "https://")):
         return False
-    p = Path(ref)
-    return (p if p.is_absolute() else root / p).is_file()
+    p = Path(ref)  # a regular file (a FIFO would block a reader); a name too long: missing
+    return os.path.isfile(p if p.is_absolute() else root / p)

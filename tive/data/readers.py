@@ -69,6 +69,8 @@ def _looks_like_jsonl(suffix: str, text: str) -> bool:
         json.loads(text)
     except json.JSONDecodeError as e:
         return e.msg == "Extra data"
+    except (ValueError, RecursionError):  # the reader says what is wrong
+        return False
     return False
 
 

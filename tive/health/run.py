@@ -3,7 +3,6 @@ and those that ``tive select`` adds to its selection (docs/design.md, "Health ch
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from tive.health.value_checks import (
     selection_findings,
     value_findings,
 )
+from tive.output.saving import find_reports
 from tive.selection import valuation
 from tive.selection.report import Report
 from tive.store.format import Store
@@ -53,13 +53,13 @@ def select_findings(store: Store | None, selection: Any) -> list[Finding]:
 def saved_findings(run: Path) -> list[Finding]:
     """Quotas larger than their task in the selections saved in ``run`` (``*.report.json``)."""
     found = []
-    for path in sorted(run.glob("*.report.json")):
+    for path, saved in find_reports(run):  # selection reports only, never a special file
         try:
-            tasks = json.loads(path.read_text(encoding="utf-8"))["tasks"]
+            tasks = saved["tasks"]
             quotas = {t: int(e["quota"]) for t, e in tasks.items() if not e.get("excluded")}
             valid = {t: int(e["valid"]) for t, e in tasks.items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue  # not a selection report: tive report says so when asked for its page
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue  # a report without task sizes: tive report says so when asked for its page
         found += quota_findings(quotas, valid, where=f"{path.name}: ")
     return found
 

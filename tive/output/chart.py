@@ -32,7 +32,8 @@ def chart_png(selection: Chosen) -> bytes:
     for bar, out in zip(bars, excluded):
         if out:
             bar.set(color="lightgrey", hatch="//", edgecolor="grey")
-    ax.set_yticks(y, [f"{t} (excluded)" if out else t for t, out in zip(names, excluded)])
+    shown = [_printable(t) for t in names]  # matplotlib cannot draw a lone surrogate
+    ax.set_yticks(y, [f"{t} (excluded)" if out else t for t, out in zip(shown, excluded)])
     for label, out in zip(ax.get_yticklabels(), excluded):
         if out:
             label.set_color("grey")
@@ -46,3 +47,8 @@ def chart_png(selection: Chosen) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     return buffer.getvalue()
+
+
+def _printable(text: str) -> str:
+    """``text`` with lone surrogates as their ``\\u`` escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

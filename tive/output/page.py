@@ -84,7 +84,8 @@ def write_html(report: Values, selection: Chosen | None, path: str | os.PathLike
         parts.append(_task_section(report, task, picked, root, task in excluded))
     parts.append(_CHECK_IMAGES + "</body></html>")
     with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(parts), encoding="utf-8")
+        # a lone surrogate (JSON can carry one) is shown as its \u escape
+        tmp.write_text("\n".join(parts), encoding="utf-8", errors="backslashreplace")
     return path
 
 
@@ -299,6 +300,8 @@ def _thumbnail(images: tuple[str, ...], root: Path | None) -> str:
         return ""
     ref = images[0]
     path = Path(ref) if Path(ref).is_absolute() or root is None else root / ref
+    if not os.path.isfile(path):  # never open a FIFO or a device: it would block or not end
+        return f"<div class=noimg title='{_e(path)}'>image not found<br>{_e(Path(ref).name)}</div>"
     try:
         import PIL.Image
 

@@ -175,35 +175,50 @@ def open_or_create(root: Path, meta: dict[str, Any], mixture: Mixture, tasks: np
     """The store at ``root``: continued when its identity matches, else created (an existing
     store with another identity is replaced only with ``force``).
 
-    With ``force`` the old store is moved to ``RUN/.store.replaced`` and deleted only once the
+    With ``force`` the old store (even a damaged one) is moved to ``RUN/.store.replaced`` and deleted only once the
     new one is complete (:func:`finish_replacement`), so a crash in between loses nothing.
 
     Raises:
         StoreError: an existing store with another identity (and not ``force``).
     """
-    import shutil
-
-    if (root / "meta.json").exists():
-        store = Store.open(root)
+    if os.path.lexists(root / "meta.json"):
+        store = None
         try:
+            store = Store.open(root)
             check_identity(store, meta)
         except StoreError:
             if not force:
                 raise
-            # --force starts over (only when the settings differ), keeping the last complete
-            # store beside until the new one is complete
-            old = root.with_name(REPLACED_DIR)
-            if old.exists() and not store.complete:
-                shutil.rmtree(root)  # an unfinished replacement: the kept one stays
-            else:
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(root, old)
+            # --force starts over (when the settings differ or the store is damaged), keeping
+            # the last complete store beside until the new one is complete
+            _set_aside(root, complete=store is not None and store.complete)
         else:
             fold_parts(store)
             return Store.open(root)
     index = [IndexEntry(r.id, str(t), int(k)) for r, t, k in zip(mixture, tasks, mixture.keys)]
     return create_store(root, n=len(mixture), k=dim, index=index, meta=meta,
                         feature_dtype=feature_dtype)
+
+
+def _set_aside(root: Path, complete: bool) -> None:
+    """Move the store ``root`` to ``RUN/.store.replaced``; an unfinished or damaged one is
+    deleted instead when a complete one is already kept there."""
+    old = root.with_name(REPLACED_DIR)
+    if os.path.lexists(old) and not complete:
+        _remove(root)  # an unfinished replacement or a damaged store: the kept one stays
+    else:
+        _remove(old)
+        os.replace(root, old)
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder, or the symlink or file found in its place (never what a link names)."""
+    import shutil
+
+    if os.path.islink(path) or os.path.isfile(path):
+        os.unlink(path)
+    elif os.path.lexists(path):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def finish_replacement(root: Path) -> None:

@@ -58,10 +58,20 @@ def clusters(report: Any, config: Any, members: np.ndarray, noise: np.ndarray) -
                     getattr(features, "filename", None), config.clusters, config.seed,
                     report.chunk_rows, members, noise[members])
     m = len(members)
-    return km.Clusters(**vc.cached_arrays(
-        folder, "kmeans", key, compute,
-        lambda a: all(a.get(f, np.empty(0)).shape == (m,) for f in ("rows", "nearest", "dist"))
-        and "k" in a))
+    return km.Clusters(**vc.cached_arrays(folder, "kmeans", key, compute,
+                                          lambda a: _whole_clusters(a, members)))
+
+
+def _whole_clusters(a: dict[str, np.ndarray], members: np.ndarray) -> bool:
+    """A cached :class:`~tive.selection.kmeans.Clusters` of ``members``: exactly its four
+    arrays, ``rows`` a permutation of ``members``, ``nearest`` in ``[0, k)``."""
+    m = len(members)
+    if not vc.exact(a, {"rows": ((m,), "i"), "nearest": ((m,), "i"), "dist": ((m,), "f"),
+                        "k": ((), "i")}):
+        return False
+    k = int(a["k"])
+    return (np.array_equal(np.sort(a["rows"]), members) and 0 <= k <= max(m, 1)
+            and bool(((a["nearest"] >= 0) & (a["nearest"] < max(k, 1))).all()))
 
 
 def uniform(report: Any, noise: np.ndarray) -> np.ndarray:

@@ -34,7 +34,7 @@ INIT_FACTOR = 3  # k-means++ on 3·max(k, BATCH) rows (sklearn's default init_si
 INIT_BYTES = 1 << 28  # ... unless the sample's float64 rows would pass 256 MiB (then ≥ k rows)
 DIST_DECIMALS = 9  # distances between unit rows are in [0, 4]; float64 error ~1e-15
 CANDIDATES = 16  # nearest free records kept per unmatched centroid in a matching pass
-VERSION = 1  # of the cached --clusters assignments: bump when they are computed otherwise
+VERSION = 2  # of the cached --clusters assignments: bump when they are computed otherwise
 
 
 def code() -> str:

@@ -53,6 +53,9 @@ def quotas(values: np.ndarray, sizes: np.ndarray, budget: int, oversample: bool 
     if not oversample and budget > sizes.sum():
         raise ConfigError(f"budget {budget:,} is more than the {int(sizes.sum()):,} selectable "
                           f"records; fix: a smaller --budget, or allow --oversample")
+    with np.errstate(over="ignore"):
+        if not np.isfinite(values.sum()):  # values near 1e308: their shares would overflow
+            values = values / values.max()
     _require_positive(values)
     if oversample:
         return largest_remainder(budget * values / values.sum(), budget)

@@ -173,7 +173,7 @@ class Report:
         key = vc.digest(kind, vc.VERSION, identity, self._codes, self._names, self.valid,
                         self.norms, self.chunk_rows)
         return vc.cached_arrays(folder, "taskvalues", key, compute,
-                                lambda a: a.get("values", np.empty(0)).shape == (n,))["values"]
+                                lambda a: vc.exact(a, {"values": ((n,), "f")}))["values"]
 
     def members(self, task: str) -> np.ndarray:
         """Rows of the valid records of ``task``, increasing."""
@@ -217,7 +217,7 @@ class Report:
                 and self.task_value != "norm" and weighs_by_value(method, quota):
             task_value = self.task_value  # the report's own kind, where values set quotas
         config = SelectConfig(budget=budget, method=method, strategy=strategy,
-                              temperature=temperature, seed=seed, exclude=tuple(exclude),
+                              temperature=temperature, seed=seed, exclude=exclude,
                               oversample=oversample, clusters=clusters, quota=quota,
                               paper=self.paper if paper is None else paper,
                               task_value=task_value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass, field, fields
 from enum import Enum
@@ -234,6 +235,8 @@ class SelectConfig:
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        for name in ("budget", "temperature", "seed", "clusters"):  # numpy scalars as numbers
+            set_(name, plain_number(getattr(self, name)))
         set_("budget", Budget.parse(self.budget))
         set_("method", _enum(Method, self.method, "method"))
         if self.strategy is not None:
@@ -244,7 +247,7 @@ class SelectConfig:
             set_("quota", _enum(QuotaBy, self.quota, "quota"))
         if self.task_value is not None:
             set_("task_value", task_value_named(self.task_value))
-        set_("exclude", tuple(dict.fromkeys(self.exclude)))
+        set_("exclude", _task_names(self.exclude))
         applies = set(METHODS[self.method.value].options)
         if self.method is Method.TIVE and self.strategy is Strategy.TOP:
             applies -= {"temperature", "seed"}
@@ -258,8 +261,11 @@ class SelectConfig:
                               + ", whose quotas do not follow the task values; fix: leave it "
                                 "out" + (f" or {named('quota', 'value')}" if self.quota else ""))
         if self.temperature is not None:
-            t = float(self.temperature)
-            if math.isnan(t) or t <= 0:
+            try:
+                t = float(self.temperature)
+            except (TypeError, ValueError):
+                t = math.nan
+            if math.isnan(t) or t <= 0 or isinstance(self.temperature, bool):
                 raise ConfigError(f"{named('temperature', self.temperature)}: must be positive "
                                   f"(inf allowed)")
             set_("temperature", t)
@@ -289,6 +295,27 @@ class SelectConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def plain_number(value: Any) -> Any:
+    """A numpy integer or float scalar as the Python ``int`` or ``float`` it holds (an
+    ``np.linspace`` sweep of budgets); anything else as it is."""
+    if type(value) in (bool, int, float) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
+def _task_names(exclude: Any) -> tuple[str, ...]:
+    """``exclude`` as a tuple of distinct task names; one string is one task (not letters)."""
+    names = (exclude,) if isinstance(exclude, str) else exclude
+    try:
+        names = tuple(names)
+    except TypeError:
+        names = (names,)
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise ConfigError(f"{named('exclude', repr(bad[0]))}: expected task names (strings)")
+    return tuple(dict.fromkeys(names))
 
 
 def weighs_by_value(method: Any, quota: Any = None) -> bool:

@@ -22,6 +22,7 @@ from tive.models.skips import BY_CODE
 from tive.selection import value_cache as vc, values as val
 from tive.selection.report import Report
 from tive.selection.settings import TaskValue, task_value_named
+from tive.store.external import check_arrays
 from tive.store.format import Store
 
 DataArg = str | os.PathLike | Mixture | None
@@ -48,6 +49,7 @@ def from_store(st: Store, data: DataArg | bool, task_field: str | None,
                chunk_rows: int | None) -> Report:
     """The values of a complete store, with the records of ``data`` (default: the data the
     store was built from; ``False``: the store's own index, no records)."""
+    check_options("value_estimate", task_field, image_root, chunk_rows, data)
     st.require_complete()
     cache = (st.root.parent / vc.CACHE_DIR, vc.store_identity(st.root))
     arrays = _store_arrays(st)
@@ -60,9 +62,13 @@ def from_store(st: Store, data: DataArg | bool, task_field: str | None,
         return build_report(arrays, tasks, keys, left_out, None, None, chunk_rows, source, cache)
     if data is None:
         data = st.meta["data"]["path"]
-        if not Path(data).exists():
-            raise DataError(f"{data}: the data this store was built from is gone; fix: pass "
-                            f"its current location with --data / data=")
+        if data is None:
+            raise DataError(f"{st.root / 'meta.json'}: records no data path (data.path is "
+                            f"null); fix: pass the mixture with --data / data=")
+        if not os.path.exists(data):
+            raise DataError(f"{data}: the data this store was built from (data.path in "
+                            f"{st.root / 'meta.json'}) is gone; fix: pass its current location "
+                            f"with --data / data=")
     field = task_field or st.meta.get("settings", {}).get("task_field")
     if isinstance(data, Mixture):
         mixture, labels = data, label_tasks(data)
@@ -85,6 +91,10 @@ def from_arrays(features: Any, norms: Any, tasks: Sequence[str] | None, data: Da
     """The values of features computed elsewhere: ``(N, k)`` features and ``(N,)`` norms, with
     ``tasks`` (one name per row) or ``data`` (the mixture, in the rows' order). ``who`` names
     the caller in errors."""
+    check_options(who, task_field, image_root, chunk_rows, data)
+    if tasks is not None and (isinstance(tasks, (str, bytes)) or not hasattr(tasks, "__len__")):
+        raise ConfigError(f"{who}: tasks= is a {type(tasks).__name__}; expected one task name "
+                          f"per row (a list or array)")
     arrays = _given_arrays(features, norms, loss, ntokens, who)
     n = arrays["norms"].shape[0]
     if data is None:
@@ -149,24 +159,47 @@ def _store_arrays(st: Store) -> dict[str, Any]:
             "ntokens": st.array("ntokens"), "left_out": left_out}
 
 
+def check_options(who: str, task_field: Any, image_root: Any, chunk_rows: Any,
+                  data: Any) -> None:
+    """The types of the Python API's plain arguments (the command line's options are typed by
+    click): a wrong one is a :class:`ConfigError`, never a ``TypeError`` later."""
+    def wrong(name: str, value: Any, expected: str) -> ConfigError:
+        return ConfigError(f"{who}: {name}={value!r:.60} is a {type(value).__name__}; expected "
+                           f"{expected}")
+
+    if task_field is not None and not isinstance(task_field, str):
+        raise wrong("task_field", task_field, "a field name (str)")
+    if image_root is not None and not isinstance(image_root, (str, os.PathLike)):
+        raise wrong("image_root", image_root, "a folder (str or path)")
+    if chunk_rows is not None and (isinstance(chunk_rows, (bool, np.bool_)) or not isinstance(
+            chunk_rows, (int, np.integer)) or chunk_rows < 1):
+        raise wrong("chunk_rows", chunk_rows, "a positive integer")
+    if data not in (None, False) and not isinstance(data, (str, os.PathLike, Mixture)):
+        raise wrong("data", data, "a mixture path or Mixture")
+
+
 def _given_arrays(features: Any, norms: Any, loss: Any, ntokens: Any,
                   who: str) -> dict[str, Any]:
-    features = features if isinstance(features, np.ndarray) else np.asarray(features)
-    norms = np.asarray(norms, dtype=np.float64)
-    if features.ndim != 2 or norms.shape != (features.shape[0],):
-        raise ConfigError(f"{who}: features {features.shape} and norms {norms.shape}; "
-                          f"expected (N, k) and (N,)")
-    negative = np.flatnonzero(norms < 0)
-    if len(negative):
-        raise ConfigError(f"{who}: norms[{negative[0]}] = {norms[negative[0]]} is "
-                          f"negative; expected exact gradient norms (≥ 0)")
-    n = features.shape[0]
-    loss = np.full(n, np.nan) if loss is None else np.asarray(loss, dtype=np.float64)
-    ntokens = np.full(n, -1) if ntokens is None else np.asarray(ntokens, dtype=np.int64)
-    for name, arr in (("loss", loss), ("ntokens", ntokens)):
-        if arr.shape != (n,):
-            raise ConfigError(f"{who}: {name} has shape {arr.shape}; expected ({n},)")
-    return {"features": features, "norms": norms, "loss": loss, "ntokens": ntokens}
+    """The arrays given to the Python API, checked as ``tive import`` checks its files
+    (:func:`tive.store.external.check_arrays`), with losses and token counts filled in."""
+    given = {"features": features, "norms": norms, "loss": loss, "ntokens": ntokens}
+    for name, value in given.items():
+        if value is not None and not isinstance(value, np.ndarray):
+            try:
+                given[name] = np.asarray(value)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"{who}: {name}= is not an array ({str(e)[:80]}); expected "
+                                  f"numbers") from None
+    n = len(given["norms"]) if given["norms"].ndim == 1 else -1
+    label = lambda name: f"{who}: {name}"  # noqa: E731
+    if n < 0:
+        raise ConfigError(f"{label('norms')} has shape {given['norms'].shape}; expected (N,)")
+    arrays = check_arrays({k: v for k, v in given.items() if v is not None}, n, "norms", label)
+    arrays["norms"] = np.asarray(arrays["norms"], dtype=np.float64)
+    arrays["loss"] = (np.full(n, np.nan) if loss is None
+                      else np.asarray(arrays["loss"], dtype=np.float64))
+    arrays.setdefault("ntokens", np.full(n, -1, dtype=np.int64))
+    return arrays
 
 
 def image_root_of(mixture: Mixture, image_root: Any) -> str:

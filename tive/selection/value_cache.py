@@ -24,21 +24,21 @@ share of each cluster depends on the budget.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from tive.errors import OutputError
-from tive.util.files import atomic_path
+from tive.util.sealed import note_recomputed, read_sealed, write_sealed
 
 CACHE_DIR = "cache"
 KEEP = {"values": 8, "kmeans": 512}  # files kept per run folder and prefix (the newest used):
 #     instance values, and one task's --clusters assignment (tive.selection.kmeans.Clusters)
-VERSION = 1  # bump when instance values are computed differently
+VERSION = 2  # bump when instance values are computed (or cached) differently
 
 
 def store_identity(root: Path) -> str:
@@ -56,7 +56,7 @@ def cache_key(identity: str, codes: np.ndarray, names: list[str], valid: np.ndar
     """Digest of everything the instance values depend on (see the module docstring)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"v{VERSION};{identity};{chunk_rows};{len(codes)};".encode())
-    h.update("\x00".join(names).encode())
+    h.update("\x00".join(names).encode("utf-8", "surrogatepass"))  # lone surrogates too
     h.update(np.ascontiguousarray(codes, dtype=np.int64).tobytes())
     h.update(np.packbits(np.asarray(valid, dtype=bool)).tobytes())
     return h.hexdigest()
@@ -90,7 +90,7 @@ def cached_instance_values(
         folder, "values", cache_key(identity, codes, names, valid, chunk_rows),
         lambda: dict(zip(("values", "finite"),
                          compute(features, codes, len(names), valid, chunk_rows))),
-        lambda a: all(a.get(name, np.empty(0)).shape == (n,) for name in ("values", "finite")))
+        lambda a: exact(a, {"values": ((n,), "f"), "finite": ((n,), "b")}))
     return found["values"], found["finite"]
 
 
@@ -111,29 +111,22 @@ def cached_arrays(folder: Path, prefix: str, key: str, compute: Callable[[], dic
                   check: Callable[[dict[str, np.ndarray]], bool] | None = None
                   ) -> dict[str, np.ndarray]:
     """The arrays ``compute()`` returns, kept in ``folder/<prefix>-<key>.npz``: read back when
-    the file is there, readable and passes ``check``, else computed and written (atomically;
-    an unwritable folder is skipped). At most :data:`KEEP` ``[prefix]`` files are kept, the
-    newest used."""
+    the file is there, whole (:func:`tive.util.sealed.read_sealed`) and passes ``check`` (the
+    exact names, shapes and ranges the caller expects), else computed and written (atomically;
+    an unwritable folder is skipped) — a damaged file is said on stderr. At most :data:`KEEP`
+    ``[prefix]`` files are kept, the newest used."""
     path = folder / f"{prefix}-{key}.npz"
-    found = _read(path)
-    if found is not None and (check is None or check(found)):
+    found, why = read_sealed(path)
+    if found is not None and check is not None and not check(found):
+        found, why = None, "its arrays are not those expected"
+    if found is not None:
+        with contextlib.suppress(OSError):
+            os.utime(path, follow_symlinks=False)  # the newest-used files are the ones kept
         return found
+    if why is not None:
+        note_recomputed(path, why)
     arrays = {name: np.asarray(value) for name, value in compute().items()}
     _write(path, arrays)
-    return arrays
-
-
-def _read(path: Path) -> dict[str, np.ndarray] | None:
-    """The cached arrays, or None when absent or unreadable."""
-    try:
-        with np.load(path) as z:
-            arrays = {name: z[name] for name in z.files}
-    except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile):
-        return None  # absent, empty, truncated or damaged: computed again
-    try:
-        os.utime(path)  # the newest-used files are the ones kept
-    except OSError:
-        pass
     return arrays
 
 
@@ -142,9 +135,7 @@ def _write(path: Path, arrays: dict[str, np.ndarray]) -> None:
     skipped."""
     prefix = path.name.split("-", 1)[0]
     try:
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
+        write_sealed(path, arrays)
     except OutputError:
         return
     try:  # another selection may prune the same folder: never fail for it
@@ -153,6 +144,15 @@ def _write(path: Path, arrays: dict[str, np.ndarray]) -> None:
             stale.unlink(missing_ok=True)
     except OSError:
         pass
+
+
+def exact(arrays: dict[str, np.ndarray], expected: dict[str, tuple[tuple[int, ...], str]]
+          ) -> bool:
+    """``arrays`` has exactly the names of ``expected``, each of its shape and kind
+    (``numpy.dtype.kind``: ``f`` float, ``i`` integer, ``b`` bool)."""
+    return set(arrays) == set(expected) and all(
+        arrays[name].shape == shape and arrays[name].dtype.kind == kind
+        for name, (shape, kind) in expected.items())
 
 
 def _mtime(path: Path) -> int:

@@ -48,10 +48,15 @@ def task_values(norms: np.ndarray, codes: np.ndarray, n_tasks: int, valid: np.nd
     Returns:
         ``(n_tasks,)`` float64; NaN for a task with no valid record.
     """
-    sums = np.bincount(codes[valid], weights=norms[valid].astype(np.float64), minlength=n_tasks)
+    kept = norms[valid].astype(np.float64)
+    sums = np.bincount(codes[valid], weights=kept, minlength=n_tasks)
     counts = np.bincount(codes[valid], minlength=n_tasks)
+    scale = 1.0
+    if np.isfinite(kept).all() and not np.isfinite(sums).all():  # norms near 1e308: the sums
+        scale = float(kept.max())  # overflow; the means, at most the largest norm, do not
+        sums = np.bincount(codes[valid], weights=kept / scale, minlength=n_tasks)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+        return np.where(counts > 0, sums / np.maximum(counts, 1) * scale, np.nan)
 
 
 TASK_VALUES = {

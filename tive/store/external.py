@@ -19,7 +19,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -29,7 +29,7 @@ from tive.data.tasks import TaskLabels
 from tive.errors import DataError
 from tive.store.format import IndexEntry, Store
 from tive.store.writers import write_store
-from tive.util.files import NPY_HEADER_ERRORS
+from tive.util.files import NPY_HEADER_ERRORS, special_kind
 
 PER_RECORD = ("norms", "loss", "ntokens")
 
@@ -41,6 +41,10 @@ ZIP_MAGIC = b"PK\x03\x04"
 def load_npy(path: str | os.PathLike, what: str) -> np.ndarray:
     """``np.load`` (memory-mapped) with a one-line error naming the option; the file must be a
     real ``.npy`` array (not an ``.npz`` archive, a text file or pickled objects)."""
+    kind = special_kind(path)
+    if kind is not None:
+        raise DataError(f"--{what} {path}: is a {kind}, not a file; expected a .npy array "
+                        f"written by numpy.save")
     try:
         with open(path, "rb") as f:
             head = f.read(len(NPY_MAGIC))
@@ -113,9 +117,17 @@ class AuthorsChunks:
             parts = torch.load(path, map_location="cpu", weights_only=True)
             block = torch.cat(list(parts), dim=0) if isinstance(parts, (list, tuple)) else parts
             block = block.float().numpy()
-        except Exception as e:
-            raise DataError(f"{path}: cannot read ({str(e).splitlines()[0]}); expected a "
-                            f"torch.save list of (batch, k) tensors") from None
+        except Exception as e:  # torch raises many kinds for a damaged or foreign file
+            why = (str(e).splitlines() or [type(e).__name__])[0]
+            if "weights_only" in why or "Weights only" in why:  # not torch's advice to unpickle
+                why = "not a torch.save file of plain tensors"
+            raise DataError(f"{path}: cannot read ({why[:120]}); expected a torch.save list of "
+                            f"(batch, k) tensors") from None
+        k = getattr(self, "shape", (0, block.shape[-1] if block.ndim else 0))[1]
+        if block.ndim == 2 and block.shape[1] != k:
+            raise DataError(f"{path}: {block.shape[1]} features per row, output_0 has {k}; "
+                            f"expected every chunk from the same run (the same projection "
+                            f"dimension)")
         if block.ndim != 2 or block.shape[0] != len(self.norms[c]):
             raise DataError(f"{self.folder / f'output_norm_{c}.json'}: {len(self.norms[c])} "
                             f"norms for {block.shape[0]} feature rows in {path.name}; expected "
@@ -124,12 +136,19 @@ class AuthorsChunks:
 
     def _norms(self, c: int) -> list[float]:
         path = self.folder / f"output_norm_{c}.json"
+        kind = special_kind(path)
         try:
+            if kind is not None:
+                raise DataError(f"{path}: is a {kind}; expected a JSON list of norms")
             norms = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise DataError(f"{path}: missing beside output_{c}; fix: copy it here") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg})") from None
+        except (OSError, UnicodeDecodeError, RecursionError, ValueError) as e:
+            why = getattr(e, "strerror", None) or type(e).__name__
+            raise DataError(f"{path}: cannot read ({why}); expected a JSON list of numbers (one "
+                            f"norm per record)") from None
         if not isinstance(norms, list) or not all(isinstance(x, (int, float)) for x in norms):
             raise DataError(f"{path}: expected a JSON list of numbers (one norm per record)")
         return norms
@@ -189,6 +208,9 @@ def reorder_by_ids(mixture: Mixture, ids: list[str], arrays: dict[str, Any],
 def read_ids(path: str | os.PathLike) -> list[str]:
     """Ids from a JSON list, a ``.npy`` array, or a text file with one id per line."""
     path = Path(path)
+    kind = special_kind(path)
+    if kind is not None:
+        raise DataError(f"--ids {path}: is a {kind}; expected a file of ids")
     if path.suffix == ".npy":
         values = load_npy(path, "ids")
         if values.ndim != 1:
@@ -206,53 +228,73 @@ def read_ids(path: str | os.PathLike) -> list[str]:
     except json.JSONDecodeError as e:
         raise DataError(f"--ids {path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}); expected "
                         f"a JSON list of ids") from None
+    except (RecursionError, ValueError) as e:  # nested too deep, integers too long
+        raise DataError(f"--ids {path}: cannot read ({type(e).__name__}: {str(e)[:60]}); "
+                        f"expected a JSON list of ids") from None
     if not isinstance(values, list):
         raise DataError(f"--ids {path}: expected a JSON list of ids")
     return [str(x) for x in values]
 
 
-def check_arrays(arrays: dict[str, Any], n: int, where: str) -> dict[str, Any]:
-    """Check shapes and values against ``n`` records before anything is written.
+def check_arrays(arrays: dict[str, Any], n: int, where: str,
+                 label: Callable[[str], str] = lambda name: f"--{name}") -> dict[str, Any]:
+    """Check shapes and values against ``n`` records before anything is written: the one
+    validation of given arrays, for ``tive import`` and the Python API alike.
+
+    Args:
+        arrays: ``features`` ``(N, k)``, ``norms`` ``(N,)``, optionally ``loss`` and
+            ``ntokens`` ``(N,)``.
+        label: how a message names an array (``--norms`` on the command line, ``norms=`` in
+            Python).
 
     Returns the per-record arrays as plain numpy arrays (``ntokens`` as int64).
 
     Raises:
-        DataError: a wrong shape, a negative norm, or non-integral token counts.
+        DataError: a wrong shape, complex or non-numeric values, a negative norm, or token
+            counts that are negative, non-integral or too large.
     """
     features = arrays["features"]
-    if len(features.shape) != 2 or features.shape[0] != n:
-        raise DataError(f"features: shape {tuple(features.shape)}, but {where} has {n:,} "
-                        f"records; expected ({n}, k), one row per record in the data's order")
-    if features.shape[1] < 1:
-        raise DataError(f"features: shape {tuple(features.shape)} has no columns; expected "
-                        f"({n}, k) with k ≥ 1 projected gradient features")
-    _real(features.dtype, "features")
+    shape = tuple(getattr(features, "shape", ()))
+    if len(shape) != 2 or shape[0] != n:
+        raise DataError(f"{label('features')}: shape {shape}, but {where} has {n:,} records; "
+                        f"expected ({n}, k), one row per record in the data's order")
+    if shape[1] < 1:
+        raise DataError(f"{label('features')}: shape {shape} has no columns; expected ({n}, k) "
+                        f"with k ≥ 1 projected gradient features")
+    _real(np.dtype(features.dtype), label("features"))
     out = {"features": features}
     for name in PER_RECORD:
         if name not in arrays:
             continue
         arr = np.asarray(arrays[name])
         if arr.shape != (n,):
-            raise DataError(f"--{name}: shape {arr.shape}, but {where} has {n:,} records; "
+            raise DataError(f"{label(name)}: shape {arr.shape}, but {where} has {n:,} records; "
                             f"expected ({n},)")
-        _real(arr.dtype, f"--{name}")
+        _real(arr.dtype, label(name))
         out[name] = arr
     negative = np.flatnonzero(out["norms"] < 0)
     if len(negative):
-        raise DataError(f"--norms: row {negative[0]} is {out['norms'][negative[0]]}; expected "
-                        f"exact gradient norms (≥ 0)")
+        raise DataError(f"{label('norms')}: row {negative[0]} is {out['norms'][negative[0]]}; "
+                        f"expected exact gradient norms (≥ 0)")
     if "ntokens" in out:
-        t = out["ntokens"]
-        if not np.issubdtype(t.dtype, np.integer):
-            if not (np.isfinite(t).all() and np.all(t == np.round(t))):
-                raise DataError("--ntokens: holds non-integral or non-finite values; expected "
-                                "supervised token counts")
-        out["ntokens"] = t.astype(np.int64)
-        negative = np.flatnonzero(out["ntokens"] < 0)
-        if len(negative):
-            raise DataError(f"--ntokens: row {negative[0]} is {out['ntokens'][negative[0]]}; "
-                            f"expected supervised token counts (≥ 0)")
+        out["ntokens"] = _token_counts(out["ntokens"], label("ntokens"))
     return out
+
+
+def _token_counts(t: np.ndarray, what: str) -> np.ndarray:
+    """``t`` as int64 token counts: whole, finite, ≥ 0 and below 2⁵³."""
+    if not np.issubdtype(t.dtype, np.integer) and t.dtype != np.bool_:
+        with np.errstate(invalid="ignore"):
+            bad = np.flatnonzero(~(np.isfinite(t) & (np.abs(t) < 2 ** 53) & (t == np.round(t))))
+        if len(bad):
+            raise DataError(f"{what}: holds non-integral, non-finite or too large values (row "
+                            f"{bad[0]} is {t[bad[0]].item()!r}); expected supervised token "
+                            f"counts")
+    negative = np.flatnonzero(t < 0)
+    if len(negative):
+        raise DataError(f"{what}: row {negative[0]} is {t[negative[0]].item()!r}; expected "
+                        f"supervised token counts (≥ 0)")
+    return t.astype(np.int64)
 
 
 def _real(dtype: np.dtype, what: str) -> None:

@@ -23,6 +23,7 @@ the format is described in docs/design.md, "The store".
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -32,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from tive.errors import StoreError
-from tive.util.files import NPY_HEADER_ERRORS
+from tive.models.skips import BY_CODE
+from tive.util.files import NPY_HEADER_ERRORS, special_kind
 
 FORMAT_VERSION = 1
 STORE_DIR = "store"
@@ -70,6 +72,7 @@ class Store:
         if not (root / "meta.json").exists() and (root / STORE_DIR / "meta.json").exists():
             root = root / STORE_DIR
         meta_path = root / "meta.json"
+        check_kind(meta_path)
         if not meta_path.exists():
             raise StoreError(f"{root}: no feature store here (no meta.json); fix: run `tive "
                              f"score` or `tive import` first, or pass --run to the run folder")
@@ -113,8 +116,23 @@ class Store:
         return np.load(self.root / "features.npy", mmap_mode="r")
 
     def array(self, name: str) -> np.ndarray:
-        """One of ``norms``, ``loss``, ``ntokens``, ``done``, ``skipped`` as an ``(N,)`` array."""
-        return np.load(self.root / f"{name}.npy")
+        """One of ``norms``, ``loss``, ``ntokens``, ``done``, ``skipped`` as an ``(N,)`` array,
+        its values checked: norms ≥ 0 or NaN (not scored), token counts ≥ -1 (-1: unknown),
+        skip codes 0 or a known reason's.
+
+        Raises:
+            StoreError: a value no writer makes, naming the file, the row and the fix.
+        """
+        path = self.root / f"{name}.npy"
+        values = np.load(path)
+        bad = {"norms": lambda a: a < 0, "ntokens": lambda a: a < -1,
+               "skipped": lambda a: ~np.isin(a, [0, *BY_CODE])}.get(name)
+        rows = np.flatnonzero(bad(values)) if bad is not None else ()
+        if len(rows):
+            raise StoreError(f"{path}: row {rows[0]} is {values[rows[0]].item()!r}, which no "
+                             f"writer makes; the store is damaged; fix: rebuild it "
+                             f"(`tive score`/`tive import` with --force)")
+        return values
 
     def index(self) -> list[IndexEntry]:
         """The rows' ids, tasks and content keys.
@@ -123,11 +141,14 @@ class Store:
             StoreError: ``index.jsonl`` missing, unreadable, malformed or of another length.
         """
         path = self.root / "index.jsonl"
-        entries = []
+        entries, line = [], 1
+        check_kind(path)
+        digest = hashlib.blake2b(digest_size=16)
         try:
-            with open(path, encoding="utf-8") as f:
-                for line, text in enumerate(f, 1):
-                    e = json.loads(text)
+            with open(path, "rb") as f:
+                for line, raw in enumerate(f, 1):
+                    digest.update(raw)
+                    e = json.loads(raw.decode("utf-8"))
                     if not (isinstance(e, dict) and isinstance(e.get("id"), str)
                             and isinstance(e.get("task"), str) and isinstance(e.get("key"), str)):
                         raise ValueError("expected {id, task, key} strings")
@@ -140,6 +161,12 @@ class Store:
         if len(entries) != self.n_records:
             raise StoreError(f"{path}: {len(entries):,} rows, meta.json says "
                              f"{self.n_records:,}; the store is damaged; fix: rebuild it")
+        want = self.meta.get("index_digest")  # absent in stores written before it was kept
+        if want is not None and digest.hexdigest() != want:
+            raise StoreError(f"{path}: changed since the store was written (its digest is not "
+                             f"meta.json's index_digest): the store is damaged; fix: rebuild it "
+                             f"(`tive import`/`tive score` with --force; tasks are labelled "
+                             f"from the data, --task-field names the field)")
         return entries
 
     def check_data(self, fingerprint: str, n_records: int, path: str | os.PathLike) -> None:
@@ -165,6 +192,7 @@ class Store:
                     **{a: ((n,), np.dtype(DTYPES[a])) for a in ARRAYS}}
         for name, (shape, dtype) in expected.items():
             path = self.root / f"{name}.npy"
+            check_kind(path)
             if not path.exists():
                 raise StoreError(f"{path}: missing from the store; fix: rebuild the store")
             try:
@@ -191,6 +219,7 @@ class Store:
     def _check_index_length(self) -> None:
         """``index.jsonl`` present with one line per row (counted, not parsed: cheap)."""
         path = self.root / "index.jsonl"
+        check_kind(path)
         try:
             with open(path, "rb") as f:
                 lines = sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 22), b""))
@@ -199,6 +228,28 @@ class Store:
         if lines != self.n_records:
             raise StoreError(f"{path}: {lines:,} rows, meta.json says {self.n_records:,}; the "
                              f"store is damaged; fix: rebuild it")
+
+
+def file_digest(path: Path) -> str:
+    """blake2b-128 of a file's bytes (``meta.json``'s ``index_digest``)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_kind(path: Path) -> None:
+    """Refuse a store file that is a FIFO, socket or device (reading one would hang or read
+    something that is not the store).
+
+    Raises:
+        StoreError: naming the file and its kind.
+    """
+    kind = special_kind(path)
+    if kind is not None:
+        raise StoreError(f"{path}: is a {kind}, not a regular file; the store is damaged; fix: "
+                         f"rebuild it (`tive score`/`tive import` with --force)")
 
 
 def validate_meta(meta: Any, path: Path) -> None:
@@ -230,6 +281,25 @@ def validate_meta(meta: Any, path: Path) -> None:
     if meta["feature_dtype"] not in ("float16", "float32", "float64"):
         raise StoreError(f"{path}: feature_dtype {meta['feature_dtype']!r}, expected float16, "
                          f"float32 or float64; the store is damaged; fix: rebuild it")
+    _validate_settings(meta, path)
+    if not isinstance(meta.get("index_digest", ""), str):
+        raise StoreError(f"{path}: index_digest is {meta['index_digest']!r:.40}, expected a "
+                         f"string; the store is damaged; fix: rebuild it")
     if "complete" in meta and not isinstance(meta["complete"], bool):
         raise StoreError(f"{path}: complete is {meta['complete']!r}, expected true or false; "
                          f"the store is damaged; fix: rebuild it")
+
+
+def _validate_settings(meta: dict[str, Any], path: Path) -> None:
+    """``settings`` (an object, when present) and the keys of it that readers use."""
+    settings = meta.get("settings", {})
+    if not isinstance(settings, dict):
+        raise StoreError(f"{path}: settings is {settings!r:.60}, expected an object; the store "
+                         f"is damaged; fix: rebuild it")
+    for key, kinds in {"task_field": (str,), "image_root": (str,),
+                       "batch_used": (int,)}.items():
+        value = settings.get(key)
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+            raise StoreError(f"{path}: settings.{key} is {value!r:.60}, expected "
+                             f"{'an integer' if kinds == (int,) else 'a string'} or null; the "
+                             f"store is damaged; fix: rebuild it")

@@ -21,7 +21,15 @@ from typing import Any, Sequence
 import numpy as np
 
 from tive.errors import StoreError
-from tive.store.format import ARRAYS, DTYPES, FORMAT_VERSION, PARTS_DIR, IndexEntry, Store
+from tive.store.format import (
+    ARRAYS,
+    DTYPES,
+    FORMAT_VERSION,
+    PARTS_DIR,
+    IndexEntry,
+    Store,
+    file_digest,
+)
 from tive.util.files import atomic_path, check_space, preallocate, write_json
 
 COMMIT_SECONDS = 1.0  # at most this much finished work is lost when a run is killed
@@ -112,10 +120,12 @@ def create_store(root: str | os.PathLike, *, n: int, k: int, index: Sequence[Ind
 def _write_index_and_meta(folder: Path, index: Sequence[IndexEntry],
                           meta: dict[str, Any]) -> None:
     """``index.jsonl`` (one ``{"id", "task", "key"}`` line per row) and ``meta.json``."""
-    with open(folder / "index.jsonl", "w", encoding="utf-8") as f:
+    # a lone surrogate in an id or task is written as its \u escape: JSON reads it back as is
+    with open(folder / "index.jsonl", "w", encoding="utf-8", errors="backslashreplace") as f:
         for e in index:
             f.write(json.dumps({"id": e.id, "task": e.task, "key": f"{e.key:016x}"},
                                ensure_ascii=False) + "\n")
+    meta = {**meta, "index_digest": file_digest(folder / "index.jsonl")}  # edits are seen
     (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
@@ -152,6 +162,10 @@ class RowWriter:
 
     def __init__(self, folder: Path, positions: np.ndarray | None = None) -> None:
         self.folder = Path(folder)
+        for name in ("features", *ARRAYS):  # written in place: never through a symlink
+            if (self.folder / f"{name}.npy").is_symlink():
+                raise StoreError(f"{self.folder / f'{name}.npy'}: is a symlink; tive never "
+                                 f"writes through one; fix: rebuild the store (--force)")
         self.arrays = {name: np.load(self.folder / f"{name}.npy", mmap_mode="r+")
                        for name in ("features", *ARRAYS)}
         self.slot = None if positions is None else {int(r): i for i, r in enumerate(positions)}
@@ -261,11 +275,15 @@ def _cast_rows(block: np.ndarray, dtype: np.dtype, rows: np.ndarray) -> np.ndarr
         return cast
     src = block.astype(np.float64)
     with np.errstate(invalid="ignore", over="ignore"):
-        err = np.linalg.norm(cast.astype(np.float64) - src, axis=1)
-        bad = np.isfinite(src).all(axis=1) & ~(err <= 0.01 * np.linalg.norm(src, axis=1))
+        scale = np.abs(src).max(axis=1, initial=0.0)[:, None]  # rows scaled to at most 1:
+        scale[~(scale > 0)] = 1.0  # their norms cannot overflow (a row of 1e200s would)
+        err = np.linalg.norm((cast.astype(np.float64) - src) / scale, axis=1)
+        bad = np.isfinite(src).all(axis=1) & ~(err <= 0.01 * np.linalg.norm(src / scale, axis=1))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         peak = float(np.abs(src[row]).max())
+        fix = ("--feature-dtype float32" if dtype.itemsize < 4 else "divide each row by its "
+               "norm before importing (only the directions are used)")
         raise StoreError(f"features row {int(rows[row])} (largest |value| {peak:.3g}) does not fit "
-                         f"{dtype.name} within 1%; fix: --feature-dtype float32")
+                         f"{dtype.name} within 1%; fix: {fix}")
     return cast

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 
 from tive.data.mixture import Mixture
-from tive.errors import ConfigError
+from tive.errors import ConfigError, OutputError
 from tive.models.load import load_model
 from tive.util.dist import Dist
 from tive.util.files import atomic_path
@@ -33,7 +33,14 @@ def save_reference(run: str | Path, model: Any, info: dict[str, Any]) -> Path:
     """Save the adapter (peft format) and ``reference.json`` to ``run/reference`` atomically."""
     target = Path(run) / REFERENCE_DIR
     with atomic_path(target, directory=True) as tmp:
-        model.save_pretrained(str(tmp))
+        try:
+            model.save_pretrained(str(tmp))
+        except Exception as e:  # safetensors' own error for a full disk is no OSError
+            if type(e).__name__ != "SafetensorError":
+                raise
+            raise OutputError(f"{target}: saving the adapter failed ({str(e)[:120]}); nothing "
+                              f"was kept; fix: free some space in {target.parent} (or choose "
+                              f"another --run folder) and run again") from None
         (tmp / "reference.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return target
 

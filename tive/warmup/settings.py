@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from tive.errors import ConfigError
-from tive.settings import named, setting
+from tive.settings import flag, named, setting
 
 # The TIVE authors' warm-up (their finetune_lora.sh: 16 records per device × 8 GPUs, bf16).
 # tive's defaults equal these; --paper refuses any other value of them.
@@ -109,7 +109,9 @@ class WarmupConfig:
         if self.paper:
             for name, value in AUTHORS.items():
                 if name != "bf16" and getattr(self, name) != value:
-                    raise ConfigError(f"{named(name, getattr(self, name))}: {named('paper')} "
+                    option = flag(name, {f.name: f.metadata for f in fields(self)}[name])
+                    raise ConfigError(f"{named(name, getattr(self, name), option=option)}: "
+                                      f"{named('paper')} "
                                       f"trains with the authors' value "
                                       f"({value if value != () else 'every linear layer'}); "
                                       f"fix: leave it out, or leave out {named('paper')}")
