@@ -32,6 +32,12 @@ LEGACY = {"adapter_dtype": "float32"}
 REPLACED_DIR = ".store.replaced"  # the store --force replaces, kept until the new one is done
 
 
+def replaced_dir(root: Path) -> Path:
+    """Where ``--force`` keeps the store at ``root`` until its replacement is complete
+    (``RUN/.store.replaced``, ``RUN/.target.replaced``)."""
+    return root.with_name(REPLACED_DIR if root.name == "store" else f".{root.name}.replaced")
+
+
 def adapter_sha256(folder: Path) -> str:
     """Digest of the adapter (its identity in the store): ``adapter_config.json`` (rank,
     alpha, targets) and the weights file peft loads (safetensors before ``.bin``)."""
@@ -189,7 +195,7 @@ def open_or_create(root: Path, meta: dict[str, Any], mixture: Mixture, tasks: np
                 raise
             # --force starts over (only when the settings differ), keeping the last complete
             # store beside until the new one is complete
-            old = root.with_name(REPLACED_DIR)
+            old = replaced_dir(root)
             if old.exists() and not store.complete:
                 shutil.rmtree(root)  # an unfinished replacement: the kept one stays
             else:
@@ -207,4 +213,4 @@ def finish_replacement(root: Path) -> None:
     """Delete the store that ``--force`` replaced, now that its replacement is complete."""
     import shutil
 
-    shutil.rmtree(root.with_name(REPLACED_DIR), ignore_errors=True)
+    shutil.rmtree(replaced_dir(root), ignore_errors=True)

@@ -20,7 +20,7 @@ from tive.data.mixture import Mixture
 from tive.data.tasks import factorize
 from tive.errors import ConfigError
 from tive.output.tables import fmt_value, format_table
-from tive.selection import quotas as sel, value_cache as vc, values as val
+from tive.selection import quotas as sel, targeted as tg, value_cache as vc, values as val
 from tive.selection.methods import MethodSpec, method_named
 from tive.selection.settings import (
     AUTHORS_EXCLUDE,
@@ -61,6 +61,9 @@ class Report:
             selection computes that the next one can reuse is kept there.
         task_value: what ``task_values`` holds, and what :meth:`select` weighs quotas by
             unless told otherwise (``norm``, ``coherence``, ``mean-gradient`` or ``progress``).
+        target: the target records' features (:class:`tive.selection.targeted.Target`, or a
+            function opening the run's ``RUN/target`` when first needed), for the methods
+            ``less`` and ``tive-target``; None without one.
 
     """
 
@@ -81,12 +84,32 @@ class Report:
     chunk_rows: int | None = None
     cache: tuple[Path, str] | None = None
     task_value: str = "norm"
+    target: Any = None
 
     def __post_init__(self) -> None:
         self._names, codes = factorize(self.tasks)
         self._codes = codes  # (N,) index into self._names
         self._sizes = np.bincount(codes, minlength=len(self._names))
         self._valid_sizes = np.bincount(codes[self.valid], minlength=len(self._names))
+        self._targeted: Any = None
+
+    def targeted(self) -> Any:
+        """The values against the target (:class:`tive.selection.targeted.TargetValues`),
+        computed on first use (the alignment kept in the run's cache for a store).
+
+        Raises:
+            ConfigError: the report has no target.
+        """
+        if self.target is None:
+            raise ConfigError("this report has no target (the records to get better at); fix: "
+                              "tive score ... --target VAL or tive import --target-features "
+                              "F.npy --target-data VAL, or value_estimate(..., target=...)")
+        if callable(self.target):  # a run's target, opened (and checked) when first needed
+            self.target = self.target()
+        if self._targeted is None:
+            self._targeted = tg.compute(self.features, self.tasks, self.valid, self.target,
+                                        self.chunk_rows, self.cache)
+        return self._targeted
 
     @property
     def task_names(self) -> list[str]:
@@ -240,6 +263,8 @@ class Report:
         # seeded draws for the random parts; a fixed tie-break for the deterministic ones
         noise = sel.uniforms(self.keys, 0 if config.seed is None else config.seed)
         method = method_named(config.method)
+        if method.needs_target:
+            self.targeted()  # no target: one clear error before anything else
         if method.needs_features and self.features is None:
             raise ConfigError(f"{named('method', method.name)}: this report has no features to "
                               f"cluster (built without a store or features=); fix: "
@@ -272,6 +297,12 @@ class Report:
         counts = np.array([sizes[t] for t in names])
         if method.weighs_by_value(config.quota):
             weights = np.array([self.task_values[t] for t in names])
+        elif method.quotas == "target":
+            weights = np.array([self.targeted().task_values[t] for t in names])
+            if not weights.sum() > 0:
+                raise ConfigError(f"{named('method', method.name)}: no task's records point "
+                                  f"towards the target (every alignment is ≤ 0); fix: "
+                                  f"--method less, or check the target")
         elif method.quotas == "equal":
             weights = np.ones(len(names))
         else:
