@@ -1,0 +1,114 @@
+"""`tive score --target`: the target's features with the store's reference and projector,
+refusal of a target from another, and resume after kill -9 to the same bytes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import assert_close_to_scale
+from test_score import _tive, invoke, reference, text_mixture
+from zoo import save_llava_folder
+
+from tive import value_estimate
+from tive.errors import StoreError
+from tive.store.format import Store
+from tive.store.target import reference_identity
+
+ARRAYS = ("features", "norms", "loss", "ntokens", "done", "skipped")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("model")
+    save_llava_folder(folder)
+    return folder
+
+
+def args(model_dir: Path, data: Path, ref: Path, *more) -> list:
+    return ["score", "--model", model_dir, "--data", data, "--reference", ref, "--batch-size",
+            2, "--proj-dim", 64, "--max-length", 256, "--quiet", *more]
+
+
+def target_bytes(run: Path) -> dict[str, bytes]:
+    return {name: (run / "target" / f"{name}.npy").read_bytes() for name in ARRAYS}
+
+
+def test_target_is_scored_like_the_store_and_a_foreign_one_refused(tmp_path, model_dir):
+    data = text_mixture(tmp_path / "data", 18)
+    val = text_mixture(tmp_path / "val", 6)  # the same generator: the store's first 6 records
+    ref = reference(model_dir, data, tmp_path / "ref", 0.3)
+    run = tmp_path / "run"
+    res = invoke(*args(model_dir, data, ref, "--run", run, "--target", val))
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "target: scored 6 of 6 records" in res.output and "scored 18 of 18" in res.output
+    store, target = Store.open(run), Store.open(run / "target")
+    assert target.complete and target.dim == store.dim == 64
+    assert reference_identity(target.meta) == reference_identity(store.meta)
+    assert target.meta["data"]["fingerprint"] != store.meta["data"]["fingerprint"]
+    assert [e.task for e in target.index()] == ["alpha", "beta", "gamma"] * 2
+    # a record's features are the same whether it is a training or a target record
+    assert_close_to_scale(np.asarray(target.features, np.float64),
+                          np.asarray(store.features[:6], np.float64), rel=2e-3)
+    assert_close_to_scale(target.array("norms"), store.array("norms")[:6], rel=1e-4)
+    chosen = value_estimate(store=run).select(budget=6, method="less")
+    assert len(chosen.indices) == 6
+    # again: nothing to compute for either
+    before = target_bytes(run)
+    res = invoke(*args(model_dir, data, ref, "--run", run, "--target", val))
+    assert res.exit_code == 0 and "target: scored 6 of 6 records (already complete" in res.output
+    assert target_bytes(run) == before
+    # a target scored with another projection (seed) is refused, by score and by select
+    other = tmp_path / "other"
+    res = invoke(*args(model_dir, data, ref, "--run", other, "--target", val, "--seed", 7))
+    assert res.exit_code == 0, res.output
+    shutil.rmtree(run / "target")
+    shutil.copytree(other / "target", run / "target")
+    res = invoke(*args(model_dir, data, ref, "--run", run, "--target", val))
+    assert res.exit_code == 2 and "started with other settings (projector" in res.output
+    with pytest.raises(StoreError, match=r"another reference or projector .*\(projector"):
+        value_estimate(store=run).select(budget=6, method="tive-target")
+    # --force scores it again with the store's settings
+    res = invoke(*args(model_dir, data, ref, "--run", run, "--target", val, "--force"))
+    assert res.exit_code == 0, res.output
+    assert target_bytes(run) == before
+    assert not (run / ".target.replaced").exists()
+
+
+def test_kill_9_while_scoring_the_target_then_resume_is_bit_identical(tmp_path, model_dir):
+    data = text_mixture(tmp_path / "data", 12)
+    val = text_mixture(tmp_path / "val", 300)
+    ref = reference(model_dir, data, tmp_path / "ref", 0.5)
+    env = {"OMP_NUM_THREADS": "1"}
+    whole = _tive([*args(model_dir, data, ref, "--target", val), "--run", tmp_path / "whole"],
+                  env)
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()
+
+    run = tmp_path / "killed"
+    proc = _tive([*args(model_dir, data, ref, "--target", val), "--run", run], env)
+    deadline, done_now = time.monotonic() + 300, 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            done_now = int(np.load(run / "target" / "done.npy").sum())
+        except (OSError, ValueError):
+            done_now = 0
+        if done_now >= 140:  # past the first grouping window (64 batches of 2 = 128 rows)
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = np.load(run / "target" / "done.npy")
+    assert 0 < done.sum() < len(done), "the kill must land mid-target"
+    assert json.loads((run / "target" / "meta.json").read_text())["complete"] is False
+    with pytest.raises(StoreError, match="only partly scored"):
+        value_estimate(store=run).select(budget=3, method="less")
+    again = _tive([*args(model_dir, data, ref, "--target", val), "--run", run], env)
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err
+    assert f"target: scored 300 of 300 records ({300 - int(done.sum()):,} in this run" in out
+    assert target_bytes(run) == target_bytes(tmp_path / "whole")
