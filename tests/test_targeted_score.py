@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import assert_close_to_scale
 from test_score import _tive, invoke, reference, text_mixture
 from zoo import save_llava_folder
@@ -112,3 +113,72 @@ def test_kill_9_while_scoring_the_target_then_resume_is_bit_identical(tmp_path, 
     assert again.returncode == 0, err
     assert f"target: scored 300 of 300 records ({300 - int(done.sum()):,} in this run" in out
     assert target_bytes(run) == target_bytes(tmp_path / "whole")
+
+
+def test_adam_direction_by_hand():
+    from tive.warmup.moments import adam_direction
+
+    g = torch.tensor([[2.0, -1.0]], dtype=torch.float64)
+    m = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    v = torch.tensor([4.0, 0.0], dtype=torch.float64)
+    # m' = 0.9·1 + 0.1·2 = 1.1, v' = 0.999·4 + 0.001·4 = 4 → 1.1 / √(4 + 1e-8)
+    # m' = 0.1·(−1) = −0.1, v' = 0.001·1 = 0.001 → −0.1 / √(0.001 + 1e-8)
+    want = [1.1 / (4 + 1e-8) ** 0.5, -0.1 / (0.001 + 1e-8) ** 0.5]
+    np.testing.assert_allclose(adam_direction(g, m, v).numpy()[0], want, rtol=1e-15)
+
+
+def test_optimizer_aware_features_are_each_records_adam_direction():
+    from test_gradients import REL, items, peft_model
+    from test_gradients import reference as one_by_one
+
+    from tive.models.encoding import collate
+    from tive.projection.projectors import Identity
+    from tive.scoring.gradients import GradientFeatures
+    from tive.warmup.lora import key_parameters
+
+    model, records = peft_model("llama"), items("llama")
+    keys = key_parameters(model)
+    rng = np.random.default_rng(0)
+    moments = [(torch.from_numpy(rng.normal(size=k.numel) * 1e-3),
+                torch.from_numpy(rng.uniform(0, 1e-6, size=k.numel))) for k in keys]
+    g = one_by_one(model, records)["grads"]  # (B, d) plain per-record gradients
+    m = np.concatenate([a.numpy() for a, _ in moments])
+    v = np.concatenate([b.numpy() for _, b in moments])
+    want = (0.9 * m + 0.1 * g) / np.sqrt(0.999 * v + 0.001 * g ** 2 + 1e-8)
+    with GradientFeatures(model, Identity([k.numel for k in keys]), moments=moments) as gf:
+        batch = {k: v.double() if v is not None and v.is_floating_point() else v
+                 for k, v in collate(records, 0).items()}
+        res = gf(batch)
+    for i in range(len(want)):
+        assert np.linalg.norm(res.features[i] - want[i]) <= REL * np.linalg.norm(want[i])
+    np.testing.assert_allclose(res.norms, np.linalg.norm(want, axis=1), rtol=REL)
+
+
+def test_warmup_saves_its_moments_and_optimizer_aware_scoring_uses_them(tmp_path, model_dir):
+    from safetensors.torch import load_file
+
+    data = text_mixture(tmp_path / "data", 12)
+    val = text_mixture(tmp_path / "val", 4)
+    ref = reference(model_dir, data, tmp_path / "ref", 0.5)
+    saved = load_file(str(ref / "optimizer.safetensors"))
+    names = {n.rsplit(".", 1)[0] for n in saved}
+    assert names and all(".lora_" in n for n in names)
+    assert all(f"{n}.exp_avg" in saved and f"{n}.exp_avg_sq" in saved for n in names)
+    assert any(float(t.abs().max()) > 0 for t in saved.values())
+    plain, adam = tmp_path / "plain", tmp_path / "adam"
+    for run, more in ((plain, ()), (adam, ("--optimizer-aware",))):
+        res = invoke(*args(model_dir, data, ref, "--run", run, "--target", val, *more))
+        assert res.exit_code == 0, res.output + repr(res.exception)
+    a, p = Store.open(adam), Store.open(plain)
+    assert a.meta["identity"]["gradients"] == "adam" and "moments" in a.meta["identity"]
+    assert p.meta["identity"]["gradients"] == "sgd"
+    assert not np.allclose(np.asarray(a.features, float), np.asarray(p.features, float))
+    assert target_bytes(adam) == target_bytes(plain)  # LESS: target gradients stay plain
+    value_estimate(store=adam).select(budget=4, method="less")  # same reference: accepted
+    # continuing a plain store with --optimizer-aware is refused, and so is an adapter
+    # without moments
+    res = invoke(*args(model_dir, data, ref, "--run", plain, "--optimizer-aware"))
+    assert res.exit_code == 2 and "gradients: sgd → adam" in res.output
+    (ref / "optimizer.safetensors").unlink()
+    res = invoke(*args(model_dir, data, ref, "--run", tmp_path / "none", "--optimizer-aware"))
+    assert res.exit_code == 2 and "no AdamW moments" in res.output

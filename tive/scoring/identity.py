@@ -26,9 +26,10 @@ from tive.scoring.settings import ScoreConfig
 from tive.store.format import IndexEntry, Store
 from tive.store.writers import create_store, fold_parts
 from tive.warmup.lora import gradient_dim
+from tive.warmup.moments import moments_sha256
 
 # Identity keys that stores of earlier versions lack, and the value they were scored with.
-LEGACY = {"adapter_dtype": "float32"}
+LEGACY = {"adapter_dtype": "float32", "gradients": "sgd"}
 REPLACED_DIR = ".store.replaced"  # the store --force replaces, kept until the new one is done
 
 
@@ -86,6 +87,7 @@ def run_identity(source: Any, mixture: Mixture, config: ScoreConfig, task_field:
         "data": mixture.fingerprint, "records": len(mixture), "max_length": config.max_length,
         "task_field": task_field,
         "image_root": image_root_setting(mixture, image_root),
+        "gradients": "adam" if config.optimizer_aware else "sgd",
         # known now only for float32: "model" gives the weights' type, known once loaded
         **({"adapter_dtype": "float32"} if config.adapter_dtype == "float32" else {})},
         "data": {"path": str(mixture.path)}}
@@ -107,6 +109,8 @@ def store_meta(known: dict[str, Any], *, source: dict, dtype: Any, adapter: Path
                 **{k: v for k, v in first.items() if k != "model"}}
     identity["adapter_dtype"] = str(adapter_dtype).replace("torch.", "")
     identity["projector"] = projector.describe()  # the full description, in the same place
+    if config.optimizer_aware:
+        identity["moments"] = moments_sha256(adapter)[:16]
     settings = {k: first[k] for k in ("max_length", "task_field", "image_root")}
     return {"tive_version": __version__, "source": "tive score", "model": source,
             "adapter": {"path": str(Path(adapter).resolve()), "sha256": digest},

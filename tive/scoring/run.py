@@ -48,6 +48,7 @@ from tive.util.dist import Dist
 from tive.util.files import remove_stale_temps
 from tive.util.progress import TokenBar
 from tive.warmup.lora import adapters_to_model_dtype, key_parameters
+from tive.warmup.moments import load_moments, moments_path
 from tive.warmup.reference import REFERENCE_DIR, ensure_reference
 from tive.warmup.settings import WarmupConfig
 from tive.scoring.probe import measure, probe_rows
@@ -211,6 +212,8 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
                 how = "trained" if ref.model is not None else "reused"
             else:
                 ref, how = None, "given"
+                if config.optimizer_aware:  # before loading the model
+                    moments_path(Path(reference))
             adapter = Path(reference) if reference is not None else run / REFERENCE_DIR
             peft_model, loaded = _reference_model(source, adapter, ref, dtype, device)
             summary = _score(ctx, peft_model, loaded, adapter, how)
@@ -228,9 +231,10 @@ def _target_run(ctx: ScoreRun, target: str | os.PathLike | Mixture,
     mixture = target if isinstance(target, Mixture) else load_mixture(target, ctx.task_field)
     _check_missing(mixture, mixture.missing_images(ctx.image_root), ctx.image_root,
                    skip_missing_images)
-    identity = run_identity(ctx.source, mixture, ctx.config, ctx.task_field, ctx.image_root)
+    config = replace(ctx.config, optimizer_aware=False)  # LESS: plain target gradients
+    identity = run_identity(ctx.source, mixture, config, ctx.task_field, ctx.image_root)
     return replace(ctx, mixture=mixture, tasks=label_tasks(mixture).tasks, identity=identity,
-                   folder=TARGET_DIR)
+                   folder=TARGET_DIR, config=config)
 
 
 def _clean_temps(run: Path, echo: Any) -> None:
@@ -293,8 +297,10 @@ def _score(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path, how: str)
         store, dist.rank, np.concatenate(mine) if mine else np.zeros(0, np.int64))
     bar = _bar(ctx, mine, lengths)
     start = time.perf_counter()
+    moments = load_moments(adapter, [k.name for k in keys], device) \
+        if config.optimizer_aware else None
     with GradientFeatures(peft_model, projector, last_layers=last,
-                          checkpointing=config.gradient_checkpointing) as gf:
+                          checkpointing=config.gradient_checkpointing, moments=moments) as gf:
         score_batches(gf, encoder, pad_id(loaded.tokenizer), ctx.mixture, mine, writer, config,
                       ctx.image_root, bar, workers=feed.workers, pin=feed.pin, limit=feed.limit,
                       on_limit=feed.record(ctx.root) if feed.auto else None)

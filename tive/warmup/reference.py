@@ -21,6 +21,7 @@ from tive.models.load import load_model
 from tive.util.dist import Dist
 from tive.util.files import atomic_path
 from tive.warmup.lora import gradient_dim, key_parameters
+from tive.warmup.moments import save_moments
 from tive.warmup.settings import WarmupConfig
 from tive.warmup.training import (
     SCHEDULE,
@@ -36,11 +37,15 @@ REFERENCE_DIR = "reference"
 MEMORY_ONLY = ("gradient_checkpointing",)  # settings that do not change the adapter
 
 
-def save_reference(run: str | Path, model: Any, info: dict[str, Any]) -> Path:
-    """Save the adapter (peft format) and ``reference.json`` to ``run/reference`` atomically."""
+def save_reference(run: str | Path, model: Any, info: dict[str, Any],
+                   moments: dict[str, Any] | None = None) -> Path:
+    """Save the adapter (peft format), ``reference.json`` and the AdamW ``moments``
+    (:mod:`tive.warmup.moments`) to ``run/reference`` atomically."""
     target = Path(run) / REFERENCE_DIR
     with atomic_path(target, directory=True) as tmp:
         model.save_pretrained(str(tmp))
+        if moments:
+            save_moments(tmp, moments)
         (tmp / "reference.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return target
 
@@ -169,7 +174,8 @@ def ensure_reference(run: str | Path, source: Any, mixture: Mixture, labels: Any
     info = reference_info(mixture, labels.tasks, rows, config, source.describe(), result)
     path = Path(run) / REFERENCE_DIR
     if dist.rank == 0:
-        path = save_reference(run, result["model"], {**info, "identity": identity})
+        path = save_reference(run, result["model"], {**info, "identity": identity},
+                              result.get("moments"))
     dist.barrier()
     loss, per_task = info["loss"], info["sample"]["per_task"]
     skipped = ", ".join(f"{n:,} {r}" for r, n in result["skipped"].items())

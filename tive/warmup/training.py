@@ -29,6 +29,7 @@ from tive.models.skips import SkipReason
 from tive.selection import quotas as sel
 from tive.util.dist import Dist
 from tive.warmup.lora import key_parameters, lora_config, trained_projector, warmup_targets
+from tive.warmup.moments import adam_moments
 from tive.warmup.settings import WarmupConfig
 
 WARMUP_RATIO = 0.03  # share of the optimizer steps in the linear warm-up (HF's ceil rule)
@@ -145,7 +146,8 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
           image_root: Any = None, progress: bool = True, dist: Dist | None = None,
           echo: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train LoRA (and the multimodal projector) on ``rows``; return the peft model, the
-    per-step losses and the :class:`Recipe` followed.
+    per-step losses, the :class:`Recipe` followed and the AdamW moments of the LoRA matrices
+    after the last step (:mod:`tive.warmup.moments`).
 
     An optimizer step takes the next ``global_batch`` encodable records; its loss is the token
     mean over all of them (as the model's own loss is over one batch). Each process takes one
@@ -208,6 +210,7 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
                         f"--max-length and that the model fits the data")
     model.eval()
     return {"model": model, "losses": losses, "skipped": skipped, "used": np.array(used),
+            "moments": adam_moments(model, optimizer),
             "processes": dist.world, "records_per_process": dist.gather(run.records),
             "recipe": recipe}
 
