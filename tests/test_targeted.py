@@ -174,3 +174,35 @@ def test_targeted_values_stream_in_chunks_equal_one_chunk():
     np.testing.assert_allclose(tg.alignment(feats, valid, means, chunk_rows=7), whole,
                                rtol=0, atol=TOL32)
     assert np.isnan(whole[~valid]).all() and np.isfinite(whole[valid]).all()
+
+
+def test_report_and_page_show_each_tasks_alignment_and_nearest_target_example(tmp_path):
+    run, tasks = known_answer(tmp_path)
+    res = invoke("report", "--run", run)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "target (bench):" in res.output
+    line = [x for x in res.output.splitlines() if x.startswith("b ")][-1]  # the target table
+    assert "bench" in line and " → v" in line and "cos 0.9" in line
+    res = invoke("report", "--run", run, "--json")
+    aim = json.loads(res.output)["target"]
+    assert aim["target_tasks"] == ["bench"] and set(aim["tasks"]) == {"a", "b", "c"}
+    b = aim["tasks"]["b"]
+    assert b["serves"] == "bench" and b["alignment"] > 0.9 and len(b["top"]) == 3
+    assert all(t["id"].startswith("r") and t["nearest"]["id"].startswith("v")
+               and t["nearest"]["task"] == "bench" and t["nearest"]["cosine"] > 0.9
+               for t in b["top"])
+    assert abs(aim["tasks"]["a"]["alignment"]) < 0.1
+    res = invoke("select", "--run", run, "--budget", 12, "--method", "tive-target")
+    assert res.exit_code == 0, res.output
+    res = invoke("report", "--run", run, "--html")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    page = (run / "subset-tive-target-12.html").read_text()
+    assert "<h2>Target</h2>" in page and "serves target task" in page
+    assert b["top"][0]["nearest"]["id"] in page
+    # a stale target is said, and the rest of the report stands
+    meta = json.loads((run / "target" / "meta.json").read_text())
+    meta["reference"]["source"] = "elsewhere"
+    (run / "target" / "meta.json").write_text(json.dumps(meta))
+    res = invoke("report", "--run", run)
+    assert res.exit_code == 0 and "target: " in res.output
+    assert "another reference or projector" in res.output

@@ -182,3 +182,50 @@ def test_warmup_saves_its_moments_and_optimizer_aware_scoring_uses_them(tmp_path
     (ref / "optimizer.safetensors").unlink()
     res = invoke(*args(model_dir, data, ref, "--run", tmp_path / "none", "--optimizer-aware"))
     assert res.exit_code == 2 and "no AdamW moments" in res.output
+
+
+def test_checkpoints_give_the_learning_rate_weighted_mean_of_their_cosines(tmp_path,
+                                                                           model_dir):
+    data = text_mixture(tmp_path / "data", 8)
+    val = text_mixture(tmp_path / "val", 3)
+    res = invoke("warmup", "--model", model_dir, "--data", data, "--run", tmp_path / "w",
+                 "--fraction", 1, "--global-batch", 2, "--checkpoints", 2, "--lora-r", 4,
+                 "--lora-alpha", 8, "--max-length", 256, "--lr", 1e-2, "--quiet")
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    ref = tmp_path / "w" / "reference"
+    listed = json.loads((ref / "reference.json").read_text())["checkpoints"]
+    assert [c["step"] for c in listed] == [2, 4] and listed[0]["path"] == "checkpoints/step-2"
+    assert listed[1]["path"] == "." and all(c["lr"] > 0 for c in listed)
+    lr = np.array([c["lr"] for c in listed])
+    w = lr / lr.sum()
+    # each checkpoint alone: the earlier one as saved, the last copied without reference.json
+    alone = [ref / "checkpoints" / "step-2", tmp_path / "last"]
+    alone[1].mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(ref / name, alone[1] / name)
+    f32 = ("--feature-dtype", "float32", "--target", val)
+    runs = []
+    for i, adapter in enumerate(alone):
+        res = invoke(*args(model_dir, data, adapter, "--run", tmp_path / f"c{i}", *f32))
+        assert res.exit_code == 0, res.output + repr(res.exception)
+        runs.append((Store.open(tmp_path / f"c{i}"), Store.open(tmp_path / f"c{i}" / "target")))
+    res = invoke(*args(model_dir, data, ref, "--run", tmp_path / "both", *f32))
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    both = Store.open(tmp_path / "both")
+    assert both.dim == 2 * 64 and len(both.meta["identity"]["checkpoints"]) == 2
+    feats = np.asarray(both.features, np.float64)
+    per = [np.asarray(s.features, np.float64) for s, _ in runs]  # unit rows
+    cos = [p @ p.T for p in per]
+    # by hand: the row dot products are Σ_c w_c cos_c, the norms Σ_c w_c ‖g_c‖
+    assert_close_to_scale(feats @ feats.T, w[0] * cos[0] + w[1] * cos[1], rel=1e-5)
+    assert_close_to_scale(both.array("norms"),
+                          w[0] * runs[0][0].array("norms") + w[1] * runs[1][0].array("norms"))
+    np.testing.assert_array_equal(both.array("loss"), runs[1][0].array("loss"))
+    assert not np.allclose(cos[0], cos[1])  # the checkpoints differ: the test can tell
+    # LESS's alignment with the target is the weighted mean of each checkpoint's
+    tasks = [e.task for e in both.index()]
+    got = value_estimate(store=tmp_path / "both").targeted().alignment
+    each = [value_estimate(features=per[c], norms=np.ones(8), tasks=tasks,
+                           target=(np.asarray(t.features), [e.task for e in t.index()]))
+            .targeted().alignment for c, (_, t) in enumerate(runs)]
+    assert_close_to_scale(got, w[0] * each[0] + w[1] * each[1], rel=1e-5)

@@ -12,7 +12,7 @@ import click
 
 from tive import __version__
 from tive.cli.options import DEFAULT_RUN, reasons, task_option
-from tive.errors import ConfigError
+from tive.errors import ConfigError, TiveError
 from tive.models.registry import HUB_ALIASES, PACKAGE_ALIASES, cached_aliases
 from tive.output.tables import format_table, json_float
 from tive.selection.methods import method_named
@@ -134,10 +134,16 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
     table = {t: {"records": n, "valid": valid[t], "value": json_float(r.task_values[t])}
              for t, n in r.sizes.items()}
     selections = sorted(run.glob("*.report.json"))
+    try:
+        aim = r.target_summary()
+    except TiveError as e:  # a stale target: said, the rest of the report stands
+        aim = {"error": str(e)}
     if as_json:
         click.echo(json.dumps({"store": str(store.root), "left_out": r.invalid,
                                "task_value": r.task_value, "tasks": table,
-                               "selections": [str(p) for p in selections]}, indent=2))
+                               "selections": [str(p) for p in selections],
+                               **({"target": aim} if aim is not None else {})},
+                              indent=2))
         return
     m = store.meta
     click.echo(f"store {store.root}: {store.n_records:,} records × {store.dim} "
@@ -145,6 +151,13 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
     click.echo(r.table())
     if r.invalid:
         click.echo(f"left out: {reasons(r.invalid)}")
+    if aim is not None:
+        from tive.selection.target_report import summary_lines
+
+        click.echo(f"\ntarget: {aim['error']}" if "error" in aim else
+                   f"\ntarget ({', '.join(aim['target_tasks'])}):\n" + format_table(
+                       ["task", "serves", "alignment", "top record → nearest target example"],
+                       summary_lines(aim)))
     for path in selections:
         d = json.loads(path.read_text(encoding="utf-8"))
         s = d["settings"]

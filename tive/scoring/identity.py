@@ -29,7 +29,7 @@ from tive.warmup.lora import gradient_dim
 from tive.warmup.moments import moments_sha256
 
 # Identity keys that stores of earlier versions lack, and the value they were scored with.
-LEGACY = {"adapter_dtype": "float32", "gradients": "sgd"}
+LEGACY = {"adapter_dtype": "float32", "gradients": "sgd", "checkpoints": None}
 REPLACED_DIR = ".store.replaced"  # the store --force replaces, kept until the new one is done
 
 

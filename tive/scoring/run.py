@@ -31,6 +31,7 @@ from tive.models.registry import resolve
 from tive.models.segments import has_placeholder
 from tive.models.skips import SkipReason
 from tive.projection.projectors import make_projector, require_cuda_kernel
+from tive.scoring.checkpoints import CheckpointFeatures, checkpoints_of, identity_of
 from tive.scoring.gradients import GradientFeatures
 from tive.scoring.identity import (
     check_identity,
@@ -285,9 +286,11 @@ def _score(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path, how: str)
                       dtype=next(peft_model.parameters()).dtype, adapter=adapter, keys=keys,
                       projector=projector, mixture=ctx.mixture, config=config,
                       adapter_dtype=dict(peft_model.named_parameters())[keys[0].name].dtype)
+    points = checkpoints_of(adapter)  # LESS's warm-up checkpoints: one block each
+    meta["identity"]["checkpoints"] = identity_of(adapter, points)
     if dist.rank == 0:
-        open_or_create(ctx.root, meta, ctx.mixture, ctx.tasks, projector.dim,
-                       config.feature_dtype, ctx.force)
+        open_or_create(ctx.root, meta, ctx.mixture, ctx.tasks,
+                       projector.dim * max(1, len(points)), config.feature_dtype, ctx.force)
     dist.barrier()
     store = Store.open(ctx.root)
     encoder = loaded.encoder(config.max_length)
@@ -301,6 +304,8 @@ def _score(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path, how: str)
         if config.optimizer_aware else None
     with GradientFeatures(peft_model, projector, last_layers=last,
                           checkpointing=config.gradient_checkpointing, moments=moments) as gf:
+        if points:
+            gf = CheckpointFeatures(gf, adapter, points, config.optimizer_aware)
         score_batches(gf, encoder, pad_id(loaded.tokenizer), ctx.mixture, mine, writer, config,
                       ctx.image_root, bar, workers=feed.workers, pin=feed.pin, limit=feed.limit,
                       on_limit=feed.record(ctx.root) if feed.auto else None)

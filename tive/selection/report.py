@@ -31,6 +31,7 @@ from tive.selection.settings import (
     weighs_by_value,
 )
 from tive.selection.subset import Selection
+from tive.selection.target_report import target_summary
 from tive.store.probe import progress_ratios, read_probe
 from tive.settings import named, python_api
 
@@ -126,6 +127,11 @@ class Report:
         """Valid records per task."""
         found = {t: int(c) for t, c in zip(self._names, self._valid_sizes)}
         return {t: found[t] for t in self.task_names}
+
+    def target_summary(self) -> dict[str, Any] | None:
+        """Per task its alignment with the target and its records nearest to it
+        (:func:`tive.selection.target_report.target_summary`); None without a target."""
+        return None if self.target is None else target_summary(self)
 
     def values_of(self, kind: str | TaskValue) -> dict[str, float]:
         """Task → V(t) of kind ``kind`` (``norm``, ``coherence``, ``mean-gradient``,

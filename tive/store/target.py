@@ -26,7 +26,7 @@ from tive.store.writers import write_store
 TARGET_DIR = "target"
 # identity keys of a scored store that shape its features (its data does not)
 REFERENCE_KEYS = ("model", "dtype", "adapter", "adapter_dtype", "gradient_dim", "projector",
-                  "max_length")
+                  "max_length", "checkpoints")
 
 
 def reference_identity(meta: dict[str, Any]) -> dict[str, Any]:

@@ -83,11 +83,15 @@ class WarmupConfig:
     gradient_checkpointing: bool = field(default=False, metadata=setting(
         "Recompute activations in the backward pass: less memory, one more forward pass per "
         "layer.", **_SHOWN, is_flag=True))
+    checkpoints: int = field(default=1, metadata=setting(
+        "Keep the adapter at N evenly spaced optimizer steps (the last is the reference); "
+        "scoring then keeps one feature block per checkpoint, weighted by its learning rate "
+        "(LESS).", **_SHOWN, type=int))
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"{named('fraction', self.fraction)}: expected a fraction in (0, 1]")
-        for name in ("epochs", "global_batch", "batch_size", "max_length"):
+        for name in ("epochs", "global_batch", "batch_size", "max_length", "checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{named(name, getattr(self, name))}: expected ≥ 1")
         for name in ("lr", "projector_lr"):
