@@ -194,6 +194,11 @@ def test_report_and_page_show_each_tasks_alignment_and_nearest_target_example(tm
     assert abs(aim["tasks"]["a"]["alignment"]) < 0.1
     res = invoke("select", "--run", run, "--budget", 12, "--method", "tive-target")
     assert res.exit_code == 0, res.output
+    assert "alignment" in res.output.splitlines()[0]
+    saved = json.loads((run / "subset-tive-target-12.report.json").read_text())["tasks"]
+    assert saved["b"]["alignment"] == pytest.approx(b["alignment"]) and saved["b"]["quota"] == 12
+    res = invoke("report", "--run", run)
+    assert res.output.splitlines()[-4].split() == ["task", "alignment", "quota", "selected"]
     res = invoke("report", "--run", run, "--html")
     assert res.exit_code == 0, res.output + repr(res.exception)
     page = (run / "subset-tive-target-12.html").read_text()

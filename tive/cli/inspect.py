@@ -166,15 +166,18 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
                    + (f", seed {s['seed']}" if s.get("seed") is not None else "")
                    + (f", task value {s['task_value']}" if s.get("task_value") not in
                       (None, "norm") else ""))
-        columns = ["task", "value", "quota", "selected"]
+        columns = ["task", "value", "alignment", "quota", "selected"]
         method = method_named(s["method"])
         if not method.weighs_by_value(s.get("quota")):
             columns.remove("value")  # a baseline whose quotas do not follow the task values
+        if not method.needs_target:
+            columns.remove("alignment")
         if not method.by_task:
             columns.remove("quota")  # chosen over the whole mixture: no per-task quota
         rows = []
         for t, e in d["tasks"].items():
             cells = {"task": t, "value": "-" if e["value"] is None else f"{e['value']:.4g}",
+                     "alignment": "-" if e.get("alignment") is None else f"{e['alignment']:.4g}",
                      "quota": "excluded" if e["excluded"] else f"{e['quota']:,}",
                      "selected": f"{e['selected']:,}"}
             rows.append([cells[c] for c in columns])
