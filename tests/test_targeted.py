@@ -144,6 +144,9 @@ def test_a_target_for_another_store_or_none_is_refused(tmp_path):
     report = value_estimate(features=np.eye(3), norms=np.ones(3), tasks=["a", "b", "c"])
     with pytest.raises(ConfigError, match="no target"):
         report.select(budget=1, method="less")
+    report.target, report.features = tg.Target.of_arrays(np.eye(3), ["x"] * 3, 3), None
+    with pytest.raises(ConfigError, match="tive-target: this report has no features to compare"):
+        report.select(budget=1, method="tive-target")
     # the store imported again from other features: the target no longer matches it
     np.save(tmp_path / "f2.npy", np.load(tmp_path / "f.npy")[::-1].copy())
     res = invoke("import", "--data", tmp_path / "data" / "mix.json", "--features",

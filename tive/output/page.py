@@ -4,9 +4,10 @@ One file, no network: the task table, the bar chart of task shares (PNG, embedde
 histogram of its instance values with the selected records marked (inline SVG), and per task
 the records of highest and lowest value as they would be trained (image thumbnail, the
 conversation, its value, selected or not). It reads only values already in the
-:class:`~tive.selection.report.Report` (never the features; :mod:`tive.output.views` says what) and opens only the images it shows, so it is
-as fast and as small on 665K records as on 200: the histograms count every record, the
-examples are :data:`EXAMPLES` per end of each task.
+:class:`~tive.selection.report.Report` (never the features, except the few rows the target's
+section shows beside their nearest target example; :mod:`tive.output.views` says what) and
+opens only the images it shows, so it is as fast and as small on 665K records as on 200: the
+histograms count every record, the examples are :data:`EXAMPLES` per end of each task.
 """
 
 from __future__ import annotations

@@ -269,12 +269,13 @@ class Report:
         # seeded draws for the random parts; a fixed tie-break for the deterministic ones
         noise = sel.uniforms(self.keys, 0 if config.seed is None else config.seed)
         method = method_named(config.method)
-        if method.needs_target:
-            self.targeted()  # no target: one clear error before anything else
         if method.needs_features and self.features is None:
             raise ConfigError(f"{named('method', method.name)}: this report has no features to "
-                              f"cluster (built without a store or features=); fix: "
-                              f"value_estimate(store=...) or features=..., or another method")
+                              f"{'compare' if method.needs_target else 'cluster'} (built "
+                              f"without a store or features=); fix: value_estimate(store=...) "
+                              f"or features=..., or another method")
+        if method.needs_target:
+            self.targeted()  # no target: one clear error before anything else
         if method.by_task:
             indices, quotas = self._by_task(config, method, names, budget, noise)
         else:
