@@ -20,6 +20,15 @@ items resampled) and a verdict: better, worse, or no difference. Prints the tabl
     python benchmarks/selection_quality.py --mixture c --budgets 0.15
     python benchmarks/selection_quality.py --data mix.json --eval heldout.json --model M
     python benchmarks/selection_quality.py --device cuda
+    python benchmarks/selection_quality.py --target all           # targeted: less, tive-target
+    python benchmarks/selection_quality.py --target some --target-tasks add,sort
+
+Targeted (``--target all|some``): each task's held-out records are split in two halves by
+position (even: the target, odd: the test half); the target half of every task (``all``) or of
+``--target-tasks`` only (``some``; default: every other task by name) is scored into the run's
+``target/`` (``tive score --target``, reusing the untargeted store when there is one) and given
+to tive; every method is evaluated on the test half of the target's tasks only, which no method
+sees. Results go to ``--out/<mixture>-target-<all|some>``.
 
 A rerun with the same ``--out`` reuses the stores and the finished runs (``runs-*.json``).
 """
@@ -60,7 +69,11 @@ METHODS: dict[str, tuple[dict[str, Any], bool]] = {
     "gradnorm": ({"method": "gradnorm"}, False),
     "loss": ({"method": "loss"}, False),
     "length": ({"method": "length"}, False),
+    "less": ({"method": "less"}, False),  # with --target only
+    "tive-target": ({"method": "tive-target"}, True),
 }
+TARGETED = ("less", "tive-target")
+TARGET_METHODS = "less,tive-target,tive,random"  # --target's default at every budget
 FULL, BASE, REFERENCE = "full", "base (no fine-tune)", "random"
 DEFAULT_METHODS = ("tive,tive-coherence,tive-mean-gradient,tive-progress,random,random-per-task,"
                    "balanced,kmeans,full")
@@ -116,6 +129,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                          "runs-I.json per mixture, and the first to reach a mixture scores it)")
     ap.add_argument("--threads", type=int, help="torch threads per process, tive score's too "
                                                 "(default: torch's)")
+    ap.add_argument("--target", choices=("none", "all", "some"), default="none",
+                    help="targeted selection: split each task's held-out records into a target "
+                         "half (given to tive) and a test half (evaluated); all: every task's, "
+                         "some: --target-tasks' only (default none)")
+    ap.add_argument("--target-tasks", help="with --target some: comma-separated tasks the target "
+                                           "covers (default: every other task by name)")
     ap.add_argument("--summary-only", action="store_true",
                     help="tables and PNG from the runs finished so far in --out, training "
                          "nothing more (for a run cut short)")
@@ -137,8 +156,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"--mixture: unknown {', '.join(bad)}; choose from "
                  f"{', '.join(quality_mixture.SHAPES)}")
     args.budgets = args.budgets or ("0.15" if args.quick else "0.15,0.075")
-    args.methods = args.methods or (QUICK_METHODS if args.quick else DEFAULT_METHODS)
-    args.methods_small = args.methods_small or DEFAULT_METHODS_SMALL
+    aimed = args.target != "none"
+    args.methods = args.methods or (TARGET_METHODS if aimed else QUICK_METHODS if args.quick
+                                    else DEFAULT_METHODS)
+    args.methods_small = args.methods_small or (TARGET_METHODS if aimed
+                                                else DEFAULT_METHODS_SMALL)
+    if args.target_tasks and args.target != "some":
+        ap.error("--target-tasks goes with --target some")
+    for opt in ("methods", "methods_small"):
+        needs = set(getattr(args, opt).split(",")) & set(TARGETED)
+        if needs and not aimed:
+            ap.error(f"--{opt.replace('_', '-')}: {', '.join(sorted(needs))} need a target; "
+                     f"fix: --target all or --target some")
     for opt in ("methods", "methods_small"):
         unknown = set(getattr(args, opt).split(",")) - {*METHODS, FULL}
         if unknown:
@@ -185,15 +214,20 @@ def run_mixture(args: argparse.Namespace, name: str, recipe: Recipe,
     """Build (or take), score, select, train this shard's runs and summarise one mixture in
     ``out/<name>``; returns what its ``results.json`` holds (None: ``--summary-only`` and no
     finished run)."""
-    out = args.out / name
+    out = args.out / (name if args.target == "none" else f"{name}-target-{args.target}")
     if args.summary_only and not list(out.glob("runs-*.json")):
         log(f"[{name}] no finished run in {out}: left out of the summary")
         return None
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with _locked(out / ".score.lock"):  # one shard builds and scores; the others wait
-        mix, held = _mixture(args, name, out, log)
-        score_s = float("nan") if args.summary_only else _score(args, out, mix, recipe, log)
+        mix, held = _mixture(args, name, args.out / name, log)
+        target = None
+        if args.target != "none":
+            target, held = split_held(held, out / "data", args.target, args.target_tasks, log)
+            _reuse_store(args.out / name / "run", out / "run", log)
+        score_s = float("nan") if args.summary_only else _score(args, out, mix, recipe, log,
+                                                                 target)
     report = _report(out / "run")
     if not args.summary_only:
         log(f"[{name}] task values:\n{report.table()}")
@@ -203,6 +237,7 @@ def run_mixture(args: argparse.Namespace, name: str, recipe: Recipe,
     summary = summarise(runs, report, args.bootstrap)
     res = {"mixture": name, "recipe": asdict(recipe), "model": args.model, "data": str(mix),
            "eval": str(held), "seeds": args.seed_list, "full_seeds": args.full_seed_list,
+           "target": args.target,
            "timings_s": {"score": score_s, "mixture": time.perf_counter() - t0},
            "runs": runs, "summary": summary, "command": _command(None)}
     _write(out / "results.json", json.dumps(res, indent=1))
@@ -322,13 +357,63 @@ def _sample_down(mix: Path, held: Path, data: Path, log: Any) -> tuple[Path, Pat
     return mix, held
 
 
-def _score(args: argparse.Namespace, out: Path, mix: Path, recipe: Recipe, log: Any) -> float:
+def split_held(held: Path, folder: Path, mode: str, covered: str | None,
+               log: Any) -> tuple[Path, Path]:
+    """``(target, test)`` files in ``folder`` from the held-out records: per task, its records
+    at even positions go to the target (every task's with ``mode`` ``all``; with ``some`` those
+    of ``covered``, default every other task by name), at odd positions to the test half; the
+    test half keeps the target's tasks only. The same bytes each time."""
+    from tive.data.mixture import load_mixture
+    from tive.data.tasks import label_tasks
+
+    rows = _rows(held)
+    if rows is None:
+        raise SystemExit(f"--target: {held} must be a .json list or .jsonl file to be split")
+    tasks = [str(t) for t in label_tasks(load_mixture(held)).tasks]
+    names = sorted(set(tasks))
+    aim = set(names) if mode == "all" else set(
+        covered.split(",") if covered else names[::2])
+    if not aim <= set(names) or not aim:
+        raise SystemExit(f"--target-tasks: {covered!r}; the held-out tasks are {', '.join(names)}")
+    seen: dict[str, int] = {}
+    target, test = [], []
+    for row, task in zip(rows, tasks):
+        k = seen[task] = seen.get(task, -1) + 1
+        if task in aim:
+            (target if k % 2 == 0 else test).append(row)
+    paths = folder / f"target{held.suffix}", folder / f"test{held.suffix}"
+    for part, path in zip((target, test), paths):
+        _save_rows(part, path)
+    log(f"--target {mode}: tasks {', '.join(sorted(aim))}; {len(target)} target records → "
+        f"{paths[0]}, {len(test)} test records → {paths[1]}")
+    return paths
+
+
+def _reuse_store(source: Path, run: Path, log: Any) -> None:
+    """Copy the untargeted run's reference and complete store (``source``) into ``run`` when it
+    has none, so that ``tive score --target`` scores only the target."""
+    import shutil
+
+    meta = source / "store" / "meta.json"
+    if (run / "store").exists() or not meta.exists() or not json.loads(
+            meta.read_text()).get("complete"):
+        return
+    for part in ("reference", "store"):
+        if (source / part).exists():
+            shutil.copytree(source / part, run / part)
+    log(f"reused the store of {source} (the target alone is scored)")
+
+
+def _score(args: argparse.Namespace, out: Path, mix: Path, recipe: Recipe, log: Any,
+           target: Path | None = None) -> float:
     """``tive score`` in a child process (a finished store is reused); the warm-up as the
     README's quick start runs it on a small mixture (``--warmup-global-batch 4 --warmup-lr
-    2e-4``) unless told otherwise."""
+    2e-4``) unless told otherwise; with ``target``, its records into the run's ``target/``."""
     cmd = [str(Path(sys.executable).with_name("tive")), "score", "--model", args.model,
            "--data", str(mix), "--run", str(out / "run"), "--max-length",
            str(recipe.max_length), "--device", args.device, "--quiet"]
+    if target is not None:
+        cmd += ["--target", str(target)]
     if args.warmup_global_batch:
         cmd += ["--warmup-global-batch", str(args.warmup_global_batch)]
     if args.warmup_lr:
@@ -640,6 +725,7 @@ def plot(summary: dict[str, Any], path: Path) -> None:
     means = [rows[k]["macro_accuracy"] for k in labels]
     sds = [rows[k]["macro_accuracy_sd"] for k in labels]
     colours = ["tab:red" if rows[k]["method"].startswith("tive") else
+               "tab:orange" if rows[k]["method"] == "less" else
                "tab:gray" if rows[k]["method"] in (FULL, BASE) else "tab:blue" for k in labels]
     ax.barh(y, means, xerr=sds, color=colours, alpha=0.8, capsize=3)
     for i, k in enumerate(labels):

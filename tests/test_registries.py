@@ -42,7 +42,7 @@ def test_methods_make_the_method_enum_and_take_only_select_settings():
         assert spec.options <= settings
         assert callable(spec.chooser())
     assert [m for m in METHODS if method_named(m).by_task] == [
-        "tive", "random-per-task", "balanced", "kmeans"]
+        "tive", "random-per-task", "balanced", "kmeans", "tive-target"]
     assert method_named("kmeans").weighs_by_value("value")
     assert not method_named("kmeans").weighs_by_value("size")
 

@@ -373,3 +373,49 @@ def test_quick_samples_a_large_user_mixture_down_and_says_so(tmp_path):
     assert any("sampled down to 300 of its 1,000 records" in s for s in said)
     small, _ = sq._sample_down(tmp_path / "out/mix.jsonl", held, tmp_path / "again", said.append)
     assert small == tmp_path / "out/mix.jsonl"  # 300 records: taken as they are
+
+
+def test_a_target_covering_some_tasks_is_split_scored_and_compared(tiny, tmp_path):
+    """--target some: the held-out records of the covered tasks split into a target half
+    (scored into RUN/target) and a test half (the only evaluation); less and tive-target
+    compared with random with intervals; the untargeted store reused."""
+    rng = np.random.default_rng(1)
+
+    def rows(n, task):
+        out = []
+        for _ in range(n):
+            x, y = rng.integers(1, 9, 2)
+            q, a = {"add": (f"{x}+{y}=", str(x + y)), "echo": (f"echo {x}{y}", f"{x}{y}"),
+                    "min": (f"min {x} {y}", str(min(x, y)))}[task]
+            out.append({"task": task, "messages": [{"role": "user", "content": q},
+                                                    {"role": "assistant", "content": a}]})
+        return out
+
+    for name, n in (("mix.jsonl", 12), ("held.jsonl", 4)):
+        lines = rows(n, "add") + rows(n, "echo") + rows(n, "min")
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    common = ["--data", str(tmp_path / "mix.jsonl"), "--eval", str(tmp_path / "held.jsonl"),
+              "--model", str(tiny[0]), "--out", str(tmp_path / "out"), "--seeds", "2",
+              "--epochs", "1", "--budgets", "0.25", "--bootstrap", "200"]
+    with pytest.raises(SystemExit):
+        sq.parse([*common, "--methods", "less"])  # a targeted method needs --target
+    sq.main([*common, "--methods", "random"])  # an untargeted run first: its store is reused
+    out = sq.main([*common, "--target", "some", "--target-tasks", "add,min"])["user"]
+    folder = tmp_path / "out" / "user-target-some"
+    target = [json.loads(x) for x in (folder / "data/target.jsonl").read_text().splitlines()]
+    test = [json.loads(x) for x in (folder / "data/test.jsonl").read_text().splitlines()]
+    assert Counter(r["task"] for r in target) == {"add": 2, "min": 2}
+    assert Counter(r["task"] for r in test) == {"add": 2, "min": 2}
+    assert not {json.dumps(r) for r in target} & {json.dumps(r) for r in test}
+    assert "reused the store" in (tmp_path / "out/log-0.txt").read_text()
+    assert (folder / "run/target/meta.json").exists()
+    summary = out["summary"]
+    assert summary["tasks"] == ["add", "min"] and out["target"] == "some"
+    assert set(summary["rows"]) == {sq.BASE, "less 0.25", "tive-target 0.25", "tive 0.25",
+                                    "random 0.25"}
+    for label in ("less 0.25", "tive-target 0.25", "tive 0.25"):
+        c = summary["comparisons"]["0.25"][label]
+        assert c["seeds"] == [0, 1]
+        assert c["accuracy"]["low"] <= c["accuracy"]["diff"] <= c["accuracy"]["high"]
+    base = json.loads((folder / "runs-0.json").read_text())[sq.BASE]["items"]
+    assert {t: len(v["correct"]) for t, v in base.items()} == {"add": 2, "min": 2}

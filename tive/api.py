@@ -60,6 +60,7 @@ def value_estimate(
     progress: bool | None = None,
     paper: bool = False,
     task_value: str | None = None,
+    target: Any = None,
 ) -> Report:
     """Task and instance values of a mixture: computed with a model, or from a feature store,
     or from arrays.
@@ -105,6 +106,12 @@ def value_estimate(
             by: ``norm`` (default, the authors'), ``coherence``, ``mean-gradient`` or
             ``progress`` (docs/design.md, "Task values"); ``paper=True`` allows only
             ``norm``.
+        target: what the model should get better at, for ``select(method="less")`` and
+            ``"tive-target"`` (docs/design.md, "Targeted selection"): with ``model=`` the
+            target records (path or Mixture), scored into ``run/target`` with the same
+            reference and projector; with ``store=`` a target folder (default: the run's
+            ``target/`` when there is one); with either store or features, ``(features,
+            tasks)``: ``(M, k)`` target features and ``(M,)`` task names.
 
     Returns:
         a :class:`~tive.selection.report.Report`; call ``.select(budget=0.075)`` on it.
@@ -127,7 +134,7 @@ def value_estimate(
                         dtype=dtype or "auto", device=device or "auto", force=bool(force),
                         progress=progress is not False, task_field=task_field,
                         image_root=image_root, skip_missing_images=skip_missing_images,
-                        paper=paper, who="value_estimate")
+                        paper=paper, who="value_estimate", target=target)
         return valuation.as_asked(valuation.from_store(st, mixture, task_field, image_root,
                                                        False, skip_missing_images, chunk_rows),
                                   paper, task_value)
@@ -147,6 +154,9 @@ def value_estimate(
         report = valuation.from_arrays(features, norms, tasks, data, loss, ntokens, task_field,
                                        image_root, check_images, skip_missing_images,
                                        chunk_rows)
+    if target is not None:
+        report.target = valuation.target_of(target, st if store is not None else None,
+                                            report.features.shape[1])
     return valuation.as_asked(report, paper, task_value)
 
 
@@ -176,7 +186,7 @@ class Run:
               device: str = "auto", force: bool = False, progress: bool = True,
               task_field: str | None = None, image_root: str | os.PathLike | None = None,
               skip_missing_images: bool = False, paper: bool = False,
-              who: str = "Run.score") -> Store:
+              who: str = "Run.score", target: DataArg = None) -> Store:
         """``tive score`` from a notebook: train (or reuse) the warm-up reference, then score
         every record of ``data`` with ``model`` into ``RUN/store``, resuming an interrupted run.
 
@@ -192,6 +202,8 @@ class Run:
             progress: show progress bars.
             paper: the TIVE authors' warm-up and TRAK's projection.
             who: the caller named in errors.
+            target: records to score into ``RUN/target`` too (docs/design.md, "Targeted
+                selection"), with the same reference, projector and settings.
 
         Returns:
             the complete :class:`~tive.store.format.Store`.
@@ -205,7 +217,8 @@ class Run:
         summary = run_score(model, mixture, self.folder, reference=reference, config=config,
                             warmup=warm, dtype=dtype, device=device, task_field=task_field,
                             image_root=image_root, skip_missing_images=skip_missing_images,
-                            force=force, progress=progress, echo=print if progress else None)
+                            force=force, progress=progress, echo=print if progress else None,
+                            target=target)
         return Store.open(summary.store)
 
     @python_api

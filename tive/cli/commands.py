@@ -107,7 +107,7 @@ def main() -> None:
 
 
 @main.command("import")
-@click.option("--data", required=True, type=click.Path(path_type=Path), callback=mixture_path,
+@click.option("--data", type=click.Path(path_type=Path), callback=mixture_path,
               help="The mixture the features belong to (row order must match).")
 @click.option("--features", type=click.Path(path_type=Path), help="(N, k) .npy of features.")
 @click.option("--norms", type=click.Path(path_type=Path), help="(N,) .npy of exact norms.")
@@ -123,19 +123,39 @@ def main() -> None:
               show_default=True, help="Run folder; the store goes to RUN/store.")
 @click.option("--feature-dtype", type=click.Choice(["float16", "float32"]), default="float16",
               show_default=True, help="Storage type of the features.")
-@click.option("--force", is_flag=True, help="Replace an existing store in RUN.")
+@click.option("--target-features", type=click.Path(path_type=Path),
+              help="(M, k) .npy of the target records' features, computed with the store's "
+                   "reference and projection; goes to RUN/target (with --target-data, instead "
+                   "of a store).")
+@click.option("--target-data", type=click.Path(path_type=Path),
+              help="The target records (what the model should get better at), in the rows' "
+                   "order of --target-features.")
+@click.option("--force", is_flag=True, help="Replace an existing store (or target) in RUN.")
 @data_options
-def import_(data: Path, features: Path | None, norms: Path | None, loss: Path | None,
+def import_(data: Path | None, features: Path | None, norms: Path | None, loss: Path | None,
             ntokens: Path | None, ids: Path | None, tive_outputs: Path | None, run: Path,
-            feature_dtype: str, force: bool, task_field: str | None, image_root: Path | None,
+            target_features: Path | None, target_data: Path | None, feature_dtype: str,
+            force: bool, task_field: str | None, image_root: Path | None,
             skip_missing_images: bool) -> None:
-    """Build a store from features computed elsewhere (.npy arrays or the authors' outputs)."""
+    """Build a store from features computed elsewhere (.npy arrays or the authors' outputs),
+    or a target (RUN/target) for a store."""
     import numpy as np
 
     from tive.data.mixture import load_mixture
     from tive.data.tasks import label_tasks
     from tive.store import external as importers
 
+    if target_features is not None or target_data is not None:
+        given = [f for f, v in (("--data", data), ("--features", features), ("--norms", norms),
+                                ("--loss", loss), ("--ntokens", ntokens), ("--ids", ids),
+                                ("--tive-outputs", tive_outputs)) if v is not None]
+        if given or target_features is None or target_data is None:
+            raise click.UsageError("--target-features and --target-data go together, without "
+                                   f"the store's options{f' ({given[0]})' if given else ''}")
+        return _import_target(run, target_features, target_data, feature_dtype, force,
+                              task_field, image_root, skip_missing_images)
+    if data is None:
+        raise click.UsageError("Missing option '--data'.")
     if (tive_outputs is None) == (features is None and norms is None):
         raise click.UsageError("give either --features and --norms, or --tive-outputs")
     if tive_outputs is None and (features is None or norms is None):
@@ -168,6 +188,33 @@ def import_(data: Path, features: Path | None, norms: Path | None, loss: Path | 
     click.echo(f"imported {store.n_records:,} records × {store.dim} features into {store.root}"
                + (f" ({int(missing.sum()):,} with missing images left out)" if missing.any()
                   else ""))
+
+
+def _import_target(run: Path, features: Path, data: Path, feature_dtype: str, force: bool,
+                   task_field: str | None, image_root: Path | None,
+                   skip_missing_images: bool) -> None:
+    """``tive import --target-features F.npy --target-data VAL`` into ``RUN/target``."""
+    import numpy as np
+
+    from tive.data.mixture import load_mixture
+    from tive.data.tasks import label_tasks
+    from tive.store.external import load_npy
+    from tive.store.format import Store
+    from tive.store.target import import_target
+
+    store = Store.open(run)
+    mixture = load_mixture(data, task_field=task_field)
+    missing = mixture.check_images(image_root, skip_missing_images)
+    settings = {"task_field": task_field,
+                "image_root": None if image_root is None else str(image_root.resolve())}
+    with run_lock(run, "tive import"):
+        removed_temps(run)
+        target = import_target(run, store, mixture, label_tasks(mixture).tasks,
+                               load_npy(features, "target-features"), source=f"npy:{features}",
+                               settings=settings, feature_dtype=feature_dtype,
+                               skipped=np.where(missing, 1, 0).astype(np.int8), overwrite=force)
+    click.echo(f"imported {target.n_records:,} target records × {target.dim} features into "
+               f"{target.root}")
 
 
 @main.command()
@@ -273,6 +320,10 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
               show_default=True, help="Run folder: reference/ (warm-up adapter) and store/.")
 @click.option("--reference", type=click.Path(file_okay=False, path_type=Path),
               help="Score with this peft adapter folder instead of warming up.")
+@click.option("--target", type=click.Path(path_type=Path),
+              help="Then score these records too (what the model should get better at; any "
+                   "format tive reads, their own tasks) into RUN/target, with the same "
+                   "reference, projector and settings, for --method less and tive-target.")
 @settings_options(ScoreConfig, skip=("paper",))
 @settings_options(WarmupConfig, prefix="warmup-", dest="warmup_",
                   skip=("max_length", "gradient_checkpointing", "paper"))
@@ -285,7 +336,8 @@ def warmup(model_spec: str, dtype: str, device: str, data: Path, run: Path, forc
                             "image is missing the image root is likely wrong, which stops the "
                             "run without this flag).")
 def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
-          reference: Path | None, force: bool, quiet: bool, task_field: str | None,
+          reference: Path | None, target: Path | None, force: bool, quiet: bool,
+          task_field: str | None,
           image_root: Path | None, skip_missing_images: bool, **settings: Any) -> None:
     """Per-record gradient features of the reference model, written to RUN/store.
 
@@ -309,7 +361,7 @@ def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
     summary = run_score(model_spec, data, run, reference=reference, config=config, warmup=warm,
                         dtype=dtype, device=device, task_field=task_field,
                         image_root=image_root, skip_missing_images=skip_missing_images,
-                        force=force, progress=not quiet, echo=click.echo)
+                        force=force, progress=not quiet, echo=click.echo, target=target)
     if summary.rank == 0:
         for line in summary.lines():
             click.echo(line)

@@ -147,10 +147,16 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
     table = {t: {"records": n, "valid": valid[t], "value": json_float(r.task_values[t])}
              for t, n in r.sizes.items()}
     selections = sorted(find_reports(run))  # by name; other *.report.json passed over
+    try:
+        aim = r.target_summary()
+    except TiveError as e:  # a stale target: said, the rest of the report stands
+        aim = {"error": str(e)}
     if as_json:
         click.echo(json.dumps({"store": str(store.root), "left_out": r.invalid,
                                "task_value": r.task_value, "tasks": table,
-                               "selections": [str(p) for p, _ in selections]}, indent=2))
+                               "selections": [str(p) for p, _ in selections],
+                               **({"target": aim} if aim is not None else {})},
+                              indent=2))
         return
     m = store.meta
     click.echo(f"store {store.root}: {store.n_records:,} records × {store.dim} "
@@ -158,6 +164,13 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
     click.echo(r.table())
     if r.invalid:
         click.echo(f"left out: {reasons(r.invalid)}")
+    if aim is not None:
+        from tive.selection.target_report import summary_lines
+
+        click.echo(f"\ntarget: {aim['error']}" if "error" in aim else
+                   f"\ntarget ({', '.join(aim['target_tasks'])}):\n" + format_table(
+                       ["task", "serves", "alignment", "top record → nearest target example"],
+                       summary_lines(aim)))
     for path, d in selections:
         s = d["settings"]
         try:
@@ -169,14 +182,17 @@ def report(run: Path, as_json: bool, as_html: bool, selection: Path | None,
                    + (f", seed {s['seed']}" if s.get("seed") is not None else "")
                    + (f", task value {s['task_value']}" if s.get("task_value") not in
                       (None, "norm") else ""))
-        columns = ["task", "value", "quota", "selected"]
+        columns = ["task", "value", "alignment", "quota", "selected"]
         if not method.weighs_by_value(s.get("quota")):
             columns.remove("value")  # a baseline whose quotas do not follow the task values
+        if not method.needs_target:
+            columns.remove("alignment")
         if not method.by_task:
             columns.remove("quota")  # chosen over the whole mixture: no per-task quota
         rows = []
         for t, e in d["tasks"].items():
             cells = {"task": t, "value": "-" if e["value"] is None else f"{e['value']:.4g}",
+                     "alignment": "-" if e.get("alignment") is None else f"{e['alignment']:.4g}",
                      "quota": "excluded" if e["excluded"] else f"{e['quota']:,}",
                      "selected": f"{e['selected']:,}"}
             rows.append([cells[c] for c in columns])

@@ -4,10 +4,12 @@ One file, no network: the task table, the bar chart of task shares (PNG, embedde
 histogram of its instance values with the selected records marked (inline SVG), and per task
 the selected records (all, or :data:`CHOSEN` spread over their values) and the records of
 highest and lowest value as they would be trained (image thumbnail, the conversation, its
-value, selected or not); for the soft draw, how uniform τ makes it within a task. It reads only values already in the
-:class:`~tive.selection.report.Report` (never the features; :mod:`tive.output.views` says what) and opens only the images it shows, so it is
-as fast and as small on 665K records as on 200: the histograms count every record, the
-examples are :data:`EXAMPLES` per end of each task.
+value, selected or not); for the soft draw, how uniform τ makes it within a task. It reads only
+values already in the :class:`~tive.selection.report.Report` (never the features, except the
+few rows the target's section shows beside their nearest target example;
+:mod:`tive.output.views` says what) and opens only the images it shows, so it is as fast and as
+small on 665K records as on 200: the histograms count every record, the examples are
+:data:`EXAMPLES` per end of each task.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 
 from tive.output.chart import chart_png
 from tive.output.tables import fmt_value
+from tive.errors import TiveError
 from tive.output.views import Chosen, Values
 from tive.util.files import atomic_path
 
@@ -73,7 +76,7 @@ def write_html(report: Values, selection: Chosen | None, path: str | os.PathLike
     parts = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
              f"<title>{_e(_title(report, selection))}</title><style>{STYLE}</style></head><body>",
              f"<h1>{_e(_title(report, selection))}</h1>", _summary(report, selection, root),
-             _task_table(report, selection)]
+             _task_table(report, selection), _target_section(report)]
     if selection is not None:
         png = base64.b64encode(chart if chart is not None else chart_png(selection)).decode()
         parts.append(f"<h2>Task shares</h2><img alt='task shares of the mixture and the subset' "
@@ -209,6 +212,32 @@ def _task_table(report: Values, selection: Chosen | None) -> str:
         rows.append(f"<tr{css}>{''.join(cells)}</tr>")
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     return f"<h2>Tasks</h2><table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _target_section(report: Values) -> str:
+    """The target's table: per task the target task it serves, its alignment, and its records
+    nearest the target with their nearest target example; empty without a target."""
+    try:
+        summary = report.target_summary()
+    except TiveError as e:  # a stale target: say so, the rest of the page stands
+        return f"<h2>Target</h2><p class=meta>{_e(e)}</p>"
+    if summary is None:
+        return ""
+    rows = []
+    for task, e in summary["tasks"].items():
+        near = "<br>".join(
+            f"{_e(t['id'])} ({t['value']:.3f}) → {_e(t['nearest']['id'])} "
+            f"[{_e(t['nearest']['task'])}], cos {t['nearest']['cosine']:.3f}"
+            for t in e["top"]) or "-"
+        value = e["alignment"]
+        rows.append(f"<tr><td>{_e(task)}</td><td>{_e(e['serves'] or '-')}</td>"
+                    f"{_num(fmt_value(math.nan if value is None else value))}<td>{near}</td></tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("task", "serves target task", "alignment",
+                                             "records nearest the target → nearest example"))
+    return (f"<h2>Target</h2><p class=meta>target tasks: "
+            f"{_e(', '.join(summary['target_tasks']))}; alignment = mean cosine of the task's "
+            f"records to the target task it serves (tive-target's task value).</p>"
+            f"<table><tr>{head}</tr>{''.join(rows)}</table>")
 
 
 def _num(text: str) -> str:

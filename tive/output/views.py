@@ -40,6 +40,8 @@ class Values(Protocol):
 
     def value_header(self) -> str: ...
 
+    def target_summary(self) -> dict[str, Any] | None: ...  # per task: alignment, nearest
+
 
 class Chosen(Protocol):
     """A chosen subset, as a :class:`~tive.selection.subset.Selection` holds it."""

@@ -30,6 +30,7 @@ from tive.models.registry import derives_positions
 from tive.models.segments import IGNORE
 from tive.projection.base import Projector
 from tive.warmup.lora import KeyParameter, key_parameters, language_model_prefix
+from tive.warmup.moments import adam_direction
 
 
 @dataclass
@@ -66,14 +67,18 @@ class GradientFeatures:
             backward pass then stops at the first of them.
         checkpointing: gradient checkpointing of the language model's decoder layers (their
             activations recomputed in the backward pass; dropout stays off).
+        moments: ``(m, v)`` per key parameter (:func:`tive.warmup.moments.load_moments`):
+            each block becomes its Adam direction before its norm and projection
+            (``--optimizer-aware``); None: plain gradients.
 
     Use as a context manager (hooks are removed on exit) or call :meth:`close`.
     """
 
     def __init__(self, peft_model: nn.Module, projector: Projector,
                  adapter: str = "default", last_layers: int | None = None,
-                 checkpointing: bool = False) -> None:
+                 checkpointing: bool = False, moments: list | None = None) -> None:
         self.model = peft_model
+        self._moments = moments
         self.projector = projector
         self.keys: list[KeyParameter] = key_parameters(peft_model, adapter, last_layers)
         modules = dict(peft_model.named_modules())
@@ -198,7 +203,9 @@ class GradientFeatures:
     def _on_grad(self, block: int, x: torch.Tensor, delta: torch.Tensor) -> None:
         if self._mask is not None and x.shape[:2] == self._mask.shape:
             x = torch.where(self._mask[..., None].bool(), x, 0)  # pads: no NaN from masked rows
-        grads = per_sample_products(delta, x, self.dtype)
+        grads = per_sample_products(delta, x, self.dtype)  # (B, out·in)
+        if self._moments is not None:
+            grads = adam_direction(grads, *self._moments[block])
         self._sq += torch.linalg.vector_norm(grads, dim=1).double() ** 2
         self.projector.add(block, grads)
         self._fired[block] += 1

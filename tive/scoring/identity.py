@@ -26,10 +26,17 @@ from tive.scoring.settings import ScoreConfig
 from tive.store.format import IndexEntry, Store
 from tive.store.writers import create_store, fold_parts
 from tive.warmup.lora import gradient_dim
+from tive.warmup.moments import moments_sha256
 
 # Identity keys that stores of earlier versions lack, and the value they were scored with.
-LEGACY = {"adapter_dtype": "float32"}
+LEGACY = {"adapter_dtype": "float32", "gradients": "sgd", "checkpoints": None}
 REPLACED_DIR = ".store.replaced"  # the store --force replaces, kept until the new one is done
+
+
+def replaced_dir(root: Path) -> Path:
+    """Where ``--force`` keeps the store at ``root`` until its replacement is complete
+    (``RUN/.store.replaced``, ``RUN/.target.replaced``)."""
+    return root.with_name(REPLACED_DIR if root.name == "store" else f".{root.name}.replaced")
 
 
 def adapter_sha256(folder: Path) -> str:
@@ -80,6 +87,7 @@ def run_identity(source: Any, mixture: Mixture, config: ScoreConfig, task_field:
         "data": mixture.fingerprint, "records": len(mixture), "max_length": config.max_length,
         "task_field": task_field,
         "image_root": image_root_setting(mixture, image_root),
+        "gradients": "adam" if config.optimizer_aware else "sgd",
         # known now only for float32: "model" gives the weights' type, known once loaded
         **({"adapter_dtype": "float32"} if config.adapter_dtype == "float32" else {})},
         "data": {"path": str(mixture.path)}}
@@ -104,6 +112,8 @@ def store_meta(known: dict[str, Any], *, source: dict, dtype: Any, adapter: Path
                 **{k: v for k, v in first.items() if k != "model"}}
     identity["adapter_dtype"] = str(adapter_dtype).replace("torch.", "")
     identity["projector"] = projector.describe()  # the full description, in the same place
+    if config.optimizer_aware:
+        identity["moments"] = moments_sha256(adapter)[:16]
     settings = {k: first[k] for k in ("max_length", "task_field", "image_root")}
     return {"tive_version": __version__, "source": "tive score", "model": source,
             "adapter": {"path": str(Path(adapter).resolve()), "sha256": digest},
@@ -201,9 +211,9 @@ def open_or_create(root: Path, meta: dict[str, Any], mixture: Mixture, tasks: np
 
 
 def _set_aside(root: Path, complete: bool) -> None:
-    """Move the store ``root`` to ``RUN/.store.replaced``; an unfinished or damaged one is
+    """Move the store ``root`` to :func:`replaced_dir` (``RUN/.store.replaced``); an unfinished or damaged one is
     deleted instead when a complete one is already kept there."""
-    old = root.with_name(REPLACED_DIR)
+    old = replaced_dir(root)
     if os.path.lexists(old) and not complete:
         _remove(root)  # an unfinished replacement or a damaged store: the kept one stays
     else:
@@ -225,4 +235,4 @@ def finish_replacement(root: Path) -> None:
     """Delete the store that ``--force`` replaced, now that its replacement is complete."""
     import shutil
 
-    shutil.rmtree(root.with_name(REPLACED_DIR), ignore_errors=True)
+    shutil.rmtree(replaced_dir(root), ignore_errors=True)

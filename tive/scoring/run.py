@@ -31,6 +31,7 @@ from tive.models.registry import resolve
 from tive.models.segments import has_placeholder
 from tive.models.skips import SkipReason
 from tive.projection.projectors import make_projector, require_cuda_kernel
+from tive.scoring.checkpoints import CheckpointFeatures, checkpoints_of, identity_of
 from tive.scoring.gradients import GradientFeatures
 from tive.scoring.identity import (
     check_identity,
@@ -48,10 +49,12 @@ from tive.util.dist import Dist
 from tive.util.files import remove_stale_temps
 from tive.util.progress import TokenBar
 from tive.warmup.lora import adapters_to_model_dtype, key_coverage, key_parameters
+from tive.warmup.moments import load_moments, moments_path
 from tive.warmup.reference import REFERENCE_DIR, ensure_reference
 from tive.warmup.settings import WarmupConfig
 from tive.scoring.probe import measure, probe_rows
 from tive.store.probe import PROBE_FILE, read_probe, write_probe
+from tive.store.target import TARGET_DIR
 
 
 @dataclass
@@ -124,6 +127,8 @@ class ScoreRun:
         force: replace a store with another identity instead of refusing.
         progress: show a progress bar (rank 0).
         echo: called with progress lines (rank 0; a no-op elsewhere).
+        folder: ``store``, or ``target`` when the records are the target's
+            (:mod:`tive.store.target`).
     """
 
     source: Any
@@ -138,11 +143,12 @@ class ScoreRun:
     force: bool = False
     progress: bool = True
     echo: Callable[[str], None] = print
+    folder: str = STORE_DIR
 
     @property
     def root(self) -> Path:
-        """The store folder."""
-        return self.run / STORE_DIR
+        """The store folder (``RUN/store``, or ``RUN/target`` for the target records)."""
+        return self.run / self.folder
 
 
 def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathLike, *,
@@ -150,9 +156,11 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
               config: ScoreConfig = ScoreConfig(), warmup: Any = None,
               dtype: str = "auto", device: str = "auto", task_field: str | None = None,
               image_root: Any = None, skip_missing_images: bool = False,
-              force: bool = False, progress: bool = True,
-              echo: Any = None) -> Summary:
-    """Warm up (unless a reference is given or already in ``run``), then score every record.
+              force: bool = False, progress: bool = True, echo: Any = None,
+              target: str | os.PathLike | Mixture | None = None) -> Summary:
+    """Warm up (unless a reference is given or already in ``run``), then score every record;
+    with ``target``, then score the target records too, into ``run/target``, with the same
+    model, adapter, projector and settings (docs/design.md, "Targeted selection").
 
     Args:
         model: alias, hub id in the local cache, folder or ``.gguf`` file.
@@ -164,9 +172,11 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
         force: replace an existing store (and retrain an existing reference with other
             settings) instead of refusing.
         echo: called with progress lines (rank 0 only).
+        target: the target records (path or :class:`~tive.data.mixture.Mixture`; their own
+            task labels, by ``task_field`` or inferred); their summary is echoed.
 
     Returns:
-        the :class:`Summary` (on every rank; rank 0's has the totals).
+        the store's :class:`Summary` (on every rank; rank 0's has the totals).
     """
     dist = Dist.from_env(device)
     try:
@@ -186,11 +196,13 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
         ctx = ScoreRun(source, mixture, labels.tasks, run, config, task_field, image_root,
                        run_identity(source, mixture, config, task_field, image_root), dist,
                        force, progress, echo)
+        aim = None if target is None else _target_run(ctx, target, skip_missing_images)
         with dist.exclusive(run, "tive score"):  # held until the store is complete
             if dist.rank == 0:
                 _clean_temps(run, echo)
-            if not force and (ctx.root / "meta.json").exists():  # refuse before loading
-                check_identity(Store.open(ctx.root), ctx.identity)
+            for c in (ctx, aim):  # refuse before loading
+                if c is not None and not force and (c.root / "meta.json").exists():
+                    check_identity(Store.open(c.root), c.identity)
             warm = (WarmupConfig(max_length=config.max_length, paper=config.paper)
                     if warmup is None else warmup)
             if warm.paper != config.paper:
@@ -204,18 +216,38 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
                 how = "trained" if ref.model is not None else "reused"
             else:
                 ref, how = None, "given"
+                if config.optimizer_aware:  # before loading the model
+                    moments_path(Path(reference))
             adapter = Path(reference) if reference is not None else run / REFERENCE_DIR
             if warm_dtype != dtype and ref is not None:  # scored in another type: reloaded
                 ref.model = ref.loaded = None
             peft_model, loaded = _reference_model(source, adapter, ref, dtype, device)
-            return _score(ctx, peft_model, loaded, adapter, how)
+            summary = _score(ctx, peft_model, loaded, adapter, how)
+            if aim is not None:
+                for line in _score(aim, peft_model, loaded, adapter, how).lines():
+                    echo(f"target: {line}")
+            return summary
     finally:
         dist.close()
 
 
+def _target_run(ctx: ScoreRun, target: str | os.PathLike | Mixture,
+                skip_missing_images: bool) -> ScoreRun:
+    """The session scoring the target records into ``RUN/target``, with ``ctx``'s settings."""
+    mixture = target if isinstance(target, Mixture) else load_mixture(target, ctx.task_field)
+    _check_missing(mixture, mixture.missing_images(ctx.image_root), ctx.image_root,
+                   skip_missing_images)
+    config = replace(ctx.config, optimizer_aware=False)  # LESS: plain target gradients
+    identity = run_identity(ctx.source, mixture, config, ctx.task_field, ctx.image_root)
+    return replace(ctx, mixture=mixture, tasks=label_tasks(mixture).tasks, identity=identity,
+                   folder=TARGET_DIR, config=config)
+
+
 def _clean_temps(run: Path, echo: Any) -> None:
-    """Remove what killed runs left in ``run`` and its store (temporary names), and say so."""
-    removed = remove_stale_temps(run) + remove_stale_temps(run / STORE_DIR)
+    """Remove what killed runs left in ``run``, its store and its target (temporary names),
+    and say so."""
+    removed = (remove_stale_temps(run) + remove_stale_temps(run / STORE_DIR)
+               + remove_stale_temps(run / TARGET_DIR))
     if removed:
         echo(f"removed {len(removed)} temporary file(s) left by killed runs: "
              f"{', '.join(p.name for p in removed)}")
@@ -260,9 +292,11 @@ def _score(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path, how: str)
                       projector=projector, mixture=ctx.mixture, config=config,
                       adapter_dtype=dict(peft_model.named_parameters())[keys[0].name].dtype,
                       coverage=key_coverage(peft_model, keys))
+    points = checkpoints_of(adapter)  # LESS's warm-up checkpoints: one block each
+    meta["identity"]["checkpoints"] = identity_of(adapter, points)
     if dist.rank == 0:
-        open_or_create(ctx.root, meta, ctx.mixture, ctx.tasks, projector.dim,
-                       config.feature_dtype, ctx.force)
+        open_or_create(ctx.root, meta, ctx.mixture, ctx.tasks,
+                       projector.dim * max(1, len(points)), config.feature_dtype, ctx.force)
     dist.barrier()
     store = Store.open(ctx.root)
     encoder = loaded.encoder(config.max_length)
@@ -272,8 +306,12 @@ def _score(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path, how: str)
         store, dist.rank, np.concatenate(mine) if mine else np.zeros(0, np.int64))
     bar = _bar(ctx, mine, lengths)
     start = time.perf_counter()
+    moments = load_moments(adapter, [k.name for k in keys], device) \
+        if config.optimizer_aware else None
     with GradientFeatures(peft_model, projector, last_layers=last,
-                          checkpointing=config.gradient_checkpointing) as gf:
+                          checkpointing=config.gradient_checkpointing, moments=moments) as gf:
+        if points:
+            gf = CheckpointFeatures(gf, adapter, points, config.optimizer_aware)
         score_batches(gf, encoder, pad_id(loaded.tokenizer), ctx.mixture, mine, writer, config,
                       ctx.image_root, bar, workers=feed.workers, pin=feed.pin, limit=feed.limit,
                       on_limit=feed.record(ctx.root) if feed.auto else None)
@@ -281,7 +319,7 @@ def _score(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path, how: str)
     bar.close()
     seconds = time.perf_counter() - start
     _finish(ctx)
-    if dist.rank == 0 and read_probe(ctx.root) is None:
+    if dist.rank == 0 and ctx.folder == STORE_DIR and read_probe(ctx.root) is None:
         _probe(ctx, peft_model, loaded, adapter)
     summary = summarize(Store.open(ctx.root), sum(len(rows) for rows in work), seconds, how)
     ignored = sum(1 for r in ctx.mixture if r.images and not has_placeholder(r)) \

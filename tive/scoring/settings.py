@@ -102,6 +102,10 @@ class ScoreConfig:
     paper: bool = field(default=False, metadata=setting(
         "The TIVE authors' run exactly: their warm-up recipe, TRAK's projector (seed 0, 8192 "
         "dims, float16 features; its CUDA kernel on a GPU).", is_flag=True))
+    optimizer_aware: bool = field(default=False, metadata=setting(
+        "Score each record's Adam update direction from the warm-up's saved AdamW moments "
+        "(LESS's training gradients) instead of its plain gradient; target records stay plain.",
+        is_flag=True))
     padding_side: str = field(default="right", metadata=setting(
         "Where batches are padded (results do not depend on it).", cli=False))
 
@@ -121,6 +125,9 @@ class ScoreConfig:
             if self.jl_nnz is not None:
                 raise ConfigError(f"{named('jl_nnz')} does not apply to {named('paper')}, which "
                                   f"projects with TRAK's projector; fix: leave it out")
+            if self.optimizer_aware:
+                raise ConfigError(f"{named('optimizer_aware')} is LESS's, not the authors': "
+                                  f"{named('paper')} scores plain gradients; fix: leave one out")
             for name, value in AUTHORS.items():
                 object.__setattr__(self, name, value)
         if self.projector is None:

@@ -102,3 +102,18 @@ def supervised_length(report: Any, noise: np.ndarray) -> np.ndarray:
                           f"data was given; fix: pass the data")
     return np.array([sum(len(t.text) for t in r.turns if t.role == "assistant")
                      for r in report.mixture], dtype=np.float64)
+
+
+def less_score(report: Any, noise: np.ndarray) -> np.ndarray:
+    """LESS: each record's largest mean cosine to a target task's examples
+    (:mod:`tive.selection.targeted`)."""
+    return report.targeted().less
+
+
+def target_draw(report: Any, config: Any, members: np.ndarray, n: int,
+                noise: np.ndarray) -> np.ndarray:
+    """:func:`draw` with the instance values taken against the target task the record's task
+    serves (:mod:`tive.selection.targeted`)."""
+    temperature = math.inf if config.temperature is None else config.temperature
+    return sel.choose_in_task(members, n, report.targeted().instance[members], noise[members],
+                              temperature, config.strategy is not Strategy.TOP)

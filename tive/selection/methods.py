@@ -18,7 +18,8 @@ from tive.errors import ConfigError
 if TYPE_CHECKING:
     import numpy as np
 
-QUOTAS = ("value", "size", "equal", "setting")  # how a per-task method weighs its tasks
+QUOTAS = ("value", "size", "equal", "setting", "target")  # how a per-task method weighs its
+#   tasks (target: by their alignment with the target, tive.selection.targeted)
 
 
 class TaskChooser(Protocol):
@@ -55,6 +56,8 @@ class MethodSpec:
             per-task method, a :class:`MixtureMetric` for one over the whole mixture.
         needs_features: it reads the features themselves (a report built without them
             cannot use it).
+        needs_target: it values records against target features (``RUN/target``,
+            :mod:`tive.selection.targeted`).
     """
 
     name: str
@@ -63,6 +66,7 @@ class MethodSpec:
     quotas: str | None
     target: str
     needs_features: bool = False
+    needs_target: bool = False
 
     @property
     def by_task(self) -> bool:
@@ -101,6 +105,11 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
     _spec("kmeans", "per task, the records nearest k-means centroids of the features",
           {"seed", "oversample", "clusters", "quota"}, "setting", "nearest_centroids",
           needs_features=True),
+    _spec("less", "LESS: each record's largest mean cosine to a target task's examples; "
+          "needs a target", set(), None, "less_score", needs_features=True, needs_target=True),
+    _spec("tive-target", "TIVE's quotas and draw valued against a target",
+          {"strategy", "temperature", "seed", "oversample"}, "target", "target_draw",
+          needs_features=True, needs_target=True),
 )}
 
 

@@ -20,7 +20,7 @@ from tive.data.mixture import Mixture
 from tive.data.tasks import factorize
 from tive.errors import ConfigError
 from tive.output.tables import fmt_value, format_table
-from tive.selection import quotas as sel, value_cache as vc, values as val
+from tive.selection import quotas as sel, targeted as tg, value_cache as vc, values as val
 from tive.selection.methods import MethodSpec, method_named
 from tive.selection.settings import (
     AUTHORS_EXCLUDE,
@@ -31,6 +31,7 @@ from tive.selection.settings import (
     weighs_by_value,
 )
 from tive.selection.subset import Selection
+from tive.selection.target_report import target_summary
 from tive.store.probe import progress_ratios, read_probe
 from tive.settings import named, python_api
 
@@ -61,6 +62,9 @@ class Report:
             selection computes that the next one can reuse is kept there.
         task_value: what ``task_values`` holds, and what :meth:`select` weighs quotas by
             unless told otherwise (``norm``, ``coherence``, ``mean-gradient`` or ``progress``).
+        target: the target records' features (:class:`tive.selection.targeted.Target`, or a
+            function opening the run's ``RUN/target`` when first needed), for the methods
+            ``less`` and ``tive-target``; None without one.
 
     """
 
@@ -81,12 +85,32 @@ class Report:
     chunk_rows: int | None = None
     cache: tuple[Path, str] | None = None
     task_value: str = "norm"
+    target: Any = None
 
     def __post_init__(self) -> None:
         self._names, codes = factorize(self.tasks)
         self._codes = codes  # (N,) index into self._names
         self._sizes = np.bincount(codes, minlength=len(self._names))
         self._valid_sizes = np.bincount(codes[self.valid], minlength=len(self._names))
+        self._targeted: Any = None
+
+    def targeted(self) -> Any:
+        """The values against the target (:class:`tive.selection.targeted.TargetValues`),
+        computed on first use (the alignment kept in the run's cache for a store).
+
+        Raises:
+            ConfigError: the report has no target.
+        """
+        if self.target is None:
+            raise ConfigError("this report has no target (the records to get better at); fix: "
+                              "tive score ... --target VAL or tive import --target-features "
+                              "F.npy --target-data VAL, or value_estimate(..., target=...)")
+        if callable(self.target):  # a run's target, opened (and checked) when first needed
+            self.target = self.target()
+        if self._targeted is None:
+            self._targeted = tg.compute(self.features, self.tasks, self.valid, self.target,
+                                        self.chunk_rows, self.cache)
+        return self._targeted
 
     @property
     def task_names(self) -> list[str]:
@@ -108,6 +132,11 @@ class Report:
         """Valid records per task."""
         found = {t: int(c) for t, c in zip(self._names, self._valid_sizes)}
         return {t: found[t] for t in self.task_names}
+
+    def target_summary(self) -> dict[str, Any] | None:
+        """Per task its alignment with the target and its records nearest to it
+        (:func:`tive.selection.target_report.target_summary`); None without a target."""
+        return None if self.target is None else target_summary(self)
 
     def values_of(self, kind: str | TaskValue) -> dict[str, float]:
         """Task → V(t) of kind ``kind`` (``norm``, ``coherence``, ``mean-gradient``,
@@ -247,8 +276,11 @@ class Report:
         method = method_named(config.method)
         if method.needs_features and self.features is None:
             raise ConfigError(f"{named('method', method.name)}: this report has no features to "
-                              f"cluster (built without a store or features=); fix: "
-                              f"value_estimate(store=...) or features=..., or another method")
+                              f"{'compare' if method.needs_target else 'cluster'} (built "
+                              f"without a store or features=); fix: value_estimate(store=...) "
+                              f"or features=..., or another method")
+        if method.needs_target:
+            self.targeted()  # no target: one clear error before anything else
         if method.by_task:
             indices, quotas = self._by_task(config, method, names, budget, noise)
         else:
@@ -277,6 +309,12 @@ class Report:
         counts = np.array([sizes[t] for t in names])
         if method.weighs_by_value(config.quota):
             weights = np.array([self.task_values[t] for t in names])
+        elif method.quotas == "target":
+            weights = np.array([self.targeted().task_values[t] for t in names])
+            if not weights.sum() > 0:
+                raise ConfigError(f"{named('method', method.name)}: no task's records point "
+                                  f"towards the target (every alignment is ≤ 0); fix: "
+                                  f"--method less, or check the target")
         elif method.quotas == "equal":
             weights = np.ones(len(names))
         else:

@@ -54,6 +54,10 @@ class Selection:
                      "quota": self.quotas.get(t, 0), "selected": chosen[t],
                      "unique": unique[t]}
                  for t in r.task_names}
+        if method_named(self.config.method).needs_target:  # what the target made of each task
+            aligned = r.targeted().task_values
+            for t, e in tasks.items():
+                e["alignment"] = json_float(aligned.get(t, math.nan))
         inferred = None if r.inferred is None else int(r.inferred.sum())
         return {"settings": self.config.to_dict(), "budget_kind": self.config.budget.to_dict()["kind"],
                 "records": len(r.tasks), "budget": self.budget,
@@ -65,14 +69,17 @@ class Selection:
         """Plain-text table: per task records, value, quota, selected, share before → after."""
         r, d = self.report, self.to_dict()
         n, b = max(len(r.tasks), 1), max(len(self.indices), 1)
-        columns = ["task", "records", "value", "quota", "selected", "share"]
+        columns = ["task", "records", "value", "alignment", "quota", "selected", "share"]
         if not self.uses_values():
             columns.remove("value")
+        if not method_named(self.config.method).needs_target:
+            columns.remove("alignment")
         if not self.by_task():
             columns.remove("quota")
         rows = []
         for t, e in d["tasks"].items():
             cells = {"task": t, "records": f"{e['records']:,}", "value": fmt_value(e["value"]),
+                     "alignment": fmt_value(e.get("alignment")),
                      "quota": "excluded" if e["excluded"] else f"{e['quota']:,}",
                      "selected": "excluded" if e["excluded"] and "quota" not in columns
                      else f"{e['selected']:,}",

@@ -23,7 +23,9 @@ from tive.selection import value_cache as vc, values as val
 from tive.selection.report import Report
 from tive.selection.settings import TaskValue, task_value_named
 from tive.store.external import check_arrays
+from tive.selection.targeted import Target
 from tive.store.format import Store
+from tive.store.target import open_target, target_root
 
 DataArg = str | os.PathLike | Mixture | None
 
@@ -51,6 +53,32 @@ def from_store(st: Store, data: DataArg | bool, task_field: str | None,
     store was built from; ``False``: the store's own index, no records)."""
     check_options("value_estimate", task_field, image_root, chunk_rows, data)
     st.require_complete()
+    report = _from_store(st, data, task_field, image_root, check_images, skip_missing_images,
+                         chunk_rows)
+    if (target_root(st.root.parent) / "meta.json").exists():  # opened when a method needs it
+        report.target = lambda: Target.of_store(open_target(st.root.parent, st))
+    return report
+
+
+def target_of(target: Any, st: Store | None, k: int) -> Target | None:
+    """The target ``value_estimate(target=...)`` names: a target store (``RUN/target``, or
+    the run folder holding one) checked against ``st``, or ``(features, tasks)`` arrays."""
+    if target is None:
+        return None
+    if isinstance(target, dict):
+        target = (target.get("features"), target.get("tasks"))
+    if isinstance(target, tuple) and len(target) == 2:
+        return Target.of_arrays(target[0], target[1], k)
+    if st is None:
+        raise ConfigError("value_estimate: with features=, target= is (features, tasks): the "
+                          "target records' (M, k) features and (M,) task names")
+    return Target.of_store(open_target(target.root if isinstance(target, Store) else target, st))
+
+
+def _from_store(st: Store, data: DataArg | bool, task_field: str | None, image_root: Any,
+                check_images: bool, skip_missing_images: bool,
+                chunk_rows: int | None) -> Report:
+    """:func:`from_store` without its target."""
     cache = (st.root.parent / vc.CACHE_DIR, vc.store_identity(st.root))
     arrays = _store_arrays(st)
     left_out: dict[str, np.ndarray] = arrays.pop("left_out")

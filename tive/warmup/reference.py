@@ -21,6 +21,8 @@ from tive.models.load import load_model
 from tive.util.dist import Dist
 from tive.util.files import atomic_path
 from tive.warmup.lora import gradient_dim, key_parameters
+from tive.warmup.checkpoints import save_checkpoints
+from tive.warmup.moments import save_moments
 from tive.warmup.settings import WarmupConfig
 from tive.warmup.plan import WARMUP_RATIO, Recipe
 from tive.warmup.training import SCHEDULE, WEIGHT_DECAY, train, usable_rows, warmup_sample
@@ -29,16 +31,23 @@ REFERENCE_DIR = "reference"
 MEMORY_ONLY = ("gradient_checkpointing",)  # settings that do not change the adapter
 
 
-def save_reference(run: str | Path, model: Any, info: dict[str, Any]) -> Path:
-    """Save the adapter (peft format) and ``reference.json`` to ``run/reference`` atomically."""
+def save_reference(run: str | Path, model: Any, info: dict[str, Any],
+                   moments: dict[str, Any] | None = None,
+                   checkpoints: list[dict[str, Any]] = ()) -> Path:
+    """Save the adapter (peft format), ``reference.json``, the AdamW ``moments``
+    (:mod:`tive.warmup.moments`) and the earlier ``checkpoints``
+    (:mod:`tive.warmup.checkpoints`) to ``run/reference`` atomically."""
     target = Path(run) / REFERENCE_DIR
     with atomic_path(target, directory=True) as tmp:
         try:
             model.save_pretrained(str(tmp))
+            if moments:
+                save_moments(tmp, moments)
+            save_checkpoints(tmp, list(checkpoints))
         except Exception as e:  # safetensors' own error for a full disk is no OSError
             if type(e).__name__ != "SafetensorError":
                 raise
-            raise OutputError(f"{target}: saving the adapter failed ({str(e)[:120]}); nothing "
+            raise OutputError(f"{target}: saving the adapter (or its optimizer moments and checkpoints) failed ({str(e)[:120]}); nothing "
                               f"was kept; fix: free some space in {target.parent} (or choose "
                               f"another --run folder) and run again") from None
         (tmp / "reference.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
@@ -64,6 +73,7 @@ def reference_info(mixture: Mixture, tasks: np.ndarray, rows: np.ndarray,
         "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None,
                  "steps": len(losses)},
         "skipped": result["skipped"],
+        "checkpoints": result["checkpoints"].listing(),
         "processes": result["processes"],
         "records_per_process": result["records_per_process"],  # forward passes, all epochs
         "key_parameters": {"gradient_dim": gradient_dim(keys),
@@ -144,7 +154,8 @@ def ensure_reference(run: str | Path, source: Any, mixture: Mixture, labels: Any
     usable = usable_rows(mixture, missing, source.family)
     rows = usable[warmup_sample(labels.tasks[usable], mixture.keys[usable], config.fraction,
                                 config.seed)]
-    settings = {k: v for k, v in asdict(config).items() if k not in MEMORY_ONLY}
+    settings = {k: v for k, v in asdict(config).items() if k not in MEMORY_ONLY
+                and not (k == "checkpoints" and v == 1)}  # as references made before it
     identity = {"model": model_key(source), "dtype": dtype, "data": mixture.fingerprint,
                 "settings": json.loads(json.dumps(settings)),
                 "rows": [int(r) for r in rows], "tasks": sorted(set(labels.tasks[rows]))}
@@ -171,7 +182,8 @@ def ensure_reference(run: str | Path, source: Any, mixture: Mixture, labels: Any
     info = reference_info(mixture, labels.tasks, rows, config, source.describe(), result)
     path = Path(run) / REFERENCE_DIR
     if dist.rank == 0:
-        path = save_reference(run, result["model"], {**info, "identity": identity})
+        path = save_reference(run, result["model"], {**info, "identity": identity},
+                              result.get("moments"), result["checkpoints"].kept)
     dist.barrier()
     loss, per_task = info["loss"], info["sample"]["per_task"]
     skipped = ", ".join(f"{n:,} {r}" for r, n in result["skipped"].items())

@@ -92,13 +92,17 @@ class WarmupConfig:
     gradient_checkpointing: bool = field(default=False, metadata=setting(
         "Recompute activations in the backward pass: less memory, one more forward pass per "
         "layer.", **_SHOWN, is_flag=True))
+    checkpoints: int = field(default=1, metadata=setting(
+        "Keep the adapter at N evenly spaced optimizer steps (the last is the reference); "
+        "scoring then keeps one feature block per checkpoint, weighted by its learning rate "
+        "(LESS).", **_SHOWN, type=int))
 
     def __post_init__(self) -> None:
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"{named('fraction', self.fraction)}: expected a fraction in (0, 1]")
         if self.paper and self.global_batch is None:
             object.__setattr__(self, "global_batch", AUTHORS["global_batch"])
-        for name in ("epochs", "global_batch", "batch_size", "max_length"):
+        for name in ("epochs", "global_batch", "batch_size", "max_length", "checkpoints"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{named(name, getattr(self, name))}: expected ≥ 1")
         for name in ("lr", "projector_lr"):
@@ -115,4 +119,8 @@ class WarmupConfig:
                                       f"trains with the authors' value "
                                       f"({value if value != () else 'every linear layer'}); "
                                       f"fix: leave it out, or leave out {named('paper')}")
+            if self.checkpoints != 1:
+                raise ConfigError(f"{named('checkpoints', self.checkpoints)}: {named('paper')} "
+                                  f"keeps the authors' one reference (checkpoints are LESS's); "
+                                  f"fix: leave it out, or leave out {named('paper')}")
             object.__setattr__(self, "bf16", True)

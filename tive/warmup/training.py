@@ -30,6 +30,8 @@ from tive.selection import quotas as sel
 from tive.util.dist import Dist
 from tive.warmup.lora import key_parameters, lora_config, trained_projector, warmup_targets
 from tive.warmup.plan import WARMUP_RATIO, Recipe, modality_order, plan_recipe
+from tive.warmup.checkpoints import Keeper, checkpoint_steps
+from tive.warmup.moments import adam_moments
 from tive.warmup.settings import WarmupConfig
 
 WEIGHT_DECAY = 0.0
@@ -105,7 +107,8 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
           image_root: Any = None, progress: bool = True, dist: Dist | None = None,
           echo: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train LoRA (and the multimodal projector) on ``rows``; return the peft model, the
-    per-step losses and the :class:`Recipe` followed.
+    per-step losses, the :class:`Recipe` followed and the AdamW moments of the LoRA matrices
+    after the last step (:mod:`tive.warmup.moments`).
 
     An optimizer step takes the next ``global_batch`` records of the order
     (:func:`tive.warmup.plan.modality_order`: all-image or all-text), less those that cannot be
@@ -143,6 +146,7 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
     optimizer = torch.optim.AdamW(groups, weight_decay=WEIGHT_DECAY)
     schedule = get_cosine_schedule_with_warmup(optimizer, recipe.warmup_steps, recipe.steps)
     run = _StepRunner(model, pad_id(loaded.tokenizer), config, dist)
+    keeper = Keeper(checkpoint_steps(config.checkpoints, recipe.steps))
     skipped: dict[str, int] = {}
     used: list[int] = []
     model.train()
@@ -166,7 +170,9 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
                 done = len(run.totals)
                 bar.set_description(f"warm-up step {done + 1}/{recipe.steps}", refresh=True)
                 run(step, bar)
+                lr = schedule.get_last_lr()[0]  # the rate this step uses
                 _step(optimizer, schedule, params, dist)
+                keeper.after_step(model, optimizer, lr)
     bar.close()
     losses = run.losses()
     if not losses:
@@ -176,6 +182,7 @@ def train(loaded: Any, mixture: Mixture, rows: np.ndarray, config: WarmupConfig,
                         f"--max-length and that the model fits the data")
     model.eval()
     return {"model": model, "losses": losses, "skipped": skipped, "used": np.array(used),
+            "moments": adam_moments(model, optimizer), "checkpoints": keeper,
             "processes": dist.world, "records_per_process": dist.gather(run.records),
             "recipe": recipe}
 
