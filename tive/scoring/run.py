@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from tive.data.keys import record_keys
 from tive.data.mixture import Mixture, load_mixture
 from tive.data.tasks import label_tasks
 from tive.errors import ConfigError, DataError
@@ -32,6 +33,7 @@ from tive.models.segments import has_placeholder
 from tive.models.skips import SkipReason
 from tive.projection.projectors import make_projector, require_cuda_kernel
 from tive.scoring.gradients import GradientFeatures
+from tive.scoring.grow import NEXT_DIR, grows, kept_reference, open_next, recover, swap
 from tive.scoring.identity import (
     check_identity,
     finish_replacement,
@@ -42,7 +44,8 @@ from tive.scoring.identity import (
 from tive.scoring.loop import Feeding, score_batches
 from tive.scoring.plan import open_window_rows, pending_batches, plan_batches, record_lengths
 from tive.scoring.settings import DEFAULT_BATCH, ScoreConfig, parse_key_layers
-from tive.store.format import STORE_DIR, Store
+from tive.store.format import STORE_DIR, IndexEntry, Store
+from tive.store.keys import has_keys, write_keys
 from tive.store.writers import RowWriter, create_part, fold_parts, mark_complete
 from tive.util.dist import Dist
 from tive.util.files import remove_stale_temps
@@ -70,6 +73,8 @@ class Summary:
         images_ignored: records with an image but no ``<image>`` in their text, scored as
             text (LLaVA and Bunny).
         batch: the batch size used (``auto`` says what it settled on).
+        reused, dropped: for a store grown for other data (docs/design.md, "Incremental
+            scoring"), rows copied from the previous store and its rows left out; None else.
     """
 
     store: Path
@@ -82,6 +87,8 @@ class Summary:
     rank: int = 0
     images_ignored: int = 0
     batch: str = ""
+    reused: int | None = None
+    dropped: int = 0
 
     def lines(self) -> list[str]:
         rate = self.computed / self.seconds if self.seconds > 0 else float("nan")
@@ -91,8 +98,12 @@ class Summary:
                     f"the text: scored as text, as LLaVA's and Bunny's trainers use such records"]
                    if n else [])
         run = (f"{self.computed:,} in this run, {self.seconds:.1f} s, {rate:.2f} records/s"
-               if self.computed else "already complete: nothing to compute")
-        return [f"scored {self.scored:,} of {self.records:,} records ({run})",
+               if self.computed else "every row reused: nothing to compute"
+               if self.reused is not None else "already complete: nothing to compute")
+        grown = ([f"incremental: {self.reused:,} rows reused from the previous store, "
+                  f"{self.computed:,} computed, {self.dropped:,} dropped (records no longer in "
+                  f"the data)"] if self.reused is not None else [])
+        return [f"scored {self.scored:,} of {self.records:,} records ({run})", *grown,
                 f"skipped: {skipped}", *ignored,
                 *([f"batch size: {self.batch}"] if self.batch else []),
                 f"store: {self.store}"]
@@ -138,11 +149,12 @@ class ScoreRun:
     force: bool = False
     progress: bool = True
     echo: Callable[[str], None] = print
+    growing: bool = False
 
     @property
     def root(self) -> Path:
-        """The store folder."""
-        return self.run / STORE_DIR
+        """The store folder (``.store.next`` while a store is grown for other data)."""
+        return self.run / (NEXT_DIR if self.growing else STORE_DIR)
 
 
 def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathLike, *,
@@ -186,13 +198,21 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
         with dist.exclusive(run, "tive score"):  # held until the store is complete
             if dist.rank == 0:
                 _clean_temps(run, echo)
-            if not force and (ctx.root / "meta.json").exists():  # refuse before loading
-                check_identity(Store.open(ctx.root), ctx.identity)
+                recover(run)
+            dist.barrier()
             warm = (WarmupConfig(max_length=config.max_length, paper=config.paper)
                     if warmup is None else warmup)
             if warm.paper != config.paper:
                 raise ConfigError("paper: the warm-up and the scoring settings disagree; fix: "
                                   "paper=True for both, or for neither")
+            how = ""
+            if not force and (ctx.root / "meta.json").exists():  # refuse before loading
+                existing = Store.open(ctx.root)
+                ctx.growing = grows(existing, ctx.identity)
+                if not ctx.growing:
+                    check_identity(existing, ctx.identity)
+                if reference is None and kept_reference(run, mixture.fingerprint, warm):
+                    reference, how = run / REFERENCE_DIR, "kept"
             if reference is None:  # under torchrun, every rank trains its share
                 ref = ensure_reference(run, source, mixture, labels, warm, dtype=dtype,
                                        device=device, image_root=image_root, missing=missing,
@@ -200,7 +220,7 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
                 echo(ref.message)
                 how = "trained" if ref.model is not None else "reused"
             else:
-                ref, how = None, "given"
+                ref, how = None, how or "given"
             adapter = Path(reference) if reference is not None else run / REFERENCE_DIR
             peft_model, loaded = _reference_model(source, adapter, ref, dtype, device)
             return _score(ctx, peft_model, loaded, adapter, how)
@@ -254,9 +274,7 @@ def _score(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path, how: str)
                       dtype=next(peft_model.parameters()).dtype, adapter=adapter, keys=keys,
                       projector=projector, mixture=ctx.mixture, config=config,
                       adapter_dtype=dict(peft_model.named_parameters())[keys[0].name].dtype)
-    if dist.rank == 0:
-        open_or_create(ctx.root, meta, ctx.mixture, ctx.tasks, projector.dim,
-                       config.feature_dtype, ctx.force)
+    growth = _open_store(ctx, meta, projector.dim) if dist.rank == 0 else None
     dist.barrier()
     store = Store.open(ctx.root)
     encoder = loaded.encoder(config.max_length)
@@ -277,10 +295,34 @@ def _score(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path, how: str)
     _finish(ctx)
     if dist.rank == 0 and read_probe(ctx.root) is None:
         _probe(ctx, peft_model, loaded, adapter)
-    summary = summarize(Store.open(ctx.root), sum(len(rows) for rows in work), seconds, how)
+    if ctx.growing:
+        if dist.rank == 0:
+            swap(ctx.run)
+        dist.barrier()
+    summary = summarize(Store.open(ctx.run / STORE_DIR), sum(len(rows) for rows in work),
+                        seconds, how)
     ignored = sum(1 for r in ctx.mixture if r.images and not has_placeholder(r)) \
         if loaded.kind.ignores_unplaced_images else 0
-    return replace(summary, rank=dist.rank, images_ignored=ignored, batch=feed.describe())
+    grown = {"reused": growth.reused, "dropped": growth.dropped} if growth is not None else {}
+    return replace(summary, rank=dist.rank, images_ignored=ignored, batch=feed.describe(),
+                   **grown)
+
+
+def _open_store(ctx: ScoreRun, meta: dict[str, Any], dim: int) -> Any:
+    """Rank 0: create or continue the store (with its record keys), or the grown one beside
+    the old (the :class:`~tive.scoring.grow.Growth`, else None)."""
+    def keys() -> np.ndarray:
+        return record_keys(ctx.mixture, ctx.tasks, ctx.image_root)
+
+    if ctx.growing:
+        index = [IndexEntry(r.id, str(t), int(k))
+                 for r, t, k in zip(ctx.mixture, ctx.tasks, ctx.mixture.keys)]
+        return open_next(ctx.run, meta, index, keys(), dim, ctx.config.feature_dtype)
+    store = open_or_create(ctx.root, meta, ctx.mixture, ctx.tasks, dim,
+                           ctx.config.feature_dtype, ctx.force)
+    if not has_keys(store):  # a new store, or one written before record keys existed
+        write_keys(ctx.root, keys())
+    return None
 
 
 def _probe(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path) -> None:
