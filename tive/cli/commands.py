@@ -10,6 +10,7 @@ import click
 
 from tive import __version__
 from tive.cli.inspect import doctor, report, tasks
+from tive.cli.share import apply, merge
 from tive.cli.options import (
     DEFAULT_RUN,
     data_options,
@@ -28,7 +29,7 @@ from tive.settings import cli_names
 from tive.util.files import run_lock
 from tive.warmup.settings import WarmupConfig
 
-WORKFLOW = ("tasks", "warmup", "score", "import", "select", "report", "doctor")
+WORKFLOW = ("tasks", "warmup", "score", "import", "merge", "select", "apply", "report", "doctor")
 
 
 class _Group(click.Group):
@@ -259,5 +260,5 @@ def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
             click.echo(line)
 
 
-for command in (tasks, report, doctor):
+for command in (tasks, report, doctor, merge, apply):
     main.add_command(command)
