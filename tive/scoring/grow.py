@@ -28,6 +28,9 @@ from tive.store.writers import RowWriter, create_store, fold_parts
 from tive.warmup.reference import MEMORY_ONLY, REFERENCE_DIR
 
 NEXT_DIR = ".store.next"
+# what a grown store's identity may differ in: the data, and the image root (record keys hold
+# the images' bytes, so a record whose image changed is not reused, wherever it lies)
+DATA_KEYS = ("data", "records", "image_root")
 PREVIOUS_DIR = ".store.previous"
 
 
@@ -53,7 +56,8 @@ def recover(run: Path) -> None:
 
 def grows(store: Store, identity: dict[str, Any]) -> bool:
     """Whether scoring with ``identity`` (:func:`~tive.scoring.identity.run_identity`) grows
-    ``store``: it was built for other data with everything else the same.
+    ``store``: it was built for other data with everything else the same (but
+    :data:`DATA_KEYS`).
 
     Raises:
         StoreError: other data *and* other settings (naming both), or a store without record
@@ -62,8 +66,8 @@ def grows(store: Store, identity: dict[str, Any]) -> bool:
     have, want = store.meta.get("identity") or {}, identity["identity"]
     if (have.get("data"), have.get("records")) == (want["data"], want["records"]):
         return False
-    same_data = {**identity, "identity": {**want, "data": have.get("data"),
-                                          "records": have.get("records")}}
+    same_data = {**identity, "identity": {**want, **{k: have.get(k) for k in DATA_KEYS
+                                                     if k in have or k in want}}}
     try:
         check_identity(store, same_data)
     except StoreError as e:

@@ -23,6 +23,7 @@ from tive.data.keys import record_keys
 from tive.data.mixture import Mixture, load_mixture
 from tive.data.tasks import label_tasks
 from tive.errors import ConfigError, DataError, StoreError
+from tive.scoring.grow import DATA_KEYS  # what stores of one identity may differ in
 from tive.scoring.identity import adapter_sha256
 from tive.store.format import ARRAYS, STORE_DIR, IndexEntry, Store
 from tive.store.keys import read_keys, write_keys
@@ -30,7 +31,6 @@ from tive.store.writers import RowWriter, create_store, mark_complete
 from tive.warmup.reference import REFERENCE_DIR
 
 MERGING_DIR = ".store.merging"
-DATA_KEYS = ("data", "records")  # what stores of one identity may differ in
 FEATURE_ATOL = 1e-2  # unit rows: float16 rounding and batch composition stay far below
 VALUE_RTOL = 1e-3  # norms and losses
 
@@ -57,18 +57,20 @@ def merge_stores(runs: list[Path], out: Path, data: Path | None = None,
             a key has different rows in two stores, or ``out`` has a store (without ``force``).
         DataError: no ``data`` and the stores were built from different data.
     """
+    target = Path(out) / STORE_DIR
+    if (target / "meta.json").exists() and not force:
+        raise StoreError(f"{target}: a store is already there; fix: another --run, or --force "
+                         f"to replace it")
     stores = [Store.open(r) for r in runs]
     identity = common_identity(stores)
     keys_of = [read_keys(s, "to merge it") for s in stores]
     mixture = _mixture(stores, data, identity.get("task_field"))
     tasks = label_tasks(mixture).tasks
-    keys = record_keys(mixture, tasks, identity.get("image_root"))
+    roots = {s.meta["identity"].get("image_root") for s in stores}
+    image_root = roots.pop() if len(roots) == 1 else None  # else: the mixture's folder
+    keys = record_keys(mixture, tasks, image_root)
     where, duplicates = locate(stores, keys_of)
-    target = Path(out) / STORE_DIR
-    if (target / "meta.json").exists() and not force:
-        raise StoreError(f"{target}: a store is already there; fix: another --run, or --force "
-                         f"to replace it")
-    meta = _merged_meta(stores, identity, mixture)
+    meta = _merged_meta(stores, mixture, image_root)
     index = [IndexEntry(r.id, str(t), int(k)) for r, t, k in zip(mixture, tasks, mixture.keys)]
     taken = _write(Path(out), stores, meta, index, keys, where)
     return Merged(target, taken, duplicates, len(mixture) - taken, _copy_reference(stores, out))
@@ -178,7 +180,7 @@ def _id(store: Store, row: int) -> str:
     return "?"
 
 
-def _merged_meta(stores: list[Store], identity: dict[str, Any], mixture: Mixture) -> dict:
+def _merged_meta(stores: list[Store], mixture: Mixture, image_root: str | None) -> dict:
     """The first store's meta.json for ``mixture``: its data, and where the rows came from."""
     meta = {k: v for k, v in stores[0].meta.items()
             if k not in ("format_version", "created", "feature_dtype", "complete")}
@@ -186,7 +188,7 @@ def _merged_meta(stores: list[Store], identity: dict[str, Any], mixture: Mixture
             "schema": mixture.schema, "fingerprint": mixture.fingerprint}
     meta["data"] = data
     meta["identity"] = {**stores[0].meta["identity"], "data": mixture.fingerprint,
-                        "records": len(mixture)}
+                        "records": len(mixture), "image_root": image_root}
     meta["merged_from"] = [str(s.root.resolve()) for s in stores]
     return meta
 
