@@ -86,7 +86,12 @@ def test_changed_mixture_computes_only_new_records_and_equals_a_fresh_store(tmp_
         in res.output and "every row reused" in res.output
     res = invoke("score", "--model", model_dir, "--data", mix3, "--run", run, *SMALL)
     assert res.exit_code == 0 and "already complete" in res.output, res.output + res.stderr
-    assert invoke("select", "--run", run, "--budget", "0.5").exit_code == 0
+    res = invoke("select", "--run", run, "--budget", "0.5", "-o", tmp_path / "s.json")
+    assert res.exit_code == 0, res.output + res.stderr
+    # the manifest's keys (the store's) are those tive apply computes from the mixture
+    res = invoke("apply", tmp_path / "s.manifest.json", "--data", mix3, "-o", tmp_path / "a.json")
+    assert res.exit_code == 0, res.output + res.stderr
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "s.json").read_bytes()
 
 
 def test_other_settings_are_refused_and_the_old_store_stays(tmp_path, model_dir):

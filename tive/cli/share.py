@@ -81,5 +81,5 @@ def apply(manifest: Path | None, data: Path | None, output: Path | None, check: 
     if manifest is None or data is None or output is None:
         raise click.UsageError("give MANIFEST, --data MIX and -o SUBSET (or --check SUBSET)")
     removed_temps(output.parent)
-    written = apply_manifest(manifest, data, output, image_root)
-    click.echo(f"wrote {written} from {data} as {manifest} describes")
+    written, n = apply_manifest(manifest, data, output, image_root)
+    click.echo(f"wrote {n:,} records of {data} to {written}, as {manifest} lists them")

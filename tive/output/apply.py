@@ -83,8 +83,10 @@ def match(manifest: dict[str, Any], keys: list[str], ids: list[str]) -> tuple[li
 
 
 def apply_manifest(manifest_path: str | os.PathLike, data: str | os.PathLike,
-                   out: str | os.PathLike, image_root: str | os.PathLike | None = None) -> Path:
-    """Write the subset the manifest describes, taken from ``data``, to ``out``.
+                   out: str | os.PathLike,
+                   image_root: str | os.PathLike | None = None) -> tuple[Path, int]:
+    """Write the subset the manifest describes, taken from ``data``, to ``out``; the path and
+    the number of records written.
 
     Raises:
         DataError: records of the manifest that ``data`` lacks (how many, the first ids);
@@ -105,7 +107,7 @@ def apply_manifest(manifest_path: str | os.PathLike, data: str | os.PathLike,
     if out.exists() and os.path.samefile(out, mixture.path):
         raise OutputError(f"{out}: is the mixture; writing there would destroy it; fix: "
                           f"choose another -o")
-    return mixture.write_subset(np.asarray(rows, dtype=np.int64), out)
+    return mixture.write_subset(np.asarray(rows, dtype=np.int64), out), len(rows)
 
 
 def check_subset(subset: str | os.PathLike, manifest_path: str | os.PathLike,

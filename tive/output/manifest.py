@@ -20,6 +20,7 @@ from tive.data.keys import KEY_VERSION, as_text, record_keys
 from tive.errors import OutputError
 from tive.output.views import Chosen
 from tive.store.format import Store
+from tive.store.keys import has_keys, read_keys
 
 MANIFEST_VERSION = 1
 PACKAGES = ("tive", "numpy", "torch", "transformers", "peft", "datasets", "orjson")
@@ -45,8 +46,7 @@ def build_manifest(selection: Chosen, subset: Path, written: Path) -> dict[str, 
     rows = np.asarray(selection.indices, dtype=np.int64)
     distinct = np.unique(rows)
     image_root = report.source.get("image_root") or str(mixture.image_root().resolve())
-    keys = dict(zip(distinct.tolist(), as_text(record_keys(mixture, report.tasks, image_root,
-                                                           distinct))))
+    keys = dict(zip(distinct.tolist(), as_text(_keys(report, image_root, distinct))))
     values = report.instance_values
     records = [{"key": keys[i], "id": mixture[i].id, "position": i,
                 "task": str(report.tasks[i]), "value": _number(values[i])}
@@ -65,6 +65,22 @@ def build_manifest(selection: Chosen, subset: Path, written: Path) -> dict[str, 
         "versions": versions(),
         "records": records,
     }
+
+
+def _keys(report: Any, image_root: str, rows: np.ndarray) -> np.ndarray:
+    """The record keys of ``rows``: the store's (``keys.npy``), when it has them for the same
+    task field and image root, else computed (reading the images)."""
+    path = report.source.get("store")
+    store = Store.open(path) if path is not None else None
+    if store is not None and has_keys(store):
+        data = Path(store.meta["data"].get("path") or "")
+        root = store.meta.get("identity", {}).get("image_root") or str(
+            (data if data.is_dir() else data.parent).resolve())
+        same_field = store.meta.get("settings", {}).get("task_field") == \
+            report.source.get("task_field")
+        if same_field and Path(root).resolve() == Path(image_root).resolve():
+            return read_keys(store, "for the manifest")[rows]
+    return record_keys(report.mixture, report.tasks, image_root, rows)
 
 
 def _number(value: Any) -> float | None:
