@@ -20,8 +20,10 @@ from typing import Any
 
 import numpy as np
 
+from tive.data.keys import record_keys
+from tive.data.mixture import Mixture
 from tive.errors import ConfigError, StoreError
-from tive.scoring.identity import check_identity
+from tive.scoring.identity import check_identity, open_or_create
 from tive.store.format import STORE_DIR, IndexEntry, Store
 from tive.store.keys import has_keys, read_keys, write_keys
 from tive.store.writers import RowWriter, create_store, fold_parts
@@ -106,6 +108,24 @@ def kept_reference(run: Path, fingerprint: str, warmup: Any) -> bool:
                           f"data keeps its reference; fix: give the warm-up options it was "
                           f"trained with, or --force to retrain and score everything again")
     return True
+
+
+def open_store(run: Path, root: Path, meta: dict[str, Any], mixture: Mixture,
+               tasks: np.ndarray, image_root: Any, dim: int, feature_dtype: str, force: bool,
+               growing: bool) -> Growth | None:
+    """Create or continue the store at ``root`` (with its record keys), or, ``growing``, the
+    grown one beside the old (then its :class:`Growth`)."""
+    def keys() -> np.ndarray:
+        return record_keys(mixture, tasks, image_root)
+
+    if growing:
+        index = [IndexEntry(r.id, str(t), int(k)) for r, t, k in zip(mixture, tasks,
+                                                                      mixture.keys)]
+        return open_next(run, meta, index, keys(), dim, feature_dtype)
+    store = open_or_create(root, meta, mixture, tasks, dim, feature_dtype, force)
+    if not has_keys(store):  # a new store, or one written before record keys existed
+        write_keys(root, keys())
+    return None
 
 
 def open_next(run: Path, meta: dict[str, Any], index: list[IndexEntry], keys: np.ndarray,

@@ -22,7 +22,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from tive.data.keys import record_keys
 from tive.data.mixture import Mixture, load_mixture
 from tive.data.tasks import label_tasks
 from tive.errors import ConfigError, DataError
@@ -33,19 +32,12 @@ from tive.models.segments import has_placeholder
 from tive.models.skips import SkipReason
 from tive.projection.projectors import make_projector, require_cuda_kernel
 from tive.scoring.gradients import GradientFeatures
-from tive.scoring.grow import NEXT_DIR, grows, kept_reference, open_next, recover, swap
-from tive.scoring.identity import (
-    check_identity,
-    finish_replacement,
-    open_or_create,
-    run_identity,
-    store_meta,
-)
+from tive.scoring.grow import NEXT_DIR, grows, kept_reference, open_store, recover, swap
+from tive.scoring.identity import check_identity, finish_replacement, run_identity, store_meta
 from tive.scoring.loop import Feeding, score_batches
 from tive.scoring.plan import open_window_rows, pending_batches, plan_batches, record_lengths
 from tive.scoring.settings import DEFAULT_BATCH, ScoreConfig, parse_key_layers
-from tive.store.format import STORE_DIR, IndexEntry, Store
-from tive.store.keys import has_keys, write_keys
+from tive.store.format import STORE_DIR, Store
 from tive.store.writers import RowWriter, create_part, fold_parts, mark_complete
 from tive.util.dist import Dist
 from tive.util.files import remove_stale_temps
@@ -213,6 +205,8 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
                     check_identity(existing, ctx.identity)
                 if reference is None and kept_reference(run, mixture.fingerprint, warm):
                     reference, how = run / REFERENCE_DIR, "kept"
+                    echo(f"{reference}: kept (trained on other data; the store was scored "
+                         f"with it)")
             if reference is None:  # under torchrun, every rank trains its share
                 ref = ensure_reference(run, source, mixture, labels, warm, dtype=dtype,
                                        device=device, image_root=image_root, missing=missing,
@@ -274,7 +268,9 @@ def _score(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path, how: str)
                       dtype=next(peft_model.parameters()).dtype, adapter=adapter, keys=keys,
                       projector=projector, mixture=ctx.mixture, config=config,
                       adapter_dtype=dict(peft_model.named_parameters())[keys[0].name].dtype)
-    growth = _open_store(ctx, meta, projector.dim) if dist.rank == 0 else None
+    growth = open_store(ctx.run, ctx.root, meta, ctx.mixture, ctx.tasks, ctx.image_root,
+                        projector.dim, ctx.config.feature_dtype, ctx.force, ctx.growing) \
+        if dist.rank == 0 else None
     dist.barrier()
     store = Store.open(ctx.root)
     encoder = loaded.encoder(config.max_length)
@@ -306,23 +302,6 @@ def _score(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path, how: str)
     grown = {"reused": growth.reused, "dropped": growth.dropped} if growth is not None else {}
     return replace(summary, rank=dist.rank, images_ignored=ignored, batch=feed.describe(),
                    **grown)
-
-
-def _open_store(ctx: ScoreRun, meta: dict[str, Any], dim: int) -> Any:
-    """Rank 0: create or continue the store (with its record keys), or the grown one beside
-    the old (the :class:`~tive.scoring.grow.Growth`, else None)."""
-    def keys() -> np.ndarray:
-        return record_keys(ctx.mixture, ctx.tasks, ctx.image_root)
-
-    if ctx.growing:
-        index = [IndexEntry(r.id, str(t), int(k))
-                 for r, t, k in zip(ctx.mixture, ctx.tasks, ctx.mixture.keys)]
-        return open_next(ctx.run, meta, index, keys(), dim, ctx.config.feature_dtype)
-    store = open_or_create(ctx.root, meta, ctx.mixture, ctx.tasks, dim,
-                           ctx.config.feature_dtype, ctx.force)
-    if not has_keys(store):  # a new store, or one written before record keys existed
-        write_keys(ctx.root, keys())
-    return None
 
 
 def _probe(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path) -> None:
