@@ -187,3 +187,24 @@ def test_kill_9_during_an_incremental_run_then_resume_equals_a_fresh_store(tmp_p
     assert again.returncode == 0, err
     assert f"({300 - done:,} in this run" in out and f"{reused:,} rows reused" in out
     assert files(run) == files(fresh)
+
+
+def test_a_swap_a_crash_interrupted_is_finished(tmp_path):
+    from tive.scoring.grow import NEXT_DIR, PREVIOUS_DIR, recover
+    from tive.store.format import IndexEntry
+    from tive.store.writers import write_store
+
+    def store(folder: Path, n: int) -> None:
+        write_store(folder, features=np.eye(n, 4), norms=np.ones(n),
+                    index=[IndexEntry(str(i), "t", i) for i in range(n)],
+                    meta={"data": {"path": "x.json", "fingerprint": "f" * 32}})
+
+    run = tmp_path / "run"
+    store(run / PREVIOUS_DIR, 3)  # killed between the two renames: no store
+    store(run / NEXT_DIR, 2)
+    recover(run)
+    assert Store.open(run).n_records == 2 and not (run / NEXT_DIR).exists()
+    assert not (run / PREVIOUS_DIR).exists()
+    store(run / PREVIOUS_DIR, 3)  # killed while deleting the previous store
+    recover(run)
+    assert Store.open(run).n_records == 2 and not (run / PREVIOUS_DIR).exists()
