@@ -29,7 +29,7 @@ from tive.settings import cli_names
 from tive.util.files import run_lock
 from tive.warmup.settings import WarmupConfig
 
-WORKFLOW = ("tasks", "warmup", "score", "import", "merge", "select", "apply", "report", "doctor")
+WORKFLOW = ("tasks", "warmup", "score", "import", "merge", "select", "report", "apply", "doctor")
 
 
 class _Group(click.Group):
