@@ -13,6 +13,7 @@ import click
 from tive import __version__
 from tive.cli.check import STRICT_HELP, check
 from tive.cli.inspect import doctor, report, tasks
+from tive.cli.share import apply, merge
 from tive.cli.options import (
     DEFAULT_RUN,
     data_options,
@@ -32,7 +33,8 @@ from tive.settings import cli_names
 from tive.util.files import is_null_device, run_lock
 from tive.warmup.settings import WarmupConfig
 
-WORKFLOW = ("tasks", "warmup", "score", "import", "select", "report", "check", "doctor")
+WORKFLOW = ("tasks", "warmup", "score", "import", "merge", "select", "report", "check", "apply",
+            "doctor")
 
 
 class _Group(click.Group):
@@ -367,5 +369,5 @@ def score(model_spec: str, dtype: str, device: str, data: Path, run: Path,
             click.echo(line)
 
 
-for command in (tasks, report, check, doctor):
+for command in (tasks, report, check, doctor, merge, apply):
     main.add_command(command)

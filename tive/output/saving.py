@@ -1,5 +1,7 @@
 """Saving a selection: the subset in the input's own format, ``<stem>.report.json``, the
-bar chart ``<stem>.png`` and the page ``<stem>.html``, all four or none. ``-o /dev/null`` discards all four (nothing is written beside it).
+bar chart ``<stem>.png``, the page ``<stem>.html`` and, with data, the manifest
+``<stem>.manifest.json`` (:mod:`tive.output.manifest`), all or none. ``-o /dev/null`` discards
+them all (nothing is written beside it).
 
 A :class:`~tive.selection.subset.Selection` is read through the attributes
 :class:`tive.output.views.Chosen` names; nothing here imports the selection package, which
@@ -16,6 +18,7 @@ from typing import Any, Sequence
 
 from tive.errors import ConfigError, OutputError
 from tive.output.chart import chart_png
+from tive.output.manifest import build_manifest
 from tive.output.page import write_html
 from tive.output.views import Chosen
 from tive.util.files import atomic_path, check_target, is_null_device, special_kind, write_json
@@ -23,8 +26,9 @@ from tive.util.files import atomic_path, check_target, is_null_device, special_k
 
 def save_selection(selection: Chosen, path: str | Path,
                    inputs: Sequence[str | Path] = ()) -> dict[str, Path]:
-    """:meth:`Selection.save <tive.selection.subset.Selection.save>`: write the four files,
-    each under a temporary name, renamed only once all are written."""
+    """:meth:`Selection.save <tive.selection.subset.Selection.save>`: write the files (four,
+    five with data: the manifest), each under a temporary name, renamed only once all are
+    written."""
     path = Path(path)
     mixture = selection.report.mixture
     suffix = mixture.default_suffix() if mixture is not None else ".json"
@@ -32,11 +36,13 @@ def save_selection(selection: Chosen, path: str | Path,
     stem = path.parent / name
     targets = {"subset": path, "report": Path(f"{stem}.report.json"),
                "chart": Path(f"{stem}.png"), "html": Path(f"{stem}.html")}
+    if mixture is not None:
+        targets["manifest"] = Path(f"{stem}.manifest.json")
     folder = mixture is not None and mixture.container == "hf-disk"
-    if is_null_device(path):  # -o /dev/null: discard all four, write nothing beside it
+    if is_null_device(path):  # -o /dev/null: discard them all, write nothing beside it
         targets = dict.fromkeys(targets, path)
     else:
-        for kind, target in targets.items():  # before anything is written: all four or none
+        for kind, target in targets.items():  # before anything is written: all or none
             check_target(target, directory=folder and kind == "subset")
     _refuse_inputs(targets.values(),
                    [*([mixture.path] if mixture is not None else []), *inputs])
@@ -51,6 +57,9 @@ def save_selection(selection: Chosen, path: str | Path,
         write_json(tmp["report"], {**selection.to_dict(), "output": str(path)})
         write_chart(selection, tmp["chart"])
         write_html(selection.report, selection, tmp["html"], chart=tmp["chart"].read_bytes())
+        if mixture is not None:
+            write_json(tmp["manifest"], build_manifest(selection, path, tmp["subset"]),
+                       indent=1)
     return targets
 
 

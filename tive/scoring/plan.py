@@ -92,3 +92,31 @@ def open_window_rows(done: np.ndarray, batch_size: int) -> np.ndarray:
     spans = [np.arange(s, min(s + window, len(done)))
              for s in range(0, len(done), window) if not done[s:s + window].all()]
     return np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
+
+
+def plan_work(mixture: Mixture, encoder: Any, done: np.ndarray, batch: int, grouped: bool,
+              dist: Any) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray | None]:
+    """All pending batches, this rank's share of them (``dist``: :class:`~tive.util.dist.Dist`),
+    and the ``(N,)`` length estimates when ``grouped`` (else None)."""
+    lengths = None
+    if grouped:  # measured once, on rank 0, so that every rank has one plan
+        lengths = dist.broadcast(
+            record_lengths(mixture, encoder, open_window_rows(done, batch))
+            if dist.rank == 0 else None)
+    work = pending_batches(plan_batches(len(mixture), batch, lengths), done)
+    return work, work[dist.rank::dist.world], lengths
+
+
+def progress_bar(mine: list[np.ndarray], lengths: np.ndarray | None, shown: bool,
+                 dist: Any) -> Any:
+    """The progress bar: in estimated tokens with grouping (longest batches first, so the time
+    left is honest), else in records; shown on rank 0 only."""
+    from tqdm.auto import tqdm
+
+    from tive.util.progress import TokenBar
+
+    total = sum(len(rows) for rows in mine)
+    options = {"disable": not shown or dist.rank != 0 or total == 0, "smoothing": 0.1,
+               "desc": "score" if dist.world == 1 else f"score (rank 0 of {dist.world})"}
+    return (TokenBar(mine, lengths, **options) if lengths is not None
+            else tqdm(total=total, unit="rec", **options))

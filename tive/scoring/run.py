@@ -33,21 +33,15 @@ from tive.models.skips import SkipReason
 from tive.projection.projectors import make_projector, require_cuda_kernel
 from tive.scoring.checkpoints import CheckpointFeatures, checkpoints_of, identity_of
 from tive.scoring.gradients import GradientFeatures
-from tive.scoring.identity import (
-    check_identity,
-    finish_replacement,
-    open_or_create,
-    run_identity,
-    store_meta,
-)
+from tive.scoring.grow import NEXT_DIR, grows, kept_reference, open_store, recover, swap
+from tive.scoring.identity import check_identity, finish_replacement, run_identity, store_meta
 from tive.scoring.loop import Feeding, score_batches
-from tive.scoring.plan import open_window_rows, pending_batches, plan_batches, record_lengths
+from tive.scoring.plan import plan_work, progress_bar
 from tive.scoring.settings import DEFAULT_BATCH, ScoreConfig, paper_dtypes, parse_key_layers
 from tive.store.format import STORE_DIR, Store
 from tive.store.writers import RowWriter, create_part, fold_parts, mark_complete
 from tive.util.dist import Dist
 from tive.util.files import remove_stale_temps
-from tive.util.progress import TokenBar
 from tive.warmup.lora import adapters_to_model_dtype, key_coverage, key_parameters
 from tive.warmup.moments import load_moments, moments_path
 from tive.warmup.reference import REFERENCE_DIR, ensure_reference
@@ -73,6 +67,8 @@ class Summary:
         images_ignored: records with an image but no ``<image>`` in their text, scored as
             text (LLaVA and Bunny).
         batch: the batch size used (``auto`` says what it settled on).
+        reused, dropped: for a store grown for other data (docs/design.md, "Incremental
+            scoring"), rows copied from the previous store and its rows left out; None else.
     """
 
     store: Path
@@ -85,6 +81,8 @@ class Summary:
     rank: int = 0
     images_ignored: int = 0
     batch: str = ""
+    reused: int | None = None
+    dropped: int = 0
 
     def lines(self) -> list[str]:
         rate = self.computed / self.seconds if self.seconds > 0 else float("nan")
@@ -94,8 +92,12 @@ class Summary:
                     f"the text: scored as text, as LLaVA's and Bunny's trainers use such records"]
                    if n else [])
         run = (f"{self.computed:,} in this run, {self.seconds:.1f} s, {rate:.2f} records/s"
-               if self.computed else "already complete: nothing to compute")
-        return [f"scored {self.scored:,} of {self.records:,} records ({run})",
+               if self.computed else "every row reused: nothing to compute"
+               if self.reused is not None else "already complete: nothing to compute")
+        grown = ([f"incremental: {self.reused:,} rows reused from the previous store, "
+                  f"{self.computed:,} computed, {self.dropped:,} dropped (records no longer in "
+                  f"the data)"] if self.reused is not None else [])
+        return [f"scored {self.scored:,} of {self.records:,} records ({run})", *grown,
                 f"skipped: {skipped}", *ignored,
                 *([f"batch size: {self.batch}"] if self.batch else []),
                 f"store: {self.store}"]
@@ -144,11 +146,13 @@ class ScoreRun:
     progress: bool = True
     echo: Callable[[str], None] = print
     folder: str = STORE_DIR
+    growing: bool = False
 
     @property
     def root(self) -> Path:
-        """The store folder (``RUN/store``, or ``RUN/target`` for the target records)."""
-        return self.run / self.folder
+        """The store folder (``RUN/store``, or ``RUN/target`` for the target records;
+        ``.store.next`` while a store is grown for other data)."""
+        return self.run / (NEXT_DIR if self.growing else self.folder)
 
 
 def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathLike, *,
@@ -200,14 +204,25 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
         with dist.exclusive(run, "tive score"):  # held until the store is complete
             if dist.rank == 0:
                 _clean_temps(run, echo)
-            for c in (ctx, aim):  # refuse before loading
-                if c is not None and not force and (c.root / "meta.json").exists():
-                    check_identity(Store.open(c.root), c.identity)
+                recover(run)
+            dist.barrier()
+            if aim is not None and not force and (aim.root / "meta.json").exists():
+                check_identity(Store.open(aim.root), aim.identity)  # refuse before loading
             warm = (WarmupConfig(max_length=config.max_length, paper=config.paper)
                     if warmup is None else warmup)
             if warm.paper != config.paper:
                 raise ConfigError("paper: the warm-up and the scoring settings disagree; fix: "
                                   "paper=True for both, or for neither")
+            how = ""
+            if not force and (ctx.root / "meta.json").exists():  # refuse before loading
+                existing = Store.open(ctx.root)
+                ctx.growing = grows(existing, ctx.identity)
+                if not ctx.growing:
+                    check_identity(existing, ctx.identity)
+                if reference is None and kept_reference(run, mixture.fingerprint, warm):
+                    reference, how = run / REFERENCE_DIR, "kept"
+                    echo(f"{reference}: kept (trained on other data; the store was scored "
+                         f"with it)")
             if reference is None:  # under torchrun, every rank trains its share
                 ref = ensure_reference(run, source, mixture, labels, warm, dtype=warm_dtype,
                                        device=device, image_root=image_root, missing=missing,
@@ -215,7 +230,7 @@ def run_score(model: str, data: str | os.PathLike | Mixture, run: str | os.PathL
                 echo(ref.message)
                 how = "trained" if ref.model is not None else "reused"
             else:
-                ref, how = None, "given"
+                ref, how = None, how or "given"
                 if config.optimizer_aware:  # before loading the model
                     moments_path(Path(reference))
             adapter = Path(reference) if reference is not None else run / REFERENCE_DIR
@@ -294,17 +309,18 @@ def _score(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path, how: str)
                       coverage=key_coverage(peft_model, keys))
     points = checkpoints_of(adapter)  # LESS's warm-up checkpoints: one block each
     meta["identity"]["checkpoints"] = identity_of(adapter, points)
-    if dist.rank == 0:
-        open_or_create(ctx.root, meta, ctx.mixture, ctx.tasks,
-                       projector.dim * max(1, len(points)), config.feature_dtype, ctx.force)
+    growth = open_store(ctx.run, ctx.root, meta, ctx.mixture, ctx.tasks, ctx.image_root,
+                        projector.dim * max(1, len(points)), ctx.config.feature_dtype,
+                        ctx.force, ctx.growing) if dist.rank == 0 else None
     dist.barrier()
     store = Store.open(ctx.root)
     encoder = loaded.encoder(config.max_length)
     feed = Feeding.resolve(config, device, dist, store)
-    work, mine, lengths = _plan(ctx, encoder, store.array("done"), feed.planned)
+    work, mine, lengths = plan_work(ctx.mixture, encoder, store.array("done"), feed.planned,
+                                    ctx.config.group_by_length, ctx.dist)
     writer = RowWriter(store.root) if dist.world == 1 else create_part(
         store, dist.rank, np.concatenate(mine) if mine else np.zeros(0, np.int64))
-    bar = _bar(ctx, mine, lengths)
+    bar = progress_bar(mine, lengths, ctx.progress, ctx.dist)
     start = time.perf_counter()
     moments = load_moments(adapter, [k.name for k in keys], device) \
         if config.optimizer_aware else None
@@ -321,10 +337,17 @@ def _score(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path, how: str)
     _finish(ctx)
     if dist.rank == 0 and ctx.folder == STORE_DIR and read_probe(ctx.root) is None:
         _probe(ctx, peft_model, loaded, adapter)
-    summary = summarize(Store.open(ctx.root), sum(len(rows) for rows in work), seconds, how)
+    if ctx.growing:
+        if dist.rank == 0:
+            swap(ctx.run)
+        dist.barrier()
+    summary = summarize(Store.open(ctx.run / STORE_DIR), sum(len(rows) for rows in work),
+                        seconds, how)
     ignored = sum(1 for r in ctx.mixture if r.images and not has_placeholder(r)) \
         if loaded.kind.ignores_unplaced_images else 0
-    return replace(summary, rank=dist.rank, images_ignored=ignored, batch=feed.describe())
+    grown = {"reused": growth.reused, "dropped": growth.dropped} if growth is not None else {}
+    return replace(summary, rank=dist.rank, images_ignored=ignored, batch=feed.describe(),
+                   **grown)
 
 
 def _probe(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path) -> None:
@@ -349,30 +372,6 @@ def _probe(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path) -> None:
              f"by {-max(drops):+.1%} to {-min(drops):+.1%} per task ({PROBE_FILE}, for "
              f"--task-value progress)" if drops else
              f"probe: no record {where} could be encoded ({PROBE_FILE})")
-
-
-def _plan(ctx: ScoreRun, encoder: Any, done: np.ndarray,
-          batch: int) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray | None]:
-    """All pending batches, this rank's share of them, and the length estimates (grouping)."""
-    dist, lengths = ctx.dist, None
-    if ctx.config.group_by_length:  # measured once, on rank 0, so that every rank has one plan
-        lengths = dist.broadcast(
-            record_lengths(ctx.mixture, encoder, open_window_rows(done, batch))
-            if dist.rank == 0 else None)
-    work = pending_batches(plan_batches(len(ctx.mixture), batch, lengths), done)
-    return work, work[dist.rank::dist.world], lengths
-
-
-def _bar(ctx: ScoreRun, mine: list[np.ndarray], lengths: np.ndarray | None) -> Any:
-    """The progress bar: in estimated tokens with grouping (longest batches first, so the time
-    left is honest), else in records."""
-    from tqdm.auto import tqdm
-
-    dist, total = ctx.dist, sum(len(rows) for rows in mine)
-    shown = {"disable": not ctx.progress or dist.rank != 0 or total == 0, "smoothing": 0.1,
-             "desc": "score" if dist.world == 1 else f"score (rank 0 of {dist.world})"}
-    return (TokenBar(mine, lengths, **shown) if lengths is not None
-            else tqdm(total=total, unit="rec", **shown))
 
 
 def _finish(ctx: ScoreRun) -> None:

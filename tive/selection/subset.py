@@ -98,9 +98,10 @@ class Selection:
 
     def save(self, path: str | Path,
              inputs: Sequence[str | Path] = ()) -> dict[str, Path]:
-        """Write the subset, ``<stem>.report.json``, ``<stem>.png`` and ``<stem>.html`` (the
-        page of :mod:`tive.output.page`) beside it, all four or none: each is written under a
-        temporary name, and they are renamed only once all are written (a full disk while
+        """Write the subset, ``<stem>.report.json``, ``<stem>.png``, ``<stem>.html`` (the
+        page of :mod:`tive.output.page`) and, with data, ``<stem>.manifest.json`` (what
+        ``tive apply`` rebuilds the subset from) beside it, all or none: each is written under
+        a temporary name, and they are renamed only once all are written (a full disk while
         drawing the chart leaves the old outputs as they were).
 
         With data, the subset is written in the input's own format, records verbatim. Without
@@ -111,7 +112,8 @@ class Selection:
                 no output may overwrite.
 
         Returns:
-            ``{"subset": ..., "report": ..., "chart": ..., "html": ...}`` paths.
+            ``{"subset": ..., "report": ..., "chart": ..., "html": ...}`` paths, and
+            ``"manifest"`` with data.
 
         Raises:
             OutputError: an output would land on an input, or writing failed (nothing written).

@@ -108,7 +108,7 @@ def _from_store(st: Store, data: DataArg | bool, task_field: str | None, image_r
         left_out["missing-image"] = left_out["missing-image"] | fresh
     root = image_root if image_root is not None else st.meta.get("settings", {}).get("image_root")
     return build_report(arrays, labels.tasks, mixture.keys, left_out, mixture, labels.inferred,
-                        chunk_rows, {**source, "data": str(mixture.path),
+                        chunk_rows, {**source, "data": str(mixture.path), "task_field": field,
                                      "image_root": image_root_of(mixture, root)}, cache)
 
 
@@ -141,7 +141,7 @@ def from_arrays(features: Any, norms: Any, tasks: Sequence[str] | None, data: Da
     labels = label_tasks(mixture)
     return build_report(arrays, labels.tasks, mixture.keys, left_out, mixture,
                         labels.inferred, chunk_rows,
-                        source={"data": str(mixture.path),
+                        source={"data": str(mixture.path), "task_field": task_field,
                                 "image_root": image_root_of(mixture, image_root)})
 
 
