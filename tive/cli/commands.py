@@ -270,8 +270,9 @@ def select(run: Path, output: Path | None, data: Path | None, task_field: str | 
                + (f"; {hint}" if hint else ""))
     if is_null_device(output):
         click.echo(f"discarded: {output} is the null device; nothing was written")
+        return
     for kind, path in paths.items():
-        click.echo(f"{kind:>7}: {path}")
+        click.echo(f"{kind:>8}: {path}")
 
 
 @main.command()
