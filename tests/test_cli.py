@@ -119,7 +119,7 @@ def test_one_name_per_budget_and_a_small_count_says_it_is_not_a_percent(imported
     run("select", "--run", imported["run"], "--budget", "50%")
     out = run("select", "--run", imported["run"], "--budget", "0.5").output
     assert sorted(p.name for p in imported["run"].glob("subset-tive-*.json")) == \
-        ["subset-tive-0.5.json", "subset-tive-0.5.report.json"]
+        ["subset-tive-0.5.json", "subset-tive-0.5.manifest.json", "subset-tive-0.5.report.json"]
     assert "for 5 percent" not in out
     out = run("select", "--run", imported["run"], "--budget", "5").output
     assert "selected 5 of 36 records (5 distinct); 5 records, 14% of 36; for 5 percent write " \

@@ -99,7 +99,8 @@ def world(imported, tmp_path):
     return {**imported, "out": out, "outside": outside, "victim": outside / "victim"}
 
 
-SLOTS = {"subset": "s.json", "report": "s.report.json", "chart": "s.png", "html": "s.html"}
+SLOTS = {"subset": "s.json", "report": "s.report.json", "chart": "s.png", "html": "s.html",
+         "manifest": "s.manifest.json"}
 
 
 @pytest.mark.parametrize("kind", KINDS)

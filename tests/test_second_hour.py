@@ -51,7 +51,7 @@ def test_select_help_names_every_seeded_method():
 
     res = CliRunner().invoke(main, ["select", "--help"], terminal_width=10_000)
     line = next(ln for ln in res.output.splitlines() if ln.strip().startswith("--seed"))
-    named = set(re.findall(r"\b(tive|random-per-task|random|balanced|kmeans|gradnorm|loss|"
+    named = set(re.findall(r"\b(tive-target|tive|random-per-task|random|balanced|kmeans|gradnorm|loss|"
                            r"length)\b", line))
     assert named == {m for m, spec in METHODS.items() if "seed" in spec.options}
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from tive.scoring.identity import check_identity, open_or_create
 from tive.store.format import STORE_DIR, IndexEntry, Store
 from tive.store.keys import has_keys, read_keys, write_keys
 from tive.store.writers import RowWriter, create_store, fold_parts
-from tive.warmup.reference import MEMORY_ONLY, REFERENCE_DIR
+from tive.warmup.reference import REFERENCE_DIR, identity_settings
 
 NEXT_DIR = ".store.next"
 # what a grown store's identity may differ in: the data, and the image root (record keys hold
@@ -98,8 +98,7 @@ def kept_reference(run: Path, fingerprint: str, warmup: Any) -> bool:
     if ref.get("data", {}).get("fingerprint") == fingerprint:
         return False
     saved = (ref.get("identity") or {}).get("settings")
-    given = json.loads(json.dumps({k: v for k, v in asdict(warmup).items()
-                                   if k not in MEMORY_ONLY}))
+    given = identity_settings(warmup)
     if saved is not None and saved != given:
         diffs = "; ".join(f"{k}: {saved.get(k)} → {given.get(k)}"
                           for k in sorted(set(saved) | set(given)) if saved.get(k) != given.get(k))

@@ -341,7 +341,7 @@ def _score(ctx: ScoreRun, peft_model: Any, loaded: Any, adapter: Path, how: str)
         if dist.rank == 0:
             swap(ctx.run)
         dist.barrier()
-    summary = summarize(Store.open(ctx.run / STORE_DIR), sum(len(rows) for rows in work),
+    summary = summarize(Store.open(ctx.run / ctx.folder), sum(len(rows) for rows in work),
                         seconds, how)
     ignored = sum(1 for r in ctx.mixture if r.images and not has_placeholder(r)) \
         if loaded.kind.ignores_unplaced_images else 0

@@ -206,8 +206,8 @@ class SelectConfig:
         "τ of the soft draw. 1000 is the authors' q=0.001 (almost uniform); smaller favours "
         "representative records; inf is uniform.", "1000", type=float))
     seed: int | None = field(default=None, metadata=setting(
-        "Seed of the methods that draw: tive (its soft draw), random, random-per-task, "
-        "balanced, kmeans (its initial centroids).", "0", type=int))
+        "Seed of the methods that draw: tive and tive-target (their soft draw), random, "
+        "random-per-task, balanced, kmeans (its initial centroids).", "0", type=int))
     exclude: tuple[str, ...] = field(default=(), metadata=setting(
         "Task to leave out of valuation and selection (repeatable), e.g. textcaps as the "
         "authors did.", flag="--exclude-task", multiple=True))

@@ -47,7 +47,7 @@ def save_reference(run: str | Path, model: Any, info: dict[str, Any],
         except Exception as e:  # safetensors' own error for a full disk is no OSError
             if type(e).__name__ != "SafetensorError":
                 raise
-            raise OutputError(f"{target}: saving the adapter (or its optimizer moments and checkpoints) failed ({str(e)[:120]}); nothing "
+            raise OutputError(f"{target}: saving the adapter failed ({str(e)[:120]}); nothing "
                               f"was kept; fix: free some space in {target.parent} (or choose "
                               f"another --run folder) and run again") from None
         (tmp / "reference.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
@@ -130,6 +130,15 @@ def _resolved(spec: str) -> str:
     return str(given.resolve()) if given.exists() else spec
 
 
+def identity_settings(config: Any) -> dict[str, Any]:
+    """The warm-up settings a reference's identity holds (``reference.json``): all but those
+    that change only memory, and ``checkpoints`` only when it is not 1 (as references made
+    before it existed), as JSON types."""
+    settings = {k: v for k, v in asdict(config).items() if k not in MEMORY_ONLY
+                and not (k == "checkpoints" and v == 1)}
+    return json.loads(json.dumps(settings))
+
+
 def ensure_reference(run: str | Path, source: Any, mixture: Mixture, labels: Any,
                      config: WarmupConfig, *, dtype: str = "auto", device: str = "auto",
                      image_root: Any = None, missing: np.ndarray | None = None,
@@ -154,10 +163,8 @@ def ensure_reference(run: str | Path, source: Any, mixture: Mixture, labels: Any
     usable = usable_rows(mixture, missing, source.family)
     rows = usable[warmup_sample(labels.tasks[usable], mixture.keys[usable], config.fraction,
                                 config.seed)]
-    settings = {k: v for k, v in asdict(config).items() if k not in MEMORY_ONLY
-                and not (k == "checkpoints" and v == 1)}  # as references made before it
     identity = {"model": model_key(source), "dtype": dtype, "data": mixture.fingerprint,
-                "settings": json.loads(json.dumps(settings)),
+                "settings": identity_settings(config),
                 "rows": [int(r) for r in rows], "tasks": sorted(set(labels.tasks[rows]))}
     existing = Path(run) / REFERENCE_DIR / "reference.json"
     if existing.exists() and not retrain:
