@@ -209,3 +209,23 @@ def test_a_swap_a_crash_interrupted_is_finished(tmp_path):
     store(run / PREVIOUS_DIR, 3)  # killed while deleting the previous store
     recover(run)
     assert Store.open(run).n_records == 2 and not (run / PREVIOUS_DIR).exists()
+
+
+def test_duplicate_records_count_as_dropped_only_when_no_copy_is_left(tmp_path, model_dir):
+    """Records with one content share a key: an old row whose record is gone but whose copy
+    stays is reused, not dropped (the example mixture repeats records)."""
+    mix1 = text_mixture(tmp_path / "one", 6)
+    records = json.loads(mix1.read_text())
+    twin = {**records[0], "id": "twin"}  # the same content under another id
+    mix1.write_text(json.dumps([*records, twin]))
+    mix2 = tmp_path / "two" / "mix.json"
+    mix2.parent.mkdir()
+    mix2.write_text(json.dumps([twin, *records[1:5]]))  # records[0] and records[5] gone
+    run = tmp_path / "run"
+    assert invoke("score", "--model", model_dir, "--data", mix1, "--run", run,
+                  *SMALL).exit_code == 0
+    res = invoke("score", "--model", model_dir, "--data", mix2, "--run", run, *SMALL)
+    assert res.exit_code == 0, res.output + res.stderr
+    # records[0]'s row has the twin's key: only records[5]'s row is dropped
+    assert "incremental: 5 rows reused from the previous store, 0 computed, 1 dropped" \
+        in res.output, res.output

@@ -149,10 +149,10 @@ def open_next(run: Path, meta: dict[str, Any], index: list[IndexEntry], keys: np
     if not has_keys(Store.open(root)):
         write_keys(root, keys)
     fold_parts(Store.open(root))
-    new_rows, old_rows = matches(keys, read_keys(old, "to grow it"), old.array("done"))
+    old_keys = read_keys(old, "to grow it")
+    new_rows, old_rows = matches(keys, old_keys, old.array("done"))
     _copy_rows(old, root, new_rows, old_rows)
-    kept = np.zeros(old.n_records, dtype=bool)
-    kept[old_rows] = True
+    kept = np.isin(old_keys, keys)  # an old row is dropped when no new record has its key
     return Growth(reused=len(new_rows), dropped=int((old.array("done") & ~kept).sum()))
 
 
