@@ -229,3 +229,41 @@ def test_duplicate_records_count_as_dropped_only_when_no_copy_is_left(tmp_path, 
     # records[0]'s row has the twin's key: only records[5]'s row is dropped
     assert "incremental: 5 rows reused from the previous store, 0 computed, 1 dropped" \
         in res.output, res.output
+
+
+def test_rows_of_another_adapter_are_never_copied(tmp_path, model_dir):
+    """The store of MIX1 was scored with adapter X: scoring MIX2 with adapter Y in the same run
+    must not copy X's rows as Y's (the identity before loading has no adapter)."""
+    from test_score import reference
+
+    mix1 = text_mixture(tmp_path / "one", 12)
+    mix2, _ = changed(mix1, tmp_path / "two" / "mix.json")
+    x = reference(model_dir, mix1, tmp_path / "x", 0.5)
+    y = reference(model_dir, mix1, tmp_path / "y", 1.0)
+    run = tmp_path / "run"
+    assert invoke("score", "--model", model_dir, "--data", mix1, "--run", run, "--reference", x,
+                  *SMALL[6:]).exit_code == 0
+    first = files(run)
+    res = invoke("score", "--model", model_dir, "--data", mix2, "--run", run, "--reference", y,
+                 *SMALL[6:])
+    assert res.exit_code == 2 and "adapter" in res.output + res.stderr, res.output + res.stderr
+    assert files(run) == first
+
+
+def test_a_damaged_keys_file_is_one_error_for_growing_and_recomputed_for_a_manifest(tmp_path,
+                                                                                  model_dir):
+    mix1 = text_mixture(tmp_path / "one", 8)
+    mix2, _ = changed(mix1, tmp_path / "two" / "mix.json", change=0.25)
+    run = tmp_path / "run"
+    assert invoke("score", "--model", model_dir, "--data", mix1, "--run", run,
+                  *SMALL).exit_code == 0
+    res = invoke("select", "--run", run, "--budget", "0.5", "-o", tmp_path / "a.json")
+    assert res.exit_code == 0, res.output + res.stderr
+    (run / "store" / "keys.npy").write_bytes(b"")  # emptied: np.load raises EOFError
+    res = invoke("select", "--run", run, "--budget", "0.5", "-o", tmp_path / "b.json")
+    assert res.exit_code == 0, res.output + res.stderr
+    assert json.loads((tmp_path / "b.manifest.json").read_text())["records"] == \
+        json.loads((tmp_path / "a.manifest.json").read_text())["records"]
+    res = invoke("score", "--model", model_dir, "--data", mix2, "--run", run, *SMALL)
+    assert res.exit_code == 2 and "keys.npy: unreadable" in res.output + res.stderr, \
+        res.output + res.stderr

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from tive.data.keys import KEY_VERSION, as_text, record_keys
-from tive.errors import OutputError
+from tive.errors import OutputError, StoreError
 from tive.output.views import Chosen
 from tive.store.format import Store
 from tive.store.keys import has_keys, read_keys
@@ -79,7 +79,10 @@ def _keys(report: Any, image_root: str, rows: np.ndarray) -> np.ndarray:
         same_field = store.meta.get("settings", {}).get("task_field") == \
             report.source.get("task_field")
         if same_field and Path(root).resolve() == Path(image_root).resolve():
-            return read_keys(store, "for the manifest")[rows]
+            try:
+                return read_keys(store, "for the manifest")[rows]
+            except StoreError:  # damaged: the keys are computed from the records instead
+                pass
     return record_keys(report.mixture, report.tasks, image_root, rows)
 
 

@@ -48,10 +48,16 @@ def recover(run: Path) -> None:
     """Finish a swap that a crash interrupted: a complete ``.store.next`` with no ``store``
     becomes the store; a ``.store.previous`` beside a store is deleted."""
     store, nxt, prev = run / STORE_DIR, run / NEXT_DIR, run / PREVIOUS_DIR
-    if not (store / "meta.json").exists() and (nxt / "meta.json").exists() \
-            and Store.open(nxt).complete:
-        shutil.rmtree(store, ignore_errors=True)
-        os.replace(nxt, store)
+    if not (store / "meta.json").exists() and (nxt / "meta.json").exists():
+        try:
+            complete = Store.open(nxt).complete
+        except StoreError:  # damaged: it is only derived work
+            complete = False
+        if complete:
+            shutil.rmtree(store, ignore_errors=True)
+            os.replace(nxt, store)
+        else:
+            shutil.rmtree(nxt, ignore_errors=True)
     if (store / "meta.json").exists() and prev.exists():
         shutil.rmtree(prev)
 
@@ -137,6 +143,11 @@ def open_next(run: Path, meta: dict[str, Any], index: list[IndexEntry], keys: np
         index: ``(N,)`` the new data's index entries; ``keys`` ``(N,)`` their record keys.
     """
     old, root = Store.open(run / STORE_DIR), run / NEXT_DIR
+    have = old.meta.get("identity") or {}
+    # the whole identity (adapter, checkpoints, moments included) but the data must be the old
+    # store's: its rows are copied as this adapter's
+    check_identity(old, {**meta, "identity": {**meta["identity"], **{
+        k: have.get(k) for k in DATA_KEYS if k in have or k in meta["identity"]}}})
     if (root / "meta.json").exists():
         try:
             check_identity(Store.open(root), meta)

@@ -259,10 +259,10 @@ def _target_run(ctx: ScoreRun, target: str | os.PathLike | Mixture,
 
 
 def _clean_temps(run: Path, echo: Any) -> None:
-    """Remove what killed runs left in ``run``, its store and its target (temporary names),
-    and say so."""
+    """Remove what killed runs left in ``run``, its store, its target and a store being grown
+    (temporary names), and say so."""
     removed = (remove_stale_temps(run) + remove_stale_temps(run / STORE_DIR)
-               + remove_stale_temps(run / TARGET_DIR))
+               + remove_stale_temps(run / TARGET_DIR) + remove_stale_temps(run / NEXT_DIR))
     if removed:
         echo(f"removed {len(removed)} temporary file(s) left by killed runs: "
              f"{', '.join(p.name for p in removed)}")

@@ -16,7 +16,7 @@ import numpy as np
 from tive.data.keys import KEY_DTYPE
 from tive.errors import StoreError
 from tive.store.format import Store
-from tive.util.files import atomic_path
+from tive.util.files import NPY_HEADER_ERRORS, atomic_path
 
 KEYS_FILE = "keys.npy"
 
@@ -42,7 +42,7 @@ def read_keys(store: Store, needed_for: str) -> np.ndarray:
                          f"nothing else), or score in a new --run")
     try:
         keys = np.load(path)
-    except (OSError, ValueError) as e:
+    except NPY_HEADER_ERRORS as e:
         raise StoreError(f"{path}: unreadable ({e}); fix: delete it and run the same `tive "
                          f"score` again to write it anew") from None
     if keys.dtype != KEY_DTYPE or keys.shape != (store.n_records,):
