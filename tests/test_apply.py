@@ -92,3 +92,19 @@ def test_check_compares_a_subset_with_its_manifest(selected, tmp_path):
     assert res.exit_code == 2 and "no such manifest" in res.stderr
     res = run("apply", selected["manifest"], "--data", selected["data"])
     assert res.exit_code == 2 and "-o SUBSET" in res.output + res.stderr
+
+
+def test_a_fifo_or_a_manifest_without_its_subset_is_one_error(tmp_path):
+    import os
+
+    from tive.errors import DataError
+    from tive.output.apply import read_manifest
+
+    fifo = tmp_path / "m.manifest.json"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError, match="is a FIFO"):
+        read_manifest(fifo)  # never waits for a writer
+    bare = tmp_path / "bare.manifest.json"
+    bare.write_text(json.dumps({"manifest_version": 1, "record_key_version": 1, "records": []}))
+    with pytest.raises(DataError, match="not a manifest"):
+        read_manifest(bare)

@@ -18,6 +18,7 @@ from tive.data.mixture import Mixture, load_mixture
 from tive.data.tasks import label_tasks
 from tive.errors import DataError, OutputError
 from tive.output.manifest import MANIFEST_VERSION, tree_digest
+from tive.util.files import special_kind
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
@@ -27,6 +28,10 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         DataError: missing, unreadable, of another version, or without its records.
     """
     path = Path(path)
+    kind = special_kind(path)
+    if kind is not None:  # reading a FIFO would wait for a writer forever
+        raise DataError(f"{path}: is a {kind}; expected the <stem>.manifest.json that `tive "
+                        f"select` writes beside a subset; fix: pass that file")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -38,6 +43,7 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     ok = (isinstance(manifest, dict) and manifest.get("manifest_version") == MANIFEST_VERSION
           and manifest.get("record_key_version") == KEY_VERSION
           and isinstance(manifest.get("records"), list)
+          and isinstance(manifest.get("subset"), dict)
           and all(isinstance(r, dict) and isinstance(r.get("key"), str)
                   and isinstance(r.get("id"), str) and isinstance(r.get("position"), int)
                   for r in manifest["records"]))
