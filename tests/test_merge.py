@@ -96,3 +96,19 @@ def test_other_identities_and_conflicting_rows_are_refused(scored, model_dir, tm
     res = invoke("merge", scored["a"], scored["b"], "--run", tmp_path / "m3")
     assert res.exit_code == 2 and "built from different data" in res.stderr
     assert set(FILES) <= {p.name for p in (scored["a"] / "store").iterdir()}
+
+
+def test_the_merged_store_names_its_own_copy_of_the_adapter(scored, tmp_path):
+    import shutil
+
+    a = tmp_path / "a"
+    shutil.copytree(scored["a"], a)
+    shutil.copytree(scored["ref"], a / "reference")  # a run folder holding the adapter
+    out = tmp_path / "merged"
+    (out / "reference").mkdir(parents=True)
+    (out / "reference" / "stale.txt").write_text("not this adapter")  # replaced whole
+    res = invoke("merge", a, scored["b"], "--run", out, "--data", scored["mix"])
+    assert res.exit_code == 0, res.output + res.stderr
+    assert not (out / "reference" / "stale.txt").exists()
+    assert (out / "reference" / "adapter_config.json").is_file()
+    assert Store.open(out).meta["adapter"]["path"] == str((out / "reference").resolve())

@@ -22,12 +22,13 @@ import numpy as np
 from tive.data.keys import record_keys
 from tive.data.mixture import Mixture, load_mixture
 from tive.data.tasks import label_tasks
-from tive.errors import ConfigError, DataError, StoreError
+from tive.errors import ConfigError, DataError, OutputError, StoreError
 from tive.scoring.grow import DATA_KEYS  # what stores of one identity may differ in
 from tive.scoring.identity import adapter_sha256
 from tive.store.format import ARRAYS, STORE_DIR, IndexEntry, Store
 from tive.store.keys import read_keys, write_keys
 from tive.store.writers import RowWriter, create_store, mark_complete
+from tive.util.files import atomic_path
 from tive.warmup.reference import REFERENCE_DIR
 
 MERGING_DIR = ".store.merging"
@@ -71,9 +72,12 @@ def merge_stores(runs: list[Path], out: Path, data: Path | None = None,
     keys = record_keys(mixture, tasks, image_root)
     where, duplicates = locate(stores, keys_of)
     meta = _merged_meta(stores, mixture, image_root)
+    reference = _copy_reference(stores, out)
+    if reference is not None and isinstance(meta.get("adapter"), dict):
+        meta["adapter"]["path"] = str(reference.resolve())  # OUT's own copy, not an input's
     index = [IndexEntry(r.id, str(t), int(k)) for r, t, k in zip(mixture, tasks, mixture.keys)]
     taken = _write(Path(out), stores, meta, index, keys, where)
-    return Merged(target, taken, duplicates, len(mixture) - taken, _copy_reference(stores, out))
+    return Merged(target, taken, duplicates, len(mixture) - taken, reference)
 
 
 def common_identity(stores: list[Store]) -> dict[str, Any]:
@@ -241,9 +245,22 @@ def _copy_reference(stores: list[Store], out: Path) -> Path | None:
         folder = s.root.parent / REFERENCE_DIR
         try:
             if digest and adapter_sha256(folder)[:16] == digest:
-                if not target.exists():
-                    shutil.copytree(folder, target)
+                if not _holds(target, digest):  # absent, or another adapter: replaced whole
+                    with atomic_path(target, directory=True) as tmp:
+                        shutil.copytree(folder, tmp, symlinks=True, dirs_exist_ok=True)
                 return target
         except ConfigError:
             continue
+        except (OSError, shutil.Error) as e:
+            raise OutputError(f"{target}: copying the adapter from {folder} failed "
+                              f"({str(e)[:120]}); nothing was kept; fix: check {folder} and "
+                              f"merge again") from None
     return None
+
+
+def _holds(folder: Path, digest: str) -> bool:
+    """Whether ``folder`` holds the adapter of ``digest``."""
+    try:
+        return folder.is_dir() and adapter_sha256(folder)[:16] == digest
+    except ConfigError:
+        return False
