@@ -83,7 +83,7 @@ def test_target_is_scored_like_the_store_and_a_foreign_one_refused(tmp_path, mod
 
 def test_kill_9_while_scoring_the_target_then_resume_is_bit_identical(tmp_path, model_dir):
     data = text_mixture(tmp_path / "data", 12)
-    val = text_mixture(tmp_path / "val", 300)
+    val = text_mixture(tmp_path / "val", 900)  # several seconds of commits: the kill lands
     ref = reference(model_dir, data, tmp_path / "ref", 0.5)
     env = {"OMP_NUM_THREADS": "1"}
     whole = _tive([*args(model_dir, data, ref, "--target", val), "--run", tmp_path / "whole"],
@@ -111,7 +111,7 @@ def test_kill_9_while_scoring_the_target_then_resume_is_bit_identical(tmp_path, 
     again = _tive([*args(model_dir, data, ref, "--target", val), "--run", run], env)
     out, err = again.communicate(timeout=600)
     assert again.returncode == 0, err
-    assert f"target: scored 300 of 300 records ({300 - int(done.sum()):,} in this run" in out
+    assert f"target: scored 900 of 900 records ({900 - int(done.sum()):,} in this run" in out
     assert target_bytes(run) == target_bytes(tmp_path / "whole")
 
 
