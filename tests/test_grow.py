@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import random
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_score import _tive, invoke, text_mixture
+from test_score import _tive, invoke, kill_when_done, text_mixture
 from zoo import save_llava_folder
 
 from tive.data.keys import record_keys
@@ -170,16 +168,8 @@ def test_kill_9_during_an_incremental_run_then_resume_equals_a_fresh_store(tmp_p
     env = {"OMP_NUM_THREADS": "1"}
     proc = _tive([*args, "--data", mix2, "--run", run], env)
     done_file = run / ".store.next" / "done.npy"
-    deadline, reused = time.monotonic() + 300, 300 - added
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if np.load(done_file).sum() > reused + 10:  # copied, new rows being computed
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    reused = 300 - added
+    kill_when_done(proc, done_file, reused + 11)  # copied, and new rows being computed
     done = int(np.load(done_file).sum())
     assert reused < done < 300, "the kill must land while new records are computed"
     assert files(run) == first and not Store.open(run / ".store.next").complete

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_faults import one_line_error  # noqa: F401  (shared with test_hostile_runs, _values)
 
 from tive.cli.commands import main
 from tive.util import files as fileio
@@ -77,15 +78,6 @@ def snapshot(folder: Path) -> dict[str, tuple]:
                 else os.readlink(p) if stat.S_ISLNK(st.st_mode) else None)
         out[str(p.relative_to(folder))] = (st.st_mode, st.st_rdev, body, st.st_mtime_ns)
     return out
-
-
-def one_line_error(res, *fragments):
-    assert res.exit_code == 2, res.output
-    err = res.stderr.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    for f in fragments:
-        assert f in err, err
-    return err
 
 
 @pytest.fixture

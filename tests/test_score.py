@@ -169,6 +169,22 @@ def _tive(args: list, env: dict | None = None, **kw) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+
+def kill_when_done(proc, done_file: Path, rows: int) -> None:
+    """``kill -9`` the scoring process ``proc`` once ``done_file`` marks more than ``rows - 1``
+    rows done (or after 300 s, or when it ended by itself)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if int(np.load(done_file).sum()) >= rows:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path, model_dir):
     data = text_mixture(tmp_path / "data", 600)
     ref = reference(model_dir, data, tmp_path / "ref", 0.05)
@@ -180,18 +196,7 @@ def test_kill_9_mid_run_then_resume_is_bit_identical(tmp_path, model_dir):
 
     run = tmp_path / "killed"
     proc = _tive([*args, "--run", run], env)
-    deadline = time.monotonic() + 300
-    done_now = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            done_now = int(np.load(run / "store" / "done.npy").sum())
-        except (OSError, ValueError):
-            done_now = 0
-        if done_now >= 140:  # past the first grouping window (64 batches of 2 = 128 rows)
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_done(proc, run / "store" / "done.npy", 140)  # past the first grouping window
     done = np.load(run / "store" / "done.npy")
     assert 0 < done.sum() < len(done), "the kill must land mid-run"
     assert not Store.open(run).complete

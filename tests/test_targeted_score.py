@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import assert_close_to_scale
-from test_score import _tive, invoke, reference, text_mixture
+from test_score import _tive, invoke, kill_when_done, reference, text_mixture
 from zoo import save_llava_folder
 
 from tive import value_estimate
@@ -92,17 +90,7 @@ def test_kill_9_while_scoring_the_target_then_resume_is_bit_identical(tmp_path, 
 
     run = tmp_path / "killed"
     proc = _tive([*args(model_dir, data, ref, "--target", val), "--run", run], env)
-    deadline, done_now = time.monotonic() + 300, 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            done_now = int(np.load(run / "target" / "done.npy").sum())
-        except (OSError, ValueError):
-            done_now = 0
-        if done_now >= 140:  # past the first grouping window (64 batches of 2 = 128 rows)
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when_done(proc, run / "target" / "done.npy", 140)  # past the first grouping window
     done = np.load(run / "target" / "done.npy")
     assert 0 < done.sum() < len(done), "the kill must land mid-target"
     assert json.loads((run / "target" / "meta.json").read_text())["complete"] is False

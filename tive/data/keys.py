@@ -28,6 +28,7 @@ import orjson
 
 from tive.data.mixture import Mixture
 from tive.data.schemas import EMBEDDED, content_key
+from tive.util.hashing import file_digest
 
 KEY_VERSION = 1
 KEY_DTYPE = np.dtype("S32")  # 32 ASCII hex digits
@@ -77,20 +78,12 @@ def _image_entry(ref: str, root: Path, mixture: Mixture, row: int, seen: dict[st
         return f"missing:{ref}"
     if ref not in seen:
         path = Path(ref) if Path(ref).is_absolute() else root / ref
-        seen[ref] = f"file:{_file_digest(path)}" if path.is_file() else f"missing:{ref}"
+        seen[ref] = f"file:{file_digest(path)}" if path.is_file() else f"missing:{ref}"
     return seen[ref]
 
 
 def _as_dict(raw: Any) -> dict:
     return raw if isinstance(raw, dict) else {"row": str(raw)}
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def as_text(keys: np.ndarray) -> list[str]:

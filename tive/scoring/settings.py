@@ -189,7 +189,7 @@ def paper_dtypes(dtype: str, device_type: str) -> tuple[str, str, str | None]:
     if dtype == "auto":
         return "auto", "auto", (
             "--paper on a CPU: the weights in float32, not the authors' float16 (bfloat16 for the "
-            "warm-up): float16 matrix products run 50-110x slower than bfloat16's on a CPU, and "
+            "warm-up): float16 matrix products are far slower than float32's on a CPU, and "
             "TRAK's CPU projector draws another matrix than their GPU's kernel, so their features "
             "cannot be reproduced here anyway; --dtype fp16 to insist")
     raise ConfigError(f"{named('dtype', dtype)}: {named('paper')} computes the gradients in the "

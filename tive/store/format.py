@@ -230,15 +230,6 @@ class Store:
                              f"store is damaged; fix: rebuild it")
 
 
-def file_digest(path: Path) -> str:
-    """blake2b-128 of a file's bytes (``meta.json``'s ``index_digest``)."""
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def check_kind(path: Path) -> None:
     """Refuse a store file that is a FIFO, socket or device (reading one would hang or read
     something that is not the store).

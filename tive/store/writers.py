@@ -28,9 +28,9 @@ from tive.store.format import (
     PARTS_DIR,
     IndexEntry,
     Store,
-    file_digest,
 )
 from tive.util.files import atomic_path, check_space, preallocate, write_json
+from tive.util.hashing import file_digest
 
 COMMIT_SECONDS = 1.0  # at most this much finished work is lost when a run is killed
 

@@ -1,6 +1,10 @@
-"""Deterministic 64-bit mixing (splitmix64), for record keys and seeded per-record draws."""
+"""Deterministic 64-bit mixing (splitmix64), for record keys and seeded per-record draws; the
+digest of a file's bytes."""
 
 from __future__ import annotations
+
+import hashlib
+import os
 
 import numpy as np
 
@@ -33,3 +37,12 @@ def distinct_keys(keys: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         mixed = splitmix64(keys ^ (occurrence * np.uint64(0xD1B54A32D192ED03)))
     return np.where(occurrence > 0, mixed, keys)
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """blake2b-128 of a file's bytes, read in 4 MiB blocks (32 hex digits)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
