@@ -29,6 +29,10 @@ position (even: the target, odd: the test half); the target half of every task (
 ``target/`` (``tive score --target``, reusing the untargeted store when there is one) and given
 to tive; every method is evaluated on the test half of the target's tasks only, which no method
 sees. Results go to ``--out/<mixture>-target-<all|some>``.
+A run the untargeted comparison (or, for ``some``, the ``all`` one) of the same ``--out`` has
+finished with the same records, seed, recipe, model, mixture and held-out file (the untouched
+model; ``tive`` and ``random``, whose subsets do not depend on the target) is not trained
+again: its per-item results on the test half are taken from it (``--retrain`` trains it).
 
 A rerun with the same ``--out`` reuses the stores and the finished runs (``runs-*.json``).
 """
@@ -135,6 +139,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                          "some: --target-tasks' only (default none)")
     ap.add_argument("--target-tasks", help="with --target some: comma-separated tasks the target "
                                            "covers (default: every other task by name)")
+    ap.add_argument("--retrain", action="store_true",
+                    help="with --target: train every run, also those whose subset an untargeted "
+                         "run (or a --target all run) of the same --out has trained and "
+                         "evaluated already (by default their per-item results on the test "
+                         "half are taken from it)")
     ap.add_argument("--summary-only", action="store_true",
                     help="tables and PNG from the runs finished so far in --out, training "
                          "nothing more (for a run cut short)")
@@ -222,17 +231,20 @@ def run_mixture(args: argparse.Namespace, name: str, recipe: Recipe,
     t0 = time.perf_counter()
     with _locked(out / ".score.lock"):  # one shard builds and scores; the others wait
         mix, held = _mixture(args, name, args.out / name, log)
-        target = None
+        target, sources, whole = None, None, held
         if args.target != "none":
-            target, held = split_held(held, out / "data", args.target, args.target_tasks, log)
+            target, held, aim = split_held(whole, out / "data", args.target, args.target_tasks,
+                                           log)
             _reuse_store(args.out / name / "run", out / "run", log)
+            sources = None if args.retrain else run_sources(args, name, whole, aim)
+        meta = run_meta(args, recipe, mix, whole)
         score_s = float("nan") if args.summary_only else _score(args, out, mix, recipe, log,
                                                                  target)
     report = _report(out / "run")
     if not args.summary_only:
         log(f"[{name}] task values:\n{report.table()}")
         subsets = _subsets(report, args, log, name)
-        _train_all(args, out, report, held, subsets, recipe, log, name)
+        _train_all(args, out, report, held, subsets, recipe, log, name, sources, meta)
     runs = _finished(out)
     summary = summarise(runs, report, args.bootstrap)
     res = {"mixture": name, "recipe": asdict(recipe), "model": args.model, "data": str(mix),
@@ -358,18 +370,15 @@ def _sample_down(mix: Path, held: Path, data: Path, log: Any) -> tuple[Path, Pat
 
 
 def split_held(held: Path, folder: Path, mode: str, covered: str | None,
-               log: Any) -> tuple[Path, Path]:
-    """``(target, test)`` files in ``folder`` from the held-out records: per task, its records
-    at even positions go to the target (every task's with ``mode`` ``all``; with ``some`` those
-    of ``covered``, default every other task by name), at odd positions to the test half; the
-    test half keeps the target's tasks only. The same bytes each time."""
-    from tive.data.mixture import load_mixture
-    from tive.data.tasks import label_tasks
-
+               log: Any) -> tuple[Path, Path, set[str]]:
+    """``(target, test, aimed tasks)``: files in ``folder`` from the held-out records: per task,
+    its records at even positions go to the target (every task's with ``mode`` ``all``; with
+    ``some`` those of ``covered``, default every other task by name), at odd positions to the
+    test half; the test half keeps the target's tasks only. The same bytes each time."""
     rows = _rows(held)
     if rows is None:
         raise SystemExit(f"--target: {held} must be a .json list or .jsonl file to be split")
-    tasks = [str(t) for t in label_tasks(load_mixture(held)).tasks]
+    tasks = _held_tasks(held)
     names = sorted(set(tasks))
     aim = set(names) if mode == "all" else set(
         covered.split(",") if covered else names[::2])
@@ -386,7 +395,98 @@ def split_held(held: Path, folder: Path, mode: str, covered: str | None,
         _save_rows(part, path)
     log(f"--target {mode}: tasks {', '.join(sorted(aim))}; {len(target)} target records → "
         f"{paths[0]}, {len(test)} test records → {paths[1]}")
-    return paths
+    return paths[0], paths[1], aim
+
+
+def _held_tasks(held: Path) -> list[str]:
+    """The task label of every held-out record, in file order."""
+    from tive.data.mixture import load_mixture
+    from tive.data.tasks import label_tasks
+
+    return [str(t) for t in label_tasks(load_mixture(held)).tasks]
+
+
+def evaluated_positions(tasks: list[str], aim: set[str] | None) -> dict[str, list[int]]:
+    """Per task (in order of first appearance), the positions within the task's held-out
+    records that a run evaluates: all of them untargeted (``aim`` None); with a target, the
+    test half (odd positions, as :func:`split_held` splits) of the aimed tasks only."""
+    count: dict[str, int] = {}
+    for task in tasks:
+        count[task] = count.get(task, 0) + 1
+    return {t: list(range(n)) if aim is None else list(range(1, n, 2))
+            for t, n in count.items() if aim is None or t in aim}
+
+
+def restrict_items(items: dict[str, dict[str, list]], have: dict[str, list[int]],
+                   want: dict[str, list[int]]) -> dict[str, dict[str, list]] | None:
+    """A run's per-item results (``{task: {"correct": [...], "loss": [...]}}`` at the
+    positions ``have``) at the positions ``want`` only, in ``want``'s order; None where the
+    run lacks one of them (another split, or items it could not encode)."""
+    out = {}
+    for task, positions in want.items():
+        got, at = items.get(task), have.get(task)
+        if not positions:
+            continue
+        if got is None or at is None or len(got["correct"]) != len(at):
+            return None
+        where = {p: i for i, p in enumerate(at)}
+        if any(p not in where for p in positions):
+            return None
+        out[task] = {k: [got[k][where[p]] for p in positions] for k in ("correct", "loss")}
+    return out
+
+
+def run_sources(args: argparse.Namespace, name: str, held: Path,
+                aim: set[str]) -> list[tuple[Path, dict[str, list[int]], dict[str, list[int]]]]:
+    """Where a targeted comparison may take finished runs from: ``(folder, positions its runs
+    evaluated, positions this comparison evaluates)`` for the untargeted run of the mixture
+    and, for ``--target some``, the ``--target all`` run."""
+    tasks = _held_tasks(held)
+    want = evaluated_positions(tasks, aim)
+    sources = [(args.out / name, evaluated_positions(tasks, None), want)]
+    if args.target == "some":
+        sources.append((args.out / f"{name}-target-all",
+                        evaluated_positions(tasks, set(tasks)), want))
+    return sources
+
+
+def run_meta(args: argparse.Namespace, recipe: Recipe, mix: Path, held: Path) -> dict[str, Any]:
+    """What a finished run records of how it was made (a run is taken into another
+    comparison only where all of it is equal): the recipe, the model, and digests of the
+    mixture and of the held-out records before any target split."""
+    from tive.util.hashing import file_digest
+
+    return {"recipe": asdict(recipe), "model": args.model, "data_digest": file_digest(mix),
+            "held_digest": file_digest(held)}
+
+
+def _subset_file(out: Path, key: str) -> Path:
+    return out / "subsets" / f"{key.replace('#', '-').replace('@', '-')}.json"
+
+
+def borrow_run(key: str, sub: dict[str, Any] | None, sources: list[tuple[Path, Any, Any]],
+               meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The finished run ``key`` of a source folder, its per-item results restricted to this
+    comparison's test items, when it trained exactly ``sub``'s records (the same indices, so
+    the same method, budget and selection seed; the same training seed by its key) with the
+    same recipe and model (``meta``); else None. A model trained on the same records with
+    the same seed is the same model, so its results on the test half are those a retraining
+    would give."""
+    for folder, have, want in sources:
+        found = _finished(folder, missing_ok=True).get(key)
+        if found is None or any(found.get(k) != v for k, v in meta.items()):
+            continue
+        if sub is not None:
+            path = _subset_file(folder, key)
+            if not path.exists() or json.loads(path.read_text())["indices"] != sub["indices"]:
+                continue
+        items = restrict_items(found["items"], have, want)
+        if items is None:
+            continue
+        scores = {t: {"accuracy": float(np.mean(v["correct"])), "loss": float(np.mean(v["loss"])),
+                      "n": len(v["correct"])} for t, v in items.items()}
+        return {**found, "eval": scores, "items": items, "borrowed_from": str(folder / key)}
+    return None
 
 
 def _reuse_store(source: Path, run: Path, log: Any) -> None:
@@ -494,9 +594,12 @@ def shard_plan(subsets: dict[str, dict[str, Any]], index: int, count: int,
 
 def _train_all(args: argparse.Namespace, out: Path, report: Any, held: Path,
                subsets: dict[str, dict[str, Any]], recipe: Recipe, log: Any,
-               name: str = "") -> None:
+               name: str = "", sources: list[tuple[Path, Any, Any]] | None = None,
+               meta: dict[str, Any] | None = None) -> None:
     """Fine-tune and evaluate every subset of this process's shard (and the untouched model in
-    one of them); finished runs are kept in ``out/runs-I.json`` and not repeated."""
+    one of them); finished runs are kept in ``out/runs-I.json`` and not repeated. With
+    ``sources`` (a targeted comparison), a run another comparison has finished with the same
+    records, seed and recipe is taken from it (:func:`borrow_run`) instead of trained."""
     import torch
 
     if args.threads:
@@ -512,6 +615,18 @@ def _train_all(args: argparse.Namespace, out: Path, report: Any, held: Path,
     finished = set(_finished(out)) if list(out.glob("runs-*.json")) else set()
     plan = [(k, s) for k, s in shard_plan(subsets, args.shard_index, args.shard_count)
             if k not in done and k not in finished]  # done here, or by an earlier split
+    meta = meta or {}
+    for key, sub in list(plan) if sources else []:
+        got = borrow_run(key, sub, sources, meta)
+        if got is not None:
+            if sub is not None:
+                _write(_subset_file(out, key), _subset_file(Path(got["borrowed_from"]).parent,
+                                                            key).read_text())
+            done[key] = got
+            _write(done_path, json.dumps(done))
+            plan.remove((key, sub))
+            log(f"  [{name}] {key}: taken from {got['borrowed_from']} (the same records, seed "
+                f"and recipe), its results on the test half")
     if not plan:
         log(f"[{name}] shard {args.shard}: nothing left to train")
         return
@@ -546,12 +661,11 @@ def _train_all(args: argparse.Namespace, out: Path, report: Any, held: Path,
         scores, per_item = evaluate(model.to(args.device), items, pad, eos, args.device)
         stats["eval_seconds"] = time.perf_counter() - t_eval
         if sub is not None:
-            _write(out / "subsets" / f"{key.replace('#', '-').replace('@', '-')}.json",
-                   json.dumps({k: sub[k] for k in ("method", "budget", "seed", "selected",
-                                                   "indices")}))
+            _write(_subset_file(out, key), json.dumps(
+                {k: sub[k] for k in ("method", "budget", "seed", "selected", "indices")}))
         done[key] = {**({k: v for k, v in sub.items() if k != "indices"} if sub else
                         {"method": BASE, "budget": "0", "seed": 0, "selected": {}}),
-                     "train": stats, "eval": scores, "items": per_item,
+                     **meta, "train": stats, "eval": scores, "items": per_item,
                      "seconds": time.perf_counter() - t0}
         _write(done_path, json.dumps(done))
         macro = np.mean([s["accuracy"] for s in scores.values()])
@@ -561,12 +675,12 @@ def _train_all(args: argparse.Namespace, out: Path, report: Any, held: Path,
         del model
 
 
-def _finished(out: Path) -> dict[str, dict[str, Any]]:
+def _finished(out: Path, missing_ok: bool = False) -> dict[str, dict[str, Any]]:
     """Every finished run of every shard (``runs-*.json``)."""
     runs: dict[str, dict[str, Any]] = {}
     for path in sorted(out.glob("runs-*.json")):
         runs.update(json.loads(path.read_text()))
-    if not runs:
+    if not runs and not missing_ok:
         raise SystemExit(f"{out}: no finished run (runs-*.json); run without --summary-only")
     return runs
 

@@ -419,3 +419,37 @@ def test_a_target_covering_some_tasks_is_split_scored_and_compared(tiny, tmp_pat
         assert c["accuracy"]["low"] <= c["accuracy"]["diff"] <= c["accuracy"]["high"]
     base = json.loads((folder / "runs-0.json").read_text())[sq.BASE]["items"]
     assert {t: len(v["correct"]) for t, v in base.items()} == {"add": 2, "min": 2}
+    # the untouched model and random's subsets were trained by the untargeted run: taken from
+    # it, restricted to the test half; every other run was trained here
+    runs = json.loads((folder / "runs-0.json").read_text())
+    taken = {k for k, r in runs.items() if "borrowed_from" in r}
+    assert taken == {sq.BASE, "random@0.25#s0", "random@0.25#s1"}
+    whole = json.loads((tmp_path / "out/user/runs-0.json").read_text())
+    for key in taken:  # the odd positions (the test half) of the covered tasks
+        assert runs[key]["items"] == {t: {k: v[1::2] for k, v in whole[key]["items"][t].items()}
+                                      for t in ("add", "min")}
+    # the slow twin: retraining them on the test half gives the same results
+    (folder / "runs-0.json").unlink()
+    sq.main([*common, "--target", "some", "--target-tasks", "add,min", "--retrain"])
+    again = json.loads((folder / "runs-0.json").read_text())
+    assert not any("borrowed_from" in r for r in again.values()) and set(again) == set(runs)
+    for key in runs:
+        for t in ("add", "min"):
+            assert again[key]["items"][t]["correct"] == runs[key]["items"][t]["correct"]
+            np.testing.assert_allclose(again[key]["items"][t]["loss"],
+                                       runs[key]["items"][t]["loss"], rtol=1e-4)
+
+
+def test_a_run_is_taken_only_at_the_positions_it_evaluated():
+    tasks = ["a", "b", "a", "a", "b", "a"]
+    assert sq.evaluated_positions(tasks, None) == {"a": [0, 1, 2, 3], "b": [0, 1]}
+    assert sq.evaluated_positions(tasks, {"a"}) == {"a": [1, 3]}
+    items = {"a": {"correct": [1, 0, 1, 1], "loss": [.1, .2, .3, .4]},
+             "b": {"correct": [0, 1], "loss": [.5, .6]}}
+    have = sq.evaluated_positions(tasks, None)
+    assert sq.restrict_items(items, have, {"a": [1, 3], "b": [1]}) == {
+        "a": {"correct": [0, 1], "loss": [.2, .4]}, "b": {"correct": [1], "loss": [.6]}}
+    short = {**items, "a": {"correct": [1, 0, 1], "loss": [.1, .2, .3]}}  # an item not encoded
+    assert sq.restrict_items(short, have, {"a": [1]}) is None
+    assert sq.restrict_items(items, {"a": [1, 3]}, {"a": [0]}) is None  # not evaluated there
+    assert sq.restrict_items(items, have, {"c": [1]}) is None  # a task it did not evaluate
