@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -567,3 +568,42 @@ def test_warmup_steps_are_one_modality_each(tmp_path, monkeypatch):
     loaded = load_model(resolve(str(tmp_path / "model")), dtype="fp32", device="cpu")
     training.train(loaded, mixture, np.arange(15), config, progress=False)
     assert [len(s) for s in seen] == [4, 4, 4, 3]
+
+
+def test_a_reference_from_before_grouped_steps_keeps_its_identity(tmp_path):
+    """References saved before ``group_by_modality`` existed drew their steps as one
+    permutation: their identity (no such setting) is that of --no-warmup-group-by-modality,
+    as is one saved since with the setting false; the default (grouped) is another."""
+    from dataclasses import replace
+
+    from zoo import save_llava_folder
+
+    from tive.data.mixture import load_mixture
+    from tive.data.tasks import label_tasks
+    from tive.models.registry import resolve
+    from tive.warmup.reference import ensure_reference
+
+    save_llava_folder(tmp_path / "model")
+    mixture = load_mixture(image_mixture(tmp_path / "data", n_per_task=2))
+    source, labels = resolve(str(tmp_path / "model")), label_tasks(mixture)
+    ungrouped = WarmupConfig(fraction=1.0, r=2, alpha=4, dropout=0.0, global_batch=4,
+                             group_by_modality=False)
+
+    def reference(config):
+        return ensure_reference(tmp_path / "run", source, mixture, labels, config,
+                                device="cpu", progress=False)
+
+    reference(ungrouped)
+    path = tmp_path / "run/reference/reference.json"
+    info = json.loads(path.read_text())
+    settings = info["identity"]["settings"]
+    assert "group_by_modality" not in settings and "checkpoints" not in settings
+    for saved in (settings, {**settings, "group_by_modality": False, "checkpoints": 1}):
+        path.write_text(json.dumps({**info, "identity": {**info["identity"], "settings": saved}}))
+        assert "already trained" in reference(ungrouped).message
+        with pytest.raises(ConfigError, match="other settings"):
+            reference(replace(ungrouped, group_by_modality=True))
+    path.write_text(json.dumps({**info, "identity": {
+        **info["identity"], "settings": {**settings, "group_by_modality": True}}}))
+    with pytest.raises(ConfigError, match="other settings"):  # saved grouped, asked ungrouped
+        reference(ungrouped)

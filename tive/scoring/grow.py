@@ -27,7 +27,7 @@ from tive.scoring.identity import check_identity, open_or_create
 from tive.store.format import STORE_DIR, IndexEntry, Store
 from tive.store.keys import has_keys, read_keys, write_keys
 from tive.store.writers import RowWriter, create_store, fold_parts
-from tive.warmup.reference import REFERENCE_DIR, identity_settings
+from tive.warmup.reference import REFERENCE_DIR, comparable_settings, identity_settings
 
 NEXT_DIR = ".store.next"
 # what a grown store's identity may differ in: the data, and the image root (record keys hold
@@ -104,6 +104,7 @@ def kept_reference(run: Path, fingerprint: str, warmup: Any) -> bool:
     if ref.get("data", {}).get("fingerprint") == fingerprint:
         return False
     saved = (ref.get("identity") or {}).get("settings")
+    saved = comparable_settings(saved) if isinstance(saved, dict) else saved
     given = identity_settings(warmup)
     if saved is not None and saved != given:
         diffs = "; ".join(f"{k}: {saved.get(k)} → {given.get(k)}"

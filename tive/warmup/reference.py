@@ -132,11 +132,26 @@ def _resolved(spec: str) -> str:
 
 def identity_settings(config: Any) -> dict[str, Any]:
     """The warm-up settings a reference's identity holds (``reference.json``): all but those
-    that change only memory, and ``checkpoints`` only when it is not 1 (as references made
-    before it existed), as JSON types."""
-    settings = {k: v for k, v in asdict(config).items() if k not in MEMORY_ONLY
-                and not (k == "checkpoints" and v == 1)}
-    return json.loads(json.dumps(settings))
+    that change only memory, as JSON types, and without a later setting at the value that
+    does what references made before it did (:func:`comparable_settings`)."""
+    settings = {k: v for k, v in asdict(config).items() if k not in MEMORY_ONLY}
+    return comparable_settings(json.loads(json.dumps(settings)))
+
+
+# Settings added after references were first saved, at the value that trains as those did:
+# one checkpoint, and steps drawn as one permutation rather than grouped by modality.
+EARLIER_BEHAVIOUR = {"checkpoints": 1, "group_by_modality": False}
+
+
+def comparable_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` (a reference identity's) without a setting of ``EARLIER_BEHAVIOUR`` at its
+    value there, so that a reference saved before the setting existed and one saved since
+    with it at that value compare equal (both trained the same way)."""
+    def earlier(k: str, v: Any) -> bool:
+        was = EARLIER_BEHAVIOUR.get(k, None)
+        return was is not None and type(v) is type(was) and v == was  # 1 is not True
+
+    return {k: v for k, v in settings.items() if not earlier(k, v)}
 
 
 def ensure_reference(run: str | Path, source: Any, mixture: Mixture, labels: Any,
@@ -172,6 +187,8 @@ def ensure_reference(run: str | Path, source: Any, mixture: Mixture, labels: Any
         saved = dict(done.get("identity") or {})
         if "model" in saved:  # a path saved as written (before model_key) resolves the same
             saved["model"] = _resolved(saved["model"])
+        if isinstance(saved.get("settings"), dict):
+            saved["settings"] = comparable_settings(saved["settings"])
         if saved == identity:
             return Reference(existing.parent, done, message=(
                 f"{existing.parent}: reference already trained with these settings "
