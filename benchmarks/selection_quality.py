@@ -452,12 +452,12 @@ def run_sources(args: argparse.Namespace, name: str, held: Path,
 
 def run_meta(args: argparse.Namespace, recipe: Recipe, mix: Path, held: Path) -> dict[str, Any]:
     """What a finished run records of how it was made (a run is taken into another
-    comparison only where all of it is equal): the recipe, the model, and digests of the
-    mixture and of the held-out records before any target split."""
-    from tive.util.hashing import file_digest
+    comparison only where all of it is equal): the recipe, the model, the device, and digests
+    of the mixture and of the held-out records before any target split (files or folders)."""
+    from tive.output.manifest import tree_digest
 
-    return {"recipe": asdict(recipe), "model": args.model, "data_digest": file_digest(mix),
-            "held_digest": file_digest(held)}
+    return {"recipe": asdict(recipe), "model": args.model, "device": args.device,
+            "data_digest": tree_digest(mix), "held_digest": tree_digest(held)}
 
 
 def _subset_file(out: Path, key: str) -> Path:
@@ -466,12 +466,13 @@ def _subset_file(out: Path, key: str) -> Path:
 
 def borrow_run(key: str, sub: dict[str, Any] | None, sources: list[tuple[Path, Any, Any]],
                meta: dict[str, Any]) -> dict[str, Any] | None:
-    """The finished run ``key`` of a source folder, its per-item results restricted to this
-    comparison's test items, when it trained exactly ``sub``'s records (the same indices, so
-    the same method, budget and selection seed; the same training seed by its key) with the
-    same recipe and model (``meta``); else None. A model trained on the same records with
-    the same seed is the same model, so its results on the test half are those a retraining
-    would give."""
+    """The finished run ``key`` of a source folder (named in its ``borrowed_from``), its
+    per-item results restricted to this comparison's test items, when it trained exactly
+    ``sub``'s records (the same indices, so the same method, budget and selection seed; the
+    same training seed by its key) with the same recipe, model, device and data (``meta``);
+    else None. A model trained on the same
+    records with the same seed is the same model, so its results on the test half are those a
+    retraining would give, up to float rounding (the items are batched with other items)."""
     for folder, have, want in sources:
         found = _finished(folder, missing_ok=True).get(key)
         if found is None or any(found.get(k) != v for k, v in meta.items()):
@@ -485,7 +486,7 @@ def borrow_run(key: str, sub: dict[str, Any] | None, sources: list[tuple[Path, A
             continue
         scores = {t: {"accuracy": float(np.mean(v["correct"])), "loss": float(np.mean(v["loss"])),
                       "n": len(v["correct"])} for t, v in items.items()}
-        return {**found, "eval": scores, "items": items, "borrowed_from": str(folder / key)}
+        return {**found, "eval": scores, "items": items, "borrowed_from": str(folder)}
     return None
 
 
@@ -620,13 +621,13 @@ def _train_all(args: argparse.Namespace, out: Path, report: Any, held: Path,
         got = borrow_run(key, sub, sources, meta)
         if got is not None:
             if sub is not None:
-                _write(_subset_file(out, key), _subset_file(Path(got["borrowed_from"]).parent,
-                                                            key).read_text())
+                source = _subset_file(Path(got["borrowed_from"]), key)
+                _write(_subset_file(out, key), source.read_text())
             done[key] = got
             _write(done_path, json.dumps(done))
             plan.remove((key, sub))
-            log(f"  [{name}] {key}: taken from {got['borrowed_from']} (the same records, seed "
-                f"and recipe), its results on the test half")
+            log(f"  [{name}] {key}: taken from {got['borrowed_from']} (the same records, "
+                f"seed and recipe), its results on the test half")
     if not plan:
         log(f"[{name}] shard {args.shard}: nothing left to train")
         return

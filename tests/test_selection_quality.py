@@ -399,7 +399,7 @@ def test_a_target_covering_some_tasks_is_split_scored_and_compared(tiny, tmp_pat
               "--epochs", "1", "--budgets", "0.25", "--bootstrap", "200"]
     with pytest.raises(SystemExit):
         sq.parse([*common, "--methods", "less"])  # a targeted method needs --target
-    sq.main([*common, "--methods", "random"])  # an untargeted run first: its store is reused
+    sq.main([*common, "--methods", "random,tive"])  # an untargeted run first: its store is reused
     out = sq.main([*common, "--target", "some", "--target-tasks", "add,min"])["user"]
     folder = tmp_path / "out" / "user-target-some"
     target = [json.loads(x) for x in (folder / "data/target.jsonl").read_text().splitlines()]
@@ -419,11 +419,11 @@ def test_a_target_covering_some_tasks_is_split_scored_and_compared(tiny, tmp_pat
         assert c["accuracy"]["low"] <= c["accuracy"]["diff"] <= c["accuracy"]["high"]
     base = json.loads((folder / "runs-0.json").read_text())[sq.BASE]["items"]
     assert {t: len(v["correct"]) for t, v in base.items()} == {"add": 2, "min": 2}
-    # the untouched model and random's subsets were trained by the untargeted run: taken from
-    # it, restricted to the test half; every other run was trained here
+    # the untouched model and random's and tive's subsets were trained by the untargeted run:
+    # taken from it, restricted to the test half; less and tive-target were trained here
     runs = json.loads((folder / "runs-0.json").read_text())
     taken = {k for k, r in runs.items() if "borrowed_from" in r}
-    assert taken == {sq.BASE, "random@0.25#s0", "random@0.25#s1"}
+    assert taken == {sq.BASE, "random@0.25#s0", "random@0.25#s1", "tive@0.25#s0", "tive@0.25#s1"}
     whole = json.loads((tmp_path / "out/user/runs-0.json").read_text())
     for key in taken:  # the odd positions (the test half) of the covered tasks
         assert runs[key]["items"] == {t: {k: v[1::2] for k, v in whole[key]["items"][t].items()}
@@ -453,3 +453,24 @@ def test_a_run_is_taken_only_at_the_positions_it_evaluated():
     assert sq.restrict_items(short, have, {"a": [1]}) is None
     assert sq.restrict_items(items, {"a": [1, 3]}, {"a": [0]}) is None  # not evaluated there
     assert sq.restrict_items(items, have, {"c": [1]}) is None  # a task it did not evaluate
+
+
+def test_a_run_is_taken_only_from_the_same_records_recipe_and_data(tmp_path):
+    meta = {"recipe": {"epochs": 1}, "model": "m", "device": "cpu", "data_digest": "d",
+            "held_digest": "h"}
+    items = {"a": {"correct": [1, 0, 1, 1], "loss": [.1, .2, .3, .4]}}
+    (tmp_path / "subsets").mkdir()
+    (tmp_path / "subsets/random-0.5-s0.json").write_text(json.dumps({"indices": [3, 1]}))
+    (tmp_path / "runs-0.json").write_text(json.dumps({"random@0.5#s0": {
+        "method": "random", "seed": 0, **meta, "items": items}}))
+    sources = [(tmp_path, {"a": [0, 1, 2, 3]}, {"a": [1, 3]})]
+    sub = {"indices": [3, 1]}
+    got = sq.borrow_run("random@0.5#s0", sub, sources, meta)
+    assert got["items"] == {"a": {"correct": [0, 1], "loss": [.2, .4]}}
+    assert got["eval"]["a"]["accuracy"] == 0.5 and got["borrowed_from"] == str(tmp_path)
+    for other in ({**meta, "recipe": {"epochs": 2}}, {**meta, "device": "cuda"},
+                  {**meta, "held_digest": "x"}):
+        assert sq.borrow_run("random@0.5#s0", sub, sources, other) is None
+    assert sq.borrow_run("random@0.5#s0", {"indices": [1, 3]}, sources, meta) is None
+    assert sq.borrow_run("random@0.5#s1", sub, sources, meta) is None  # another training seed
+    assert sq.borrow_run("random@0.5#s0", sub, [(tmp_path / "absent", {}, {})], meta) is None
