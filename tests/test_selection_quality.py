@@ -375,10 +375,9 @@ def test_quick_samples_a_large_user_mixture_down_and_says_so(tmp_path):
     assert small == tmp_path / "out/mix.jsonl"  # 300 records: taken as they are
 
 
-def test_a_target_covering_some_tasks_is_split_scored_and_compared(tiny, tmp_path):
-    """--target some: the held-out records of the covered tasks split into a target half
-    (scored into RUN/target) and a test half (the only evaluation); less and tive-target
-    compared with random with intervals; the untargeted store reused."""
+def _targeted(tiny, tmp_path):
+    """A three-task mixture run untargeted (random, tive) and then with ``--target some``
+    covering two tasks; ``(the targeted folder, the common arguments)``."""
     rng = np.random.default_rng(1)
 
     def rows(n, task):
@@ -397,11 +396,19 @@ def test_a_target_covering_some_tasks_is_split_scored_and_compared(tiny, tmp_pat
     common = ["--data", str(tmp_path / "mix.jsonl"), "--eval", str(tmp_path / "held.jsonl"),
               "--model", str(tiny[0]), "--out", str(tmp_path / "out"), "--seeds", "2",
               "--epochs", "1", "--budgets", "0.25", "--bootstrap", "200"]
-    with pytest.raises(SystemExit):
-        sq.parse([*common, "--methods", "less"])  # a targeted method needs --target
     sq.main([*common, "--methods", "random,tive"])  # an untargeted run first: its store is reused
-    out = sq.main([*common, "--target", "some", "--target-tasks", "add,min"])["user"]
-    folder = tmp_path / "out" / "user-target-some"
+    sq.main([*common, "--target", "some", "--target-tasks", "add,min"])
+    return tmp_path / "out" / "user-target-some", common
+
+
+def test_a_target_covering_some_tasks_is_split_scored_and_compared(tiny, tmp_path):
+    """--target some: the held-out records of the covered tasks split into a target half
+    (scored into RUN/target) and a test half (the only evaluation); less and tive-target
+    compared with random with intervals; the untargeted store reused."""
+    with pytest.raises(SystemExit):
+        sq.parse(["--mixture", "a", "--methods", "less"])  # a targeted method needs --target
+    folder, _ = _targeted(tiny, tmp_path)
+    out = json.loads((folder / "results.json").read_text())
     target = [json.loads(x) for x in (folder / "data/target.jsonl").read_text().splitlines()]
     test = [json.loads(x) for x in (folder / "data/test.jsonl").read_text().splitlines()]
     assert Counter(r["task"] for r in target) == {"add": 2, "min": 2}
@@ -428,16 +435,6 @@ def test_a_target_covering_some_tasks_is_split_scored_and_compared(tiny, tmp_pat
     for key in taken:  # the odd positions (the test half) of the covered tasks
         assert runs[key]["items"] == {t: {k: v[1::2] for k, v in whole[key]["items"][t].items()}
                                       for t in ("add", "min")}
-    # the slow twin: retraining them on the test half gives the same results
-    (folder / "runs-0.json").unlink()
-    sq.main([*common, "--target", "some", "--target-tasks", "add,min", "--retrain"])
-    again = json.loads((folder / "runs-0.json").read_text())
-    assert not any("borrowed_from" in r for r in again.values()) and set(again) == set(runs)
-    for key in runs:
-        for t in ("add", "min"):
-            assert again[key]["items"][t]["correct"] == runs[key]["items"][t]["correct"]
-            np.testing.assert_allclose(again[key]["items"][t]["loss"],
-                                       runs[key]["items"][t]["loss"], rtol=1e-4)
 
 
 def test_a_run_is_taken_only_at_the_positions_it_evaluated():
@@ -474,3 +471,50 @@ def test_a_run_is_taken_only_from_the_same_records_recipe_and_data(tmp_path):
     assert sq.borrow_run("random@0.5#s0", {"indices": [1, 3]}, sources, meta) is None
     assert sq.borrow_run("random@0.5#s1", sub, sources, meta) is None  # another training seed
     assert sq.borrow_run("random@0.5#s0", sub, [(tmp_path / "absent", {}, {})], meta) is None
+
+
+@pytest.mark.slow  # trains every targeted run twice: 3-15 min on the shared 2 cores
+def test_a_taken_run_gives_what_retraining_gives(tiny, tmp_path):
+    """The slow twin of taking runs: with --retrain, the untouched model and random's and
+    tive's subsets trained again and evaluated on the test half give the per-item results
+    that were taken from the untargeted runs."""
+    folder, common = _targeted(tiny, tmp_path)
+    runs = json.loads((folder / "runs-0.json").read_text())
+    assert {k for k, r in runs.items() if "borrowed_from" in r}
+    (folder / "runs-0.json").unlink()
+    sq.main([*common, "--target", "some", "--target-tasks", "add,min", "--retrain"])
+    again = json.loads((folder / "runs-0.json").read_text())
+    assert not any("borrowed_from" in r for r in again.values()) and set(again) == set(runs)
+    for key in runs:
+        for t in ("add", "min"):
+            assert again[key]["items"][t]["correct"] == runs[key]["items"][t]["correct"]
+            np.testing.assert_allclose(again[key]["items"][t]["loss"],
+                                       runs[key]["items"][t]["loss"], rtol=1e-4)
+
+
+def test_versus_pairs_two_methods_by_seed_and_finds_a_shift(tmp_path):
+    """benchmarks/versus.py: a variant right on every item where tive is wrong on a third of
+    them is better on exact match, paired by the seeds both have; no runs, no comparison."""
+    import versus
+
+    def run(method, seed, correct, loss):
+        return {"method": method, "budget": "0.15", "seed": seed,
+                "eval": {"t": {}}, "items": {"t": {"correct": correct, "loss": loss}}}
+
+    runs = {}
+    for s in range(3):
+        runs[f"tive@0.15#s{s}"] = run("tive", s, [1, 1, 0] * 10, [0.5] * 30)
+        runs[f"tive-coherence@0.15#s{s}"] = run("tive-coherence", s, [1] * 30, [0.5] * 30)
+    runs["tive-coherence@0.15#s3"] = run("tive-coherence", 3, [0] * 30, [9.0] * 30)  # unpaired
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a/runs-0.json").write_text(json.dumps(runs))
+    got = versus.versus(sq._finished(tmp_path / "a"), ["tive-coherence", "tive-progress"],
+                        "tive", "0.15", 500)
+    c = got["tive-coherence"]
+    assert c["seeds"] == [0, 1, 2] and got["tive-progress"] is None
+    assert abs(c["accuracy"]["diff"] - 1 / 3) < 1e-9 and c["accuracy"]["verdict"] == "better"
+    assert c["loss"]["diff"] == 0 and c["loss"]["verdict"] == "no difference"
+    text = versus.main(["--out", str(tmp_path), "--mixture", "a", "--methods", "tive-coherence",
+                        "--bootstrap", "200"])
+    row = next(x for x in text.splitlines() if x.startswith("| a | tive-coherence |"))
+    assert row.startswith("| a | tive-coherence | 3 | +0.333 [") and "] | better |" in row
