@@ -139,6 +139,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                          "some: --target-tasks' only (default none)")
     ap.add_argument("--target-tasks", help="with --target some: comma-separated tasks the target "
                                            "covers (default: every other task by name)")
+    ap.add_argument("--no-warmup-group-by-modality", dest="warmup_ungrouped",
+                    action="store_true",
+                    help="passed to tive score: warm-up steps drawn as one permutation (the "
+                         "identity of a store scored before tive grouped them, so it is reused)")
     ap.add_argument("--retrain", action="store_true",
                     help="with --target: train every run, also those whose subset an untargeted "
                          "run (or a --target all run) of the same --out has trained and "
@@ -519,6 +523,8 @@ def _score(args: argparse.Namespace, out: Path, mix: Path, recipe: Recipe, log: 
         cmd += ["--warmup-global-batch", str(args.warmup_global_batch)]
     if args.warmup_lr:
         cmd += ["--warmup-lr", str(args.warmup_lr)]
+    if args.warmup_ungrouped:
+        cmd += ["--no-warmup-group-by-modality"]
     env = dict(os.environ)
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))

@@ -518,3 +518,18 @@ def test_versus_pairs_two_methods_by_seed_and_finds_a_shift(tmp_path):
                         "--bootstrap", "200"])
     row = next(x for x in text.splitlines() if x.startswith("| a | tive-coherence |"))
     assert row.startswith("| a | tive-coherence | 3 | +0.333 [") and "] | better |" in row
+
+
+def test_warmup_options_reach_tive_score(tmp_path, monkeypatch):
+    """--no-warmup-group-by-modality (a store scored before grouped steps) is passed on."""
+    seen = []
+
+    def fake(cmd, **kwargs):
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(sq.subprocess, "run", fake)
+    for flags, grouped in (([], True), (["--no-warmup-group-by-modality"], False)):
+        args = sq.parse(["--mixture", "a", "--out", str(tmp_path), *flags])
+        sq._score(args, tmp_path, tmp_path / "mix.json", sq.Recipe(), lambda *a: None)
+        assert ("--no-warmup-group-by-modality" not in seen[-1]) == grouped
