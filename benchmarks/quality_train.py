@@ -196,9 +196,13 @@ def evaluate(model: Any, items: list[EvalItem], pad: int, eos: Sequence[int] = (
         got = per_item.setdefault(item.task, {"correct": [], "loss": []})
         got["correct"].append(c)
         got["loss"].append(loss)
-    summary = {t: {"accuracy": float(np.mean(v["correct"])), "loss": float(np.mean(v["loss"])),
-                   "n": len(v["correct"])} for t, v in per_item.items()}
-    return summary, per_item
+    return task_scores(per_item), per_item
+
+
+def task_scores(per_item: dict[str, dict[str, list]]) -> dict[str, dict[str, float]]:
+    """Per task, ``{"accuracy", "loss", "n"}`` from its items' ``{"correct", "loss"}``."""
+    return {t: {"accuracy": float(np.mean(v["correct"])), "loss": float(np.mean(v["loss"])),
+                "n": len(v["correct"])} for t, v in per_item.items()}
 
 
 def compared(target: list[int], eos: Sequence[int]) -> int:

@@ -57,7 +57,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_mixture  # noqa: E402
 from paired_bootstrap import paired_bootstrap, verdict  # noqa: E402
-from quality_train import Recipe, eval_items, evaluate, train  # noqa: E402
+from quality_train import Recipe, eval_items, evaluate, task_scores, train  # noqa: E402
 
 # method label → (Report.select arguments, whether the draw is seeded)
 METHODS: dict[str, tuple[dict[str, Any], bool]] = {
@@ -469,16 +469,19 @@ def _subset_file(out: Path, key: str) -> Path:
 
 
 def borrow_run(key: str, sub: dict[str, Any] | None, sources: list[tuple[Path, Any, Any]],
-               meta: dict[str, Any]) -> dict[str, Any] | None:
+               meta: dict[str, Any],
+               finished: dict[Path, dict[str, Any]] | None = None) -> dict[str, Any] | None:
     """The finished run ``key`` of a source folder (named in its ``borrowed_from``), its
     per-item results restricted to this comparison's test items, when it trained exactly
     ``sub``'s records (the same indices, so the same method, budget and selection seed; the
     same training seed by its key) with the same recipe, model, device and data (``meta``);
-    else None. A model trained on the same
-    records with the same seed is the same model, so its results on the test half are those a
-    retraining would give, up to float rounding (the items are batched with other items)."""
+    else None. ``finished``: each source's finished runs, read once by the caller (else read
+    here). A model trained on the same records with the same seed is the same model, so its
+    results on the test half are those a retraining would give, up to float rounding (the
+    items are batched with other items)."""
     for folder, have, want in sources:
-        found = _finished(folder, missing_ok=True).get(key)
+        runs = finished[folder] if finished is not None else _finished(folder, missing_ok=True)
+        found = runs.get(key)
         if found is None or any(found.get(k) != v for k, v in meta.items()):
             continue
         if sub is not None:
@@ -488,9 +491,8 @@ def borrow_run(key: str, sub: dict[str, Any] | None, sources: list[tuple[Path, A
         items = restrict_items(found["items"], have, want)
         if items is None:
             continue
-        scores = {t: {"accuracy": float(np.mean(v["correct"])), "loss": float(np.mean(v["loss"])),
-                      "n": len(v["correct"])} for t, v in items.items()}
-        return {**found, "eval": scores, "items": items, "borrowed_from": str(folder)}
+        return {**found, "eval": task_scores(items), "items": items,
+                "borrowed_from": str(folder)}
     return None
 
 
@@ -623,8 +625,9 @@ def _train_all(args: argparse.Namespace, out: Path, report: Any, held: Path,
     plan = [(k, s) for k, s in shard_plan(subsets, args.shard_index, args.shard_count)
             if k not in done and k not in finished]  # done here, or by an earlier split
     meta = meta or {}
+    taken = {folder: _finished(folder, missing_ok=True) for folder, _, _ in sources or []}
     for key, sub in list(plan) if sources else []:
-        got = borrow_run(key, sub, sources, meta)
+        got = borrow_run(key, sub, sources, meta, taken)
         if got is not None:
             if sub is not None:
                 source = _subset_file(Path(got["borrowed_from"]), key)
