@@ -209,10 +209,7 @@ def test_score_interrupted_says_it_resumes(tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     save_llava_folder(model)
-    # 2,000 records: the command cannot finish between the lock appearing and the signal, even
-    # when this process is descheduled for seconds on a busy machine (it is interrupted early,
-    # so the size costs little)
-    data = text_mixture(tmp_path / "data", 2000)
+    data = text_mixture(tmp_path / "data", 12)
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "tive", "score", "--model", str(model),
                              "--data", str(data), "--run", str(run), "--proj-dim", "16",
