@@ -197,6 +197,15 @@ def test_sigint_and_sigterm_say_what_was_kept_in_one_line(base, tmp_path, monkey
     assert "Aborted" not in res.output and not (tmp_path / "s.json").exists()
 
 
+def _sigint_default() -> None:
+    """In the child: SIGINT's default action, so that Python raises KeyboardInterrupt on it. A
+    suite started in the background (``pytest &`` in a script) has SIGINT ignored, and an
+    ignored signal is inherited: the child would never see it."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_score_interrupted_says_it_resumes(tmp_path):
     import signal
     import subprocess
@@ -214,7 +223,7 @@ def test_score_interrupted_says_it_resumes(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "tive", "score", "--model", str(model),
                              "--data", str(data), "--run", str(run), "--proj-dim", "16",
                              "--batch-size", "1", *SMALL], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
     deadline = time.monotonic() + 120
     while not (run / ".lock").exists() and time.monotonic() < deadline:  # started: locked
         time.sleep(0.2)
